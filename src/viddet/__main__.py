@@ -1,0 +1,5 @@
+import sys
+
+from viddet.cli import main
+
+sys.exit(main())
