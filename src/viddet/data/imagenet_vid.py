@@ -1,0 +1,742 @@
+"""ImageNet VID/DET (ILSVRC2015) XML annotations -> COCO-VID JSON, and a COCO-VID validator.
+
+The JSON schema is exactly the one of MMTracking's converters
+(``tools/convert_datasets/ilsvrc/imagenet2coco_vid.py`` and ``imagenet2coco_det.py``, REFERENCE.md
+§8.5), so that MMTracking configs and checkpoints see the same data:
+
+* ``imagenet_vid_{train,val}.json``: top-level keys ``categories``, ``videos``, ``images``,
+  ``annotations`` (in that order); every frame of every listed video is an image; image ids are
+  global, 1-based and consecutive in list order (for val they therefore equal the global frame ids
+  of ``VID_val_videos.txt`` that the official devkit and the motion-IoU ``.mat`` use);
+  boxes are ``[xmin, ymin, xmax - xmin, ymax - ymin]`` (integers, no +1), ``area = w * h``.
+* ``imagenet_det_30plus1cls.json``: the DET images listed in ``DET_train_30classes.txt``
+  (``is_vid_train_frame`` True) followed by every other DET training XML (False); synsets outside
+  the 30 VID classes get category 31 ``other_categeries`` (sic, as in MMTracking).
+
+Training-frame off-by-one (REFERENCE.md §8.5): the third column of ``VID_train_15frames.txt`` is a
+0-based frame number, but MMTracking subtracts 1 from it, so its JSON marks the frame *before* each
+listed frame as a training frame and loses the 144 frames listed as ``0`` (57,690 instead of 57,834
+training frames). viddet uses the listed frame by default; ``mmtracking_compat=True`` reproduces
+MMTracking's JSON byte for byte (the published checkpoints were trained on it).
+
+The list files are looked up in ``<root>/Lists`` (MMTracking's layout) and then
+``<root>/ImageSets`` (the ILSVRC2015 release layout).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import xml.etree.ElementTree as ET
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+from tqdm import tqdm
+
+from viddet import VID_CLASSES, VID_SYNSETS, VidDetError
+from viddet.fileio import atomic_write_json
+
+SYNSET_TO_CAT_ID = {s: i for i, s in enumerate(VID_SYNSETS, 1)}
+"""WordNet synset -> COCO category id (1..30)."""
+
+DET_OTHER_CATEGORY_ID = 31
+DET_SUBSETS = ('train/ILSVRC2013_train', 'train/ILSVRC2014_train_0000',
+               'train/ILSVRC2014_train_0001', 'train/ILSVRC2014_train_0002',
+               'train/ILSVRC2014_train_0003', 'train/ILSVRC2014_train_0004',
+               'train/ILSVRC2014_train_0005', 'train/ILSVRC2014_train_0006')
+"""DET training subsets scanned for XMLs, in MMTracking's order (ILSVRC2013 has synset subfolders)."""
+
+
+def vid_categories() -> List[dict]:
+    """The 30 ``categories`` entries: ``{id 1..30, name, encode_name (synset)}``."""
+    return [dict(id=i, name=n, encode_name=s) for i, (n, s) in enumerate(zip(VID_CLASSES, VID_SYNSETS), 1)]
+
+
+def det_categories() -> List[dict]:
+    """The 31 DET ``categories``: the 30 VID classes plus ``{id 31, 'other_categeries', None}``."""
+    return vid_categories() + [dict(id=DET_OTHER_CATEGORY_ID, name='other_categeries', encode_name=None)]
+
+
+# ------------------------------------------------------------------------------------ reports
+@dataclass
+class ConvertSummary:
+    """What one conversion produced (printed at the end of ``viddet convert``).
+
+    Attributes:
+        split: 'train', 'val' or 'det'.
+        out_path: the JSON written ('' when nothing was written).
+        num_videos, num_images, num_annotations: counts in the JSON.
+        num_train_frames: images with ``is_vid_train_frame`` True (MMTracking's own printout counts
+            list entries instead, including the -1 ones of the off-by-one).
+        num_no_objects: images whose XML has no ``object``.
+        num_unknown_synsets: XML objects skipped because their synset is not one of the 30 (VID only).
+        class_counts: annotations per category name.
+        bad_files: (path, problem) of every XML that could not be used (only with ``skip_bad``).
+        warnings: other remarks (e.g. val start ids that disagree with the image ids).
+    """
+
+    split: str
+    out_path: str = ''
+    num_videos: int = 0
+    num_images: int = 0
+    num_annotations: int = 0
+    num_train_frames: int = 0
+    num_no_objects: int = 0
+    num_unknown_synsets: int = 0
+    class_counts: Dict[str, int] = field(default_factory=dict)
+    bad_files: List[Tuple[str, str]] = field(default_factory=list)
+    warnings: List[str] = field(default_factory=list)
+
+    def format(self, max_listed: int = 20) -> str:
+        """Human-readable multi-line summary."""
+        lines = [f'----- ImageNet {self.split} -> {self.out_path or "(not written)"}',
+                 f'{self.num_videos} videos, {self.num_images} images, '
+                 f'{self.num_train_frames} training frames, {self.num_annotations} objects, '
+                 f'{self.num_no_objects} images without objects']
+        if self.num_unknown_synsets:
+            lines.append(f'{self.num_unknown_synsets} objects of other synsets skipped')
+        if self.class_counts:
+            lines.append('objects per class: ' + ', '.join(f'{k} {v}' for k, v in self.class_counts.items() if v))
+        for w in self.warnings:
+            lines.append(f'warning: {w}')
+        if self.bad_files:
+            lines.append(f'{len(self.bad_files)} bad annotation files (frames kept without objects):')
+            for p, why in self.bad_files[:max_listed]:
+                lines.append(f'  {p}: {why}')
+            if len(self.bad_files) > max_listed:
+                lines.append(f'  ... and {len(self.bad_files) - max_listed} more')
+        return '\n'.join(lines)
+
+
+# ------------------------------------------------------------------------------------ list files
+def find_lists_dir(root) -> Path:
+    """``<root>/Lists`` if it exists, else ``<root>/ImageSets``.
+
+    Raises:
+        VidDetError: if neither folder exists.
+    """
+    root = Path(root)
+    for name in ('Lists', 'ImageSets'):
+        if (root / name).is_dir():
+            return root / name
+    raise VidDetError(f'{root}: neither {root / "Lists"} nor {root / "ImageSets"} exists '
+                      '(expected the ILSVRC2015 list files VID_train_15frames.txt, VID_val_videos.txt)')
+
+
+def _read_lines(path: Path) -> List[Tuple[int, List[str]]]:
+    if not path.is_file():
+        raise VidDetError(f'{path}: list file not found')
+    out = []
+    with open(path, 'r') as f:
+        for lineno, line in enumerate(f, 1):
+            parts = line.split()
+            if parts:
+                out.append((lineno, parts))
+    return out
+
+
+def _int_field(path, lineno, text, what):
+    try:
+        return int(text)
+    except ValueError:
+        raise VidDetError(f'{path}:{lineno}: {what} {text!r} is not an integer') from None
+
+
+def parse_train_list(path, mmtracking_compat: bool = False) -> 'OrderedDict[str, dict]':
+    """Parses ``VID_train_15frames.txt`` (lines ``<video> 1 <frame> <num_frames>``).
+
+    Args:
+        path: the list file.
+        mmtracking_compat: if True, store ``frame - 1`` like MMTracking's ``parse_train_list``
+            (frames listed as 0 become -1, which matches no frame); otherwise the listed 0-based
+            frame, checked to lie in [0, num_frames).
+
+    Returns:
+        video name -> ``{'vid_train_frames': [int, ...] (list order), 'num_frames': int}``, in
+        order of first appearance.
+
+    Raises:
+        VidDetError: naming the file and line for a malformed line, an out-of-range frame or
+            inconsistent frame counts.
+    """
+    path = Path(path)
+    infos: 'OrderedDict[str, dict]' = OrderedDict()
+    for lineno, parts in _read_lines(path):
+        if len(parts) != 4:
+            raise VidDetError(f'{path}:{lineno}: expected "<video> 1 <frame> <num_frames>", got {" ".join(parts)!r}')
+        frame = _int_field(path, lineno, parts[2], 'frame number')
+        num = _int_field(path, lineno, parts[3], 'frame count')
+        if num <= 0:
+            raise VidDetError(f'{path}:{lineno}: frame count {num} must be positive')
+        if mmtracking_compat:
+            frame -= 1
+        elif not 0 <= frame < num:
+            raise VidDetError(f'{path}:{lineno}: frame {frame} is outside 0..{num - 1} of video {parts[0]}')
+        info = infos.get(parts[0])
+        if info is None:
+            infos[parts[0]] = dict(vid_train_frames=[frame], num_frames=num)
+        else:
+            if info['num_frames'] != num:
+                raise VidDetError(f'{path}:{lineno}: video {parts[0]} has {num} frames here but '
+                                  f'{info["num_frames"]} on an earlier line')
+            info['vid_train_frames'].append(frame)
+    return infos
+
+
+def parse_val_list(path) -> 'OrderedDict[str, dict]':
+    """Parses ``VID_val_videos.txt`` (lines ``<video> <global_start 1-based> 0 <num_frames>``).
+
+    Returns:
+        video name -> ``{'start': int, 'num_frames': int}`` in file order.
+
+    Raises:
+        VidDetError: naming the file and line for a malformed line or a duplicate video.
+    """
+    path = Path(path)
+    infos: 'OrderedDict[str, dict]' = OrderedDict()
+    for lineno, parts in _read_lines(path):
+        if len(parts) != 4:
+            raise VidDetError(f'{path}:{lineno}: expected "<video> <start> 0 <num_frames>", got {" ".join(parts)!r}')
+        if parts[0] in infos:
+            raise VidDetError(f'{path}:{lineno}: video {parts[0]} is listed twice')
+        start = _int_field(path, lineno, parts[1], 'start id')
+        num = _int_field(path, lineno, parts[3], 'frame count')
+        if num <= 0:
+            raise VidDetError(f'{path}:{lineno}: frame count {num} must be positive')
+        infos[parts[0]] = dict(start=start, num_frames=num)
+    return infos
+
+
+# ------------------------------------------------------------------------------------ XML parsing
+def _xml_int(path, elem, tag) -> int:
+    node = elem.find(tag)
+    if node is None or node.text is None or not node.text.strip():
+        raise VidDetError(f'{path}: missing <{tag}>')
+    text = node.text.strip()
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            v = float(text)
+        except ValueError:
+            v = math.nan
+        if math.isfinite(v) and v.is_integer():
+            return int(v)
+        raise VidDetError(f'{path}: <{tag}> {text!r} is not an integer') from None
+
+
+def _xml_text(path, elem, tag, required=True) -> Optional[str]:
+    node = elem.find(tag)
+    if node is None or node.text is None:
+        if required:
+            raise VidDetError(f'{path}: missing <{tag}>')
+        return None
+    return node.text.strip()
+
+
+def parse_ilsvrc_xml(path, video: bool = True) -> dict:
+    """Reads one ILSVRC annotation XML.
+
+    Args:
+        path: the XML file.
+        video: VID XML (objects carry ``trackid``, ``occluded``, ``generated``) or DET XML.
+
+    Returns:
+        ``{'width': int, 'height': int, 'objects': [{'name': synset, 'xmin', 'ymin', 'xmax',
+        'ymax' (int pixels, XML convention), 'trackid': str, 'occluded': bool,
+        'generated': bool}, ...]}`` with the objects in XML order (VID keys only when ``video``).
+        A missing ``occluded``/``generated`` element reads as False.
+
+    Raises:
+        VidDetError: naming the file for a missing file, an XML syntax error, a missing
+            ``size``/``name``/``bndbox``/``trackid`` or a non-integer size or coordinate.
+    """
+    path = str(path)
+    try:
+        root = ET.parse(path).getroot()
+    except FileNotFoundError:
+        raise VidDetError(f'{path}: annotation file not found') from None
+    except ET.ParseError as e:
+        raise VidDetError(f'{path}: malformed XML ({e})') from None
+    except OSError as e:
+        raise VidDetError(f'{path}: cannot read ({e})') from None
+    size = root.find('size')
+    if size is None:
+        raise VidDetError(f'{path}: missing <size>')
+    width, height = _xml_int(path, size, 'width'), _xml_int(path, size, 'height')
+    objects = []
+    for i, obj in enumerate(root.findall('object')):
+        name = _xml_text(path, obj, 'name')
+        box = obj.find('bndbox')
+        if box is None:
+            raise VidDetError(f'{path}: object {i} ({name}) has no <bndbox>')
+        o = dict(name=name, xmin=_xml_int(path, box, 'xmin'), ymin=_xml_int(path, box, 'ymin'),
+                 xmax=_xml_int(path, box, 'xmax'), ymax=_xml_int(path, box, 'ymax'))
+        if video:
+            tid = _xml_text(path, obj, 'trackid', required=False)
+            if tid is None or tid == '':
+                raise VidDetError(f'{path}: object {i} ({name}) has no <trackid>')
+            o['trackid'] = tid
+            o['occluded'] = _xml_text(path, obj, 'occluded', required=False) == '1'
+            o['generated'] = _xml_text(path, obj, 'generated', required=False) == '1'
+        objects.append(o)
+    return dict(width=width, height=height, objects=objects)
+
+
+def _image_size_from_file(path) -> Optional[Tuple[int, int]]:
+    """(width, height) from the image header, or None."""
+    try:
+        from PIL import Image
+        with Image.open(path) as im:
+            return int(im.size[0]), int(im.size[1])
+    except Exception:  # noqa: BLE001 - any unreadable image just means "unknown size"
+        return None
+
+
+# ------------------------------------------------------------------------------------ VID
+def convert_vid_split(root, mode: str = 'train', mmtracking_compat: bool = False, skip_bad: bool = False,
+                      progress: bool = True) -> Tuple[dict, ConvertSummary]:
+    """Builds the COCO-VID dict of one ImageNet VID split (MMTracking ``convert_vid``).
+
+    Args:
+        root: the ILSVRC folder (with ``Annotations/VID/<mode>`` and ``Lists`` or ``ImageSets``).
+        mode: 'train' (videos of ``VID_train_15frames.txt``) or 'val' (``VID_val_videos.txt``).
+        mmtracking_compat: reproduce MMTracking's training-frame off-by-one (module docstring).
+        skip_bad: if False, the first missing or malformed XML raises; if True, such a frame is
+            kept as an image without objects (size from its JPEG header, else from another frame
+            of the video) and reported in ``summary.bad_files``.
+        progress: show a tqdm bar over videos.
+
+    Returns:
+        (COCO-VID dict with keys categories, videos, images, annotations; summary).
+
+    Raises:
+        VidDetError: missing list file or (``skip_bad`` False) a bad XML, naming the file.
+    """
+    if mode not in ('train', 'val'):
+        raise ValueError(f"mode must be 'train' or 'val', got {mode!r}")
+    root = Path(root)
+    lists = find_lists_dir(root)
+    if mode == 'train':
+        vid_infos = parse_train_list(lists / 'VID_train_15frames.txt', mmtracking_compat)
+    else:
+        vid_infos = parse_val_list(lists / 'VID_val_videos.txt')
+    xml_dir = root / 'Annotations' / 'VID'
+    img_dir = root / 'Data' / 'VID'
+    summary = ConvertSummary(split=mode)
+    counts = {c['id']: 0 for c in vid_categories()}
+    out = OrderedDict(categories=vid_categories(), videos=[], images=[], annotations=[])
+    img_id = ann_id = instance_id = 1
+    for vid_id, (name, info) in enumerate(tqdm(vid_infos.items(), desc=f'ImageNet VID {mode}',
+                                               unit='video', disable=not progress), 1):
+        train_frames = info.get('vid_train_frames', [])
+        train_set = set(train_frames)
+        out['videos'].append(dict(id=vid_id, name=name, vid_train_frames=list(train_frames)))
+        if mode == 'val' and info['start'] != img_id:
+            summary.warnings.append(f'{name}: list start id {info["start"]} differs from its first image id '
+                                    f'{img_id}; image ids will not be the global frame ids')
+        track_to_instance: Dict[str, int] = {}
+        sizeless = []  # images whose size must be filled in from another frame
+        known_size = None
+        for frame_id in range(info['num_frames']):
+            prefix = f'{name}/{frame_id:06d}'
+            xml_path = xml_dir / f'{prefix}.xml'
+            try:
+                rec = parse_ilsvrc_xml(xml_path, video=True)
+            except VidDetError as e:
+                if not skip_bad:
+                    raise
+                summary.bad_files.append((str(xml_path), str(e).split(': ', 1)[-1]))
+                rec = None
+            image = OrderedDict(file_name=f'{prefix}.JPEG', height=0, width=0, id=img_id,
+                                frame_id=frame_id, video_id=vid_id, is_vid_train_frame=frame_id in train_set)
+            out['images'].append(image)
+            if rec is None:
+                wh = _image_size_from_file(img_dir / f'{prefix}.JPEG')
+                if wh is None:
+                    sizeless.append(image)
+                else:
+                    image['width'], image['height'] = wh
+                img_id += 1
+                continue
+            image['height'], image['width'] = rec['height'], rec['width']
+            known_size = known_size or (rec['width'], rec['height'])
+            if not rec['objects']:
+                summary.num_no_objects += 1
+            for obj in rec['objects']:
+                cat = SYNSET_TO_CAT_ID.get(obj['name'])
+                if cat is None:
+                    summary.num_unknown_synsets += 1
+                    continue
+                w, h = obj['xmax'] - obj['xmin'], obj['ymax'] - obj['ymin']
+                inst = track_to_instance.get(obj['trackid'])
+                if inst is None:
+                    inst = track_to_instance[obj['trackid']] = instance_id
+                    instance_id += 1
+                out['annotations'].append(OrderedDict(
+                    id=ann_id, video_id=vid_id, image_id=img_id, category_id=cat, instance_id=inst,
+                    bbox=[obj['xmin'], obj['ymin'], w, h], area=w * h, iscrowd=False,
+                    occluded=obj['occluded'], generated=obj['generated']))
+                counts[cat] += 1
+                ann_id += 1
+            img_id += 1
+        for image in sizeless:
+            if known_size is None:
+                summary.warnings.append(f'{image["file_name"]}: size unknown (no readable XML or JPEG in '
+                                        'its video); width/height set to 0')
+            else:
+                image['width'], image['height'] = known_size
+    summary.num_videos = len(out['videos'])
+    summary.num_images = len(out['images'])
+    summary.num_train_frames = sum(1 for im in out['images'] if im['is_vid_train_frame'])
+    summary.num_annotations = len(out['annotations'])
+    summary.class_counts = {VID_CLASSES[k - 1]: v for k, v in counts.items()}
+    return out, summary
+
+
+# ------------------------------------------------------------------------------------ DET
+def convert_det(root, skip_bad: bool = False, progress: bool = True) -> Tuple[Optional[dict], ConvertSummary]:
+    """Builds ``imagenet_det_30plus1cls.json`` content (MMTracking ``imagenet2coco_det.py``).
+
+    Images of ``DET_train_30classes.txt`` come first (``is_vid_train_frame`` True), then every other
+    XML under the eight :data:`DET_SUBSETS` (sorted paths per subset) with False. Images have
+    ``{file_name 'train/…/name.JPEG', height, width, id, is_vid_train_frame}``; annotations
+    ``{id, image_id, category_id (1..31), bbox, area, iscrowd}``.
+
+    Returns:
+        (dict or None when ``<root>/Annotations/DET`` or the DET list is absent, summary; the
+        summary's warnings say why nothing was converted).
+
+    Raises:
+        VidDetError: (``skip_bad`` False) a missing or malformed XML, naming the file.
+    """
+    root = Path(root)
+    summary = ConvertSummary(split='det')
+    ann_root = root / 'Annotations' / 'DET'
+    if not ann_root.is_dir():
+        summary.warnings.append(f'{ann_root} does not exist: ImageNet DET not converted')
+        return None, summary
+    try:
+        list_path = find_lists_dir(root) / 'DET_train_30classes.txt'
+    except VidDetError as e:
+        summary.warnings.append(f'{e}: ImageNet DET not converted')
+        return None, summary
+    if not list_path.is_file():
+        summary.warnings.append(f'{list_path} does not exist: ImageNet DET not converted')
+        return None, summary
+    listed = [f'{parts[0]}.JPEG' for _, parts in _read_lines(list_path)]
+    listed_set = set(listed)
+    todo: List[Tuple[str, Path, bool]] = [(n, ann_root / n.replace('JPEG', 'xml'), True) for n in listed]
+    for sub in DET_SUBSETS:
+        base = ann_root / sub
+        pattern = os.path.join(str(base), '*', '*.xml') if sub == 'train/ILSVRC2013_train' \
+            else os.path.join(str(base), '*.xml')
+        for xml_path in sorted(glob.glob(pattern)):
+            img_name = sub + xml_path[len(str(base)):].replace(os.sep, '/')
+            img_name = img_name[:-len('.xml')] + '.JPEG'
+            if img_name in listed_set:
+                continue
+            todo.append((img_name, Path(xml_path), False))
+    out = OrderedDict(categories=det_categories(), images=[], annotations=[])
+    counts = {c['id']: 0 for c in det_categories()}
+    img_id = ann_id = 1
+    for img_name, xml_path, is_train in tqdm(todo, desc='ImageNet DET', unit='image', disable=not progress):
+        try:
+            rec = parse_ilsvrc_xml(xml_path, video=False)
+        except VidDetError as e:
+            if not skip_bad:
+                raise
+            summary.bad_files.append((str(xml_path), str(e).split(': ', 1)[-1]))
+            wh = _image_size_from_file(root / 'Data' / 'DET' / img_name) or (0, 0)
+            rec = dict(width=wh[0], height=wh[1], objects=[])
+        out['images'].append(OrderedDict(file_name=img_name, height=rec['height'], width=rec['width'],
+                                         id=img_id, is_vid_train_frame=is_train))
+        summary.num_train_frames += int(is_train)
+        if not rec['objects']:
+            summary.num_no_objects += 1
+        for obj in rec['objects']:
+            cat = SYNSET_TO_CAT_ID.get(obj['name'], DET_OTHER_CATEGORY_ID)
+            w, h = obj['xmax'] - obj['xmin'], obj['ymax'] - obj['ymin']
+            out['annotations'].append(OrderedDict(id=ann_id, image_id=img_id, category_id=cat,
+                                                  bbox=[obj['xmin'], obj['ymin'], w, h], area=w * h,
+                                                  iscrowd=False))
+            counts[cat] += 1
+            ann_id += 1
+        img_id += 1
+    summary.num_images = len(out['images'])
+    summary.num_annotations = len(out['annotations'])
+    summary.class_counts = {c['name']: counts[c['id']] for c in det_categories()}
+    return out, summary
+
+
+# ------------------------------------------------------------------------------------ driver
+VID_OUTPUT_NAMES = {'train': 'imagenet_vid_train.json', 'val': 'imagenet_vid_val.json',
+                    'det': 'imagenet_det_30plus1cls.json'}
+
+
+def convert_imagenet_vid(root, out_dir, mmtracking_compat: bool = False, skip_bad: bool = False,
+                         splits: Sequence[str] = ('train', 'val', 'det'), progress: bool = True,
+                         verbose: bool = True) -> Dict[str, ConvertSummary]:
+    """Converts ILSVRC2015 VID (and DET when present) to MMTracking's COCO-VID JSON files.
+
+    Writes ``imagenet_vid_train.json``, ``imagenet_vid_val.json`` and, if ``<root>/Annotations/DET``
+    and ``DET_train_30classes.txt`` exist, ``imagenet_det_30plus1cls.json`` into ``out_dir``
+    (atomically). Equivalent to MMTracking's ``imagenet2coco_vid.py -i root -o out_dir`` (+
+    ``imagenet2coco_det.py``), except for the training-frame fix (see module docstring).
+
+    Args:
+        root: ILSVRC folder with ``Annotations/VID/{train,val}`` and ``Lists/`` or ``ImageSets/``.
+        out_dir: output folder (created).
+        mmtracking_compat: reproduce MMTracking's ``frame - 1`` training-frame shift.
+        skip_bad: collect bad XMLs in the summaries instead of raising on the first one.
+        splits: any of 'train', 'val', 'det'.
+        progress: tqdm bars. verbose: print each summary when done.
+
+    Returns:
+        split -> :class:`ConvertSummary`.
+
+    Raises:
+        VidDetError: missing root/list files or a bad XML (without ``skip_bad``), naming the file.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise VidDetError(f'{root}: ImageNet VID root folder not found')
+    for s in splits:
+        if s not in VID_OUTPUT_NAMES:
+            raise VidDetError(f'unknown split {s!r}; choose from train, val, det')
+    out_dir = Path(out_dir)
+    summaries = {}
+    for s in splits:
+        if s == 'det':
+            data, summary = convert_det(root, skip_bad=skip_bad, progress=progress)
+        else:
+            if not (root / 'Annotations' / 'VID' / s).is_dir():
+                raise VidDetError(f'{root / "Annotations" / "VID" / s}: folder not found '
+                                  '(expected the ILSVRC2015 layout Annotations/VID/{train,val})')
+            data, summary = convert_vid_split(root, s, mmtracking_compat, skip_bad, progress)
+        if data is not None:
+            path = atomic_write_json(out_dir / VID_OUTPUT_NAMES[s], data)
+            summary.out_path = str(path)
+        summaries[s] = summary
+        if verbose:
+            print(summary.format())
+    return summaries
+
+
+# ------------------------------------------------------------------------------------ validator
+@dataclass
+class CheckReport:
+    """Result of :func:`check_data`.
+
+    Attributes:
+        ann_file: the checked JSON.
+        image_root: the folder the ``file_name`` paths were resolved against ('' if not checked).
+        num_videos, num_images, num_annotations: counts found.
+        errors: problems that make the file unusable or wrong (the CLI exits non-zero).
+        warnings: suspicious but usable entries (e.g. boxes partly outside the image).
+    """
+
+    ann_file: str
+    image_root: str = ''
+    num_videos: int = 0
+    num_images: int = 0
+    num_annotations: int = 0
+    errors: List[str] = field(default_factory=list)
+    warnings: List[str] = field(default_factory=list)
+    error_counts: Dict[str, int] = field(default_factory=dict)
+    warning_counts: Dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """True when no error was found."""
+        return not self.error_counts
+
+    def _add(self, kind: str, msg: str, error: bool, max_listed: int = 20):
+        counts, msgs = (self.error_counts, self.errors) if error else (self.warning_counts, self.warnings)
+        counts[kind] = counts.get(kind, 0) + 1
+        if counts[kind] <= max_listed:
+            msgs.append(msg)
+
+    def format(self) -> str:
+        """Human-readable report."""
+        lines = [f'{self.ann_file}: {self.num_videos} videos, {self.num_images} images, '
+                 f'{self.num_annotations} annotations' +
+                 (f' (frames under {self.image_root})' if self.image_root else '')]
+        for title, counts, msgs in (('error', self.error_counts, self.errors),
+                                    ('warning', self.warning_counts, self.warnings)):
+            if counts:
+                lines.append(f'{sum(counts.values())} {title}s: ' +
+                             ', '.join(f'{k} {v}' for k, v in counts.items()))
+                lines += [f'  {title}: {m}' for m in msgs]
+                shown = len(msgs)
+                if sum(counts.values()) > shown:
+                    lines.append(f'  ... ({sum(counts.values()) - shown} more not listed)')
+        lines.append('OK' if self.ok else 'PROBLEMS FOUND')
+        return '\n'.join(lines)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _resolve_image_root(root: Path, images: List[dict]) -> Path:
+    """``root`` itself, or ``root/Data/VID`` / ``root/Data/DET`` when the first frame lives there."""
+    if not images or not isinstance(images[0], dict) or not isinstance(images[0].get('file_name'), str):
+        return root
+    first = images[0]['file_name']
+    for cand in (root, root / 'Data' / 'VID', root / 'Data' / 'DET'):
+        if (cand / first).exists():
+            return cand
+    return root
+
+
+def check_data(ann_file, root=None, check_files: bool = True, known_classes: Iterable[str] = VID_CLASSES,
+               max_listed: int = 20) -> CheckReport:
+    """Validates a COCO-VID (or COCO) annotation file for training/evaluation with viddet.
+
+    Checks: JSON syntax and top-level structure; duplicate image/annotation/video/category ids;
+    annotations pointing at unknown images, videos or categories; categories whose name is not one
+    of ``known_classes``; per video, ``frame_id`` values that are not exactly 0..n-1 (MMTracking
+    indexes frames by ``frame_id``); bboxes that are not 4 finite numbers, have w <= 0 or h <= 0 or
+    do not overlap the image (errors), or extend past the image or have w < 1 or h < 1 (warnings:
+    the loader drops or clips them); ``area`` missing; image sizes that are not positive; and,
+    with ``check_files``, frames missing under ``root`` (tried as ``root``, ``root/Data/VID``,
+    ``root/Data/DET``).
+
+    Args:
+        ann_file: the JSON file.
+        root: image folder the ``file_name`` paths are relative to (None: skip the file check).
+        check_files: check that every frame file exists.
+        known_classes: category names accepted without error.
+        max_listed: at most this many messages are kept per problem kind (all are counted).
+
+    Returns:
+        :class:`CheckReport` (``report.ok`` False when errors were found).
+
+    Raises:
+        VidDetError: if ``ann_file`` does not exist or is not valid JSON (naming the file and the
+            position of the syntax error).
+    """
+    ann_file = Path(ann_file)
+    report = CheckReport(ann_file=str(ann_file))
+    add = lambda kind, msg, error=True: report._add(kind, msg, error, max_listed)  # noqa: E731
+    try:
+        with open(ann_file, 'r') as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise VidDetError(f'{ann_file}: annotation file not found') from None
+    except json.JSONDecodeError as e:
+        raise VidDetError(f'{ann_file}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})') from None
+    if not isinstance(data, dict):
+        add('structure', f'top level is a {type(data).__name__}, expected an object with images/annotations/categories')
+        return report
+    for key in ('images', 'annotations', 'categories'):
+        if not isinstance(data.get(key), list):
+            add('structure', f'missing or non-list "{key}"')
+    if report.error_counts:
+        return report
+    videos = data.get('videos', None)
+    if videos is not None and not isinstance(videos, list):
+        add('structure', '"videos" is not a list')
+        videos = None
+    images, anns, cats = data['images'], data['annotations'], data['categories']
+    report.num_videos, report.num_images, report.num_annotations = len(videos or []), len(images), len(anns)
+
+    def ids_of(items, what):
+        seen = {}
+        for i, it in enumerate(items):
+            if not isinstance(it, dict) or 'id' not in it:
+                add('structure', f'{what}[{i}] is not an object with an "id"')
+                continue
+            if it['id'] in seen:
+                add('duplicate id', f'{what} id {it["id"]!r} appears at index {seen[it["id"]]} and {i}')
+            else:
+                seen[it['id']] = i
+        return seen
+
+    cat_ids = ids_of(cats, 'categories')
+    known = set(known_classes)
+    for c in cats:
+        if isinstance(c, dict) and c.get('name') not in known:
+            add('unknown category', f'category id {c.get("id")!r} name {c.get("name")!r} is not one of the '
+                f'{len(known)} known classes', error=False)
+    vid_ids = ids_of(videos or [], 'videos')
+    img_ids = ids_of(images, 'images')
+    ids_of(anns, 'annotations')
+
+    img_by_id = {}
+    frames_per_video: Dict[object, List[int]] = {}
+    for i, im in enumerate(images):
+        if not isinstance(im, dict):
+            continue
+        img_by_id.setdefault(im.get('id'), im)
+        if not isinstance(im.get('file_name'), str):
+            add('structure', f'image id {im.get("id")!r} has no file_name')
+        w, h = im.get('width'), im.get('height')
+        if not (_is_number(w) and _is_number(h) and w > 0 and h > 0):
+            add('bad image size', f'image id {im.get("id")!r} ({im.get("file_name")}) has width {w!r}, height {h!r}')
+        if videos is not None:
+            if im.get('video_id') not in vid_ids:
+                add('unknown video', f'image id {im.get("id")!r} has unknown video_id {im.get("video_id")!r}')
+            elif not isinstance(im.get('frame_id'), int) or isinstance(im.get('frame_id'), bool):
+                add('bad frame_id', f'image id {im.get("id")!r} has frame_id {im.get("frame_id")!r}')
+            else:
+                frames_per_video.setdefault(im['video_id'], []).append(im['frame_id'])
+    for vid, fids in frames_per_video.items():
+        if sorted(fids) != list(range(len(fids))):
+            fs = sorted(fids)
+            add('bad frame_id', f'video id {vid!r}: frame_ids are not 0..{len(fids) - 1} '
+                f'(first {fs[:5]}, last {fs[-3:]})')
+
+    for i, a in enumerate(anns):
+        if not isinstance(a, dict):
+            continue
+        aid = a.get('id')
+        im = img_by_id.get(a.get('image_id'))
+        if a.get('image_id') not in img_ids:
+            add('unknown image', f'annotation id {aid!r} has unknown image_id {a.get("image_id")!r}')
+        if a.get('category_id') not in cat_ids:
+            add('unknown category', f'annotation id {aid!r} has category_id {a.get("category_id")!r} '
+                'not in "categories"')
+        if videos is not None and 'video_id' in a and a['video_id'] not in vid_ids:
+            add('unknown video', f'annotation id {aid!r} has unknown video_id {a["video_id"]!r}')
+        if im is not None and 'video_id' in a and 'video_id' in im and a['video_id'] != im['video_id']:
+            add('unknown video', f'annotation id {aid!r} has video_id {a["video_id"]!r} but its image is in '
+                f'video {im["video_id"]!r}')
+        box = a.get('bbox')
+        if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) and math.isfinite(v) for v in box)):
+            add('bad box', f'annotation id {aid!r}: bbox {box!r} is not 4 finite numbers [x, y, w, h]')
+            continue
+        x, y, w, h = box
+        where = f'annotation id {aid!r} (image {a.get("image_id")!r}'
+        where += f', {im.get("file_name")})' if isinstance(im, dict) else ')'
+        if w <= 0 or h <= 0:
+            add('bad box', f'{where}: bbox {box} has non-positive width or height')
+            continue
+        if not _is_number(a.get('area')):
+            add('missing area', f'{where}: no numeric "area" (pycocotools needs it)', error=False)
+        if w < 1 or h < 1:
+            add('tiny box', f'{where}: bbox {box} is under 1 pixel wide or high (dropped when loading)', error=False)
+        if isinstance(im, dict) and _is_number(im.get('width')) and _is_number(im.get('height')):
+            iw = min(x + w, im['width']) - max(x, 0)
+            ih = min(y + h, im['height']) - max(y, 0)
+            if iw <= 0 or ih <= 0:
+                add('bad box', f'{where}: bbox {box} lies outside the {im["width"]}x{im["height"]} image')
+            elif x < 0 or y < 0 or x + w > im['width'] or y + h > im['height']:
+                add('box outside image', f'{where}: bbox {box} extends past the {im["width"]}x{im["height"]} '
+                    'image (clipped when loading)', error=False)
+
+    if root is not None and check_files:
+        base = _resolve_image_root(Path(root), images)
+        report.image_root = str(base)
+        if not Path(root).is_dir():
+            add('missing frame', f'image root {root} does not exist')
+        else:
+            for im in images:
+                if isinstance(im, dict) and isinstance(im.get('file_name'), str):
+                    if not (base / im['file_name']).is_file():
+                        add('missing frame', f'image id {im.get("id")!r}: {base / im["file_name"]} not found')
+    return report

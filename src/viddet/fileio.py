@@ -1,0 +1,54 @@
+"""Atomic file writers: write to a temporary name in the target folder, then ``os.replace``.
+
+A reader (or a crash) never sees a half-written output: either the old file or the complete new
+one exists under the final name.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Union
+
+PathLike = Union[str, os.PathLike]
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
+    """Writes ``data`` to ``path`` atomically, creating parent folders.
+
+    Returns:
+        The final path.
+
+    Raises:
+        OSError: if the folder cannot be created or written (propagated unchanged).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=str(path.parent))
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def atomic_write_text(path: PathLike, text: str) -> Path:
+    """Writes UTF-8 ``text`` to ``path`` atomically (see :func:`atomic_write_bytes`)."""
+    return atomic_write_bytes(path, text.encode('utf-8'))
+
+
+def atomic_write_json(path: PathLike, obj: Any, indent=None) -> Path:
+    """Serialises ``obj`` with :func:`json.dumps` and writes it atomically.
+
+    The default separators (``', '``, ``': '``) match ``mmcv.dump``/``json.dump``.
+    """
+    return atomic_write_text(path, json.dumps(obj, indent=indent))
