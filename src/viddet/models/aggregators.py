@@ -288,7 +288,8 @@ class TemporalRoIAlign(nn.Module):
                          aligned=True)
 
     def most_similar_roi_align(self, roi_feats: torch.Tensor, ref_feats: torch.Tensor,
-                               ref_embed: Optional[torch.Tensor] = None) -> torch.Tensor:
+                               ref_embed: Optional[torch.Tensor] = None,
+                               ref_flat: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Step 1 on a set of RoIs (MMTracking ``most_similar_roi_align``).
 
         Args:
@@ -296,6 +297,7 @@ class TemporalRoIAlign(nn.Module):
             ref_feats: (T, C, H, W) reference feature maps.
             ref_embed: optional precomputed (C, T*H*W) matrix of L2-normalised ``ref_feats``
                 (channel-major, frame then row-major location), see :meth:`_ref_embedding`.
+            ref_flat: optional precomputed (T, H*W, C) location-major copy of ``ref_feats``.
 
         Returns:
             (T, r, C, h, w) most-similar RoI features.
@@ -304,13 +306,14 @@ class TemporalRoIAlign(nn.Module):
         t, _, fh, fw = ref_feats.shape
         if ref_embed is None:
             ref_embed = self._ref_embedding(ref_feats)
+        if ref_flat is None:
+            ref_flat = ref_feats.permute(0, 2, 3, 1).reshape(t, fh * fw, c)
         roi_embed = roi_feats / roi_feats.norm(p=2, dim=1, keepdim=True)
         roi_embed = roi_embed.permute(0, 2, 3, 1).reshape(r * h * w, c)      # (P, C)
         sim = roi_embed.mm(ref_embed).view(r * h * w, t, fh * fw)           # (P, T, HW)
         values, indices = sim.topk(k=self.num_most_similar_points, dim=2, largest=True)
         del sim
         values = values.softmax(dim=2)                                       # (P, T, k)
-        ref_flat = ref_feats.permute(0, 2, 3, 1).reshape(t, fh * fw, c)      # (T, HW, C)
         frame_idx = torch.arange(t, device=ref_feats.device).view(1, t, 1)
         topk_feats = ref_flat[frame_idx, indices]                            # (P, T, k, C)
         out = (topk_feats * values.unsqueeze(-1)).sum(dim=2)                 # (P, T, C)
@@ -391,9 +394,10 @@ class TemporalRoIAlign(nn.Module):
         if roi_chunk_size < 1:
             raise ValueError(f'roi_chunk_size must be >= 1, got {roi_chunk_size}')
         ref_feats = ref_feats.to(roi_feats.dtype)
-        ref_embed = self._ref_embedding(ref_feats)
+        ref_embed = self._ref_embedding(ref_feats)                          # (C, T*H*W)
+        ref_flat = ref_feats.permute(0, 2, 3, 1).reshape(t, fh * fw, -1)    # (T, H*W, C)
         outs = []
         for chunk in roi_feats.split(roi_chunk_size, dim=0):
-            ref_roi = self.most_similar_roi_align(chunk, ref_feats, ref_embed)
+            ref_roi = self.most_similar_roi_align(chunk, ref_feats, ref_embed, ref_flat)
             outs.append(self.temporal_attentional_feature_aggregation(chunk.unsqueeze(0), ref_roi))
         return torch.cat(outs, dim=0)
