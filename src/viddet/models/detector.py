@@ -187,8 +187,9 @@ class BBoxHead(nn.Module):
             x, ref_x = F.relu(x), F.relu(ref_x)
         return self.fc_cls(x), self.fc_reg(x)
 
-    def ref_projections(self, ref_x: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-        """SELSA: the per-layer (key, value) projections of reference RoI features (m, 512, 7, 7).
+    def ref_projections(self, ref_x: torch.Tensor) -> list:
+        """SELSA: the per-layer reference projections (``SelsaRefProjections``) of reference RoI
+        features (m, 512, 7, 7).
 
         They depend only on the reference frame, so a video engine computes them once per
         reference frame and concatenates them for every key frame (:meth:`forward_cached`).
@@ -201,12 +202,13 @@ class BBoxHead(nn.Module):
             ref_x = F.relu(ref_x)
         return kv
 
-    def forward_cached(self, x: torch.Tensor, ref_kv: Sequence[Tuple[torch.Tensor, torch.Tensor]]):
-        """SELSA path from precomputed reference projections (one (k, v) pair per shared fc)."""
+    def forward_cached(self, x: torch.Tensor, ref_kv: Sequence):
+        """SELSA path from precomputed reference projections (one ``SelsaRefProjections`` per
+        shared fc, e.g. the concatenation of every reference frame's :meth:`ref_projections`)."""
         x = x.flatten(1)
-        for fc, agg, (k, v) in zip(self.shared_fcs, self.aggregator, ref_kv):
+        for fc, agg, refs in zip(self.shared_fcs, self.aggregator, ref_kv):
             x = fc(x)
-            x = F.relu(x + agg.attend(x, k, v))
+            x = F.relu(x + agg.forward_projected(x, refs))
         return self.fc_cls(x), self.fc_reg(x)
 
 

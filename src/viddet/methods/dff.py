@@ -1,0 +1,45 @@
+"""DFF, Deep Feature Flow (Zhu et al., CVPR 2017, §3); MMTracking ``mmtrack/models/vid/dff.py``.
+
+Per frame t with key frame k = t - t % interval:
+  t == k: feats_k = backbone+neck(frame_k) (cached with the key image);
+  else:   flow = FlowNet(frame_t, frame_k); feats_t = warp(feats_k, flow)  (no backbone);
+then RPN + RoI head on feats_t. Causal, so offline and online modes are the same.
+"""
+from __future__ import annotations
+
+from viddet.methods.single import SingleFrame
+from viddet.models.flownet import FlowNetSimple, flow_warp_feats
+from viddet.structures import Detections
+
+
+class DFF(SingleFrame):
+    """Attributes ``detector`` (:class:`FasterRCNN`) and ``motion`` (:class:`FlowNetSimple`).
+
+    Args:
+        key_frame_interval: a frame is a key frame iff ``index % key_frame_interval == 0`` (10).
+    """
+
+    method = 'dff'
+
+    def __init__(self, backbone: str = 'r50', num_classes: int = 30, key_frame_interval: int = 10):
+        super().__init__(backbone, num_classes)
+        self.motion = FlowNetSimple()
+        if key_frame_interval < 1:
+            raise ValueError(f'key_frame_interval must be >= 1, got {key_frame_interval}')
+        self.key_frame_interval = key_frame_interval
+        self._key = None  # (key image tensor (1,3,Hp,Wp), key features (1,512,h,w))
+
+    def reset(self):
+        self._key = None
+
+    def predict(self, frame, ctx) -> Detections:
+        if frame.index % self.key_frame_interval == 0 or self._key is None:
+            with ctx.timer('backbone'):
+                feats = self.detector.extract_feat(frame.img)
+            self._key = (frame.img, feats)
+        else:
+            key_img, key_feats = self._key
+            with ctx.timer('flow'):
+                flow = self.motion(frame.img, key_img, frame.meta.img_shape)
+                feats = flow_warp_feats(key_feats, flow)
+        return self.detect(feats, frame.meta, ctx.timer)

@@ -1,0 +1,97 @@
+"""FGFA, Flow-Guided Feature Aggregation (Zhu et al., ICCV 2017, §3); MMTracking
+``mmtrack/models/vid/fgfa.py`` with its test protocol ``test_with_fix_stride``
+(num_ref_imgs=30, frame_range=[-15, 15], stride 1).
+
+Offline, frame t aggregates the 31-frame window [t-15, t+15], indices clipped to the video (so
+the first / last frame is replicated at the edges): every window frame's features are warped to t
+by FlowNet flow (the current frame's own slot, index 15, stays unwarped), then averaged with
+per-pixel cosine-similarity softmax weights (EmbedAggregator). Each frame's backbone runs once per
+video: features live in a cache that slides with the window.
+
+Online (causal), the window is the last 15 frames and the current one, without replication.
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+
+from viddet.methods.single import SingleFrame
+from viddet.models.aggregators import EmbedAggregator
+from viddet.models.flownet import FlowNetSimple, flow_warp_feats
+from viddet.structures import Detections
+
+
+class FGFA(SingleFrame):
+    """Attributes ``detector``, ``motion`` (:class:`FlowNetSimple`), ``aggregator`` (:class:`EmbedAggregator`).
+
+    Args:
+        num_left, num_right: window half-widths in frames (15, 15).
+        flow_chunk: FlowNet pairs per batch (bounds activation memory).
+    """
+
+    method = 'fgfa'
+
+    def __init__(self, backbone: str = 'r50', num_classes: int = 30, num_left: int = 15,
+                 num_right: int = 15, flow_chunk: int = 8):
+        super().__init__(backbone, num_classes)
+        self.motion = FlowNetSimple()
+        self.aggregator = EmbedAggregator()
+        self.num_left, self.num_right, self.flow_chunk = num_left, num_right, flow_chunk
+        self._feats: Dict[int, torch.Tensor] = {}
+        self._imgs: Dict[int, torch.Tensor] = {}
+
+    def reset(self):
+        self._feats, self._imgs = {}, {}
+
+    def window(self, t: int, last: int, mode: str) -> List[int]:
+        """Frame indices aggregated for frame ``t`` of a video whose last index is ``last``.
+
+        offline: [clip(t + i, 0, last) for i in -num_left..num_right] (31 entries, edges replicated);
+        online: [max(0, t - num_left), ..., t] (no replication).
+        """
+        if mode == 'online':
+            return list(range(max(0, t - self.num_left), t + 1))
+        return [min(max(t + i, 0), last) for i in range(-self.num_left, self.num_right + 1)]
+
+    def _features(self, index: int, ctx) -> torch.Tensor:
+        if index not in self._feats:
+            frame = ctx.frame(index)
+            with ctx.timer('backbone'):
+                self._feats[index] = self.detector.extract_feat(frame.img)
+            self._imgs[index] = frame.img
+        return self._feats[index]
+
+    def predict(self, frame, ctx) -> Detections:
+        t = frame.index
+        if ctx.mode == 'offline':
+            ctx.frame(t + self.num_right)  # read ahead so the video's end (hence `last`) is known
+            last = ctx.last_index if ctx.last_index is not None else t + self.num_right
+        else:
+            last = t
+        window = self.window(t, last, ctx.mode)
+        for i in sorted(set(window)):
+            self._features(i, ctx)
+        keep = set(window)
+        self._feats = {i: f for i, f in self._feats.items() if i in keep}
+        self._imgs = {i: f for i, f in self._imgs.items() if i in keep}
+
+        x = self._feats[t]
+        # Warp each distinct source frame once. The current frame's own slot stays unwarped; its
+        # replicated copies at the video's edges are warped by the self-flow, as in MMTracking.
+        center = len(window) - 1 if ctx.mode == 'online' else self.num_left
+        slots = [(j, i) for j, i in enumerate(window) if j != center]
+        sources = sorted({i for _, i in slots})
+        warped = {}
+        if sources:
+            with ctx.timer('flow'):
+                src_imgs = torch.cat([self._imgs[i] for i in sources])
+                flows = self.motion(frame.img.expand(len(sources), -1, -1, -1), src_imgs,
+                                    frame.meta.img_shape, chunk_size=self.flow_chunk)
+                src_feats = torch.cat([self._feats[i] for i in sources])
+                for k, w in zip(sources, flow_warp_feats(src_feats, flows).split(1)):
+                    warped[k] = w
+        with ctx.timer('aggregation'):
+            stack = torch.cat([x if j == center else warped[i] for j, i in enumerate(window)])
+            feats = self.aggregator(x, stack)
+        return self.detect(feats, frame.meta, ctx.timer)

@@ -1,0 +1,153 @@
+"""SELSA, Sequence Level Semantics Aggregation (Wu et al., ICCV 2019, §3), and SELSA + Temporal
+RoI Align (Gong et al., AAAI 2021); MMTracking ``mmtrack/models/vid/selsa.py`` with
+``SelsaRoIHead`` / ``SelsaBBoxHead`` and its test protocol ``test_with_adaptive_stride``.
+
+Offline (MMTracking's test protocol): 14 reference frames spread evenly over the whole video,
+``round(i * (L - 1) / 13)`` for i = 0..13, chosen once per video, plus the current frame. Each
+reference frame contributes its 300 test-RPN proposals; the key frame's proposals attend to all of
+them (multi-head attention after each shared fc, before its ReLU).
+
+MMTracking re-runs the RPN and RoI head on all 14 references for every frame. viddet computes
+each reference frame's proposals, RoI features and attention projections once and caches them; the
+math is unchanged (the reference path does not depend on the key frame). The current frame's
+reference proposals are its own key proposals, so they are computed once too.
+
+Online (causal): up to 14 past frames kept at a doubling stride (0, s, 2s, ... over the frames seen
+so far) plus the current frame; each enters the reference set when it is the current frame, so
+no frame is ever processed twice.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+
+from viddet.methods.single import SingleFrame
+from viddet.models.aggregators import SelsaRefProjections
+from viddet.models.detector import rois_from_proposals
+from viddet.structures import Detections
+
+
+@dataclass
+class _Reference:
+    """Cached reference frame: neck features (kept for Temporal RoI Align or uncached mode) and
+    the per-fc attention projections of its 300 proposals."""
+    feats: Optional[torch.Tensor]
+    meta: object
+    projections: Optional[List[SelsaRefProjections]]
+
+
+def adaptive_stride_refs(length: int, num_refs: int = 14) -> List[int]:
+    """MMTracking ``test_with_adaptive_stride`` reference frames of a video of ``length`` frames.
+
+    Returns ``[round(i * (length - 1) / (num_refs - 1)) for i in range(num_refs)]`` (Python
+    rounding; duplicates kept, e.g. 14 zeros for a 1-frame video).
+    """
+    if length < 1:
+        raise ValueError(f'video length must be >= 1, got {length}')
+    stride = float(length - 1) / (num_refs - 1)
+    return [round(i * stride) for i in range(num_refs)]
+
+
+class SELSA(SingleFrame):
+    """Attribute ``detector`` (:class:`FasterRCNN` with a SELSA bbox head).
+
+    Args:
+        num_shared_fcs: 2 (SELSA) or 3 (SELSA + Temporal RoI Align).
+        temporal_roi_align: use Temporal RoI Align for the key frame's RoI features.
+        num_refs: reference frames besides the current one (14).
+        ref_cache: cache each reference frame's proposals and projections (default). False
+            recomputes them for every frame, as MMTracking does (for benchmarking the cache).
+    """
+
+    method = 'selsa'
+
+    def __init__(self, backbone: str = 'r50', num_classes: int = 30, num_shared_fcs: int = 2,
+                 temporal_roi_align: bool = False, num_refs: int = 14, ref_cache: bool = True):
+        super().__init__(backbone, num_classes, num_shared_fcs, aggregate=True,
+                         temporal_roi_align=temporal_roi_align)
+        if temporal_roi_align:
+            self.method = 'troi'
+        self.temporal_roi_align = temporal_roi_align
+        self.num_refs = num_refs
+        self.ref_cache = ref_cache
+        self.reset()
+
+    def reset(self):
+        self._refs: Dict[int, _Reference] = {}
+        self._ref_ids: List[int] = []   # offline: the 14 ids (with duplicates); online: reservoir
+        self._stride = 1                 # online reservoir stride, frames
+
+    # ------------------------------------------------------------------ reference frames
+    def _rois(self, feats, meta):
+        proposals = self.detector.rpn_head.proposals(feats, [meta.img_shape], self.detector.rpn_test_cfg)
+        return rois_from_proposals(proposals)
+
+    def _projections(self, feats, meta, timer) -> List[SelsaRefProjections]:
+        with timer('rpn'):
+            rois = self._rois(feats, meta)
+        with timer('roi_head'):
+            return self.detector.roi_head.bbox_head.ref_projections(self.detector.roi_head.roi_align(feats, rois))
+
+    def _make_reference(self, feats, meta, timer, projections=None) -> _Reference:
+        keep_feats = self.temporal_roi_align or not self.ref_cache
+        if self.ref_cache and projections is None:
+            projections = self._projections(feats, meta, timer)
+        return _Reference(feats if keep_feats else None, meta, projections if self.ref_cache else None)
+
+    def _offline_refs(self, ctx) -> List[int]:
+        if not self._ref_ids:
+            if ctx.length is None:
+                from viddet import VidDetError
+                raise VidDetError('offline SELSA needs the video length (14 references spread over the '
+                                  'whole video); this source does not tell it: use --mode online')
+            self._ref_ids = adaptive_stride_refs(ctx.length, self.num_refs)
+            for i in sorted(set(self._ref_ids)):
+                frame = ctx.fetch(i)
+                with ctx.timer('backbone'):
+                    feats = self.detector.extract_feat(frame.img)
+                self._refs[i] = self._make_reference(feats, frame.meta, ctx.timer)
+        return self._ref_ids
+
+    def _update_reservoir(self, index: int, ref: _Reference):
+        """Online: keep frames at multiples of a stride that doubles when more than num_refs are held."""
+        if index % self._stride:
+            return
+        self._refs[index] = ref
+        self._ref_ids.append(index)
+        while len(self._ref_ids) > self.num_refs:
+            self._stride *= 2
+            self._ref_ids = [i for i in self._ref_ids if i % self._stride == 0]
+            self._refs = {i: self._refs[i] for i in self._ref_ids}
+
+    # ------------------------------------------------------------------ per frame
+    def predict(self, frame, ctx) -> Detections:
+        ref_ids = self._offline_refs(ctx) if ctx.mode == 'offline' else list(self._ref_ids)
+        det, head = self.detector, self.detector.roi_head
+        with ctx.timer('backbone'):
+            x = det.extract_feat(frame.img)
+        with ctx.timer('rpn'):
+            rois = self._rois(x, frame.meta)
+        refs = [self._refs[i] for i in ref_ids]
+        with ctx.timer('roi_head'):
+            cur_rois = head.roi_align(x, rois)
+            cur_proj = head.bbox_head.ref_projections(cur_rois)
+        if self.ref_cache:
+            projections = [r.projections for r in refs]
+        else:  # MMTracking's way: the references' RPN and RoI head again, every frame
+            projections = [self._projections(r.feats, r.meta, ctx.timer) for r in refs]
+        with ctx.timer('aggregation'):
+            if self.temporal_roi_align:
+                ref_maps = torch.cat([r.feats for r in refs] + [x])
+                key_rois = head.extract_rois(x, rois, ref_maps)
+            else:
+                key_rois = cur_rois
+            kv = [SelsaRefProjections.cat([p[layer] for p in projections] + [cur_proj[layer]])
+                  for layer in range(len(cur_proj))]
+            cls_score, bbox_pred = head.bbox_head.forward_cached(key_rois, kv)
+        with ctx.timer('nms'):
+            dets = head.postprocess(rois, cls_score, bbox_pred, frame.meta, det.rcnn_test_cfg)
+        if ctx.mode == 'online':
+            self._update_reservoir(frame.index, self._make_reference(x, frame.meta, ctx.timer, cur_proj))
+        return dets
