@@ -26,3 +26,11 @@ class VidDetError(Exception):
 
     The CLI prints its message (which names the file and the problem) without a traceback.
     """
+
+
+def __getattr__(name):
+    # Lazy so that ``import viddet`` stays light (no torch model code imported).
+    if name == 'VideoDetector':
+        from viddet.api import VideoDetector
+        return VideoDetector
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -13,10 +13,41 @@ from viddet import VidDetError, __version__
 
 # ---------------------------------------------------------------- demo (owner: core)
 def add_demo_parser(sub):
-    p = sub.add_parser('demo', help='run a model on a video file or frame folder; write an annotated MP4 and JSON lines',
-                       description='Detect objects in every frame of a video (file, frame folder or stream) '
-                                   'and write an annotated MP4 and one JSON record per frame.')
-    p.set_defaults(func=lambda args: sys.exit('viddet demo: not implemented yet'))
+    from viddet.checkpoints import DEFAULT_CHECKPOINT
+    from viddet.methods import METHODS
+    p = sub.add_parser(
+        'demo', help='detect objects in a video (file, frame folder, camera, stream): annotated MP4 + JSON lines',
+        description='Detect objects in every frame of a video and write an annotated MP4 and one JSON '
+                    'record per frame ({"frame", "file", "boxes" [x1,y1,x2,y2] in pixels, "scores", "labels", '
+                    '"names"}). Default checkpoints per method (MMTracking model zoo, downloaded once into '
+                    '$VIDDET_HOME, default ~/.cache/viddet): '
+                    + ', '.join(f'{m}: {c}' for m, c in DEFAULT_CHECKPOINT.items()) + '.')
+    p.add_argument('input', help='video file, folder of frames (sorted by numeric name), camera (0, /dev/video0) '
+                                 'or rtsp/http stream URL')
+    p.add_argument('--method', choices=METHODS, default=None,
+                   help='VID method (default: what the checkpoint is, else selsa)')
+    p.add_argument('--checkpoint', default=None,
+                   help='checkpoint file, URL or model-zoo name such as selsa_r50, fgfa_r101, dff_x101, troi_r50 '
+                        '(default: the zoo checkpoint of --method)')
+    p.add_argument('--backbone', choices=('r50', 'r101', 'x101', 'mobilenetv2'), default=None,
+                   help='backbone (default: what the checkpoint is)')
+    p.add_argument('--mode', choices=('offline', 'online'), default=None,
+                   help='offline: MMTracking test protocol, uses future frames (default for files/folders); '
+                        'online: causal, past frames only (default for cameras/streams)')
+    p.add_argument('--out', default=None, help='annotated video (.mp4); default <input name>_<method>.mp4')
+    p.add_argument('--json', default=None, help='detections as JSON lines; default: the --out path with .jsonl')
+    p.add_argument('--score-thr', type=float, default=0.5,
+                   help='draw boxes scoring above this (the JSON keeps every detection); default 0.5')
+    p.add_argument('--fps', type=float, default=None, help='output frame rate (default: the input\'s, else 25)')
+    p.add_argument('--device', default='auto', help='auto (CUDA if available), cpu, cuda, cuda:1 ...')
+    p.add_argument('--max-frames', type=int, default=None, help='process only the first N frames')
+    p.add_argument('--random-weights', action='store_true',
+                   help='no checkpoint, random weights: exercises the pipeline only, detections are meaningless')
+
+    def run(args):
+        from viddet.demo import run_demo
+        return run_demo(args)
+    p.set_defaults(func=run)
     return p
 
 
@@ -32,7 +63,34 @@ def add_train_parser(sub):
 
 # ---------------------------------------------------------------- benchmark (owner: speed)
 def add_benchmark_parser(sub):
-    pass
+    p = sub.add_parser('benchmark', help='measure per-frame latency, fps, per-stage time and peak memory',
+                       description='Run a method over a synthetic video (smooth random frames; random '
+                                   'weights unless --checkpoint: the network cost does not depend on '
+                                   'them) and report latency (median, p90, excluding frame decoding), '
+                                   'fps, the per-stage breakdown and peak memory (CUDA: max allocated; '
+                                   'CPU: peak RSS increase). Parity with MMTracking holds only at fp32.')
+    p.add_argument('--method', required=True, choices=('single', 'dff', 'fgfa', 'selsa', 'troi'))
+    p.add_argument('--backbone', default='r50', choices=('r50', 'r101', 'x101', 'mobilenetv2'))
+    p.add_argument('--size', default='1000x600', help='frame WIDTHxHEIGHT in pixels (default 1000x600)')
+    p.add_argument('--frames', type=int, default=20, help='timed frames (default 20)')
+    p.add_argument('--warmup', type=int, default=2, help='untimed frames before them (default 2)')
+    p.add_argument('--device', default='cpu', help='cpu, cuda or auto (default cpu)')
+    p.add_argument('--amp', choices=('bf16', 'fp16'), default=None,
+                   help='autocast dtype (default fp32; detections then differ from MMTracking)')
+    p.add_argument('--mode', choices=('offline', 'online'), default='offline')
+    p.add_argument('--no-ref-cache', action='store_true',
+                   help='SELSA/TRoI: recompute the references every frame, as MMTracking does')
+    p.add_argument('--checkpoint', default=None, help='weights (path, URL or zoo name); default random')
+    p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch decides)')
+    p.add_argument('--seed', type=int, default=0, help='seed of the random weights and frames')
+    p.add_argument('--json', default=None, metavar='FILE', help='write the results as JSON (atomically)')
+
+    def run(args):
+        from viddet.benchmark import run_cli
+        return run_cli(args)
+
+    p.set_defaults(func=run)
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
