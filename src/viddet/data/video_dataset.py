@@ -1,0 +1,476 @@
+"""COCO-VID video dataset, MMTracking's reference-frame samplers and the shared train transforms.
+
+Everything here follows MMTracking v0.14 (REFERENCE.md §4.2-4.3, §5.4-5.5, §8.5):
+
+* loading (``CocoVideoDataset.load_video_anns`` / ``ImagenetVIDDataset``): VID training uses the
+  frames with ``is_vid_train_frame`` (video by video, frame order), testing uses every frame;
+  references are drawn from **all** frames of the video. DET images (``load_as_video=False``) are
+  one-frame videos: their "references" are copies of the key image.
+* annotation parsing (``CocoVideoDataset._parse_ann_info``): :func:`parse_ann_info`.
+* training filter (mmdet-2.x ``CocoDataset._filter_imgs``): drop images without an annotation of the
+  dataset's classes (``filter_empty_gt``) or with ``min(width, height) < min_size`` (32).
+* reference sampling (``CocoVideoDataset.ref_img_sampling``): :func:`sample_ref_frames`.
+* training transforms (``SeqResize(keep_ratio) -> SeqRandomFlip(share_params) -> SeqNormalize ->
+  SeqPad(16)``): key and references are resized to the same ``img_scale`` and flipped together;
+  boxes are scaled by ``scale_factor``, clipped to the resized image and mirrored (``x -> W - x``).
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import cv2
+import numpy as np
+import torch
+
+from viddet import VID_CLASSES, VidDetError
+from viddet.data.transforms import DEFAULT_SCALE, normalize_pad, resize_keep_ratio
+from viddet.structures import ImageMeta
+
+SAMPLER_METHODS = ('uniform', 'bilateral_uniform', 'test_with_adaptive_stride', 'test_with_fix_stride')
+
+# MMTracking's sampler settings (configs/_base_/datasets/imagenet_vid_{dff,fgfa}_style.py, selsa configs)
+DFF_TRAIN_SAMPLER = dict(num_ref_imgs=1, frame_range=9, filter_key_img=False, method='uniform')
+FGFA_TRAIN_SAMPLER = dict(num_ref_imgs=2, frame_range=9, filter_key_img=True, method='bilateral_uniform')
+SELSA_TRAIN_SAMPLER = FGFA_TRAIN_SAMPLER
+DET_TRAIN_SAMPLER_DFF = dict(num_ref_imgs=1, frame_range=0, filter_key_img=False, method='uniform')
+DET_TRAIN_SAMPLER_FGFA = dict(num_ref_imgs=2, frame_range=0, filter_key_img=False, method='bilateral_uniform')
+FGFA_TEST_SAMPLER = dict(num_ref_imgs=30, frame_range=[-15, 15], stride=1, method='test_with_fix_stride')
+SELSA_TEST_SAMPLER = dict(num_ref_imgs=14, frame_range=[-7, 7], method='test_with_adaptive_stride')
+
+
+# ===================================================================================== samplers
+@dataclass
+class RefSample:
+    """Reference frames chosen for one key frame.
+
+    Attributes:
+        frame_ids: reference frame indices (0-based, within the video), sorted ascending; for
+            non-video data the key's own index repeated ``num_ref_imgs`` times.
+        num_left_ref_imgs: ``abs(frame_range[0])`` for ``test_with_fix_stride`` (else None).
+        frame_stride: the stride for ``test_with_fix_stride`` (else None, which the models read as
+            -1, i.e. the adaptive branch).
+    """
+
+    frame_ids: List[int]
+    num_left_ref_imgs: Optional[int] = None
+    frame_stride: Optional[int] = None
+
+
+def normalize_frame_range(frame_range) -> List[int]:
+    """``int r`` -> ``[-r, r]``; a 2-list ``[lo, hi]`` with ``lo <= 0 <= hi`` is returned as is.
+
+    Raises:
+        VidDetError: a negative int, a list of other length, non-int entries or wrong signs.
+    """
+    if isinstance(frame_range, bool):
+        raise VidDetError(f'frame_range must be an int or a list of 2 ints, got {frame_range!r}')
+    if isinstance(frame_range, int):
+        if frame_range < 0:
+            raise VidDetError(f'frame_range {frame_range} can not be negative')
+        return [-frame_range, frame_range]
+    if isinstance(frame_range, (list, tuple)):
+        if len(frame_range) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in frame_range):
+            raise VidDetError(f'frame_range {frame_range!r} must be 2 ints [lo, hi]')
+        if not (frame_range[0] <= 0 <= frame_range[1]):
+            raise VidDetError(f'frame_range {frame_range!r} must satisfy lo <= 0 <= hi')
+        return [int(frame_range[0]), int(frame_range[1])]
+    raise VidDetError(f'frame_range must be an int or a list of 2 ints, got {type(frame_range).__name__}')
+
+
+def sample_ref_frames(frame_id: int, num_frames: int, *, frame_range=10, stride=1, num_ref_imgs: int = 1,
+                      filter_key_img: bool = True, method: str = 'uniform', is_video: bool = True,
+                      rng: Optional[random.Random] = None) -> RefSample:
+    """MMTracking ``CocoVideoDataset.ref_img_sampling`` on frame indices.
+
+    Args:
+        frame_id: the key frame's 0-based index in its video (negative: treated as non-video).
+        num_frames: number of frames of the video.
+        frame_range: int r (= [-r, r]) or [lo, hi], in frames.
+        stride: frame stride of ``test_with_fix_stride``.
+        num_ref_imgs: number of references. For the test methods it is replaced by
+            ``hi - lo`` when they differ (MMTracking overwrites its config with a warning; it applies
+            the new value from its second call on, viddet from the first).
+        filter_key_img: exclude the key frame from the candidates (train methods).
+        method: 'uniform' (``random.sample`` of ``num_ref_imgs`` frames from
+            [max(0, f+lo), min(f+hi, L-1)]), 'bilateral_uniform' (half from [f+lo, f], half from
+            [f, f+hi], each without the key when filtered), 'test_with_adaptive_stride' (frame 0
+            only: frames ``round(i * (L-1) / (num_ref_imgs-1))``, i = 0..num_ref_imgs-1; other
+            frames none), 'test_with_fix_stride' (frame 0: ``-lo + 1`` copies of frame 0 and frames
+            ``min(round(i * stride), L-1)`` for i = 1..hi; frames with f % stride == 0: the single
+            frame ``min(round(f + hi * stride), L-1)``; other frames none).
+        is_video: False for DET images (``load_as_video=False``); then, as for frame_id < 0 or
+            frame_range [0, 0], the references are ``num_ref_imgs`` copies of the key.
+        rng: ``random.Random`` for the train methods (default: the global ``random`` module, which
+            torch's DataLoader reseeds per worker). Same draws as MMTracking for the same state.
+
+    Returns:
+        :class:`RefSample` (frame ids sorted, like MMTracking's ``sorted(..., key=frame_id)``).
+
+    Raises:
+        VidDetError: unknown method, bad frame_range, odd ``num_ref_imgs`` for bilateral sampling,
+            ``num_ref_imgs < 2`` for adaptive stride, or frame_id >= num_frames.
+    """
+    rng = rng if rng is not None else random
+    if method not in SAMPLER_METHODS:
+        raise VidDetError(f'unknown reference sampling method {method!r}; choose from {", ".join(SAMPLER_METHODS)}')
+    lo, hi = normalize_frame_range(frame_range)
+    if 'test' in method and hi - lo != num_ref_imgs:
+        num_ref_imgs = hi - lo
+    if not is_video or frame_id < 0 or (lo == 0 and hi == 0):
+        return RefSample(frame_ids=[frame_id] * num_ref_imgs)
+    if frame_id >= num_frames:
+        raise VidDetError(f'frame {frame_id} is outside a video of {num_frames} frames')
+    left = max(0, frame_id + lo)
+    right = min(frame_id + hi, num_frames - 1)
+    out: List[int] = []
+    extra = {}
+    if method == 'uniform':
+        valid = list(range(left, right + 1))
+        if filter_key_img and frame_id in valid:
+            valid.remove(frame_id)
+        out.extend(rng.sample(valid, min(num_ref_imgs, len(valid))))
+    elif method == 'bilateral_uniform':
+        if num_ref_imgs % 2:
+            raise VidDetError(f'bilateral_uniform sampling needs an even num_ref_imgs, got {num_ref_imgs}')
+        for side in (list(range(left, frame_id + 1)), list(range(frame_id, right + 1))):
+            if filter_key_img and frame_id in side:
+                side.remove(frame_id)
+            out.extend(rng.sample(side, min(num_ref_imgs // 2, len(side))))
+    elif method == 'test_with_adaptive_stride':
+        if frame_id == 0:
+            if num_ref_imgs < 2:
+                raise VidDetError(f'test_with_adaptive_stride needs at least 2 reference frames, got {num_ref_imgs}')
+            s = float(num_frames - 1) / (num_ref_imgs - 1)
+            out.extend(round(i * s) for i in range(num_ref_imgs))
+    else:  # test_with_fix_stride
+        if frame_id == 0:
+            out.extend([0] * (1 - lo))
+            out.extend(min(round(i * stride), num_frames - 1) for i in range(1, hi + 1))
+        elif frame_id % stride == 0:
+            out.append(min(round(frame_id + hi * stride), num_frames - 1))
+        extra = dict(num_left_ref_imgs=abs(lo), frame_stride=stride)
+    return RefSample(frame_ids=sorted(int(f) for f in out), **extra)
+
+
+# ===================================================================================== index
+class CocoVideoIndex:
+    """A COCO-VID annotation file indexed for video access (MMTracking's ``CocoVID`` essentials).
+
+    Attributes:
+        dataset: the loaded JSON dict.
+        imgs: image id -> image dict; anns: annotation id -> dict.
+        img_to_anns: image id -> annotations in file order.
+        cat_to_imgs: category id -> image ids having an annotation of it.
+        videos: video id -> video dict, in file order.
+        vid_to_img_ids: video id -> image ids indexed by ``frame_id`` (0..n-1).
+        categories: category dicts in file order.
+
+    Raises:
+        VidDetError: unreadable/invalid JSON, or a video whose frame_ids are not 0..n-1.
+    """
+
+    def __init__(self, ann: Union[str, Path, dict]):
+        self.ann_file = '' if isinstance(ann, dict) else str(ann)
+        if isinstance(ann, dict):
+            data = ann
+        else:
+            try:
+                with open(ann, 'r') as f:
+                    data = json.load(f)
+            except FileNotFoundError:
+                raise VidDetError(f'{ann}: annotation file not found') from None
+            except json.JSONDecodeError as e:
+                raise VidDetError(f'{ann}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})') from None
+        if not isinstance(data, dict) or not isinstance(data.get('images'), list):
+            raise VidDetError(f'{self.ann_file or "<annotations>"}: not a COCO(-VID) file (no "images" list)')
+        self.dataset = data
+        self.categories = list(data.get('categories', []))
+        self.imgs = {im['id']: im for im in data['images']}
+        self.anns = {}
+        self.img_to_anns: Dict[int, List[dict]] = {}
+        self.cat_to_imgs: Dict[int, List[int]] = {}
+        for a in data.get('annotations', []):
+            self.anns[a['id']] = a
+            self.img_to_anns.setdefault(a['image_id'], []).append(a)
+            self.cat_to_imgs.setdefault(a['category_id'], []).append(a['image_id'])
+        self.videos = {v['id']: v for v in data.get('videos', [])}
+        by_vid: Dict[int, List[dict]] = {}
+        for im in data['images']:
+            if 'video_id' in im:
+                by_vid.setdefault(im['video_id'], []).append(im)
+        self.vid_to_img_ids: Dict[int, List[int]] = {}
+        for vid, ims in by_vid.items():
+            ids = [None] * len(ims)
+            for im in ims:
+                f = im.get('frame_id')
+                if not isinstance(f, int) or not 0 <= f < len(ims) or ids[f] is not None:
+                    raise VidDetError(f'{self.ann_file or "<annotations>"}: video {vid} has {len(ims)} images but '
+                                      f'frame_id {f!r} (image {im["id"]}); frame_ids must be exactly 0..{len(ims) - 1}')
+                ids[f] = im['id']
+            self.vid_to_img_ids[vid] = ids
+
+    def cat_ids(self, class_names: Sequence[str]) -> List[int]:
+        """Ids of the categories whose name is in ``class_names``, in file order (pycocotools
+        ``getCatIds(catNms=...)``; label i <-> ``cat_ids[i]``)."""
+        names = set(class_names)
+        return [c['id'] for c in self.categories if c.get('name') in names]
+
+
+def parse_ann_info(img_info: dict, anns: Sequence[dict], cat2label: Dict[int, int], with_instance_ids: bool = True) -> dict:
+    """MMTracking ``CocoVideoDataset._parse_ann_info``.
+
+    Skips an annotation if ``ignore`` is set, if its box has zero intersection with the image, if
+    ``area <= 0`` or ``w < 1`` or ``h < 1``, or if its category is not in ``cat2label``; crowd boxes
+    go to ``bboxes_ignore``.
+
+    Args:
+        img_info: image dict (``width``, ``height`` in pixels).
+        anns: its annotations (file order).
+        cat2label: category id -> 0-based label.
+        with_instance_ids: video data: ``instance_ids`` from the annotations; otherwise
+            ``arange(n)`` (DET).
+
+    Returns:
+        ``{'bboxes': (n, 4) float32 x1y1x2y2 (= [x, y, x + w, y + h]), 'labels': (n,) int64,
+        'bboxes_ignore': (m, 4) float32, 'instance_ids': (n,) int64}``.
+    """
+    boxes, labels, ignore, inst = [], [], [], []
+    for a in anns:
+        if a.get('ignore', False):
+            continue
+        x1, y1, w, h = a['bbox']
+        inter_w = max(0, min(x1 + w, img_info['width']) - max(x1, 0))
+        inter_h = max(0, min(y1 + h, img_info['height']) - max(y1, 0))
+        if inter_w * inter_h == 0:
+            continue
+        if a.get('area', w * h) <= 0 or w < 1 or h < 1:
+            continue
+        if a['category_id'] not in cat2label:
+            continue
+        box = [x1, y1, x1 + w, y1 + h]
+        if a.get('iscrowd', False):
+            ignore.append(box)
+        else:
+            boxes.append(box)
+            labels.append(cat2label[a['category_id']])
+            if 'instance_id' in a:
+                inst.append(a['instance_id'])
+    out = dict(bboxes=np.array(boxes, np.float32).reshape(-1, 4), labels=np.array(labels, np.int64),
+               bboxes_ignore=np.array(ignore, np.float32).reshape(-1, 4))
+    out['instance_ids'] = np.array(inst, np.int64) if with_instance_ids else np.arange(len(labels), dtype=np.int64)
+    return out
+
+
+# ===================================================================================== transforms
+def resize_boxes(boxes: np.ndarray, scale_factor: np.ndarray, img_shape: Tuple[int, int]) -> np.ndarray:
+    """mmdet ``Resize._resize_bboxes``: (n, 4) x1y1x2y2 times [ws, hs, ws, hs], clipped to
+    [0, W] x [0, H] of the resized image ``img_shape`` = (H, W). Returns float32."""
+    b = boxes.astype(np.float32) * scale_factor.astype(np.float32)
+    b[:, 0::2] = np.clip(b[:, 0::2], 0, img_shape[1])
+    b[:, 1::2] = np.clip(b[:, 1::2], 0, img_shape[0])
+    return b
+
+
+def flip_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
+    """mmdet-2.x horizontal ``bbox_flip``: x1' = W - x2, x2' = W - x1 (no -1)."""
+    f = boxes.copy()
+    f[:, 0] = width - boxes[:, 2]
+    f[:, 2] = width - boxes[:, 0]
+    return f
+
+
+def load_image(path) -> np.ndarray:
+    """cv2 BGR uint8 (H, W, 3) image. Raises VidDetError naming the file if it cannot be read."""
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise VidDetError(f'{path}: frame missing or not a readable image')
+    return img
+
+
+def prepare_sequence(images: Sequence[np.ndarray], img_scale=DEFAULT_SCALE, flip: bool = False):
+    """Shared-parameter train/test transform of a key image and its references.
+
+    Every image is resized keeping its ratio to ``img_scale`` (uint8 cv2 bilinear, as
+    :func:`viddet.data.transforms.resize_keep_ratio`), flipped horizontally if ``flip`` (one decision
+    for all, MMTracking ``SeqRandomFlip(share_params=True)``), normalised and zero-padded to a
+    multiple of 16. Images of different sizes are padded to the largest padded size so that they
+    stack.
+
+    Returns:
+        (tensor (N, 3, Hp, Wp) float32, list of N :class:`ImageMeta`).
+    """
+    tensors, metas = [], []
+    for img in images:
+        h, w = img.shape[:2]
+        resized, sf = resize_keep_ratio(img, img_scale)
+        if flip:
+            resized = np.ascontiguousarray(resized[:, ::-1])
+        t = normalize_pad(resized)
+        tensors.append(t)
+        metas.append(ImageMeta(ori_shape=(h, w), img_shape=tuple(resized.shape[:2]), pad_shape=tuple(t.shape[1:]),
+                               scale_factor=sf, flip=flip))
+    hp = max(t.shape[1] for t in tensors)
+    wp = max(t.shape[2] for t in tensors)
+    if any(t.shape[1:] != (hp, wp) for t in tensors):
+        out = torch.zeros((len(tensors), 3, hp, wp))
+        for i, t in enumerate(tensors):
+            out[i, :, :t.shape[1], :t.shape[2]] = t
+            metas[i].pad_shape = (hp, wp)
+        return out, metas
+    return torch.stack(tensors), metas
+
+
+# ===================================================================================== dataset
+class VideoDataset(torch.utils.data.Dataset):
+    """ImageNet VID / DET (or any COCO-VID) frames with reference frames, as MMTracking serves them.
+
+    Args:
+        ann_file: COCO-VID JSON (or a loaded dict).
+        img_prefix: folder the ``file_name`` paths are relative to (``data/ILSVRC/Data/VID`` or
+            ``.../Data/DET``).
+        load_as_video: VID (True) or DET images as one-frame videos (False; only
+            ``is_vid_train_frame`` images, as MMTracking's ``load_image_anns``).
+        test_mode: every frame, no filtering, no flip; refuses files with training frames.
+        ref_sampler: dict of :func:`sample_ref_frames` keyword arguments (e.g.
+            :data:`FGFA_TRAIN_SAMPLER`), or None for key frames only.
+        classes: class names; labels are positions among the file's categories with these names.
+        filter_empty_gt, min_size: training filter (mmdet ``_filter_imgs``), pixels.
+        img_scale: keep-ratio resize limits (long, short) in pixels.
+        flip_ratio: probability of the shared horizontal flip (training; 0 in test mode).
+        key_img_interval: take every n-th key frame of each video (MMTracking ``key_img_sampler``).
+        rng: ``random.Random`` for reference sampling and flips (default: the ``random`` module).
+
+    Items (training): ``{'img': (3, Hp, Wp) float32, 'ref_imgs': (R, 3, Hp, Wp) float32,
+    'img_metas': [ImageMeta] * (1 + R) (key first), 'gt_bboxes': (n, 4) float32 x1y1x2y2 in
+    resized-image pixels (clipped, flipped with the image), 'gt_labels': (n,) int64 0-based,
+    'gt_instance_ids': (n,) int64, 'gt_bboxes_ignore': (m, 4) float32, 'is_video_data': bool,
+    'image_id', 'video_id', 'frame_id', 'ref_frame_ids': list[int], 'num_left_ref_imgs',
+    'frame_stride' (None unless fixed-stride test sampling)}``. In test mode the gt keys are absent
+    and ``ref_imgs`` may have 0 rows (frames that need no new reference).
+
+    Raises:
+        VidDetError: unreadable annotation file, a test file containing training frames, or an
+            unreadable frame (when the item is loaded), naming the file.
+    """
+
+    def __init__(self, ann_file, img_prefix, *, load_as_video: bool = True, test_mode: bool = False,
+                 ref_sampler: Optional[dict] = None, classes: Sequence[str] = VID_CLASSES, filter_empty_gt: bool = True,
+                 min_size: int = 32, img_scale=DEFAULT_SCALE, flip_ratio: float = 0.5, key_img_interval: int = 1,
+                 rng: Optional[random.Random] = None):
+        self.index = CocoVideoIndex(ann_file)
+        self.img_prefix = Path(img_prefix)
+        self.load_as_video = load_as_video
+        self.test_mode = test_mode
+        self.ref_sampler = dict(ref_sampler) if ref_sampler is not None else None
+        self.classes = tuple(classes)
+        self.img_scale = img_scale
+        self.flip_ratio = 0.0 if test_mode else flip_ratio
+        self.rng = rng if rng is not None else random
+        self.cat_ids = self.index.cat_ids(self.classes)
+        self.cat2label = {c: i for i, c in enumerate(self.cat_ids)}
+        where = self.index.ann_file or '<annotations>'
+        infos: List[dict] = []
+        if load_as_video:
+            if not self.index.videos:
+                raise VidDetError(f'{where}: no "videos"; use load_as_video=False for image (DET) data')
+            for vid in self.index.videos:
+                for img_id in self.index.vid_to_img_ids.get(vid, [])[::key_img_interval]:
+                    info = self.index.imgs[img_id]
+                    if test_mode:
+                        if info.get('is_vid_train_frame', False):
+                            raise VidDetError(f'{where}: image {img_id} ({info.get("file_name")}) is a training frame '
+                                              '(is_vid_train_frame) but the dataset is in test mode')
+                        infos.append(info)
+                    elif info.get('is_vid_train_frame', True):
+                        infos.append(info)
+        else:
+            for info in self.index.dataset['images']:
+                if test_mode or info.get('is_vid_train_frame', True):
+                    infos.append(info)
+        if not test_mode:
+            infos = self._filter(infos, filter_empty_gt, min_size)
+        self.data_infos = infos
+
+    # mmdet CocoDataset._filter_imgs
+    def _filter(self, infos, filter_empty_gt, min_size):
+        ids_with_ann = set(self.index.img_to_anns)
+        ids_in_cat = set()
+        for c in self.cat_ids:
+            ids_in_cat |= set(self.index.cat_to_imgs.get(c, []))
+        ids_in_cat &= ids_with_ann
+        return [info for info in infos
+                if not (filter_empty_gt and info['id'] not in ids_in_cat) and min(info['width'], info['height']) >= min_size]
+
+    def __len__(self) -> int:
+        return len(self.data_infos)
+
+    @property
+    def group_flags(self) -> np.ndarray:
+        """(N,) uint8: 1 where width / height > 1 (mmdet ``_set_group_flag``, for aspect grouping)."""
+        return np.array([1 if i['width'] / i['height'] > 1 else 0 for i in self.data_infos], np.uint8)
+
+    def get_ann_info(self, idx: int) -> dict:
+        """Parsed annotations of item ``idx`` (:func:`parse_ann_info`), original-image pixels."""
+        info = self.data_infos[idx]
+        anns = [a for a in self.index.img_to_anns.get(info['id'], []) if a['category_id'] in self.cat2label]
+        return parse_ann_info(info, anns, self.cat2label, with_instance_ids=self.load_as_video)
+
+    def ref_infos(self, idx: int) -> Tuple[List[dict], RefSample]:
+        """Image dicts of the reference frames of item ``idx`` (sorted by frame) and the sample."""
+        info = self.data_infos[idx]
+        if self.ref_sampler is None:
+            return [], RefSample(frame_ids=[])
+        if not self.load_as_video or 'video_id' not in info:
+            s = sample_ref_frames(-1, 1, is_video=False, rng=self.rng, **self.ref_sampler)
+            return [info] * len(s.frame_ids), s
+        ids = self.index.vid_to_img_ids[info['video_id']]
+        s = sample_ref_frames(info['frame_id'], len(ids), rng=self.rng, **self.ref_sampler)
+        return [self.index.imgs[ids[f]] for f in s.frame_ids], s
+
+    def image_path(self, info: dict) -> Path:
+        return self.img_prefix / info['file_name']
+
+    def __getitem__(self, idx: int) -> dict:
+        info = self.data_infos[idx]
+        refs, sample = self.ref_infos(idx)
+        flip = self.flip_ratio > 0 and self.rng.random() < self.flip_ratio
+        cache: Dict[int, np.ndarray] = {}
+        images = []
+        for i in [info] + refs:
+            if i['id'] not in cache:
+                cache[i['id']] = load_image(self.image_path(i))
+            images.append(cache[i['id']])
+        tensors, metas = prepare_sequence(images, self.img_scale, flip)
+        item = dict(img=tensors[0], ref_imgs=tensors[1:], img_metas=metas, is_video_data=bool(self.load_as_video),
+                    image_id=info['id'], video_id=info.get('video_id', -1), frame_id=info.get('frame_id', -1),
+                    ref_frame_ids=[r.get('frame_id', -1) for r in refs],
+                    num_left_ref_imgs=sample.num_left_ref_imgs, frame_stride=sample.frame_stride)
+        if not self.test_mode:
+            ann = self.get_ann_info(idx)
+            m = metas[0]
+            boxes = resize_boxes(ann['bboxes'], m.scale_factor, m.img_shape)
+            ignore = resize_boxes(ann['bboxes_ignore'], m.scale_factor, m.img_shape)
+            if flip:
+                boxes, ignore = flip_boxes(boxes, m.img_shape[1]), flip_boxes(ignore, m.img_shape[1])
+            item.update(gt_bboxes=torch.from_numpy(boxes), gt_labels=torch.from_numpy(ann['labels']),
+                        gt_instance_ids=torch.from_numpy(ann['instance_ids']),
+                        gt_bboxes_ignore=torch.from_numpy(ignore))
+        return item
+
+
+class ConcatVideoDataset(torch.utils.data.ConcatDataset):
+    """``ConcatDataset`` of :class:`VideoDataset` (VID + DET training, MMTracking's train list),
+    keeping ``group_flags`` for aspect-ratio grouping."""
+
+    @property
+    def group_flags(self) -> np.ndarray:
+        return np.concatenate([d.group_flags for d in self.datasets]) if self.datasets else np.zeros(0, np.uint8)
+
+
+def collate_video(batch: List[dict]) -> List[dict]:
+    """DataLoader ``collate_fn`` that keeps the items as a list (frames differ in size)."""
+    return list(batch)
