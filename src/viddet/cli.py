@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from viddet import VidDetError, __version__
 
@@ -56,6 +57,43 @@ def add_data_parsers(sub):
     pass
 
 
+# ---------------------------------------------------------------- test (owner: core)
+def add_test_parser(sub):
+    from viddet.methods import METHODS
+    p = sub.add_parser(
+        'test', help='run a model over every video of an annotation file and report COCO AP50 and VID mAP',
+        description='Run a VID method over every video of a COCO-VID annotation file (offline = MMTracking test '
+                    'protocol by default), save the raw detections (<out-dir>/results.json, re-scorable with '
+                    '`viddet eval`), and report COCO AP50 (as MMTracking) and the official ImageNet VID mAP with '
+                    'slow/medium/fast. Shard over processes with `torchrun --nproc_per_node N -m viddet test ...`.')
+    p.add_argument('ann', help='COCO-VID annotation JSON, e.g. data/ILSVRC/annotations/imagenet_vid_val.json')
+    p.add_argument('--root', required=True, help='folder the file_name paths are relative to, e.g. data/ILSVRC/Data/VID')
+    p.add_argument('--method', choices=METHODS, default=None, help='default: what the checkpoint is')
+    p.add_argument('--checkpoint', default=None, help='checkpoint file, URL or model-zoo name (default: the method\'s)')
+    p.add_argument('--backbone', choices=('r50', 'r101', 'x101', 'mobilenetv2'), default=None)
+    p.add_argument('--mode', choices=('offline', 'online'), default='offline')
+    p.add_argument('--device', default='auto')
+    p.add_argument('--out-dir', default='work_dirs/test', help='detections, plots and tables go here')
+    p.add_argument('--motion-iou', default=None,
+                   help='official imagenet_vid_groundtruth_motion_iou.mat (else computed from the ground truth)')
+    p.add_argument('--json', default=None, help='write the metrics here (default <out-dir>/metrics.json)')
+    p.add_argument('--max-videos', type=int, default=None, help='only the first N videos (smoke tests)')
+
+    def run(args):
+        from viddet.api import VideoDetector
+        from viddet.engine.evaluate import run_test
+        from viddet.evaluation.vid import evaluate_and_report
+        detector = VideoDetector.from_checkpoint(args.checkpoint, method=args.method, backbone=args.backbone,
+                                                 device=args.device)
+        results = run_test(detector, args.ann, args.root, args.out_dir, mode=args.mode, max_videos=args.max_videos)
+        if results is not None:
+            evaluate_and_report(results, args.ann, args.motion_iou, args.out_dir,
+                                args.json or str(Path(args.out_dir) / 'metrics.json'))
+        return 0
+    p.set_defaults(func=run)
+    return p
+
+
 # ---------------------------------------------------------------- train (owner: training)
 def add_train_parser(sub):
     pass
@@ -102,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest='command', metavar='COMMAND')
     add_demo_parser(sub)
     add_data_parsers(sub)
+    add_test_parser(sub)
     add_train_parser(sub)
     add_benchmark_parser(sub)
     return parser

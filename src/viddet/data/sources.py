@@ -194,21 +194,21 @@ def _decode_image_file(path: Path, index: int) -> np.ndarray:
     return image
 
 
-class FolderSource(FrameSource):
-    """A folder of frame images (``.jpg``, ``.jpeg``, ``.png`` in any case), e.g. ImageNet VID's
-    ``000000.JPEG ...``. Ordered by integer stem when every stem is a number (so ``2.jpg`` comes
-    before ``10.jpg``), else by name. Hidden files and other files are ignored."""
+class ImageListSource(FrameSource):
+    """An explicit, ordered list of frame image files (e.g. one video of a COCO-VID annotation file).
 
-    def __init__(self, path: str, **kwargs):
-        super().__init__(path, **kwargs)
-        folder = Path(path)
-        names = [p.name for p in folder.iterdir()
-                 if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith('.') and p.is_file()]
-        if not names:
-            raise VidDetError(f'{path} contains no images ({", ".join(IMAGE_SUFFIXES)})')
-        names.sort(key=_frame_sort_key(names))
-        first = _decode_image_file(folder / names[0], 0)
-        self.files = [folder / n for n in names[:self.max_frames]]
+    Args:
+        files: frame paths in playback order.
+        path: a name for messages (default: the first file's folder).
+    """
+
+    def __init__(self, files, path: Optional[str] = None, **kwargs):
+        files = [Path(f) for f in files]
+        if not files:
+            raise VidDetError(f'{path or "image list"} contains no frames')
+        super().__init__(path or str(files[0].parent), **kwargs)
+        first = _decode_image_file(files[0], 0)
+        self.files = files[:self.max_frames]
         self.length = len(self.files)
         self.height, self.width = first.shape[:2]
 
@@ -223,6 +223,21 @@ class FolderSource(FrameSource):
         frame = self._load(index)
         self._remember(frame)
         return frame
+
+
+class FolderSource(ImageListSource):
+    """A folder of frame images (``.jpg``, ``.jpeg``, ``.png`` in any case), e.g. ImageNet VID's
+    ``000000.JPEG ...``. Ordered by integer stem when every stem is a number (so ``2.jpg`` comes
+    before ``10.jpg``), else by name. Hidden files and other files are ignored."""
+
+    def __init__(self, path: str, **kwargs):
+        folder = Path(path)
+        names = [p.name for p in folder.iterdir()
+                 if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith('.') and p.is_file()]
+        if not names:
+            raise VidDetError(f'{path} contains no images ({", ".join(IMAGE_SUFFIXES)})')
+        names.sort(key=_frame_sort_key(names))
+        super().__init__([folder / n for n in names], path=path, **kwargs)
 
 
 # -------------------------------------------------------------------- PyAV: files and streams
