@@ -54,7 +54,75 @@ def add_demo_parser(sub):
 
 # ---------------------------------------------------------------- convert / check-data / eval / test (owner: data+eval)
 def add_data_parsers(sub):
-    pass
+    """``viddet convert``, ``viddet check-data`` and ``viddet eval`` (``viddet test`` reuses
+    :func:`viddet.evaluation.vid.evaluate_and_report` for its report)."""
+    # convert
+    p = sub.add_parser('convert', help='convert ILSVRC2015 VID/DET XML annotations to COCO-VID JSON (MMTracking schema)',
+                       description='Write imagenet_vid_train.json, imagenet_vid_val.json and, when Annotations/DET '
+                                   'exists, imagenet_det_30plus1cls.json with exactly the schema of MMTracking\'s '
+                                   'converters. List files are read from ROOT/Lists or ROOT/ImageSets.')
+    p.add_argument('dataset', choices=['imagenet-vid'], help='dataset format (imagenet-vid: ILSVRC2015 VID + DET)')
+    p.add_argument('--root', required=True, help='ILSVRC folder (Data/, Annotations/, Lists/ or ImageSets/)')
+    p.add_argument('--out', required=True, help='output folder for the JSON files, e.g. data/ILSVRC/annotations')
+    p.add_argument('--mmtracking-compat', action='store_true',
+                   help='reproduce MMTracking\'s training-frame off-by-one (frame - 1; 57,690 instead of 57,834 '
+                        'training frames), as the published checkpoints were trained')
+    p.add_argument('--skip-bad', action='store_true',
+                   help='keep going past missing/malformed XMLs (frames kept without objects) and list them at the end')
+    p.add_argument('--splits', nargs='+', choices=['train', 'val', 'det'], default=['train', 'val', 'det'],
+                   help='what to convert (default: all; det is skipped when absent)')
+    p.add_argument('--no-progress', action='store_true', help='no progress bars')
+
+    def run_convert(args):
+        from viddet.data.imagenet_vid import convert_imagenet_vid
+        convert_imagenet_vid(args.root, args.out, mmtracking_compat=args.mmtracking_compat, skip_bad=args.skip_bad,
+                             splits=args.splits, progress=not args.no_progress)
+        return 0
+    p.set_defaults(func=run_convert)
+
+    # check-data
+    p = sub.add_parser('check-data', help='validate a COCO-VID annotation file and its frames',
+                       description='Report bad boxes, missing frame files, unknown categories, duplicate ids, '
+                                   'broken references and frame numbering. Exit status 1 when problems are found.')
+    p.add_argument('ann', help='annotation JSON')
+    p.add_argument('--root', default=None,
+                   help='folder the file_name paths are relative to (ROOT, ROOT/Data/VID or ROOT/Data/DET are tried); '
+                        'without it frame files are not checked')
+    p.add_argument('--max-listed', type=int, default=20, help='messages listed per problem kind (all are counted)')
+
+    def run_check(args):
+        from viddet.data.imagenet_vid import check_data
+        report = check_data(args.ann, args.root, max_listed=args.max_listed)
+        print(report.format())
+        return 0 if report.ok else 1
+    p.set_defaults(func=run_check)
+
+    # eval
+    p = sub.add_parser('eval', help='score detections: COCO AP50 (MMTracking), ImageNet VID mAP, slow/medium/fast',
+                       description='Evaluate a results file (COCO results JSON [{image_id, category_id, bbox [x,y,w,h], '
+                                   'score}] or devkit txt "<frame id> <class> <score> <x1> <y1> <x2> <y2>") against a '
+                                   'COCO-VID annotation file.')
+    p.add_argument('results', help='results .json (COCO) or .txt (devkit format)')
+    p.add_argument('--ann', required=True, help='annotation JSON, e.g. data/ILSVRC/annotations/imagenet_vid_val.json')
+    p.add_argument('--motion-iou', default=None,
+                   help='official imagenet_vid_groundtruth_motion_iou.mat (needs image id = global val frame id); '
+                        'without it the motion IoU is computed from the ground truth and labelled as computed')
+    p.add_argument('--out-dir', default=None,
+                   help='write results.json, detections_vid.txt, ap_table.txt, metrics.json and PR-curve PNGs here')
+    p.add_argument('--json', default=None, help='write the metrics dict to this JSON file')
+    p.add_argument('--no-coco', action='store_true', help='skip pycocotools (minutes on the full val set)')
+    p.add_argument('--no-devkit-rounding', action='store_true',
+                   help='do not quantise scores/boxes to the devkit txt precision (%%.4f / %%.2f)')
+
+    def run_eval(args):
+        from viddet.evaluation.vid import evaluate_and_report, load_ground_truth, load_results
+        from pathlib import Path
+        gt = load_ground_truth(args.ann) if Path(args.results).suffix.lower() == '.txt' else None
+        results = load_results(args.results, gt)
+        evaluate_and_report(results, args.ann, motion_iou=args.motion_iou, out_dir=args.out_dir, json_path=args.json,
+                            coco=not args.no_coco, devkit_rounding=not args.no_devkit_rounding)
+        return 0
+    p.set_defaults(func=run_eval)
 
 
 # ---------------------------------------------------------------- test (owner: core)

@@ -435,8 +435,11 @@ def motion_iou_from_mat(path, gt: GroundTruth) -> MotionIoU:
             raise VidDetError(f'{path}: image id {gid} has {int(counts[k])} objects in the annotation file but '
                               f'{len(c)} motion IoU values')
         values[starts[k]:starts[k + 1]] = c
-    return MotionIoU(values=values, all_values=np.concatenate(cells) if cells else np.zeros(0),
-                     source=f'file: {path}')
+    source = f'file: {path}'
+    if len(gt.image_ids) != len(cells):
+        source += (f' (covers {len(cells)} frames, the annotation file has {len(gt.image_ids)}: valid only if its '
+                   'image ids are global ImageNet VID val frame ids)')
+    return MotionIoU(values=values, all_values=np.concatenate(cells) if cells else np.zeros(0), source=source)
 
 
 def iou_plus1(a: np.ndarray, b: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
