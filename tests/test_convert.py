@@ -231,6 +231,28 @@ def test_mini_vid_against_xml(shared, tmp_path):
     assert report.ok, report.format()
 
 
+# sha256 of the files MMTracking's own tools/convert_datasets/ilsvrc/imagenet2coco_vid.py (v0.14.0) writes
+# for mini_vid (run once with a two-function mmcv stub for list_from_file/dump; Lists/ = ImageSets/)
+MMTRACKING_MINI_VID_SHA256 = {
+    'imagenet_vid_train.json': 'f32317489c17a916314f46d1a42489d93aa30d31d272ccbe9d5d06a01ca80022',
+    'imagenet_vid_val.json': '1b26fe38907609412a4059d1fbfdccd3722a87010f01f4b94cb090bdd529b71d',
+}
+
+
+def test_mini_vid_byte_identical_to_mmtracking(shared, tmp_path):
+    import hashlib
+    root = shared('data', 'mini_vid')
+    convert_imagenet_vid(root, tmp_path / 'compat', mmtracking_compat=True, splits=['train', 'val'],
+                         progress=False, verbose=False)
+    convert_imagenet_vid(root, tmp_path / 'fixed', splits=['train', 'val'], progress=False, verbose=False)
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    for name, h in MMTRACKING_MINI_VID_SHA256.items():
+        assert digest(tmp_path / 'compat' / name) == h, name
+    # the fix changes only the training frames: val stays identical, train differs
+    assert digest(tmp_path / 'fixed' / 'imagenet_vid_val.json') == MMTRACKING_MINI_VID_SHA256['imagenet_vid_val.json']
+    assert digest(tmp_path / 'fixed' / 'imagenet_vid_train.json') != MMTRACKING_MINI_VID_SHA256['imagenet_vid_train.json']
+
+
 # ----------------------------------------------------------------------------- check_data
 def _write(tmp_path, obj, name='a.json'):
     p = tmp_path / name
