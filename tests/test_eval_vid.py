@@ -376,3 +376,71 @@ def test_vid_txt_format(tmp_path):
     write_vid_txt(res, gt, tmp_path / 'x.txt')
     assert (tmp_path / 'x.txt').read_text().splitlines() == [
         '1 3 0.9000 0.00 0.00 9.00 9.00', '2 2 0.1235 1.23 2.00 30.50 40.25']
+
+
+# ------------------------------------------------------------------------------------ original devkit values
+def fgfa_case(seed):
+    """Deterministic set: 3 videos of tracks (3 classes), empty frames, motion IoU with exact 0.7/0.9,
+    detections with distinct 4-decimal scores and 2-decimal boxes (so the devkit txt is lossless)."""
+    rng = np.random.default_rng(seed)
+    frames, miou = [], []
+    for v in range(3):
+        L = int(rng.integers(15, 40))
+        tracks = [(int(rng.integers(0, L // 2)), int(rng.integers(L // 2, L + 1)), int(rng.integers(0, 3)),
+                   rng.uniform(0, 300, 2), rng.uniform(4, 150, 2), rng.normal(0, rng.choice([0.5, 4, 12]), 2))
+                  for _ in range(int(rng.integers(1, 5)))]
+        for f in range(L):
+            objs = []
+            for k, (s, e, c, xy, wh, vel) in enumerate(tracks):
+                if s <= f < e:
+                    p = xy + vel * (f - s)
+                    objs.append((c, (int(p[0]), int(p[1]), int(p[0] + wh[0]), int(p[1] + wh[1])), 10 * v + k))
+                    miou.append(float(rng.choice([0.7, 0.9, rng.random(), rng.random(), rng.random()])))
+            frames.append(objs)
+    dets = []
+    for f, objs in enumerate(frames):
+        for c, b, _ in objs:
+            for _ in range(int(rng.integers(0, 3))):
+                w, h = b[2] - b[0], b[3] - b[1]
+                jb = np.round(np.array(b, float) + rng.normal(0, 0.12, 4) * [w, h, w, h], 2)
+                dets.append([f, c if rng.random() < 0.85 else int(rng.integers(0, 3)), jb])
+        for _ in range(int(rng.integers(0, 3))):
+            x, y = rng.uniform(0, 400, 2)
+            dets.append([f, int(rng.integers(0, 3)), np.round([x, y, x + rng.uniform(3, 120), y + rng.uniform(3, 120)], 2)])
+    scores = (rng.permutation(len(dets)) + 1) / 10000.0
+    res = [dict(image_id=f + 1, category_id=c + 1, bbox=[float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])],
+                score=float(s)) for (f, c, b), s in zip(dets, scores)]
+    return frames, miou, res
+
+
+# APs for classes 0..2 computed by FGFA's own lib/dataset/imagenet_vid_eval.py and imagenet_vid_eval_motion.py
+# (Python-3 syntax fixes only) on fgfa_case(seed) written out as XMLs, a .mat and the devkit txt.
+FGFA_ORIGINAL_AP = {
+    0: {'plain': [0.4511134274189677, 0.08328627893845285, 0.1433333333333333],
+        'all': [0.4511134274189677, 0.08328627893845285, 0.1433333333333333],
+        'fast': [0.40233800869208075, 0.08912245180254304, 0.20404176996469087],
+        'medium': [0.5558337218168693, 0.2293468825922383, 0.09933907470458642],
+        'slow': [0.5330804856618413, 0.03208002759572267, 0.09182917798074548]},
+    1: {'plain': [0.25409018408887213, 0.21915651696456565, 0.39808855219440403],
+        'all': [0.25409018408887213, 0.21915651696456565, 0.39808855219440403],
+        'fast': [0.30506151674551774, 0.2810577501783451, 0.354585205587556],
+        'medium': [0.2288592951530998, 0.16570625600730324, 0.5026217771404691],
+        'slow': [0.24351321053926706, 0.09387697721190172, 0.6016618488680856]},
+    2: {'plain': [0.42872374362068605, 0.17703533026113674, 0.4116205630735655],
+        'all': [0.42872374362068605, 0.17703533026113674, 0.4116205630735655],
+        'fast': [0.3764603225580161, 0.13295202365391917, 0.39147929630054284],
+        'medium': [0.45027072555939607, 0.24893028439508832, 0.3818269648624575],
+        'slow': [0.5552258297265672, 0.1836022698082806, 0.4902021617141351]},
+}
+
+
+@pytest.mark.parametrize('seed', sorted(FGFA_ORIGINAL_AP))
+def test_matches_original_fgfa_devkit(seed):
+    frames, miou, res = fgfa_case(seed)
+    all_values = miou + [0.0] * sum(1 for o in frames if not o)
+    r = run(frames, res, (miou, all_values), rounding=True)
+    exp = FGFA_ORIGINAL_AP[seed]
+    np.testing.assert_allclose(r.plain.ap, exp['plain'], rtol=0, atol=1e-10)
+    for name in ('all', 'fast', 'medium', 'slow'):
+        got = np.where(np.isnan(r.motion[name].ap), -1.0, r.motion[name].ap)
+        np.testing.assert_allclose(got, exp[name], rtol=0, atol=1e-10, err_msg=name)
