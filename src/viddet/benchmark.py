@@ -1,0 +1,435 @@
+"""Inference speed and memory of a method on a synthetic (or any) video: ``viddet benchmark``.
+
+What is measured (issue #6):
+
+* **Latency per frame**: wall time from asking the engine (:func:`viddet.engine.video.run_video`)
+  for a frame's detections until it yields them, *excluding* the time spent producing the input
+  frames (decoding, or here generating synthetic frames; also for the random-access ``fetch`` of
+  SELSA's references). Preprocessing (resize, normalise, pad), the model, post-processing and the
+  copy of the detections to the CPU are included. Median, 90th percentile and mean over the timed
+  frames; ``fps = 1000 / mean latency``.
+* **Warm-up**: the first ``warmup`` frames of the video are run but not timed. They absorb one-off
+  costs: allocator growth, oneDNN kernel selection, and the per-video set-up of the methods
+  (offline SELSA/TRoI compute their 14 reference frames on the first frame, offline FGFA fills
+  its 31-frame window). Their latencies are reported separately (``warmup_latency_ms``).
+* **Per-stage breakdown** (``stages_ms``): the mean milliseconds per timed frame in each stage of
+  the :class:`~viddet.engine.video.StageTimer` (backbone, flow, rpn, roi_head, aggregation, nms);
+  ``other`` is the rest of the latency (preprocessing, Python overhead).
+* **Peak memory**: on CUDA ``torch.cuda.max_memory_allocated`` over the whole video (warm-up
+  included; weights included). On the CPU the peak resident set size of the process during the
+  video minus its resident size just before it (so the weights, loaded before, are excluded): the
+  kernel's high-water mark ``VmHWM`` of ``/proc/self/status`` is reset through
+  ``/proc/self/clear_refs`` before the video, or, where that is not allowed, ``VmRSS`` is sampled
+  every 2 ms by a thread. (Python's ``tracemalloc`` does not see torch's allocations.) It covers
+  everything the process allocates while running: activations, caches, buffered frames.
+
+Synthetic frames: smooth random images (bilinear up-sampled low-resolution noise, like blurry
+natural images) drifting by a few pixels per frame, generated on demand from one base image so
+that producing them costs nothing and holds no memory per frame. Unless a checkpoint is given the
+weights are random (PyTorch's default initialisation, seed 0): the cost of the network does not
+depend on the weight values. The post-processing cost can (how many boxes pass the 1e-4 score
+threshold into NMS), so for NMS-sensitive numbers pass a real checkpoint with ``--checkpoint``.
+
+Automatic mixed precision (``--amp bf16|fp16``) wraps the whole forward in
+``torch.autocast(device_type, dtype)``. Parity with MMTracking is guaranteed only at fp32 (the
+default); with AMP the detections change.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import cv2
+import numpy as np
+import torch
+
+from viddet import VidDetError
+from viddet.fileio import atomic_write_json
+
+AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
+STAGES = ('backbone', 'flow', 'rpn', 'roi_head', 'aggregation', 'nms')
+
+
+# ---------------------------------------------------------------------------------- frames
+class SyntheticVideo:
+    """Smooth random BGR frames of a fixed size, generated on demand (index -> image).
+
+    A base image a little larger than the frame is made once from low-resolution uniform noise
+    (one random value per ``cell`` pixels, bilinear up-sampling, per channel); frame ``i`` is the
+    window of that base shifted by ``i * step`` pixels (wrapping around), so consecutive frames
+    show the same smooth content moving, like a panning camera.
+
+    Args:
+        width, height: frame size in pixels.
+        length: number of frames.
+        seed: random seed of the base image.
+        cell: size in pixels of one noise cell (smoothness).
+        step: (dx, dy) drift per frame in pixels.
+
+    Raises:
+        VidDetError: non-positive sizes or length.
+    """
+
+    def __init__(self, width: int, height: int, length: int, seed: int = 0, cell: int = 16,
+                 step: Tuple[int, int] = (3, 2)):
+        if width < 1 or height < 1 or length < 1:
+            raise VidDetError(f'synthetic video: size {width}x{height} and length {length} must be positive')
+        self.width, self.height, self.length = width, height, length
+        self.step = step
+        self.margin = 64
+        rng = np.random.default_rng(seed)
+        bw, bh = width + self.margin, height + self.margin
+        low = rng.integers(0, 256, size=(bh // cell + 2, bw // cell + 2, 3), dtype=np.uint8)
+        self.base = cv2.resize(low, (bw, bh), interpolation=cv2.INTER_LINEAR)
+
+    def frame(self, index: int) -> np.ndarray:
+        """(height, width, 3) uint8 BGR image of frame ``index`` (a fresh, contiguous copy)."""
+        dx = (index * self.step[0]) % self.margin
+        dy = (index * self.step[1]) % self.margin
+        return np.ascontiguousarray(self.base[dy:dy + self.height, dx:dx + self.width])
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[Tuple[int, str, np.ndarray]]:
+        for i in range(self.length):
+            yield i, f'{i:06d}', self.frame(i)
+
+    def fetch(self, index: int) -> Tuple[str, np.ndarray]:
+        """Random access for offline methods: ``index -> (name, image)``."""
+        if not 0 <= index < self.length:
+            raise IndexError(f'frame {index} outside [0, {self.length})')
+        return f'{index:06d}', self.frame(index)
+
+
+class _TimedSource:
+    """Wraps frame iteration and random access, accumulating the seconds spent producing frames
+    (so that latencies can exclude them)."""
+
+    def __init__(self, frames, fetch: Optional[Callable]):
+        self._frames, self._fetch = frames, fetch
+        self.seconds = 0.0
+
+    def __iter__(self):
+        it = iter(self._frames)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            finally:
+                self.seconds += time.perf_counter() - t0
+            yield item
+
+    def fetch(self, index: int):
+        t0 = time.perf_counter()
+        try:
+            return self._fetch(index)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------- memory
+def _proc_status_mb(key: str) -> Optional[float]:
+    try:
+        with open('/proc/self/status') as f:
+            m = re.search(rf'^{key}:\s+(\d+)\s+kB', f.read(), re.M)
+    except OSError:
+        return None
+    return int(m.group(1)) / 1024.0 if m else None
+
+
+class PeakMemory:
+    """Peak memory over a ``with`` block (see the module docstring for what is counted).
+
+    After the block: ``peak_mb`` (CPU: peak RSS minus RSS at entry; CUDA: max allocated bytes),
+    ``baseline_mb`` (RSS or allocated bytes at entry), ``kind`` (how it was measured), and
+    :meth:`current_mb` samples the current value (RSS minus baseline, or allocated bytes).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == 'cuda'
+        self.peak_mb: Optional[float] = None
+        self.baseline_mb: Optional[float] = None
+        self.kind = ''
+        self._sampler: Optional[threading.Thread] = None
+        self._stop = threading.Event()
+        self._sampled = 0.0
+
+    def current_mb(self) -> Optional[float]:
+        if self.cuda:
+            return torch.cuda.memory_allocated(self.device) / 2 ** 20
+        rss = _proc_status_mb('VmRSS')
+        return None if rss is None or self.baseline_mb is None else rss - self.baseline_mb
+
+    def _sample(self):
+        while not self._stop.wait(0.002):
+            rss = _proc_status_mb('VmRSS')
+            if rss is not None:
+                self._sampled = max(self._sampled, rss)
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline_mb = torch.cuda.memory_allocated(self.device) / 2 ** 20
+            self.kind = 'torch.cuda.max_memory_allocated (weights included)'
+            return self
+        self.baseline_mb = _proc_status_mb('VmRSS')
+        try:
+            with open('/proc/self/clear_refs', 'w') as f:
+                f.write('5')  # resets VmHWM to the current RSS (Linux >= 4.0)
+            self.kind = 'peak RSS delta (VmHWM after reset via /proc/self/clear_refs)'
+        except OSError:
+            self._sampled = self.baseline_mb or 0.0
+            self._sampler = threading.Thread(target=self._sample, name='viddet-rss-sampler', daemon=True)
+            self._sampler.start()
+            self.kind = 'peak RSS delta (VmRSS sampled every 2 ms)'
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
+            return False
+        if self._sampler is not None:
+            self._stop.set()
+            self._sampler.join()
+            peak = max(self._sampled, _proc_status_mb('VmRSS') or 0.0)
+        else:
+            peak = _proc_status_mb('VmHWM')
+        if peak is not None and self.baseline_mb is not None:
+            self.peak_mb = max(0.0, peak - self.baseline_mb)
+        return False
+
+
+# ---------------------------------------------------------------------------------- benchmark
+@dataclass
+class BenchmarkResult:
+    """Outcome of :func:`benchmark`; :meth:`as_dict` is the ``--json`` record."""
+
+    method: str
+    backbone: str
+    device: str
+    size: Tuple[int, int]
+    frames: int
+    warmup: int
+    latencies_ms: List[float]
+    warmup_latencies_ms: List[float]
+    stages_ms: Dict[str, float]
+    peak_memory_mb: Optional[float]
+    memory_kind: str
+    memory_mb_per_frame: List[Optional[float]] = field(default_factory=list)
+    extra: Dict[str, object] = field(default_factory=dict)
+
+    @property
+    def latency_ms_median(self) -> float:
+        return float(statistics.median(self.latencies_ms))
+
+    @property
+    def latency_ms_p90(self) -> float:
+        return float(np.percentile(np.asarray(self.latencies_ms), 90))
+
+    @property
+    def latency_ms_mean(self) -> float:
+        return float(np.mean(self.latencies_ms))
+
+    @property
+    def fps(self) -> float:
+        return 1000.0 / self.latency_ms_mean
+
+    def as_dict(self) -> dict:
+        r = lambda v: None if v is None else round(float(v), 3)  # noqa: E731
+        out = {
+            'method': self.method, 'backbone': self.backbone, 'device': self.device,
+            'size': f'{self.size[0]}x{self.size[1]}', 'frames': self.frames,
+            'fps': r(self.fps), 'latency_ms_median': r(self.latency_ms_median),
+            'latency_ms_p90': r(self.latency_ms_p90), 'peak_memory_mb': r(self.peak_memory_mb),
+            'stages_ms': {k: r(v) for k, v in self.stages_ms.items()},
+            'latency_ms_mean': r(self.latency_ms_mean), 'warmup': self.warmup,
+            'warmup_latency_ms': [r(v) for v in self.warmup_latencies_ms],
+            'memory_kind': self.memory_kind,
+            'latency_ms_per_frame': [r(v) for v in self.latencies_ms],
+            'memory_mb_per_frame': [r(v) for v in self.memory_mb_per_frame],
+        }
+        out.update(self.extra)
+        return out
+
+    def summary(self) -> str:
+        lines = [f'{self.method} {self.backbone} on {self.device}, {self.size[0]}x{self.size[1]}, '
+                 f'{self.frames} timed frames after {self.warmup} warm-up',
+                 f'  fps {self.fps:.3f}   latency median {self.latency_ms_median:.1f} ms   '
+                 f'p90 {self.latency_ms_p90:.1f} ms   mean {self.latency_ms_mean:.1f} ms',
+                 '  stages (ms/frame): ' + ', '.join(f'{k} {v:.1f}' for k, v in self.stages_ms.items()),
+                 f'  peak memory {self.peak_memory_mb if self.peak_memory_mb is None else round(self.peak_memory_mb, 1)} MB'
+                 f' ({self.memory_kind})']
+        return '\n'.join(lines)
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``cpu`` | ``cuda`` | ``cuda:N`` | ``auto`` (CUDA when available) -> a torch device.
+
+    Raises:
+        VidDetError: CUDA asked for but not available, or an unknown name.
+    """
+    if spec == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise VidDetError(f'unknown device {spec!r}: use cpu, cuda or auto') from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise VidDetError('--device cuda: this torch build or machine has no usable CUDA GPU')
+    if device.type not in ('cpu', 'cuda'):
+        raise VidDetError(f'unsupported device {spec!r}: use cpu, cuda or auto')
+    return device
+
+
+def parse_size(text: str) -> Tuple[int, int]:
+    """``'1000x600'`` -> (1000, 600) (width, height in pixels).
+
+    Raises:
+        VidDetError: not two positive integers separated by 'x'.
+    """
+    m = re.fullmatch(r'\s*(\d+)\s*[xX]\s*(\d+)\s*', text or '')
+    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+        raise VidDetError(f'--size {text!r}: expected WIDTHxHEIGHT in pixels, e.g. 1000x600')
+    return int(m.group(1)), int(m.group(2))
+
+
+def build_model(method: str, backbone: str, checkpoint: Optional[str] = None, seed: int = 0,
+                **method_kwargs) -> torch.nn.Module:
+    """The method in eval mode, with random weights (seed ``seed``) or those of ``checkpoint``.
+
+    A single-frame model takes the ``detector.*`` part of any VID checkpoint.
+
+    Raises:
+        VidDetError: unknown method/backbone, unreadable or mismatching checkpoint.
+    """
+    from viddet.methods import build_method
+    torch.manual_seed(seed)
+    try:
+        model = build_method(method, backbone, **method_kwargs)
+    except (ValueError, TypeError) as e:
+        raise VidDetError(f'cannot build {method} / {backbone}: {e}') from None
+    if checkpoint:
+        from viddet.checkpoints import load_into, read_checkpoint, resolve_checkpoint
+        path = resolve_checkpoint(checkpoint)
+        state, _ = read_checkpoint(path)
+        if method == 'single' and any(k.startswith('detector.') for k in state):
+            state = {k[len('detector.'):]: v for k, v in state.items() if k.startswith('detector.')}
+            load_into(model.detector, state, str(path))
+        else:
+            load_into(model, state, str(path))
+    return model.eval()
+
+
+def benchmark(method: str = 'single', backbone: str = 'r50', size: Tuple[int, int] = (1000, 600),
+              frames: int = 20, warmup: int = 2, device: str = 'cpu', amp: Optional[str] = None,
+              mode: str = 'offline', ref_cache: bool = True, checkpoint: Optional[str] = None,
+              model: Optional[torch.nn.Module] = None, video=None, seed: int = 0) -> BenchmarkResult:
+    """Runs ``method`` over a ``warmup + frames`` frame video and measures it.
+
+    Args:
+        method, backbone: as :func:`viddet.methods.build_method` (ignored when ``model`` is given).
+        size: (width, height) of the synthetic frames in pixels; also the resize limits of the
+            preprocessing, so the network sees exactly this size (padded to multiples of 16).
+        frames: timed frames (>= 1). warmup: untimed frames before them (>= 0).
+        device: ``cpu``, ``cuda`` or ``auto``.
+        amp: None (fp32), ``bf16`` or ``fp16`` (autocast; detections then differ from MMTracking's).
+        mode: ``offline`` or ``online`` (see :mod:`viddet.engine.video`).
+        ref_cache: SELSA/TRoI reference cache (False recomputes the references every frame, as
+            MMTracking does).
+        checkpoint: optional weights (path, URL or model-zoo name).
+        model: an already built method (then method/backbone/checkpoint/ref_cache are not used
+            to build one, only reported).
+        video: optional frame source with ``__iter__`` and ``fetch`` (default: :class:`SyntheticVideo`).
+
+    Returns:
+        a :class:`BenchmarkResult`.
+
+    Raises:
+        VidDetError: bad arguments (sizes, counts, device, AMP type, checkpoint).
+    """
+    from viddet.engine.video import MODES, StageTimer, run_video
+    if frames < 1 or warmup < 0:
+        raise VidDetError(f'--frames must be >= 1 and --warmup >= 0, got {frames} and {warmup}')
+    if amp is not None and amp not in AMP_DTYPES:
+        raise VidDetError(f'--amp {amp!r}: choose one of {", ".join(AMP_DTYPES)}')
+    if mode not in MODES:
+        raise VidDetError(f'--mode {mode!r}: choose one of {", ".join(MODES)}')
+    dev = resolve_device(device)
+    if model is None:
+        kwargs = {} if ref_cache or method not in ('selsa', 'troi') else {'ref_cache': False}
+        model = build_model(method, backbone, checkpoint, seed, **kwargs)
+    model = model.to(dev).eval()
+    width, height = size
+    total = warmup + frames
+    video = video if video is not None else SyntheticVideo(width, height, total, seed=seed)
+    source = _TimedSource(video, getattr(video, 'fetch', None))
+    scale = (max(width, height), min(width, height))
+    timer = StageTimer(True, dev)
+    autocast = torch.autocast(dev.type, dtype=AMP_DTYPES[amp]) if amp else nullcontext()
+    lat, warm, mem_frames = [], [], []
+    stage_sum: Dict[str, float] = {k: 0.0 for k in STAGES}
+    mem = PeakMemory(dev)
+    with mem, autocast:
+        results = run_video(model, source, mode=mode, length=total,
+                            fetch=source.fetch if source._fetch is not None else None,
+                            device=dev, scale=scale, timer=timer)
+        t_prev, src_prev = time.perf_counter(), source.seconds
+        for res in results:
+            if dev.type == 'cuda':
+                torch.cuda.synchronize(dev)
+            now, src_now = time.perf_counter(), source.seconds
+            ms = ((now - t_prev) - (src_now - src_prev)) * 1000.0
+            if res.frame.index < warmup:
+                warm.append(ms)
+            else:
+                lat.append(ms)
+                for k, v in res.stages.items():
+                    stage_sum[k] = stage_sum.get(k, 0.0) + v * 1000.0
+            mem_frames.append(mem.current_mb())
+            t_prev, src_prev = time.perf_counter(), source.seconds
+    if len(lat) < 1:
+        raise VidDetError(f'the video ended after {len(warm)} frames, before any timed frame')
+    stages = {k: v / len(lat) for k, v in stage_sum.items() if v > 0 or k in STAGES}
+    stages = {k: v for k, v in stages.items() if v > 0}
+    stages['other'] = max(0.0, float(np.mean(lat)) - sum(stages.values()))
+    name = getattr(model, 'method', method)
+    extra = {'mode': mode, 'amp': amp or 'fp32', 'ref_cache': bool(getattr(model, 'ref_cache', ref_cache)),
+             'weights': checkpoint or f'random (seed {seed})', 'torch_threads': torch.get_num_threads(),
+             'torch': torch.__version__, 'cpu_count': os.cpu_count(),
+             'memory_baseline_mb': None if mem.baseline_mb is None else round(mem.baseline_mb, 3)}
+    return BenchmarkResult(name, backbone, str(dev), (width, height), len(lat), len(warm), lat, warm,
+                           stages, mem.peak_mb, mem.kind, mem_frames, extra)
+
+
+def run_cli(args) -> int:
+    """``viddet benchmark`` entry point (arguments from :func:`viddet.cli.add_benchmark_parser`)."""
+    if args.threads is not None:
+        if args.threads < 1:
+            raise VidDetError(f'--threads must be >= 1, got {args.threads}')
+        torch.set_num_threads(args.threads)
+    result = benchmark(method=args.method, backbone=args.backbone, size=parse_size(args.size),
+                       frames=args.frames, warmup=args.warmup, device=args.device, amp=args.amp,
+                       mode=args.mode, ref_cache=not args.no_ref_cache, checkpoint=args.checkpoint,
+                       seed=args.seed)
+    print(result.summary())
+    if args.json:
+        atomic_write_json(args.json, result.as_dict(), indent=1)
+        print(f'  wrote {args.json}')
+    return 0
+
+
+__all__ = ['SyntheticVideo', 'PeakMemory', 'BenchmarkResult', 'benchmark', 'build_model',
+           'parse_size', 'resolve_device', 'run_cli']
