@@ -8,6 +8,7 @@ attribute names, so a file loads with ``strict=True`` and no renaming.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import re
 import shutil
@@ -82,7 +83,8 @@ def download(url: str, dest: Path, progress: bool = True) -> Path:
     the file's SHA-256.
 
     Raises:
-        VidDetError: network failure (saying where to put a manually downloaded file) or hash mismatch.
+        VidDetError: network failure, including a connection that ends before the announced
+            Content-Length (saying where to put a manually downloaded file), or hash mismatch.
     """
     from tqdm import tqdm
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -96,11 +98,21 @@ def download(url: str, dest: Path, progress: bool = True) -> Path:
                     f'could not download {url} ({getattr(e, "reason", e)}). Without network access, download '
                     f'it elsewhere and put it at {dest}, or pass --checkpoint /path/to/file.pth') from None
             total = int(resp.headers.get('Content-Length') or 0) or None
-            with resp, tqdm(total=total, unit='B', unit_scale=True, unit_divisor=1024,
-                            desc=f'downloading {dest.name}', disable=not progress) as bar:
-                for chunk in iter(lambda: resp.read(1 << 20), b''):
-                    out.write(chunk)
-                    bar.update(len(chunk))
+            received = 0
+            try:
+                with resp, tqdm(total=total, unit='B', unit_scale=True, unit_divisor=1024,
+                                desc=f'downloading {dest.name}', disable=not progress) as bar:
+                    for chunk in iter(lambda: resp.read(1 << 20), b''):
+                        out.write(chunk)
+                        received += len(chunk)
+                        bar.update(len(chunk))
+            except (OSError, http.client.HTTPException) as e:  # connection reset, timeout, disk full
+                raise VidDetError(f'downloading {url} failed after {received} bytes ({type(e).__name__}: {e}). '
+                                  f'Try again, or download it elsewhere and put it at {dest}') from None
+            # http.client returns b'' (no error) when the server closes the connection early
+            if total is not None and received != total:
+                raise VidDetError(f'downloading {url} stopped after {received} of {total} bytes. '
+                                  f'Try again, or download it elsewhere and put it at {dest}')
         prefix = _hash_prefix(dest.name)
         if prefix is not None:
             digest = _sha256(Path(tmp))
