@@ -155,7 +155,8 @@ def add_test_parser(sub):
                                                  device=args.device)
         results = run_test(detector, args.ann, args.root, args.out_dir, mode=args.mode, max_videos=args.max_videos)
         if results is not None:
-            evaluate_and_report(results, args.ann, args.motion_iou, args.out_dir,
+            ann = Path(args.out_dir) / 'annotations_subset.json' if args.max_videos else args.ann
+            evaluate_and_report(results, str(ann), args.motion_iou, args.out_dir,
                                 args.json or str(Path(args.out_dir) / 'metrics.json'))
         return 0
     p.set_defaults(func=run)
@@ -164,7 +165,53 @@ def add_test_parser(sub):
 
 # ---------------------------------------------------------------- train (owner: training)
 def add_train_parser(sub):
-    pass
+    p = sub.add_parser(
+        'train', help='train a method (single/dff/fgfa/selsa/troi) from a YAML config; torchrun for several processes',
+        description='Train a VID method with MMTracking\'s recipe from a YAML config (configs/*.yaml). '
+                    'Checkpoints (epoch_<n>.pth) load directly into viddet test/demo. Several processes: '
+                    'torchrun --nproc_per_node N -m viddet train CONFIG ... (DDP; gloo on CPU, nccl on GPU).')
+    p.add_argument('config', help='YAML config, e.g. configs/selsa_r50.yaml')
+    p.add_argument('--work-dir', default=None,
+                   help='checkpoints, logs, TensorBoard and evaluations (default work_dirs/<config name>)')
+    p.add_argument('--resume', action='store_true', help='continue bit-for-bit from the latest checkpoint in --work-dir')
+    p.add_argument('--amp', choices=('fp16', 'bf16'), default=None,
+                   help='mixed precision (fp16 on GPU with a loss scaler starting at 512; bf16 also on CPU)')
+    p.add_argument('--accumulate', type=int, default=1, metavar='K',
+                   help='accumulate K micro-batches per optimizer step (= a K x larger batch; the lr scales with it)')
+    p.add_argument('--max-iters', type=int, default=None, metavar='N',
+                   help='stop after N optimizer steps in total (saves iter_<N>.pth)')
+    p.add_argument('--val-interval', type=int, default=None, metavar='E',
+                   help='evaluate on data.val every E epochs (default: eval.interval; always at the end)')
+    p.add_argument('--no-eval', action='store_true', help='no evaluation at all')
+    p.add_argument('--device', default='auto', help='auto (CUDA if available), cpu, cuda, cuda:1 ...')
+    p.add_argument('--backbone-weights', default=None, metavar='FILE',
+                   help='ImageNet weights of the backbone (torchvision ResNet/ResNeXt .pth or the MobileNetV2 '
+                        'features file); overrides init.backbone_weights')
+    p.add_argument('--flownet-weights', default=None, metavar='FILE',
+                   help='FlowNet init (MMTracking flownet_simple.pth); overrides init.flownet_weights')
+    p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', dest='overrides',
+                   help='override a config value, e.g. --set schedule.epochs=3 --set data.scale=[600,360] (repeatable)')
+    p.add_argument('--no-progress', action='store_true', help='no progress bar')
+
+    def run(args):
+        from pathlib import Path
+
+        from viddet.config import load_config
+        from viddet.engine.train import train
+        overrides = list(args.overrides)
+        if args.backbone_weights:
+            overrides.append(f'init.backbone_weights={args.backbone_weights}')
+        if args.flownet_weights:
+            overrides.append(f'init.flownet_weights={args.flownet_weights}')
+        cfg = load_config(args.config, overrides)
+        work_dir = args.work_dir or str(Path('work_dirs') / Path(args.config).stem)
+        train(cfg, work_dir, resume=args.resume, amp=args.amp, accumulate=args.accumulate, max_iters=args.max_iters,
+              val_interval=args.val_interval, device=args.device, progress=not args.no_progress,
+              evaluate=not args.no_eval)
+        return 0
+
+    p.set_defaults(func=run)
+    return p
 
 
 # ---------------------------------------------------------------- benchmark (owner: speed)

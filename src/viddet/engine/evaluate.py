@@ -77,9 +77,25 @@ def _dist():
     return None, 0, 1
 
 
+def subset_annotations(ann_file, image_ids, out_path) -> Path:
+    """Writes the part of a COCO-VID file covering ``image_ids`` (their videos, images and
+    annotations), so that a partial run (``--max-videos``) is scored on what it saw."""
+    data = json.loads(Path(ann_file).read_text())
+    keep = set(image_ids)
+    images = [im for im in data['images'] if im['id'] in keep]
+    vids = {im.get('video_id') for im in images}
+    data['images'] = images
+    data['videos'] = [v for v in data.get('videos', []) if v['id'] in vids]
+    data['annotations'] = [a for a in data.get('annotations', []) if a['image_id'] in keep]
+    return atomic_write_json(out_path, data)
+
+
 def run_test(detector, ann_file, img_root, out_dir, mode: str = 'offline', max_videos: Optional[int] = None,
              progress: bool = True) -> Optional[List[dict]]:
     """Detections for every frame of ``ann_file``, as COCO results (rank 0; other ranks get None).
+
+    With ``max_videos``, ``<out_dir>/annotations_subset.json`` holds the annotations of the videos
+    that were run (score against it, not the whole file).
 
     Args:
         detector: a :class:`viddet.api.VideoDetector`.
@@ -96,11 +112,13 @@ def run_test(detector, ann_file, img_root, out_dir, mode: str = 'offline', max_v
 
     from viddet.data.sources import ImageListSource
     videos, categories = load_videos(ann_file)
+    out_dir = Path(out_dir)
     if max_videos is not None:
         videos = videos[:max_videos]
+        subset_annotations(ann_file, [im['id'] for _, imgs in videos for im in imgs],
+                           out_dir / 'annotations_subset.json')
     if not videos:
         raise VidDetError(f'{ann_file} has no images')
-    out_dir = Path(out_dir)
     parts = out_dir / 'parts'
     parts.mkdir(parents=True, exist_ok=True)
     dist, rank, world = _dist()
