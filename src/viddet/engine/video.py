@@ -205,12 +205,14 @@ def run_video(method, frames: Iterable[Tuple[int, str, np.ndarray]], *, mode: st
     ctx = VideoContext(iter(frames), fetch, length, mode, lambda im: preprocess(im, scale), device, timer)
     method.reset()
     try:
-        with torch.inference_mode():
-            while True:
+        while True:
+            # Inference mode is entered per frame, not around the loop: grad modes are thread-local,
+            # so a ``with`` spanning the ``yield`` would stay active in the caller between frames.
+            with torch.inference_mode():
                 frame = ctx.advance()
                 if frame is None:
                     break
-                dets = method.predict(frame, ctx)
-                yield FrameResult(frame, dets.to('cpu'), timer.pop())
+                result = FrameResult(frame, method.predict(frame, ctx).to('cpu'), timer.pop())
+            yield result
     finally:
         method.reset()
