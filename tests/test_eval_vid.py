@@ -444,3 +444,16 @@ def test_matches_original_fgfa_devkit(seed):
     for name in ('all', 'fast', 'medium', 'slow'):
         got = np.where(np.isnan(r.motion[name].ap), -1.0, r.motion[name].ap)
         np.testing.assert_allclose(got, exp[name], rtol=0, atol=1e-10, err_msg=name)
+
+
+def test_numpy_typed_results_are_accepted(tmp_path):
+    frames = [[(0, (0, 0, 99, 99))], [(1, (10, 10, 50, 50))]]
+    p = tmp_path / 'ann.json'
+    p.write_text(json.dumps(make_ann(frames)))
+    plain = [det(0, 0, (0, 0, 99, 99), 0.9), det(1, 1, (10, 10, 40, 50), 0.8), det(1, 0, (0, 0, 9, 9), 0.7)]
+    typed = [dict(image_id=np.int64(r['image_id']), category_id=np.int32(r['category_id']),
+                  bbox=np.array(r['bbox'], np.float32), score=np.float32(r['score'])) for r in plain]
+    a = evaluate_results(plain, p, out_dir=tmp_path / 'a')
+    b = evaluate_results(typed, p, out_dir=tmp_path / 'b')
+    assert a['vid_map'] == b['vid_map'] and a['coco_ap50'] == b['coco_ap50']
+    assert json.loads((tmp_path / 'b' / 'results.json').read_text())[0]['image_id'] == 1

@@ -43,6 +43,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,6 +199,10 @@ def load_ground_truth(ann) -> GroundTruth:
 
 
 # ===================================================================================== results I/O
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) and math.isfinite(v)
+
+
 def _check_result_entry(r, i, where):
     if not isinstance(r, dict):
         raise VidDetError(f'{where}: entry {i} is a {type(r).__name__}, expected an object '
@@ -206,14 +211,12 @@ def _check_result_entry(r, i, where):
         if key not in r:
             raise VidDetError(f'{where}: entry {i} has no "{key}"')
     b = r['bbox']
-    if not (isinstance(b, (list, tuple)) and len(b) == 4 and
-            all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in b)):
+    if not (isinstance(b, (list, tuple, np.ndarray)) and len(b) == 4 and all(_is_real(v) for v in b)):
         raise VidDetError(f'{where}: entry {i} has bbox {b!r}, expected 4 finite numbers [x, y, w, h]')
-    s = r['score']
-    if not (isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s)):
-        raise VidDetError(f'{where}: entry {i} has score {s!r}, expected a finite number')
+    if not _is_real(r['score']):
+        raise VidDetError(f'{where}: entry {i} has score {r["score"]!r}, expected a finite number')
     for key in ('image_id', 'category_id'):
-        if not isinstance(r[key], int) or isinstance(r[key], bool):
+        if not isinstance(r[key], numbers.Integral) or isinstance(r[key], (bool, np.bool_)):
             raise VidDetError(f'{where}: entry {i} has {key} {r[key]!r}, expected an integer')
 
 
@@ -322,8 +325,10 @@ def results_to_arrays(results, gt: GroundTruth, where: str = '<results>') -> Det
 
 
 def write_coco_results(results, path) -> Path:
-    """Writes COCO result dicts as JSON (atomically)."""
-    return atomic_write_json(path, list(results))
+    """Writes COCO result dicts as JSON (atomically); numpy scalars become plain numbers."""
+    return atomic_write_json(path, [dict(image_id=int(r['image_id']), category_id=int(r['category_id']),
+                                         bbox=[float(v) for v in r['bbox']], score=float(r['score']))
+                                    for r in results])
 
 
 def write_vid_txt(results, gt: GroundTruth, path) -> Path:
