@@ -798,7 +798,7 @@ def format_ap_table(metrics: dict) -> str:
 
 
 def evaluate_results(results, ann_file, motion_iou=None, out_dir=None, devkit_rounding: bool = True,
-                     coco: bool = True, progress: bool = False) -> dict:
+                     coco: bool = True) -> dict:
     """Every VID metric of a set of detections: COCO AP50, official VID mAP, slow/medium/fast.
 
     Args:
