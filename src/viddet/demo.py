@@ -18,6 +18,14 @@ def default_outputs(input_spec: str, method: str, out: Optional[str], json_path:
     return video, json_file
 
 
+def _discard(video, records) -> None:
+    """Removes both outputs of a run that finished no frame: the writers' abort() keeps the JSON
+    lines in ``<json>.partial`` for post-mortems, which holds nothing here."""
+    video.abort()
+    records.abort()
+    records.partial_path.unlink(missing_ok=True)
+
+
 def run_demo(args) -> int:
     """Runs the demo for parsed CLI ``args``; returns the exit status.
 
@@ -31,7 +39,10 @@ def run_demo(args) -> int:
     from viddet.data.writers import JsonLinesWriter, VideoWriter
     from viddet.visualize import draw_detections
 
-    for p in default_outputs(args.input, args.method or 'selsa', args.out, args.json):  # fail before any work
+    # fail before any work
+    if args.max_frames is not None and args.max_frames < 1:
+        raise VidDetError(f'--max-frames must be at least 1, got {args.max_frames}')
+    for p in default_outputs(args.input, args.method or 'selsa', args.out, args.json):
         if not p.parent.exists():
             raise VidDetError(f'output folder {p.parent} does not exist (for {p})')
     source = open_source(args.input, max_frames=args.max_frames)
@@ -60,22 +71,23 @@ def run_demo(args) -> int:
         bar.close()
         source.close()
         if done == 0:
-            video.abort()
-            records.abort()
+            _discard(video, records)
             raise
         video.close()
         records.close()
         what = 'interrupted' if isinstance(e, KeyboardInterrupt) else str(e)
         raise VidDetError(f'{what}\n  the outputs hold the {done} frames before it: {video_path}, {json_path}') from None
-    except BaseException:
-        video.abort()
-        records.abort()
+    except BaseException:   # a bug, not bad input: keep the JSON lines so far (<json>.partial)
+        if done == 0:
+            _discard(video, records)
+        else:
+            video.abort()
+            records.abort()
         raise
     bar.close()
     source.close()
     if done == 0:
-        video.abort()
-        records.abort()
+        _discard(video, records)
         raise VidDetError(f'{args.input} gave no frames')
     video.close()
     records.close()
