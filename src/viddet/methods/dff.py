@@ -8,6 +8,7 @@ then RPN + RoI head on feats_t. Causal, so offline and online modes are the same
 from __future__ import annotations
 
 from viddet.methods.single import SingleFrame
+from viddet.methods.training import TrainSample, single_frame_losses
 from viddet.models.flownet import FlowNetSimple, flow_warp_feats
 from viddet.structures import Detections
 
@@ -43,3 +44,20 @@ class DFF(SingleFrame):
                 flow = self.motion(frame.img, key_img, frame.meta.img_shape)
                 feats = flow_warp_feats(key_feats, flow)
         return self.detect(feats, frame.meta, ctx.timer)
+
+    def _losses_one(self, sample: TrainSample, cfg) -> dict:
+        """Training losses of one sample (MMTracking ``DFF.forward_train``, REFERENCE.md §3.1).
+
+        flow = FlowNet(key, ref); only the reference frame goes through the backbone; its neck
+        features are warped to the key frame and the RPN / R-CNN losses use the key frame's GT.
+        For still images (``is_video_data`` False) the features are ``0 * warped + ref_feats``,
+        which keeps FlowNet in the graph (zero gradient) but uses the unwarped features.
+        """
+        self._check_refs(sample, 'DFF')
+        ref = sample.ref_imgs[:1]
+        flow = self.motion(sample.img[None], ref, sample.img_shape)
+        ref_x = self.detector.extract_feat(ref)
+        x = flow_warp_feats(ref_x, flow)
+        if not sample.is_video_data:
+            x = 0 * x + ref_x
+        return single_frame_losses(self, sample, cfg, x)

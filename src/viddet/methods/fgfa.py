@@ -17,6 +17,7 @@ from typing import Dict, List
 import torch
 
 from viddet.methods.single import SingleFrame
+from viddet.methods.training import TrainSample, single_frame_losses
 from viddet.models.aggregators import EmbedAggregator
 from viddet.models.flownet import FlowNetSimple, flow_warp_feats
 from viddet.structures import Detections
@@ -95,3 +96,19 @@ class FGFA(SingleFrame):
             stack = torch.cat([x if j == center else warped[i] for j, i in enumerate(window)])
             feats = self.aggregator(x, stack)
         return self.detect(feats, frame.meta, ctx.timer)
+
+    def _losses_one(self, sample: TrainSample, cfg) -> dict:
+        """Training losses of one sample (MMTracking ``FGFA.forward_train``, REFERENCE.md §4.2).
+
+        Key and R references (2, or 1 at a video boundary) go through the backbone together;
+        each reference's features are warped to the key frame by FlowNet(key, ref) and the
+        EmbedAggregator averages **only the warped references** (the key frame's own features
+        serve as the similarity query but are not in the aggregated set).
+        """
+        self._check_refs(sample, 'FGFA')
+        refs = sample.ref_imgs
+        flows = self.motion(sample.img[None], refs, sample.img_shape)
+        all_x = self.detector.extract_feat(torch.cat([sample.img[None], refs], dim=0))
+        warped = flow_warp_feats(all_x[1:], flows)
+        x = self.aggregator(all_x[:1], warped)
+        return single_frame_losses(self, sample, cfg, x)

@@ -24,8 +24,10 @@ from typing import Dict, List, Optional
 import torch
 
 from viddet.methods.single import SingleFrame
+from viddet.methods.training import TrainSample
 from viddet.models.aggregators import SelsaRefProjections
 from viddet.models.detector import rois_from_proposals
+from viddet.models.losses import rcnn_loss
 from viddet.structures import Detections
 
 
@@ -151,3 +153,30 @@ class SELSA(SingleFrame):
         if ctx.mode == 'online':
             self._update_reservoir(frame.index, self._make_reference(x, frame.meta, ctx.timer, cur_proj))
         return dets
+
+    # ------------------------------------------------------------------ training
+    def _losses_one(self, sample: TrainSample, cfg) -> dict:
+        """Training losses of one sample (MMTracking ``SELSA.forward_train`` + ``SelsaRoIHead``,
+        REFERENCE.md §5.3-§5.4).
+
+        Key and references go through the backbone together. The key frame gets the training RPN
+        (losses + 600 proposals -> assign/sample 256 RoIs with the GT added); every reference
+        frame gets the *test* RPN (300 proposals, no gradient). The key RoIs (Temporal RoI Align:
+        aggregated over the reference maps) attend to all reference RoIs in the SELSA head; the
+        R-CNN losses use the key RoIs only.
+        """
+        self._check_refs(sample, 'SELSA')
+        det, head = self.detector, self.detector.roi_head
+        gen = sample.generator()
+        all_x = det.extract_feat(torch.cat([sample.img[None], sample.ref_imgs], dim=0))
+        x, ref_x = all_x[:1], all_x[1:]
+        losses, rois, targets = self._rpn_and_sample(x, sample, cfg, gen)
+        with torch.no_grad():
+            ref_props = det.rpn_head.proposals(ref_x, sample.ref_img_shapes(),
+                                               det.rpn_test_cfg)
+        ref_rois = rois_from_proposals(ref_props)
+        bbox_feats = head.extract_rois(x, rois, ref_x)
+        ref_bbox_feats = head.roi_align(ref_x, ref_rois)
+        cls_score, bbox_pred = head.bbox_head(bbox_feats, ref_bbox_feats)
+        losses.update(rcnn_loss(cls_score, bbox_pred, targets))
+        return losses

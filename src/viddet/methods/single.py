@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from viddet.methods.training import TrainMixin, TrainSample, single_frame_losses
 from viddet.models.detector import FasterRCNN, rois_from_proposals
 from viddet.structures import Detections
 
 
-class SingleFrame(nn.Module):
+class SingleFrame(TrainMixin, nn.Module):
     """Per-frame detection, no temporal context. Attribute ``detector`` (:class:`FasterRCNN`).
 
     Args:
@@ -46,3 +47,8 @@ class SingleFrame(nn.Module):
         with ctx.timer('backbone'):
             feats = self.detector.extract_feat(frame.img)
         return self.detect(feats, frame.meta, ctx.timer)
+
+    def _losses_one(self, sample: TrainSample, cfg) -> dict:
+        """Training losses of one sample: the key frame alone (mmdet ``TwoStageDetector.forward_train``)."""
+        x = self.detector.extract_feat(sample.img[None])
+        return single_frame_losses(self, sample, cfg, x)
