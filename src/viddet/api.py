@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+from itertools import islice
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence, Tuple, Union
 
@@ -140,8 +141,12 @@ class VideoDetector:
         if mode == 'offline' and source.is_live:
             raise VidDetError(f'{source.path} is a live source: offline mode needs future frames; use --mode online')
         fetch = None if source.is_live else (lambda i: tuple(source.get(i))[1:])
+        stream, length = source, source.length
+        if max_frames is not None and isinstance(frames, FrameSource):  # a path got it in open_source
+            stream = islice(source, max_frames)
+            length = None if length is None else min(length, max_frames)
         try:
-            yield from run_video(self.model, source, mode=mode, length=source.length, fetch=fetch,
+            yield from run_video(self.model, stream, mode=mode, length=length, fetch=fetch,
                                  device=self.device, scale=self.scale, timer=timer)
         finally:
             if not isinstance(frames, FrameSource):
@@ -155,7 +160,8 @@ class VideoDetector:
             yield from run_video(self.model, iter(items), mode=mode or 'offline', length=len(items), fetch=fetch,
                                  device=self.device, scale=self.scale, timer=timer)
             return
-        stream = ((i, f'{i:06d}', np.asarray(f)) for i, f in enumerate(frames) if max_frames is None or i < max_frames)
+        # islice stops pulling at max_frames (a filter in the generator would drain an endless camera iterator)
+        stream = ((i, f'{i:06d}', np.asarray(f)) for i, f in islice(enumerate(frames), max_frames))
         yield from run_video(self.model, stream, mode=mode or 'online', device=self.device, scale=self.scale,
                              timer=timer)
 

@@ -1,0 +1,144 @@
+"""The Python API (viddet.api.VideoDetector): input kinds and their default modes, max_frames,
+from_checkpoint's method/backbone/class-name handling, device resolution."""
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from viddet import VID_CLASSES, VidDetError
+from viddet.api import VideoDetector, resolve_device
+from viddet.data.sources import open_source
+from viddet.methods import build_method
+from viddet.models.detector import RPNConfig
+
+SCALE = (128, 96)
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    """One intra-op thread: on 2 shared, busy cores, 2 OpenMP threads spin and run ~50x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(method):
+    torch.manual_seed(0)
+    model = build_method(method, 'r50')
+    model.detector.rpn_test_cfg = RPNConfig(max_per_img=30)
+    return VideoDetector(model, VID_CLASSES, torch.device('cpu'), scale=SCALE)
+
+
+@pytest.fixture(scope='module')
+def single():
+    return tiny('single')
+
+
+@pytest.fixture(scope='module')
+def selsa():
+    return tiny('selsa')
+
+
+def images(n):
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (48, 64, 3), dtype=np.uint8) for _ in range(n)]
+
+
+@pytest.fixture(scope='module')
+def folder(tmp_path_factory):
+    d = tmp_path_factory.mktemp('frames')
+    for i, img in enumerate(images(4)):
+        cv2.imwrite(str(d / f'{i}.png'), img)   # lossless: decoded frames equal images(4)
+    return d
+
+
+def same(a, b):
+    return (torch.equal(a.boxes, b.boxes) and torch.equal(a.scores, b.scores)
+            and torch.equal(a.labels, b.labels))
+
+
+def test_endless_iterable_with_max_frames_stops_pulling(single):
+    pulled = []
+
+    def camera():
+        rng = np.random.default_rng(1)
+        while True:
+            if len(pulled) > 10:
+                raise AssertionError('the iterable was drained past max_frames')
+            pulled.append(1)
+            yield rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+
+    results = list(single.predict(camera(), max_frames=3))
+    assert [r.frame.index for r in results] == [0, 1, 2]
+    assert len(pulled) == 3
+    assert [r.frame.name for r in results] == ['000000', '000001', '000002']
+
+
+def test_inputs_give_the_same_detections(single, folder):
+    """A folder path, an open FrameSource, a list and an iterator of the same frames."""
+    from_list = list(single.predict(images(4)))
+    from_path = list(single.predict(str(folder)))
+    with open_source(str(folder)) as source:
+        from_source = list(single.predict(source))
+    from_iter = list(single.predict(iter(images(4))))
+    assert len(from_list) == len(from_path) == len(from_source) == len(from_iter) == 4
+    for a, b, c, d in zip(from_list, from_path, from_source, from_iter):
+        assert len(a.detections) > 0
+        assert same(a.detections, b.detections) and same(a.detections, c.detections)
+        assert same(a.detections, d.detections)
+    assert [r.frame.name for r in from_path] == ['0.png', '1.png', '2.png', '3.png']
+    assert from_list[0].frame.image.shape == (48, 64, 3)
+
+
+def test_max_frames_for_every_input_kind(single, folder):
+    assert len(list(single.predict(images(4), max_frames=2))) == 2
+    assert len(list(single.predict(str(folder), max_frames=3))) == 3
+    with open_source(str(folder)) as source:
+        assert len(list(single.predict(source, max_frames=2))) == 2
+
+
+def test_default_modes_sequence_offline_iterator_online(selsa, folder):
+    # offline SELSA needs the length and random access: a list and a folder have them
+    assert len(list(selsa.predict(images(3)))) == 3
+    with open_source(str(folder)) as source:       # max_frames shortens the video SELSA sees
+        assert len(list(selsa.predict(source, max_frames=2))) == 2
+    # a plain iterator is a stream: online by default ...
+    assert len(list(selsa.predict(iter(images(3))))) == 3
+    # ... and offline SELSA cannot run on it
+    with pytest.raises(VidDetError, match='offline SELSA needs the video length'):
+        list(selsa.predict(iter(images(3)), mode='offline'))
+
+
+def test_from_checkpoint_argument_errors_and_random_weights():
+    with pytest.raises(VidDetError, match="unknown method 'yolo'"):
+        VideoDetector.from_checkpoint('x.pth', method='yolo')
+    det = VideoDetector.from_checkpoint(method='dff', random_weights=True, device='cpu')
+    assert det.method == 'dff' and det.class_names == VID_CLASSES and det.device == torch.device('cpu')
+    assert not det.model.training
+
+
+def test_resolve_device():
+    assert resolve_device('cpu') == torch.device('cpu')
+    assert resolve_device('auto') == torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if not torch.cuda.is_available():
+        with pytest.raises(VidDetError, match="device 'cuda:1' requested but this PyTorch sees no CUDA GPU"):
+            resolve_device('cuda:1')
+
+
+def test_single_frame_model_from_a_troi_checkpoint(tmp_path):
+    """``--method single`` with a TRoI file: the detector part, with its 3 shared fcs."""
+    torch.manual_seed(5)
+    troi = build_method('troi', 'r50')
+    path = tmp_path / 'troi.pth'
+    torch.save({'state_dict': troi.state_dict(), 'meta': {'CLASSES': VID_CLASSES}}, path)
+    det = VideoDetector.from_checkpoint(str(path), method='single', device='cpu')
+    assert det.method == 'single'
+    head = det.model.detector.roi_head.bbox_head
+    assert len(head.shared_fcs) == 3 and head.aggregator is None
+    assert det.model.detector.roi_head.bbox_roi_extractor is None
+    assert torch.equal(head.shared_fcs[2].weight, troi.detector.roi_head.bbox_head.shared_fcs[2].weight)
+    assert torch.equal(det.model.detector.backbone.layer4[2].conv3.weight,
+                       troi.detector.backbone.layer4[2].conv3.weight)
+    # the default method is what the file is
+    assert VideoDetector.from_checkpoint(str(path), device='cpu').method == 'troi'
