@@ -157,15 +157,16 @@ def test_truncated_jpeg_mid_video_keeps_the_frames_before_it(tmp_path, capsys):
 def test_random_weights_prints_its_warning(tmp_path, capsys):
     frames = write_frames(tmp_path / 'frames', 1)
     out = tmp_path / 'o.mp4'
-    rc = demo(frames, '--random-weights', '--method', 'single', '--out', out)
+    rc = demo(frames, '--random-weights', '--method', 'single', '--out', out, '--fps', 12)
     err = capsys.readouterr().err
     assert rc == 0, err
     assert 'WARNING: --random-weights: the model is randomly initialised; the detections are meaningless' in err
-    assert len(read_records(out.with_suffix('.jsonl'))) == 1 and len(read_mp4(out)[0]) == 1
+    mp4, rate = read_mp4(out)
+    assert len(read_records(out.with_suffix('.jsonl'))) == 1 and len(mp4) == 1 and rate == 12
 
 
 @pytest.mark.parametrize('case', ['missing', 'empty', 'text', 'single_image', 'no_out_folder', 'no_json_folder',
-                                  'max_frames_0', 'max_frames_negative', 'read_ahead_fails'])
+                                  'max_frames_0', 'max_frames_negative', 'fps_0', 'read_ahead_fails'])
 def test_bad_inputs(case, tmp_path, capsys):
     out = tmp_path / 'out' / 'result.mp4'
     out.parent.mkdir()
@@ -203,6 +204,10 @@ def test_bad_inputs(case, tmp_path, capsys):
         src = write_frames(tmp_path / 'frames', 2)
         args += ['--max-frames', -3]
         expect = ['--max-frames must be at least 1, got -3']
+    elif case == 'fps_0':
+        src = write_frames(tmp_path / 'frames', 1)
+        args += ['--fps', 0]
+        expect = ['--fps must be positive, got 0']
     elif case == 'read_ahead_fails':
         # offline FGFA reads 15 frames ahead: the broken frame 1 fails frame 0, so nothing is written
         src = write_frames(tmp_path / 'frames', 3, truncate=1)

@@ -42,6 +42,8 @@ def run_demo(args) -> int:
     # fail before any work
     if args.max_frames is not None and args.max_frames < 1:
         raise VidDetError(f'--max-frames must be at least 1, got {args.max_frames}')
+    if args.fps is not None and not args.fps > 0:   # 0 would silently fall back to the input's rate
+        raise VidDetError(f'--fps must be positive, got {args.fps:g}')
     for p in default_outputs(args.input, args.method or 'selsa', args.out, args.json):
         if not p.parent.exists():
             raise VidDetError(f'output folder {p.parent} does not exist (for {p})')
@@ -53,7 +55,7 @@ def run_demo(args) -> int:
                                              device=args.device, random_weights=args.random_weights)
     video_path, json_path = default_outputs(args.input, detector.method, args.out, args.json)
     mode = args.mode or ('online' if source.is_live else 'offline')
-    fps = args.fps or source.fps or 25.0
+    fps = args.fps if args.fps is not None else (source.fps or 25.0)
     print(f'viddet demo: {detector.method} on {args.input} ({source.length or "?"} frames, '
           f'{mode} mode, {detector.device})', file=sys.stderr)
     video = VideoWriter(video_path, fps=fps)
