@@ -311,3 +311,19 @@ def test_plain_mmdet_faster_rcnn_file_loads_into_single(tmp_path):
     with pytest.raises(VidDetError, match='looks like a single-frame Faster R-CNN R-50 checkpoint') as e:
         VideoDetector.from_checkpoint(str(path), method='dff', device='cpu')
     assert 'missing keys: motion.' in str(e.value)
+
+
+def test_training_metadata_with_numpy_scalars_loads(tmp_path):
+    """mmcv runners store numpy scalars in ``meta`` (seed, hook_msgs); weights_only loading must accept
+    them as data, in both the zip and the legacy (``_use_new_zipfile_serialization=False``) format."""
+    import numpy as np
+    for legacy in (False, True):
+        path = tmp_path / f'meta_{legacy}.pth'
+        torch.save({'state_dict': {'w': torch.ones(2)},
+                    'meta': {'seed': np.int64(3), 'hook_msgs': {'best_score': np.float64(0.5)},
+                             'CLASSES': ('a', 'b')}},
+                   path, _use_new_zipfile_serialization=not legacy)
+        state, meta = read_checkpoint(path)
+        assert torch.equal(state['w'], torch.ones(2))
+        assert int(meta['seed']) == 3 and float(meta['hook_msgs']['best_score']) == 0.5
+        assert class_names(meta) == ('a', 'b')

@@ -149,6 +149,21 @@ def resolve_checkpoint(spec: str, progress: bool = True) -> Path:
                       f'(known: {", ".join(MODEL_ZOO)})')
 
 
+def _numpy_safe_globals() -> list:
+    """numpy scalar/array reconstructors, allowed in ``weights_only`` loading: mmcv/MMTracking
+    training metadata (e.g. ``hook_msgs``, seeds) may hold numpy scalars; they are plain data."""
+    import numpy as np
+    allowed = [np.dtype, np.ndarray]
+    for mod, name in (('numpy.core.multiarray', 'scalar'), ('numpy._core.multiarray', 'scalar'),
+                      ('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct')):
+        try:
+            allowed.append(getattr(__import__(mod, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    allowed += [type(np.dtype(t)) for t in ('float64', 'float32', 'int64', 'int32', 'bool')]
+    return allowed
+
+
 def read_checkpoint(path) -> Tuple[Dict[str, torch.Tensor], dict]:
     """Reads a checkpoint file with ``torch.load(weights_only=True)``.
 
@@ -160,7 +175,8 @@ def read_checkpoint(path) -> Tuple[Dict[str, torch.Tensor], dict]:
         VidDetError: not a readable torch file, or no tensors in it.
     """
     try:
-        obj = torch.load(str(path), map_location='cpu', weights_only=True)
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            obj = torch.load(str(path), map_location='cpu', weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling error means "not a checkpoint"
         raise VidDetError(f'{path} is not a readable PyTorch checkpoint ({type(e).__name__}: '
                           f'{str(e).splitlines()[0][:200]})') from None
