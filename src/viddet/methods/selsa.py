@@ -134,7 +134,7 @@ class SELSA(SingleFrame):
         refs = [self._refs[i] for i in ref_ids]
         with ctx.timer('roi_head'):
             cur_rois = head.roi_align(x, rois)
-            cur_proj = head.bbox_head.ref_projections(cur_rois)
+            cur_proj, cur_fc1 = head.bbox_head.ref_projections(cur_rois, return_first_fc=True)
         if self.ref_cache:
             projections = [r.projections for r in refs]
         else:  # MMTracking's way: the references' RPN and RoI head again, every frame
@@ -147,7 +147,9 @@ class SELSA(SingleFrame):
                 key_rois = cur_rois
             kv = [SelsaRefProjections.cat([p[layer] for p in projections] + [cur_proj[layer]])
                   for layer in range(len(cur_proj))]
-            cls_score, bbox_pred = head.bbox_head.forward_cached(key_rois, kv)
+            # SELSA's key RoI features are cur_rois: reuse their first fc (computed just above)
+            first_fc = None if self.temporal_roi_align else cur_fc1
+            cls_score, bbox_pred = head.bbox_head.forward_cached(key_rois, kv, first_fc)
         with ctx.timer('nms'):
             dets = head.postprocess(rois, cls_score, bbox_pred, frame.meta, det.rcnn_test_cfg)
         if ctx.mode == 'online':

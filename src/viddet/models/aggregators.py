@@ -218,6 +218,75 @@ class SelsaAggregator(nn.Module):
         return self.forward_projected(x, self.project_refs(ref_x))
 
 
+def roi_align_taps(rois: torch.Tensor, height: int, width: int, output_size: int = 7,
+                   spatial_scale: float = 1.0 / 16, sampling_ratio: int = 2):
+    """RoIAlign (``aligned=True``, avg) written as a sparse linear map: its bilinear taps.
+
+    torchvision's / mmcv's CPU kernel, step by step: RoI corners ``* spatial_scale - 0.5``; bins of
+    ``roi_size / output_size``; ``sampling_ratio`` x ``sampling_ratio`` samples per bin at
+    ``start + bin_index * bin + (i + 0.5) * bin / sampling_ratio``; a sample with y < -1, y > H,
+    x < -1 or x > W contributes 0; otherwise coordinates are clamped at 0, the low corner is
+    ``int(y)`` (and y = H-1 when ``int(y) >= H-1``), bilinear weights ``(1-ly)(1-lx)``, ... ; the
+    bin value is the sum over samples divided by their number.
+
+    Args:
+        rois: (n, 5) [batch_index, x1, y1, x2, y2] in input pixels (the batch index is ignored:
+            the taps index one feature map).
+        height, width: feature map size H, W.
+
+    Returns:
+        (pos, weight): (n * S * S, 4 * r * r) int64 indices into the flattened H*W map and float32
+        weights (already divided by r*r), S = output_size, r = sampling_ratio; output point
+        (i, py, px) of ``roi_align`` equals ``sum_j weight[q, j] * feat[:, pos[q, j]]`` with
+        q = (i * S + py) * S + px (invalid samples have weight 0 and position 0).
+    """
+    if sampling_ratio <= 0:
+        raise ValueError('roi_align_taps needs a fixed sampling_ratio > 0')
+    dtype = torch.float32
+    r = rois.to(dtype)
+    x1, y1 = r[:, 1] * spatial_scale - 0.5, r[:, 2] * spatial_scale - 0.5
+    x2, y2 = r[:, 3] * spatial_scale - 0.5, r[:, 4] * spatial_scale - 0.5
+    bin_w, bin_h = (x2 - x1) / output_size, (y2 - y1) / output_size
+    grid = torch.arange(output_size, dtype=dtype, device=r.device)[None, :, None]
+    sub = (torch.arange(sampling_ratio, dtype=dtype, device=r.device) + 0.5)[None, None, :]
+
+    def axis(start, size_bin, size):
+        v = start[:, None, None] + grid * size_bin[:, None, None] \
+            + sub * size_bin[:, None, None] / sampling_ratio           # (n, S, r)
+        valid = (v >= -1.0) & (v <= size)
+        v = v.clamp(min=0.0)
+        low = v.to(torch.int64)
+        top = low >= size - 1
+        low = torch.where(top, torch.full_like(low, size - 1), low)
+        high = torch.where(top, low, low + 1)
+        frac = torch.where(top, torch.zeros_like(v), v - low.to(dtype))
+        return valid, low, high, frac, 1.0 - frac
+
+    vy, y_lo, y_hi, ly, hy = axis(y1, bin_h, height)
+    vx, x_lo, x_hi, lx, hx = axis(x1, bin_w, width)
+    ey = lambda a: a[:, :, None, :, None]  # noqa: E731  (n, Sy, 1, ry, 1)
+    ex = lambda a: a[:, None, :, None, :]  # noqa: E731  (n, 1, Sx, 1, rx)
+    valid = ey(vy) & ex(vx)
+    w = torch.stack([ey(hy) * ex(hx), ey(hy) * ex(lx), ey(ly) * ex(hx), ey(ly) * ex(lx)], dim=-1)
+    pos = torch.stack([ey(y_lo) * width + ex(x_lo), ey(y_lo) * width + ex(x_hi),
+                       ey(y_hi) * width + ex(x_lo), ey(y_hi) * width + ex(x_hi)], dim=-1)
+    w = w * valid[..., None].to(dtype) / float(sampling_ratio * sampling_ratio)
+    pos = pos * valid[..., None].to(torch.int64)
+    q = rois.shape[0] * output_size * output_size
+    return pos.reshape(q, -1), w.reshape(q, -1)
+
+
+def _conv1x1_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``rows(x) @ weight.T`` for x (1, C, H, W), weight (O, C): (H*W, O), row = y*W + x.
+
+    Computed as a channels-last 1x1 convolution, which runs on oneDNN (about twice the fp32 GEMM
+    throughput of ``torch.mm`` on this AMD CPU, same values up to summation order).
+    """
+    x = x.contiguous(memory_format=torch.channels_last)
+    out = F.conv2d(x, weight[:, :, None, None])
+    return out.permute(0, 2, 3, 1).reshape(-1, weight.shape[0])
+
+
 class TemporalRoIAlign(nn.Module):
     """Temporal RoI Align (single feature level), exactly as MMTracking's ``TemporalRoIAlign``.
 
@@ -243,6 +312,21 @@ class TemporalRoIAlign(nn.Module):
     bound memory; MMTracking builds the full (n*49, T*H*W) similarity matrix at once (~2 GB for
     300 RoIs, 15 frames of 38x63) and loops over frames, which gives the same numbers.
 
+    Fast path (``factorized=True``, the default; :meth:`_forward_factorized`): both steps are
+    linear in the feature maps, so they are re-associated, with the same results up to float
+    summation order (checked against the direct path and a numpy loop in the tests):
+
+    * a RoI point is a bilinear combination of 16 key-map pixels (:func:`roi_align_taps`), so its
+      similarities to all reference locations are the same combination of the rows of the
+      (H*W, H'*W') key-pixel x reference-location similarity matrix G (one GEMM per reference
+      frame, 2*HW*C*H'W' FLOPs), instead of one GEMM per RoI point (2*n*49*C*H'W': 6.5x more for
+      300 RoIs at 36x63);
+    * the 3x3 ``embed_network`` conv of a most-similar RoI map sums, over the 9 taps and the k
+      points, softmax weight x (W_tap @ reference pixel): the 9 products W_tap @ R of every
+      reference pixel are one 1x1 conv (C -> 9C) per frame, and each embedded point is a 9k-term
+      weighted gather (``embedding_bag``). This replaces the conv over T*n 7x7 maps
+      (T*n*49*9*C*C*2 = 1.0 TFLOP for 15 frames x 300 RoIs) by T*H'W'*9*C*C*2 = 0.16 TFLOP.
+
     Args:
         out_channels: feature channels C (512).
         output_size: RoI output size (7).
@@ -252,14 +336,17 @@ class TemporalRoIAlign(nn.Module):
         num_temporal_attention_blocks: attention blocks of step 2 (4).
         max_chunk_elements: when ``roi_chunk_size`` is not given, RoIs per chunk are chosen so
             that the similarity matrix of a chunk has at most this many elements (default 2**25,
-            128 MB in float32).
+            128 MB in float32; the fast path holds one reference frame's similarities at a time).
+        factorized: use the fast re-associated path (see above); False runs the direct
+            computation (MMTracking's order of operations).
     """
 
     def __init__(self, out_channels: int = 512, output_size: int = 7,
                  spatial_scale: float = 1.0 / 16, sampling_ratio: int = 2,
                  num_most_similar_points: int = 2, num_temporal_attention_blocks: int = 4,
-                 max_chunk_elements: int = 2 ** 25):
+                 max_chunk_elements: int = 2 ** 25, factorized: bool = True):
         super().__init__()
+        self.factorized = factorized
         self.out_channels = out_channels
         self.output_size = output_size
         self.spatial_scale = spatial_scale
@@ -389,11 +476,16 @@ class TemporalRoIAlign(nn.Module):
             return roi_feats
         t, _, fh, fw = ref_feats.shape
         points = self.output_size * self.output_size
+        fast = self.factorized and self.num_temporal_attention_blocks > 0 and self.sampling_ratio > 0
         if roi_chunk_size is None:
-            roi_chunk_size = max(1, self.max_chunk_elements // (points * t * fh * fw))
+            per_roi = points * fh * fw * (1 if fast else t)
+            roi_chunk_size = max(1, self.max_chunk_elements // per_roi)
         if roi_chunk_size < 1:
             raise ValueError(f'roi_chunk_size must be >= 1, got {roi_chunk_size}')
         ref_feats = ref_feats.to(roi_feats.dtype)
+        if fast:
+            return self._forward_factorized(feats.to(roi_feats.dtype), rois, roi_feats, ref_feats,
+                                            roi_chunk_size)
         ref_embed = self._ref_embedding(ref_feats)                          # (C, T*H*W)
         ref_flat = ref_feats.permute(0, 2, 3, 1).reshape(t, fh * fw, -1)    # (T, H*W, C)
         outs = []
@@ -401,3 +493,71 @@ class TemporalRoIAlign(nn.Module):
             ref_roi = self.most_similar_roi_align(chunk, ref_feats, ref_embed, ref_flat)
             outs.append(self.temporal_attentional_feature_aggregation(chunk.unsqueeze(0), ref_roi))
         return torch.cat(outs, dim=0)
+
+    def _forward_factorized(self, feats: torch.Tensor, rois: torch.Tensor, roi_feats: torch.Tensor,
+                            ref_feats: torch.Tensor, roi_chunk_size: int) -> torch.Tensor:
+        """The fast path of :meth:`forward` (class docstring); same arguments and result.
+
+        feats (1, C, H, W), rois (n, 5), roi_feats (n, C, S, S) = RoIAlign(feats, rois),
+        ref_feats (T, C, H', W') -> (n, C, S, S).
+        """
+        n, c, s, _ = roi_feats.shape
+        t, _, fh, fw = ref_feats.shape
+        pts, k, g = s * s, self.num_most_similar_points, self.num_temporal_attention_blocks
+        num = n * pts                                                        # RoI points P
+        hw = fh * fw
+        dev = roi_feats.device
+        taps_pos, taps_w = roi_align_taps(rois, feats.shape[2], feats.shape[3], s,
+                                          self.spatial_scale, self.sampling_ratio)  # (P, 16)
+        roi_pts = roi_feats.permute(0, 2, 3, 1).reshape(num, c)              # (P, C)
+        roi_norm = roi_pts.norm(p=2, dim=1, keepdim=True)                     # (P, 1), no epsilon
+        # 3x3 neighbourhood of every point inside its own RoI (zero padding = missing taps)
+        py, px = torch.meshgrid(torch.arange(s, device=dev), torch.arange(s, device=dev), indexing='ij')
+        dy, dx = torch.meshgrid(torch.arange(3, device=dev) - 1, torch.arange(3, device=dev) - 1, indexing='ij')
+        qy = py.reshape(pts, 1) + dy.reshape(1, 9)
+        qx = px.reshape(pts, 1) + dx.reshape(1, 9)
+        inside = (qy >= 0) & (qy < s) & (qx >= 0) & (qx < s)                  # (S*S, 9)
+        nbr = torch.where(inside, qy * s + qx, torch.zeros_like(qy))
+        nbr = (torch.arange(n, device=dev).view(n, 1, 1) * pts + nbr).reshape(num, 9)
+        inside = inside.to(roi_feats.dtype).repeat(n, 1)                      # (P, 9)
+        tap = torch.arange(9, device=dev).view(1, 9, 1)
+
+        conv = self.embed_network.conv
+        w_taps = conv.weight.permute(2, 3, 0, 1).reshape(9 * c, c)            # row o*C + c_out
+        bias = conv.bias
+        key_embed = self.embed_network(roi_feats.contiguous(memory_format=torch.channels_last))
+        key_embed = key_embed.permute(0, 2, 3, 1).reshape(num, g, c // g)
+        scale = float(c / g) ** 0.5
+        logits = roi_feats.new_empty(1 + t, num, g)
+        logits[0] = (key_embed * key_embed).sum(-1) / scale
+
+        sel_idx = torch.empty(t, num, k, dtype=torch.int64, device=dev)
+        sel_w = roi_feats.new_empty(t, num, k)
+        chunk = roi_chunk_size * pts
+        for f in range(t):
+            ref = ref_feats[f:f + 1]
+            ref_rows = ref.permute(0, 2, 3, 1).reshape(hw, c)                 # (H'W', C)
+            unit = ref_rows / ref_rows.norm(p=2, dim=1, keepdim=True)
+            gram = _conv1x1_rows(feats, unit)                                 # (HW, H'W')
+            for lo in range(0, num, chunk):
+                hi = min(num, lo + chunk)
+                sim = F.embedding_bag(taps_pos[lo:hi], gram, per_sample_weights=taps_w[lo:hi],
+                                      mode='sum')                              # (p, H'W') unnormalised
+                values, indices = sim.topk(k=k, dim=1, largest=True)
+                del sim
+                sel_w[f, lo:hi] = (values / roi_norm[lo:hi]).softmax(dim=1)
+                sel_idx[f, lo:hi] = indices
+            # embed_network of the most-similar map, tap by tap: W_o @ ref pixel for every pixel
+            proj = _conv1x1_rows(ref, w_taps).view(hw * 9, c)                # row j*9 + o
+            bag = (sel_idx[f][nbr] * 9 + tap).reshape(num, 9 * k)             # (P, 9k)
+            bag_w = (sel_w[f][nbr] * inside[:, :, None]).reshape(num, 9 * k)
+            embed = F.embedding_bag(bag, proj, per_sample_weights=bag_w, mode='sum') + bias
+            logits[1 + f] = (embed.view(num, g, c // g) * key_embed).sum(-1) / scale
+            del proj, embed
+        weights = logits.softmax(dim=0).unsqueeze(-1)                         # (1+T, P, G, 1)
+        out = roi_pts.view(num, g, c // g) * weights[0]
+        for f in range(t):
+            ref_rows = ref_feats[f:f + 1].permute(0, 2, 3, 1).reshape(hw, c)
+            similar = F.embedding_bag(sel_idx[f], ref_rows, per_sample_weights=sel_w[f], mode='sum')
+            out += similar.view(num, g, c // g) * weights[1 + f]
+        return out.view(n, s, s, c).permute(0, 3, 1, 2).contiguous()

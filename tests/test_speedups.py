@@ -1,0 +1,94 @@
+"""Inference speed-ups (issue #6) compute the same values as the direct computations they replace."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.ops import roi_align
+
+from viddet.models.aggregators import TemporalRoIAlign, roi_align_taps
+
+
+def _rois(n, width, height, seed):
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, 2, generator=g) * torch.tensor([width * 1.3, height * 1.3]) - 40
+    wh = torch.rand(n, 2, generator=g) * 300 + 0.5
+    rois = torch.cat([torch.zeros(n, 1), xy, xy + wh], dim=1)
+    rois[0, 3:] = rois[0, 1:3]                            # zero-size box
+    rois[1, 1:] = torch.tensor([-200.0, -200.0, -100.0, -100.0])  # entirely outside the image
+    rois[2, 1:] = torch.tensor([0.0, 0.0, float(width), float(height)])  # the whole map
+    return rois
+
+
+@pytest.mark.parametrize('size', [(5, 6), (36, 63)])
+def test_roi_align_taps_reproduce_roi_align(size):
+    h, w = size
+    torch.manual_seed(0)
+    feats = torch.randn(1, 7, h, w)
+    rois = _rois(60, w * 16, h * 16, seed=1)
+    expected = roi_align(feats, rois, 7, spatial_scale=1 / 16, sampling_ratio=2, aligned=True)
+    pos, wts = roi_align_taps(rois, h, w, 7, 1 / 16, 2)
+    assert pos.shape == wts.shape == (60 * 49, 16)
+    assert int(pos.min()) >= 0 and int(pos.max()) < h * w
+    rows = feats[0].reshape(7, -1).t()
+    got = F.embedding_bag(pos, rows, per_sample_weights=wts, mode='sum')
+    got = got.view(60, 7, 7, 7).permute(0, 3, 1, 2)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    # a RoI outside the map has all-zero taps; every in-map sample's weights sum to 1 / 4
+    assert float(wts.view(60, 49, 16)[1].abs().sum()) == 0.0
+    torch.testing.assert_close(wts.view(60, 49, 4, 4)[2].sum(-1), torch.full((49, 4), 0.25))
+
+
+@pytest.mark.parametrize('chunk', [None, 1])
+def test_factorized_temporal_roi_align_equals_direct(chunk):
+    torch.manual_seed(3)
+    troi = TemporalRoIAlign(out_channels=16, num_temporal_attention_blocks=4)
+    feats = torch.relu(torch.randn(1, 16, 9, 11))
+    ref_feats = torch.relu(torch.randn(4, 16, 9, 11))
+    ref_feats[-1] = feats[0]                     # as SELSA: the current frame is the last reference
+    g = torch.Generator().manual_seed(4)
+    xy = torch.rand(7, 2, generator=g) * torch.tensor([100.0, 80.0])
+    rois = torch.cat([torch.zeros(7, 1), xy, xy + torch.rand(7, 2, generator=g) * 60 + 16], dim=1)
+    with torch.no_grad():
+        troi.factorized = False
+        direct = troi(feats, rois, ref_feats, roi_chunk_size=chunk)
+        troi.factorized = True
+        fast = troi(feats, rois, ref_feats, roi_chunk_size=chunk)
+        fast_cl = troi(feats.contiguous(memory_format=torch.channels_last), rois,
+                       ref_feats.contiguous(memory_format=torch.channels_last), roi_chunk_size=chunk)
+    assert fast.shape == (7, 16, 7, 7)
+    torch.testing.assert_close(fast, direct, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast_cl, direct, atol=1e-5, rtol=1e-5)
+
+
+def test_channels_last_backbone_equals_nchw():
+    """extract_feat runs NHWC; the values equal the plain NCHW computation."""
+    from viddet.models.detector import FasterRCNN
+    torch.manual_seed(0)
+    det = FasterRCNN('r50').eval()
+    img = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        got = det.extract_feat(img)
+        expected = det.neck(det.backbone(img.contiguous()))  # weights NCHW, input NCHW
+        if expected.is_contiguous(memory_format=torch.channels_last):
+            pytest.skip('this torch propagates channels-last here anyway')
+    assert got.shape == (1, 512, 4, 6)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_selsa_head_reuses_the_first_fc_exactly():
+    from viddet.models.aggregators import SelsaRefProjections
+    from viddet.models.detector import BBoxHead
+    torch.manual_seed(0)
+    head = BBoxHead(in_channels=8, roi_size=3, fc_channels=32, num_classes=4, aggregate=True,
+                    num_attention_blocks=4).eval()
+    cur = torch.randn(5, 8, 3, 3)
+    refs = torch.randn(7, 8, 3, 3)
+    with torch.no_grad():
+        ref_kv = head.ref_projections(refs)
+        cur_kv, first = head.ref_projections(cur, return_first_fc=True)
+        assert torch.equal(first, head.shared_fcs[0](cur.flatten(1)))
+        kv = [SelsaRefProjections.cat([a, b]) for a, b in zip(ref_kv, cur_kv)]
+        plain = head.forward_cached(cur, kv)
+        reused = head.forward_cached(cur, kv, first)
+        uncached = head(cur, torch.cat([refs, cur]))
+    assert torch.equal(plain[0], reused[0]) and torch.equal(plain[1], reused[1])
+    torch.testing.assert_close(reused[0], uncached[0], atol=1e-5, rtol=1e-5)
