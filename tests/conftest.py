@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / 'shared'
@@ -18,3 +19,24 @@ def shared_path(*parts) -> Path:
 @pytest.fixture
 def shared():
     return shared_path
+
+
+@pytest.fixture(scope='module')
+def one_thread():
+    """One intra-op thread for the module: tiny models gain nothing from more, and on a busy 2-core
+    machine two spinning OpenMP threads make them ~50x slower. Use with
+    ``pytestmark = pytest.mark.usefixtures('one_thread')``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def read_keys(path: Path) -> dict:
+    """A parity key list (``name d0,d1,...`` per line) -> {name: shape}, in file order."""
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            name, _, dims = line.strip().partition(' ')
+            out[name] = tuple(int(d) for d in dims.split(',') if d)
+    return out

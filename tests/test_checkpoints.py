@@ -14,24 +14,12 @@ from viddet import VID_CLASSES, VidDetError
 from viddet.checkpoints import (DEFAULT_CHECKPOINT, MODEL_ZOO, cache_dir, class_names, load_into, read_checkpoint,
                                 resolve_checkpoint, zoo_url)
 from viddet.methods import build_method
+from conftest import read_keys
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """One intra-op thread: on 2 shared, busy cores, 2 OpenMP threads spin and run ~50x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
-def read_keys(path: Path):
-    out = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            name, _, dims = line.strip().partition(' ')
-            out[name] = tuple(int(d) for d in dims.split(',') if d)
-    return out
 
 
 def meta_state(path: Path):

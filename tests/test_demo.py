@@ -19,13 +19,7 @@ from viddet.demo import default_outputs
 RECORD_KEYS = {'frame', 'file', 'boxes', 'scores', 'labels', 'names'}
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """One intra-op thread: on 2 shared, busy cores, 2 OpenMP threads spin and run ~50x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')

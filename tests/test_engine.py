@@ -22,13 +22,7 @@ from viddet.structures import Detections, ImageMeta
 SCALE = (128, 96)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """One intra-op thread: on 2 shared, busy cores, 2 OpenMP threads spin and run ~50x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def make_image(i: int) -> np.ndarray:

@@ -13,6 +13,7 @@ from viddet.methods import build_method
 from viddet.models.backbones import ResNetDC5, build_backbone
 from viddet.models.detector import RCNNConfig, RoIHead, BBoxHead, RPNConfig, RPNHead
 from viddet.structures import ImageMeta
+from conftest import read_keys
 
 METHODS = ('dff', 'fgfa', 'selsa', 'troi')
 BACKBONES = ('r50', 'r101', 'x101')
@@ -20,23 +21,9 @@ NAMES = {'dff': 'DFF', 'fgfa': 'FGFA', 'selsa': 'SELSA', 'troi': 'SELSA + Tempor
 BACKBONE_NAMES = {'r50': 'R-50', 'r101': 'R-101', 'x101': 'X-101'}
 
 
-def read_keys(path: Path):
-    """``name d0,d1,...`` per line -> {name: shape} (in file order)."""
-    out = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            name, _, dims = line.strip().partition(' ')
-            out[name] = tuple(int(d) for d in dims.split(',') if d)
-    return out
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """One intra-op thread: on 2 shared, busy cores, 2 OpenMP threads spin and run ~50x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 # ------------------------------------------------------------------------------------ backbone
