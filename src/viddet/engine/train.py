@@ -636,8 +636,8 @@ def train(cfg: Config, work_dir, *, resume: bool = False, amp: Optional[str] = N
                         else:
                             loss.backward()
                     for k, v in losses.items():
-                        step_losses[k] = step_losses.get(k, 0.0) + float(v) / accumulate
-                    step_losses['loss'] = step_losses.get('loss', 0.0) + float(total) / accumulate
+                        step_losses[k] = step_losses.get(k, 0.0) + float(v.detach()) / accumulate
+                    step_losses["loss"] = step_losses.get("loss", 0.0) + float(total.detach()) / accumulate
                 if scaler is not None:
                     scaler.unscale_(optimizer)
                 grad_norm = None
