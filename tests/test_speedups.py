@@ -92,3 +92,63 @@ def test_selsa_head_reuses_the_first_fc_exactly():
         uncached = head(cur, torch.cat([refs, cur]))
     assert torch.equal(plain[0], reused[0]) and torch.equal(plain[1], reused[1])
     torch.testing.assert_close(reused[0], uncached[0], atol=1e-5, rtol=1e-5)
+
+
+def test_flow_warp_taps_reproduce_grid_sample():
+    from viddet.models.flownet import flow_warp_feats, flow_warp_taps
+    torch.manual_seed(0)
+    feats = torch.randn(3, 5, 9, 13)
+    flow = torch.randn(3, 2, 144, 208) * 30
+    flow[0] = 0.0          # zero flow: the parity-trap contraction, not the identity
+    flow[1] = 5000.0       # far outside: border clamping
+    expected = flow_warp_feats(feats, flow)
+    pos, wts = flow_warp_taps(flow, (9, 13))
+    assert pos.shape == wts.shape == (3, 9 * 13, 4)
+    got = torch.stack([F.embedding_bag(pos[i], feats[i].reshape(5, -1).t(), per_sample_weights=wts[i],
+                                       mode='sum') for i in range(3)])
+    torch.testing.assert_close(got.view(3, 9, 13, 5).permute(0, 3, 1, 2), expected, atol=1e-6, rtol=1e-5)
+    # border clamping: everything reads the bottom-right pixel
+    assert set(pos[1].unique().tolist()) <= {0, 9 * 13 - 1}
+
+
+def test_embed_aggregator_from_tap_projections_equals_convs():
+    from viddet.models.aggregators import EmbedAggregator
+    from viddet.models.flownet import flow_warp_feats, flow_warp_taps
+    torch.manual_seed(1)
+    agg = EmbedAggregator(channels=16).eval()
+    feats = torch.relu(torch.randn(4, 16, 9, 13))
+    flow = torch.randn(4, 2, 144, 208) * 20
+    with torch.no_grad():
+        warped = flow_warp_feats(feats, flow)
+        x = feats[:1]
+        expected = agg(x, torch.cat([warped, x]))
+        proj = agg.tap_projections(feats)
+        pos, wts = flow_warp_taps(flow, (9, 13))
+        embeds = [agg.embed_sampled(proj[i], (9, 13), pos[i], wts[i]) for i in range(4)]
+        conv = agg.embed_convs[0](warped).permute(0, 2, 3, 1).reshape(4, -1, 16)
+        torch.testing.assert_close(torch.stack(embeds), conv, atol=1e-5, rtol=1e-5)
+        x_embed = agg.embed_sampled(proj[0], (9, 13))
+        got = agg.aggregate_embedded(x_embed, torch.stack(embeds + [x_embed]), torch.cat([warped, x]))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert not EmbedAggregator(channels=4, num_convs=2).supports_taps()
+
+
+def test_fgfa_embed_cache_gives_the_same_detections():
+    from viddet.benchmark import SyntheticVideo
+    from viddet.engine.video import run_video
+    from viddet.methods import build_method
+    torch.manual_seed(0)
+    plain = build_method('fgfa', 'r50', num_left=2, num_right=2, embed_cache=False).eval()
+    cached = build_method('fgfa', 'r50', num_left=2, num_right=2).eval()
+    cached.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        for m in (plain, cached):
+            m.detector.roi_head.bbox_head.fc_cls.weight.mul_(50)
+    video = SyntheticVideo(96, 64, 6, seed=2)
+    runs = [[r.detections for r in run_video(m, video, length=6, fetch=video.fetch, scale=(96, 64))]
+            for m in (plain, cached)]
+    assert cached._proj == {}  # reset() after the video
+    for a, b in zip(*runs):
+        assert torch.equal(a.labels, b.labels)
+        torch.testing.assert_close(a.boxes, b.boxes, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(a.scores, b.scores, rtol=1e-4, atol=1e-5)

@@ -104,6 +104,88 @@ class EmbedAggregator(nn.Module):
         ref_embed = self.embed(ref_x)
         return torch.sum(ref_embed * x_embed, dim=1, keepdim=True).softmax(dim=0)
 
+    # ---------------------------------------------------------------- factorized embedding (FGFA speed-up)
+    # With a single (linear) embedding conv, the embedding of a bilinearly warped map is a fixed
+    # combination of per-pixel products: conv(warp(F))[p] = b + sum_o W_o warp(F)[p + o]
+    # = b + sum_o sum_j beta_j(p + o) (W_o F)[pos_j(p + o)]. The k*k products W_o F of a frame
+    # (one 1x1 conv C -> k*k*C, the same FLOPs as one embedding conv) are computed once per frame
+    # and reused by every window it is warped into, instead of one full conv per warped copy.
+
+    def supports_taps(self) -> bool:
+        """Whether :meth:`tap_projections` applies (a single embedding conv, odd kernel)."""
+        conv = self.embed_convs[0].conv
+        return len(self.embed_convs) == 1 and conv.kernel_size[0] % 2 == 1 \
+            and conv.stride == (1, 1) and conv.dilation == (1, 1)
+
+    def tap_projections(self, feats: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) features -> (N, H*W*k*k, C): row ``p*k*k + o`` is ``W_o @ feats[:, p]``,
+        with ``W_o`` the embedding conv's weight at kernel offset o = dy*k + dx (no bias).
+
+        Raises:
+            ValueError: if :meth:`supports_taps` is False.
+        """
+        if not self.supports_taps():
+            raise ValueError('tap projections need a single stride-1 embedding conv with an odd kernel')
+        conv = self.embed_convs[0].conv
+        k, c = conv.kernel_size[0], conv.out_channels
+        w = conv.weight.permute(2, 3, 0, 1).reshape(k * k * c, conv.in_channels)
+        n, _, h, wd = feats.shape
+        return _conv1x1_rows(feats, w).view(n, h * wd * k * k, c)
+
+    def embed_sampled(self, proj: torch.Tensor, size, pos: Optional[torch.Tensor] = None,
+                      weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Un-normalised embedding (conv output) of a map resampled with bilinear taps.
+
+        Args:
+            proj: (H*W*k*k, C) :meth:`tap_projections` of one source frame.
+            size: (H, W) of the maps.
+            pos, weight: (H*W, J) taps of the resampling (:func:`viddet.models.flownet.flow_warp_taps`);
+                None for the map itself (no resampling).
+
+        Returns:
+            (H*W, C) equal to ``embed_convs(resampled map)`` (before the L2 normalisation), rows
+            y*W + x, up to float summation order.
+        """
+        conv = self.embed_convs[0].conv
+        k = conv.kernel_size[0]
+        pad = conv.padding[0]
+        h, w = int(size[0]), int(size[1])
+        dev = proj.device
+        yy, xx = torch.meshgrid(torch.arange(h, device=dev), torch.arange(w, device=dev), indexing='ij')
+        dy, dx = torch.meshgrid(torch.arange(k, device=dev), torch.arange(k, device=dev), indexing='ij')
+        qy = yy.reshape(-1, 1) + dy.reshape(1, -1) - pad
+        qx = xx.reshape(-1, 1) + dx.reshape(1, -1) - pad
+        inside = (qy >= 0) & (qy < h) & (qx >= 0) & (qx < w)                  # (HW, k*k)
+        q = torch.where(inside, qy * w + qx, torch.zeros_like(qy))
+        tap = torch.arange(k * k, device=dev).view(1, -1, 1)
+        if pos is None:
+            idx = q.unsqueeze(-1) * (k * k) + tap
+            wts = inside.to(proj.dtype).unsqueeze(-1)
+        else:
+            idx = pos[q] * (k * k) + tap                                      # (HW, k*k, J)
+            wts = weight[q] * inside.to(proj.dtype).unsqueeze(-1)
+        out = F.embedding_bag(idx.reshape(h * w, -1), proj, per_sample_weights=wts.reshape(h * w, -1),
+                              mode='sum')
+        return out + conv.bias if conv.bias is not None else out
+
+    def aggregate_embedded(self, x_embed: torch.Tensor, ref_embed: torch.Tensor,
+                           ref_x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` from precomputed (un-normalised) embeddings.
+
+        Args:
+            x_embed: (H*W, C) embedding of the current frame.
+            ref_embed: (N, H*W, C) embeddings of the N maps to aggregate.
+            ref_x: (N, C, H, W) the maps themselves.
+
+        Returns:
+            (1, C, H, W), as :meth:`forward`.
+        """
+        n, c, h, w = ref_x.shape
+        x_embed = x_embed / x_embed.norm(p=2, dim=1, keepdim=True)
+        ref_embed = ref_embed / ref_embed.norm(p=2, dim=2, keepdim=True)
+        weights = torch.sum(ref_embed * x_embed, dim=2).softmax(dim=0)        # (N, HW)
+        return torch.sum(ref_x * weights.view(n, 1, h, w), dim=0, keepdim=True)
+
 
 @dataclass
 class SelsaRefProjections:

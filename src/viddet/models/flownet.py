@@ -32,7 +32,7 @@ from torch import nn
 
 from viddet.data.transforms import IMG_MEAN_RGB, IMG_STD_RGB
 
-__all__ = ['ConvAct', 'FlowNetSimple', 'flow_warp_feats', 'FLOW_IMG_MEAN_RGB', 'FLOW_IMG_STD']
+__all__ = ['ConvAct', 'FlowNetSimple', 'flow_warp_feats', 'flow_warp_taps', 'FLOW_IMG_MEAN_RGB', 'FLOW_IMG_STD']
 
 FLOW_IMG_MEAN_RGB = (0.411, 0.432, 0.45)
 """Mean subtracted from the [0, 1] RGB image before FlowNet (MMTracking ``flow_img_norm_mean``)."""
@@ -302,10 +302,53 @@ def flow_warp_feats(feats: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
                          f'{tuple(feats.shape)} and {tuple(flow.shape)}')
     if feats.shape[0] != flow.shape[0]:
         raise ValueError(f'flow_warp_feats: {feats.shape[0]} feature maps for {flow.shape[0]} flows')
-    scale = float(feats.shape[-1]) / flow.shape[-1]
+    grid = _warp_grid(flow, feats.shape[-2:])
+    return F.grid_sample(feats, grid.to(feats.dtype), mode='bilinear', padding_mode='border',
+                         align_corners=True)
+
+
+def flow_warp_taps(flow: torch.Tensor, feat_size: Tuple[int, int]):
+    """:func:`flow_warp_feats` as a sparse linear map: the bilinear taps of its ``grid_sample``.
+
+    ``grid_sample(bilinear, padding_mode='border', align_corners=True)`` un-normalises
+    ``ix = (gx + 1) / 2 * (W - 1)``, clamps it to [0, W - 1] (likewise y), and reads the 4 pixels
+    around it with weights (x_se - ix)(y_se - iy), ... ; a corner outside the map (only when the
+    coordinate is exactly W - 1 or H - 1, where its weight is 0) reads nothing.
+
+    Args:
+        flow: (N, 2, H_f, W_f) full-resolution flow as for :func:`flow_warp_feats`.
+        feat_size: (H, W) of the feature maps it warps.
+
+    Returns:
+        (pos, weight): (N, H*W, 4) int64 pixel indices y*W + x into a source map and float32
+        weights, so that ``flow_warp_feats(feats, flow)[n, :, p] = sum_j weight[n, p, j] *
+        feats[n, :, pos[n, p, j]]`` (up to float summation order).
+    """
+    h, w = int(feat_size[0]), int(feat_size[1])
+    grid = _warp_grid(flow, (h, w))
+    ix = ((grid[..., 0] + 1) / 2) * (w - 1)
+    iy = ((grid[..., 1] + 1) / 2) * (h - 1)
+    ix = ix.clamp(0, w - 1)
+    iy = iy.clamp(0, h - 1)
+    x0, y0 = ix.floor(), iy.floor()
+    x1, y1 = x0 + 1, y0 + 1
+    wts = torch.stack([(x1 - ix) * (y1 - iy), (ix - x0) * (y1 - iy),
+                       (x1 - ix) * (iy - y0), (ix - x0) * (iy - y0)], dim=-1)
+    xs = torch.stack([x0, x1, x0, x1], dim=-1).long()
+    ys = torch.stack([y0, y0, y1, y1], dim=-1).long()
+    inside = (xs < w) & (ys < h)
+    pos = torch.where(inside, ys * w + xs, torch.zeros_like(xs))
+    wts = wts * inside.to(wts.dtype)
+    n = flow.shape[0]
+    return pos.reshape(n, h * w, 4), wts.reshape(n, h * w, 4)
+
+
+def _warp_grid(flow: torch.Tensor, feat_size) -> torch.Tensor:
+    """The normalised sampling grid (N, H, W, 2) of :func:`flow_warp_feats` (its steps 1-3)."""
+    H, W = int(feat_size[0]), int(feat_size[1])
+    scale = float(W) / flow.shape[-1]
     flow = F.interpolate(flow, scale_factor=scale, mode='bilinear', align_corners=False)
     flow = flow * scale
-    H, W = feats.shape[-2:]
     if flow.shape[-2:] != (H, W):
         raise ValueError(f'flow of size {tuple(flow.shape[-2:])} after scaling by W ratio {scale} '
                          f'does not match the feature size {(H, W)}')
@@ -313,6 +356,4 @@ def flow_warp_feats(feats: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     xs = torch.arange(W, device=flow.device).to(flow.dtype).view(1, 1, W)
     gx = (xs + flow[:, 0]) / W * 2 - 1
     gy = (ys + flow[:, 1]) / H * 2 - 1
-    grid = torch.stack((gx, gy), dim=-1)  # (N, H, W, 2), last dim (x, y)
-    return F.grid_sample(feats, grid.to(feats.dtype), mode='bilinear', padding_mode='border',
-                         align_corners=True)
+    return torch.stack((gx, gy), dim=-1)  # (N, H, W, 2), last dim (x, y)
