@@ -13,7 +13,7 @@ methods=("$@")
 [ ${#methods[@]} -eq 0 ] && methods=(single selsa dff fgfa)
 for m in "${methods[@]}"; do
   start=$(date -u +%FT%TZ); t0=$(date +%s)
-  viddet train "configs/mini_vid/${m}_mobilenetv2.yaml" --work-dir "work_dirs/mini_vid_${m}" --device cpu --no-progress
+  viddet train "configs/mini_vid/${m}_mobilenetv2.yaml" --work-dir "work_dirs/mini_vid_${m}" --device cpu --threads 1 --no-progress
   rc=$?
   t1=$(date +%s)
   printf '%s\t%s\t%s\t%s\t%s\n' "$m" "$start" "$(date -u +%FT%TZ)" "$((t1 - t0))" "$rc" >> work_dirs/mini_vid_times.tsv

@@ -192,6 +192,8 @@ def add_train_parser(sub):
     p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', dest='overrides',
                    help='override a config value, e.g. --set schedule.epochs=3 --set data.scale=[600,360] (repeatable)')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
+    p.add_argument('--threads', type=int, default=None,
+                   help='CPU threads per process (default: torch decides; 1 is much faster on a busy shared CPU)')
 
     def run(args):
         from pathlib import Path
@@ -207,7 +209,7 @@ def add_train_parser(sub):
         work_dir = args.work_dir or str(Path('work_dirs') / Path(args.config).stem)
         train(cfg, work_dir, resume=args.resume, amp=args.amp, accumulate=args.accumulate, max_iters=args.max_iters,
               val_interval=args.val_interval, device=args.device, progress=not args.no_progress,
-              evaluate=not args.no_eval)
+              evaluate=not args.no_eval, threads=args.threads)
         return 0
 
     p.set_defaults(func=run)

@@ -53,6 +53,9 @@ class ModelConfig:
             Annotation categories are matched by name.
         rpn_train_proposals: training proposals per key frame (None: 600, DFF 1000).
         rcnn_samples: RoIs sampled per key frame (None: 256, DFF 512).
+        backbone_frozen_stages: override the backbone's frozen stages (None: ResNet stem + layer1
+            = 1, MobileNetV2-lite features.0-3 = 4). ResNet: 0..4 layers; MobileNetV2-lite: 0..18
+            leading ``features`` blocks (e.g. 14 trains only the dilated stride-16 stage).
         test: keyword arguments of the method at evaluation time (e.g. ``key_frame_interval`` for
             DFF, ``num_left``/``num_right`` for FGFA, ``num_refs`` for SELSA); default MMTracking's.
     """
@@ -61,6 +64,7 @@ class ModelConfig:
     classes: List[str] = field(default_factory=lambda: list(VID_CLASSES))
     rpn_train_proposals: Optional[int] = None
     rcnn_samples: Optional[int] = None
+    backbone_frozen_stages: Optional[int] = None
     test: Dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -269,7 +273,9 @@ def _type_name(tp) -> str:
 
 def _convert(value, tp, key: str, source: str):
     def bad():
-        return VidDetError(f'{source}: {key} must be a {_type_name(tp)}, got {value!r} ({type(value).__name__})')
+        name = _type_name(tp)
+        article = 'an' if name[0] in 'aeiou' else 'a'
+        return VidDetError(f'{source}: {key} must be {article} {name}, got {value!r} ({type(value).__name__})')
     origin = typing.get_origin(tp)
     if origin is typing.Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -351,6 +357,9 @@ def _validate(cfg: Config) -> None:
     for k, v in (('model.rpn_train_proposals', m.rpn_train_proposals), ('model.rcnn_samples', m.rcnn_samples)):
         if v is not None and v < 1:
             raise err(f'{k} must be >= 1, got {v}')
+    if m.backbone_frozen_stages is not None and not 0 <= m.backbone_frozen_stages <= (18 if m.backbone == 'mobilenetv2' else 4):
+        raise err(f'model.backbone_frozen_stages must be in 0..{18 if m.backbone == "mobilenetv2" else 4} for '
+                  f'{m.backbone}, got {m.backbone_frozen_stages}')
     needs_refs = {'single': 0, 'dff': 1, 'fgfa': 1, 'selsa': 1, 'troi': 1}[m.method]
     for i, t in enumerate(cfg.data.train):
         r = t.ref_sampler

@@ -58,8 +58,65 @@ CHECKPOINT_POINTER = 'last_checkpoint'
 
 
 # ===================================================================================== model + init
+def init_weights_like_mmdet(model: nn.Module) -> nn.Module:
+    """Initialises the parts that are trained from scratch as mmdet/mmcv 2.x/1.x ``init_cfg`` does.
+
+    * neck ``ChannelMapper``: Xavier uniform, bias 0 (``init_cfg=Xavier(layer='Conv2d')``);
+    * ``RPNHead`` convs: normal std 0.01, bias 0 (``init_cfg=Normal(layer='Conv2d', std=0.01)``);
+    * ``Shared2FCBBoxHead``: shared fcs Xavier uniform, ``fc_cls`` normal std 0.01, ``fc_reg``
+      normal std 0.001, biases 0 (``BBoxHead`` / ``ConvFCBBoxHead`` default ``init_cfg``);
+    * mmcv ``ConvModule`` convs (FGFA ``EmbedAggregator``, Temporal RoI Align ``embed_network``,
+      FlowNetSimple when no FlowNet weights are given): Kaiming normal, ``mode='fan_out'``,
+      nonlinearity relu (leaky_relu with slope 0.1 for FlowNet's activated convs), bias 0;
+    * ``SelsaAggregator`` linears keep PyTorch's default (MMTracking gives them no ``init_cfg``).
+
+    The backbone is left alone (it gets ImageNet weights, or stays at PyTorch's default init).
+    """
+    det = model.detector
+
+    def xavier(m):
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def normal(m, std):
+        nn.init.normal_(m.weight, 0.0, std)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def kaiming(m, a=0.0, nonlinearity='relu'):
+        nn.init.kaiming_normal_(m.weight, a=a, mode='fan_out', nonlinearity=nonlinearity)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    for m in det.neck.modules():
+        if isinstance(m, nn.Conv2d):
+            xavier(m)
+    for m in (det.rpn_head.rpn_conv, det.rpn_head.rpn_cls, det.rpn_head.rpn_reg):
+        normal(m, 0.01)
+    head = det.roi_head.bbox_head
+    for m in head.shared_fcs:
+        xavier(m)
+    normal(head.fc_cls, 0.01)
+    normal(head.fc_reg, 0.001)
+    extractor = det.roi_head.bbox_roi_extractor
+    if extractor is not None and getattr(extractor, 'embed_network', None) is not None:
+        kaiming(extractor.embed_network.conv)
+    if hasattr(model, 'aggregator'):
+        for m in model.aggregator.modules():
+            if isinstance(m, nn.Conv2d):
+                kaiming(m)
+    if hasattr(model, 'motion'):
+        for m in model.motion.modules():
+            if hasattr(m, 'conv') and isinstance(m.conv, (nn.Conv2d, nn.ConvTranspose2d)):
+                leaky = isinstance(getattr(m, 'act', None), nn.LeakyReLU)
+                kaiming(m.conv, a=0.1 if leaky else 0.0, nonlinearity='leaky_relu' if leaky else 'relu')
+    return model
+
+
 def build_train_model(cfg: Config, **method_kwargs) -> nn.Module:
-    """The method module of ``cfg.model`` with its training settings applied."""
+    """The method module of ``cfg.model`` with its training settings applied and the from-scratch
+    parts initialised like mmdet (:func:`init_weights_like_mmdet`)."""
     from viddet.methods import build_method
     m = cfg.model
     try:
@@ -72,7 +129,10 @@ def build_train_model(cfg: Config, **method_kwargs) -> nn.Module:
     if m.rcnn_samples is not None:
         tc.rcnn_sampler.num = m.rcnn_samples
     model.train_cfg = tc
-    return model
+    if m.backbone_frozen_stages is not None:
+        model.detector.backbone.frozen_stages = m.backbone_frozen_stages
+        model.detector.backbone.train(model.detector.backbone.training)  # applies the freezing
+    return init_weights_like_mmdet(model)
 
 
 def _state_from_file(path: str, what: str) -> Dict[str, torch.Tensor]:
@@ -462,7 +522,8 @@ def _nonfinite(losses: Dict[str, torch.Tensor]) -> List[str]:
 
 def train(cfg: Config, work_dir, *, resume: bool = False, amp: Optional[str] = None, accumulate: int = 1,
           max_iters: Optional[int] = None, val_interval: Optional[int] = None, device: str = 'auto',
-          progress: bool = True, evaluate: bool = True, verbose: bool = True) -> TrainResult:
+          progress: bool = True, evaluate: bool = True, verbose: bool = True,
+          threads: Optional[int] = None) -> TrainResult:
     """Trains ``cfg`` (see module docstring). Under ``torchrun`` every process calls this.
 
     Args:
@@ -476,6 +537,9 @@ def train(cfg: Config, work_dir, *, resume: bool = False, amp: Optional[str] = N
         val_interval: evaluate every N epochs (overrides ``cfg.eval.interval``; 0 = end only).
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``.
         progress: tqdm bar (rank 0). evaluate: run the evaluation(s) at all.
+        threads: ``torch.set_num_threads`` for this process (None: torch's default). On a CPU
+            shared with other jobs, 1 thread per process avoids OpenMP spin-waiting, which can make
+            training 10x slower.
 
     Returns:
         :class:`TrainResult` (``metrics`` only on rank 0).
@@ -497,6 +561,10 @@ def train(cfg: Config, work_dir, *, resume: bool = False, amp: Optional[str] = N
     if max_iters is not None and max_iters < 1:
         raise VidDetError(f'--max-iters must be >= 1, got {max_iters}')
     cfg.check_paths(need_val=evaluate)
+    if threads is not None:
+        if threads < 1:
+            raise VidDetError(f'--threads must be >= 1, got {threads}')
+        torch.set_num_threads(threads)
     work_dir = Path(work_dir)
     dev = resolve_device(device)
     if amp == 'fp16' and dev.type == 'cpu':
