@@ -9,7 +9,7 @@ accumulated batches, or W processes give the same gradient as W*k*B GPUs with on
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
