@@ -161,15 +161,16 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path):
 def test_checkpoint_loads_for_inference_and_evaluates(tmp_path, data):
     from viddet.api import VideoDetector
     val = make_tiny_vid(tmp_path / 'val', num_videos=1, num_frames=3, split='val')
-    cfg = tiny_config(data, method='dff', val=dict(val, mode='offline'), epochs=1)
-    r = train(cfg, tmp_path / 'w', device='cpu', progress=False, verbose=False)
+    cfg = tiny_config(data, method='dff', val=dict(val, mode='offline'), epochs=2)
+    r = train(cfg, tmp_path / 'w', device='cpu', progress=False, verbose=False, val_interval=1)
     ck = torch.load(r.checkpoint, weights_only=True)
     assert ck['meta']['method'] == 'dff' and ck['meta']['backbone'] == 'mobilenetv2'
-    assert ck['meta']['CLASSES'][:2] == ['airplane', 'antelope'] and ck['meta']['config']['schedule']['epochs'] == 1
+    assert ck['meta']['CLASSES'][:2] == ['airplane', 'antelope'] and ck['meta']['config']['schedule']['epochs'] == 2
     assert {'optimizer', 'scheduler', 'rng', 'epoch', 'iter'} <= set(ck)
     assert any(k.startswith('motion.') for k in ck['state_dict'])
     det = VideoDetector.from_checkpoint(str(r.checkpoint), device='cpu')
     assert det.method == 'dff' and len(det.class_names) == len(cfg.model.classes)
     assert r.metrics is not None and 0.0 <= r.metrics['vid_map'] <= 1.0
-    assert (tmp_path / 'w' / 'eval_epoch_1' / 'metrics.json').is_file()
+    for e in (1, 2):   # --val-interval 1: after epoch 1 and at the end
+        assert (tmp_path / 'w' / f'eval_epoch_{e}' / 'metrics.json').is_file()
     assert list((tmp_path / 'w' / 'tf_logs').iterdir())
