@@ -59,19 +59,55 @@ def test_factorized_temporal_roi_align_equals_direct(chunk):
     torch.testing.assert_close(fast_cl, direct, atol=1e-5, rtol=1e-5)
 
 
-def test_channels_last_backbone_equals_nchw():
-    """extract_feat runs NHWC; the values equal the plain NCHW computation."""
+def _randomise_bn(module, seed):
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 0.2 - 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=g) * 0.2 - 0.1)
+
+
+def test_fused_channels_last_backbone_equals_plain_nchw():
+    """extract_feat at inference (NHWC, BN folded, ReLU/add fused) equals the plain NCHW modules
+    (run with autograd on, which keeps every speed-up off), and follows weight changes."""
+    from viddet.models import fused
     from viddet.models.detector import FasterRCNN
     torch.manual_seed(0)
     det = FasterRCNN('r50').eval()
+    _randomise_bn(det.backbone, 1)
     img = torch.randn(1, 3, 64, 96)
-    with torch.no_grad():
+
+    def plain():
+        with torch.enable_grad():
+            return det.neck(det.backbone(img.contiguous())).detach()
+
+    with torch.inference_mode():
+        assert fused.fast_path(det.backbone, img)
         got = det.extract_feat(img)
-        expected = det.neck(det.backbone(img.contiguous()))  # weights NCHW, input NCHW
-        if expected.is_contiguous(memory_format=torch.channels_last):
-            pytest.skip('this torch propagates channels-last here anyway')
-    assert got.shape == (1, 512, 4, 6)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    assert got.shape == (1, 512, 4, 6) and got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, plain(), atol=1e-5, rtol=1e-4)
+    # the folded weights are rebuilt after an in-place change (e.g. loading a checkpoint)
+    with torch.no_grad():
+        det.backbone.layer2[0].bn2.running_mean.add_(0.5)
+        det.backbone.layer3[1].conv1.weight.mul_(1.5)
+    with torch.inference_mode():
+        again = det.extract_feat(img)
+    assert not torch.allclose(again, got)
+    torch.testing.assert_close(again, plain(), atol=1e-5, rtol=1e-4)
+
+
+def test_fused_flownet_equals_plain():
+    from viddet.models.flownet import FlowNetSimple
+    torch.manual_seed(0)
+    net = FlowNetSimple().eval()
+    x = torch.randn(2, 6, 64, 96)
+    with torch.enable_grad():
+        expected = net.forward_prepared(x).detach()
+    with torch.inference_mode():
+        got = net.forward_prepared(x)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_selsa_head_reuses_the_first_fc_exactly():

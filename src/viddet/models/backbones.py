@@ -9,10 +9,12 @@ downsample conv has stride 1. Output: the layer4 map, 2048 channels at stride 16
 """
 from __future__ import annotations
 
-from typing import List
+from typing import Dict, List
 
 import torch
 from torch import nn
+
+from viddet.models import fused
 
 # depth -> blocks per stage
 RESNET_DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
@@ -93,6 +95,7 @@ class ResNetDC5(nn.Module):
                        for _ in range(1, num_blocks)]
             self.add_module(f'layer{i + 1}', nn.Sequential(*blocks))
         self._freeze_stages()
+        self._fused = fused.FusedCache()
 
     def _freeze_stages(self):
         frozen = [self.conv1, self.bn1] + [getattr(self, f'layer{i}') for i in range(1, self.frozen_stages + 1)]
@@ -113,11 +116,41 @@ class ResNetDC5(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused.fast_path(self, x):
+            try:
+                return self._forward_fused(x)
+            except RuntimeError as e:  # private kernels missing or changed: plain path from now on
+                fused.disable(e)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer1(x)
         x = self.layer2(x)
         x = self.layer3(x)
         return self.layer4(x)
+
+    def _fused_convs(self, _module=None) -> Dict[str, 'fused.FusedConv']:
+        convs = {'stem': fused.FusedConv(self.conv1, self.bn1)}
+        for name, blk in self.named_modules():
+            if isinstance(blk, Bottleneck):
+                convs[name + '.1'] = fused.FusedConv(blk.conv1, blk.bn1)
+                convs[name + '.2'] = fused.FusedConv(blk.conv2, blk.bn2)
+                convs[name + '.3'] = fused.FusedConv(blk.conv3, blk.bn3)
+                if blk.downsample is not None:
+                    convs[name + '.ds'] = fused.FusedConv(blk.downsample[0], blk.downsample[1])
+        return convs
+
+    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """CPU float32 inference: each conv runs with its BN folded in and ReLU / residual add as
+        oneDNN post-ops (:mod:`viddet.models.fused`); same values as :meth:`forward` up to rounding."""
+        f = self._fused.get(self, self._fused_convs)
+        x = x.contiguous(memory_format=torch.channels_last)
+        x = self.maxpool(f['stem'](x, 'relu'))
+        for i in range(1, 5):
+            for j in range(len(getattr(self, f'layer{i}'))):
+                name = f'layer{i}.{j}'
+                identity = f[name + '.ds'](x) if name + '.ds' in f else x
+                out = f[name + '.2'](f[name + '.1'](x, 'relu'), 'relu')
+                x = f[name + '.3'](out, 'relu', add=identity)
+        return x
 
 
 def build_backbone(name: str) -> nn.Module:

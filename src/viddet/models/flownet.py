@@ -223,25 +223,47 @@ class FlowNetSimple(nn.Module):
             When the padded image sizes Hp, Wp are multiples of 16 (h = Hp/2), H', W' = Hp, Wp.
         """
         x = x.contiguous(memory_format=torch.channels_last)  # NHWC: ~40% faster oneDNN convs on CPU
+        layer = self._layer_fn(x)
         outs = []
         for group in (self.conv1, self.conv2, self.conv3, self.conv4, self.conv5, self.conv6):
-            for layer in group:
-                x = layer(x)
+            for m in group:
+                x = layer(m, x)
             outs.append(x)
         # outs[1..5] = conv2..conv6 outputs (MMTracking out_indices [2, 3, 4, 5, 6]).
         concat = outs[5]
         for level in (5, 4, 3, 2):
             skip = outs[level - 1]  # conv{level} output
-            flow = getattr(self, f'predict_flow{level + 1}')(concat)
-            upflow = _crop_like(getattr(self, f'upsample_flow{level}')(flow), skip)
-            deconv = _crop_like(getattr(self, f'deconv{level}')(concat), skip)
+            flow = layer(getattr(self, f'predict_flow{level + 1}'), concat)
+            upflow = _crop_like(layer(getattr(self, f'upsample_flow{level}'), flow), skip)
+            deconv = _crop_like(layer(getattr(self, f'deconv{level}'), concat), skip)
             concat = torch.cat((skip, deconv, upflow), dim=1)
-        flow = self.predict_flow(concat)
+        flow = layer(self.predict_flow, concat)
         up = 4 / self.img_scale_factor
         flow = F.interpolate(flow, scale_factor=up, mode='bilinear', align_corners=False)
         flow = flow * up
         flow = flow * self.flow_scale_factor
         return flow
+
+    def _layer_fn(self, x: torch.Tensor):
+        """How to run one :class:`ConvAct` on ``x``: the module itself, or, for float32 CPU
+        inference, the same conv with its activation as a fused oneDNN post-op
+        (:mod:`viddet.models.fused`; identical values)."""
+        from viddet.models import fused
+        if not fused.fast_path(self, x):
+            return lambda m, inp: m(inp)
+        if not hasattr(self, '_fused'):
+            self._fused = fused.FusedCache()
+        convs = self._fused.get(self, lambda mod: {id(m): (fused.FusedConv(m.conv), *fused.conv_act_spec(m.act))
+                                                   for m in mod.modules() if isinstance(m, ConvAct)})
+
+        def run(m, inp):
+            conv, act, scalars = convs[id(m)]
+            try:
+                return conv(inp, act, scalars)
+            except RuntimeError as e:  # private kernels missing or changed: plain modules from now on
+                fused.disable(e)
+                return m(inp)
+        return run
 
     def forward(self, target_imgs: torch.Tensor, source_imgs: torch.Tensor,
                 img_shape: Tuple[int, int], chunk_size: Optional[int] = None) -> torch.Tensor:
