@@ -121,7 +121,7 @@ def test_selsa_head_reuses_the_first_fc_exactly():
     with torch.no_grad():
         ref_kv = head.ref_projections(refs)
         cur_kv, first = head.ref_projections(cur, return_first_fc=True)
-        assert torch.equal(first, head.shared_fcs[0](cur.flatten(1)))
+        torch.testing.assert_close(first, head.shared_fcs[0](cur.flatten(1)), atol=1e-5, rtol=1e-5)
         kv = [SelsaRefProjections.cat([a, b]) for a, b in zip(ref_kv, cur_kv)]
         plain = head.forward_cached(cur, kv)
         reused = head.forward_cached(cur, kv, first)
@@ -188,3 +188,16 @@ def test_fgfa_embed_cache_gives_the_same_detections():
         assert torch.equal(a.labels, b.labels)
         torch.testing.assert_close(a.boxes, b.boxes, rtol=1e-4, atol=1e-3)
         torch.testing.assert_close(a.scores, b.scores, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_linear_equals_nn_linear_and_respects_autograd():
+    from viddet.models import fused
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(40, 24).eval()
+    x = torch.randn(7, 40)
+    expected = torch.relu(layer(x)).detach()
+    with torch.inference_mode():
+        torch.testing.assert_close(fused.linear(layer, x, 'relu'), expected, atol=1e-5, rtol=1e-5)
+    y = fused.linear(layer, x.requires_grad_())  # autograd on: the plain path, gradients flow
+    y.sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None

@@ -21,7 +21,9 @@ What is measured (issue #6):
   kernel's high-water mark ``VmHWM`` of ``/proc/self/status`` is reset through
   ``/proc/self/clear_refs`` before the video, or, where that is not allowed, ``VmRSS`` is sampled
   every 2 ms by a thread. (Python's ``tracemalloc`` does not see torch's allocations.) It covers
-  everything the process allocates while running: activations, caches, buffered frames.
+  everything the process allocates while running: activations, caches, buffered frames. Free
+  memory the C allocator still holds is returned to the OS first (glibc ``malloc_trim``), so the
+  baseline holds only live data; memory the allocator keeps *during* the run counts as used.
 
 Synthetic frames: smooth random images (bilinear up-sampled low-resolution noise, like blurry
 natural images) drifting by a few pixels per frame, generated on demand from one base image so
@@ -138,6 +140,16 @@ class _TimedSource:
 
 
 # ---------------------------------------------------------------------------------- memory
+def _release_free_heap() -> None:
+    """Returns the C allocator's free memory to the OS (glibc ``malloc_trim``; a no-op elsewhere),
+    so that memory freed before a measurement but still resident cannot hide a later peak."""
+    try:
+        import ctypes
+        ctypes.CDLL('libc.so.6').malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _proc_status_mb(key: str) -> Optional[float]:
     try:
         with open('/proc/self/status') as f:
@@ -184,6 +196,9 @@ class PeakMemory:
             self.baseline_mb = torch.cuda.memory_allocated(self.device) / 2 ** 20
             self.kind = 'torch.cuda.max_memory_allocated (weights included)'
             return self
+        import gc
+        gc.collect()
+        _release_free_heap()
         self.baseline_mb = _proc_status_mb('VmRSS')
         try:
             with open('/proc/self/clear_refs', 'w') as f:

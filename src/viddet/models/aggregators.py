@@ -27,9 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
+from viddet.models import fused
 from viddet.models.flownet import ConvAct
 
-__all__ = ['EmbedAggregator', 'SelsaAggregator', 'SelsaRefProjections', 'TemporalRoIAlign']
+__all__ = ['EmbedAggregator', 'SelsaAggregator', 'SelsaRefProjections', 'TemporalRoIAlign',
+           'TRoIReference', 'roi_align_taps']
 
 
 class EmbedAggregator(nn.Module):
@@ -254,7 +256,7 @@ class SelsaAggregator(nn.Module):
             :class:`SelsaRefProjections` with key = ``ref_fc_embed(ref_x)`` and value =
             ``ref_fc(ref_x)``, both (m, C).
         """
-        return SelsaRefProjections(self.ref_fc_embed(ref_x), self.ref_fc(ref_x))
+        return SelsaRefProjections(fused.linear(self.ref_fc_embed, ref_x), fused.linear(self.ref_fc, ref_x))
 
     def forward_projected(self, x: torch.Tensor, refs: SelsaRefProjections) -> torch.Tensor:
         """Same as :meth:`forward` with precomputed reference projections.
@@ -271,13 +273,13 @@ class SelsaAggregator(nn.Module):
         m = refs.key.shape[0]
         g = self.num_attention_blocks
         d = c // g
-        q = self.fc_embed(x).view(n, g, d).permute(1, 0, 2)            # (G, n, d)
+        q = fused.linear(self.fc_embed, x).view(n, g, d).permute(1, 0, 2)  # (G, n, d)
         k = refs.key.reshape(m, g, d).permute(1, 2, 0)                    # (G, d, m)
         weights = torch.bmm(q, k) / (d ** 0.5)                         # (G, n, m)
         weights = weights.softmax(dim=2)
         v = refs.value.reshape(m, g, d).permute(1, 0, 2)                  # (G, m, d)
         out = torch.bmm(weights, v).permute(1, 0, 2).contiguous()      # (n, G, d)
-        return self.fc(out.view(n, c))
+        return fused.linear(self.fc, out.view(n, c))
 
     def forward(self, x: torch.Tensor, ref_x: torch.Tensor) -> torch.Tensor:
         """Aggregates reference proposal features into the key proposals.
@@ -417,8 +419,9 @@ class TemporalRoIAlign(nn.Module):
         num_most_similar_points: k of step 1 (2).
         num_temporal_attention_blocks: attention blocks of step 2 (4).
         max_chunk_elements: when ``roi_chunk_size`` is not given, RoIs per chunk are chosen so
-            that the similarity matrix of a chunk has at most this many elements (default 2**25,
-            128 MB in float32; the fast path holds one reference frame's similarities at a time).
+            that the similarity matrix of a chunk has at most this many elements (default 2**26,
+            256 MB in float32; the fast path holds one reference frame's similarities at a time,
+            so 300 RoIs on a 38 x 63 map are one chunk).
         factorized: use the fast re-associated path (see above); False runs the direct
             computation (MMTracking's order of operations).
     """
@@ -426,7 +429,7 @@ class TemporalRoIAlign(nn.Module):
     def __init__(self, out_channels: int = 512, output_size: int = 7,
                  spatial_scale: float = 1.0 / 16, sampling_ratio: int = 2,
                  num_most_similar_points: int = 2, num_temporal_attention_blocks: int = 4,
-                 max_chunk_elements: int = 2 ** 25, factorized: bool = True):
+                 max_chunk_elements: int = 2 ** 26, factorized: bool = True):
         super().__init__()
         self.factorized = factorized
         self.out_channels = out_channels
@@ -524,7 +527,8 @@ class TemporalRoIAlign(nn.Module):
 
     def forward(self, feats: torch.Tensor, rois: torch.Tensor,
                 ref_feats: Optional[torch.Tensor] = None,
-                roi_chunk_size: Optional[int] = None) -> torch.Tensor:
+                roi_chunk_size: Optional[int] = None,
+                references: Optional[Sequence[Optional['TRoIReference']]] = None) -> torch.Tensor:
         """RoI features of the key frame, temporally aggregated when ``ref_feats`` is given.
 
         Args:
@@ -532,10 +536,14 @@ class TemporalRoIAlign(nn.Module):
                 size B works (plain RoIAlign).
             rois: (n, 5) [batch_index, x1, y1, x2, y2] in padded-image pixels.
             ref_feats: (T, C, H', W') reference feature maps (SELSA test: the 14 cached reference
-                frames + the current frame, T = 15), or None for plain RoIAlign (used for the
-                reference proposals of the SELSA head).
+                frames + the current frame, T = 15), or a list of T (1, C, H', W') maps (saves
+                concatenating them), or None for plain RoIAlign (used for the reference proposals
+                of the SELSA head).
             roi_chunk_size: RoIs per chunk for the temporal part; None chooses it from
                 ``max_chunk_elements``. Chunking changes no result beyond float summation order.
+            references: fast path only: optional T entries, :meth:`prepare_reference` of each
+                ``ref_feats`` frame (or None), so that reference frames shared by many key frames
+                (SELSA's cached references) are prepared once.
 
         Returns:
             (n, C, 7, 7) RoI features.
@@ -547,6 +555,12 @@ class TemporalRoIAlign(nn.Module):
         roi_feats = self.roi_align(feats, rois)
         if ref_feats is None:
             return roi_feats
+        maps = None
+        if isinstance(ref_feats, (list, tuple)):  # T maps (1, C, H', W'): no concatenated copy needed
+            maps = [m.to(roi_feats.dtype) for m in ref_feats]
+            if not maps or any(m.dim() != 4 or m.shape[0] != 1 or m.shape[1:] != maps[0].shape[1:] for m in maps):
+                raise ValueError('TemporalRoIAlign: ref_feats must be T maps of the same (1, C, H, W) size')
+            ref_feats = maps[0].expand(len(maps), -1, -1, -1)  # shape only (stride-0 view)
         if feats.shape[0] != 1:
             raise ValueError(f'TemporalRoIAlign: key features must be (1, C, H, W) when ref_feats '
                              f'is given, got {tuple(feats.shape)}')
@@ -564,10 +578,12 @@ class TemporalRoIAlign(nn.Module):
             roi_chunk_size = max(1, self.max_chunk_elements // per_roi)
         if roi_chunk_size < 1:
             raise ValueError(f'roi_chunk_size must be >= 1, got {roi_chunk_size}')
-        ref_feats = ref_feats.to(roi_feats.dtype)
         if fast:
-            return self._forward_factorized(feats.to(roi_feats.dtype), rois, roi_feats, ref_feats,
-                                            roi_chunk_size)
+            if maps is None:
+                maps = list(ref_feats.to(roi_feats.dtype).split(1))
+            return self._forward_factorized(feats.to(roi_feats.dtype), rois, roi_feats, maps,
+                                            roi_chunk_size, references)
+        ref_feats = torch.cat(maps) if maps is not None else ref_feats.to(roi_feats.dtype)
         ref_embed = self._ref_embedding(ref_feats)                          # (C, T*H*W)
         ref_flat = ref_feats.permute(0, 2, 3, 1).reshape(t, fh * fw, -1)    # (T, H*W, C)
         outs = []
@@ -576,70 +592,120 @@ class TemporalRoIAlign(nn.Module):
             outs.append(self.temporal_attentional_feature_aggregation(chunk.unsqueeze(0), ref_roi))
         return torch.cat(outs, dim=0)
 
+    def prepare_reference(self, ref: torch.Tensor) -> 'TRoIReference':
+        """Everything the fast path needs from one reference map that does not depend on the key
+        frame, to compute once per reference frame and pass to :meth:`forward` (``references``).
+
+        Args:
+            ref: (1, C, H', W') reference features.
+
+        Returns:
+            a :class:`TRoIReference` (about 10 x the size of ``ref``: 49 MB at 38 x 63 x 512).
+        """
+        c = ref.shape[1]
+        rows = ref.permute(0, 2, 3, 1).reshape(-1, c)
+        unit = rows / rows.norm(p=2, dim=1, keepdim=True)
+        return TRoIReference(rows.contiguous(), unit, self._tap_projections(ref))
+
+    def _tap_projections(self, ref: torch.Tensor) -> torch.Tensor:
+        """(1, C, H', W') -> (H'W'*9, C): row j*9 + o = W_o @ ref pixel j (embed conv tap o)."""
+        conv = self.embed_network.conv
+        c = conv.out_channels
+        w_taps = conv.weight.permute(2, 3, 0, 1).reshape(9 * c, conv.in_channels)
+        return _conv1x1_rows(ref, w_taps).view(-1, c)
+
     def _forward_factorized(self, feats: torch.Tensor, rois: torch.Tensor, roi_feats: torch.Tensor,
-                            ref_feats: torch.Tensor, roi_chunk_size: int) -> torch.Tensor:
+                            maps: Sequence[torch.Tensor], roi_chunk_size: int,
+                            references: Optional[Sequence[Optional['TRoIReference']]] = None) -> torch.Tensor:
         """The fast path of :meth:`forward` (class docstring); same arguments and result.
 
         feats (1, C, H, W), rois (n, 5), roi_feats (n, C, S, S) = RoIAlign(feats, rois),
-        ref_feats (T, C, H', W') -> (n, C, S, S).
+        maps: T reference maps (1, C, H', W'), references: optional per-frame
+        :meth:`prepare_reference` results (None entries are computed here, one frame at a time)
+        -> (n, C, S, S).
         """
         n, c, s, _ = roi_feats.shape
-        t, _, fh, fw = ref_feats.shape
+        t, (_, _, fh, fw) = len(maps), maps[0].shape
         pts, k, g = s * s, self.num_most_similar_points, self.num_temporal_attention_blocks
-        num = n * pts                                                        # RoI points P
-        hw = fh * fw
+        num, hw, d = n * pts, fh * fw, c // g                                 # P RoI points
         dev = roi_feats.device
+        refs = list(references) if references is not None else [None] * t
+        if len(refs) != t:
+            raise ValueError(f'{len(refs)} prepared references for {t} reference maps')
+
+        def rows_of(f):  # (H'W', C), a view when the map is channels-last
+            return refs[f].rows if refs[f] is not None else maps[f].permute(0, 2, 3, 1).reshape(hw, c)
         taps_pos, taps_w = roi_align_taps(rois, feats.shape[2], feats.shape[3], s,
                                           self.spatial_scale, self.sampling_ratio)  # (P, 16)
         roi_pts = roi_feats.permute(0, 2, 3, 1).reshape(num, c)              # (P, C)
-        roi_norm = roi_pts.norm(p=2, dim=1, keepdim=True)                     # (P, 1), no epsilon
-        # 3x3 neighbourhood of every point inside its own RoI (zero padding = missing taps)
-        py, px = torch.meshgrid(torch.arange(s, device=dev), torch.arange(s, device=dev), indexing='ij')
-        dy, dx = torch.meshgrid(torch.arange(3, device=dev) - 1, torch.arange(3, device=dev) - 1, indexing='ij')
-        qy = py.reshape(pts, 1) + dy.reshape(1, 9)
-        qx = px.reshape(pts, 1) + dx.reshape(1, 9)
-        inside = (qy >= 0) & (qy < s) & (qx >= 0) & (qx < s)                  # (S*S, 9)
-        nbr = torch.where(inside, qy * s + qx, torch.zeros_like(qy))
-        nbr = (torch.arange(n, device=dev).view(n, 1, 1) * pts + nbr).reshape(num, 9)
-        inside = inside.to(roi_feats.dtype).repeat(n, 1)                      # (P, 9)
-        tap = torch.arange(9, device=dev).view(1, 9, 1)
 
-        conv = self.embed_network.conv
-        w_taps = conv.weight.permute(2, 3, 0, 1).reshape(9 * c, c)            # row o*C + c_out
-        bias = conv.bias
-        key_embed = self.embed_network(roi_feats.contiguous(memory_format=torch.channels_last))
-        key_embed = key_embed.permute(0, 2, 3, 1).reshape(num, g, c // g)
-        scale = float(c / g) ** 0.5
-        logits = roi_feats.new_empty(1 + t, num, g)
-        logits[0] = (key_embed * key_embed).sum(-1) / scale
-
-        sel_idx = torch.empty(t, num, k, dtype=torch.int64, device=dev)
-        sel_w = roi_feats.new_empty(t, num, k)
+        # 1. most-similar points: similarities = taps x (key pixels . unit reference locations)
+        values = roi_feats.new_empty(t, num, k)
+        indices = torch.empty(t, num, k, dtype=torch.int64, device=dev)
         chunk = roi_chunk_size * pts
         for f in range(t):
-            ref = ref_feats[f:f + 1]
-            ref_rows = ref.permute(0, 2, 3, 1).reshape(hw, c)                 # (H'W', C)
-            unit = ref_rows / ref_rows.norm(p=2, dim=1, keepdim=True)
+            if refs[f] is not None:
+                unit = refs[f].unit
+            else:
+                unit = rows_of(f)
+                unit = unit / unit.norm(p=2, dim=1, keepdim=True)
             gram = _conv1x1_rows(feats, unit)                                 # (HW, H'W')
             for lo in range(0, num, chunk):
                 hi = min(num, lo + chunk)
                 sim = F.embedding_bag(taps_pos[lo:hi], gram, per_sample_weights=taps_w[lo:hi],
                                       mode='sum')                              # (p, H'W') unnormalised
-                values, indices = sim.topk(k=k, dim=1, largest=True)
+                torch.topk(sim, k=k, dim=1, largest=True, out=(values[f, lo:hi], indices[f, lo:hi]))
                 del sim
-                sel_w[f, lo:hi] = (values / roi_norm[lo:hi]).softmax(dim=1)
-                sel_idx[f, lo:hi] = indices
-            # embed_network of the most-similar map, tap by tap: W_o @ ref pixel for every pixel
-            proj = _conv1x1_rows(ref, w_taps).view(hw * 9, c)                # row j*9 + o
-            bag = (sel_idx[f][nbr] * 9 + tap).reshape(num, 9 * k)             # (P, 9k)
-            bag_w = (sel_w[f][nbr] * inside[:, :, None]).reshape(num, 9 * k)
-            embed = F.embedding_bag(bag, proj, per_sample_weights=bag_w, mode='sum') + bias
-            logits[1 + f] = (embed.view(num, g, c // g) * key_embed).sum(-1) / scale
-            del proj, embed
-        weights = logits.softmax(dim=0).unsqueeze(-1)                         # (1+T, P, G, 1)
-        out = roi_pts.view(num, g, c // g) * weights[0]
+            del gram
+        roi_norm = roi_pts.norm(p=2, dim=1, keepdim=True)                     # no epsilon
+        sel_w = (values / roi_norm).softmax(dim=2)                           # (T, P, k)
+
+        # 2. embed_network of every most-similar map, tap by tap: gathers of W_o @ ref pixel
+        py, px = torch.meshgrid(torch.arange(s, device=dev), torch.arange(s, device=dev), indexing='ij')
+        dy, dx = torch.meshgrid(torch.arange(3, device=dev) - 1, torch.arange(3, device=dev) - 1, indexing='ij')
+        qy = py.reshape(pts, 1) + dy.reshape(1, 9)
+        qx = px.reshape(pts, 1) + dx.reshape(1, 9)
+        inside = (qy >= 0) & (qy < s) & (qx >= 0) & (qx < s)                  # (S*S, 9), zero padding
+        nbr = torch.where(inside, qy * s + qx, torch.zeros_like(qy))
+        nbr = (torch.arange(n, device=dev).view(n, 1, 1) * pts + nbr).reshape(num, 9)
+        inside = inside.to(roi_feats.dtype).repeat(n, 1).view(1, num, 9, 1)
+        tap = torch.arange(9, device=dev).view(1, 1, 9, 1)
+        bag = (indices[:, nbr] * 9 + tap).reshape(t, num, 9 * k)              # (T, P, 9k)
+        bag_w = (sel_w[:, nbr] * inside).reshape(t, num, 9 * k)
+        key_embed = self.embed_network(roi_feats.contiguous(memory_format=torch.channels_last))
+        key_embed = key_embed.permute(0, 2, 3, 1).reshape(num, g, d)
+        bias = self.embed_network.conv.bias
+        dots = roi_feats.new_empty(1 + t, num, g)                             # <embed_t, embed_key> per block
+        prod = roi_feats.new_empty(num, g, d)
+        torch.sum(torch.mul(key_embed, key_embed, out=prod), dim=2, out=dots[0])
         for f in range(t):
-            ref_rows = ref_feats[f:f + 1].permute(0, 2, 3, 1).reshape(hw, c)
-            similar = F.embedding_bag(sel_idx[f], ref_rows, per_sample_weights=sel_w[f], mode='sum')
-            out += similar.view(num, g, c // g) * weights[1 + f]
+            proj = refs[f].proj if refs[f] is not None else self._tap_projections(maps[f])
+            embed = F.embedding_bag(bag[f], proj, per_sample_weights=bag_w[f], mode='sum')
+            torch.sum(torch.mul(embed.view(num, g, d), key_embed, out=prod), dim=2, out=dots[1 + f])
+            del proj, embed
+        if bias is not None:  # embed_t = gathers + bias
+            dots[1:] += torch.linalg.vecdot(bias.view(1, g, d), key_embed)
+        weights = (dots / float(c / g) ** 0.5).softmax(dim=0).unsqueeze(-1)  # (1+T, P, G, 1)
+
+        # 3. attention-weighted sum of the key RoI and the most-similar RoIs (raw features)
+        out = roi_pts.view(num, g, d) * weights[0]
+        for f in range(t):
+            similar = F.embedding_bag(indices[f], rows_of(f), per_sample_weights=sel_w[f], mode='sum')
+            out.addcmul_(similar.view(num, g, d), weights[1 + f])
         return out.view(n, s, s, c).permute(0, 3, 1, 2).contiguous()
+
+
+@dataclass
+class TRoIReference:
+    """Key-frame-independent data of one reference frame for :class:`TemporalRoIAlign`'s fast path
+    (:meth:`TemporalRoIAlign.prepare_reference`).
+
+    Attributes:
+        rows: (H'*W', C) the reference features, one row per location (y * W' + x).
+        unit: (H'*W', C) the rows L2-normalised (no epsilon).
+        proj: (H'*W'*9, C) row j*9 + o = ``embed_network`` weight at kernel tap o (dy*3 + dx)
+            times row j (no bias).
+    """
+    rows: torch.Tensor
+    unit: torch.Tensor
+    proj: torch.Tensor

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
+from viddet.models import fused
 from viddet.models.backbones import build_backbone
 from viddet.models.boxes import base_anchors, batched_nms, decode_boxes, grid_anchors
 from viddet.structures import Detections, ImageMeta
@@ -177,8 +178,8 @@ class BBoxHead(nn.Module):
         x = x.flatten(1)
         if self.aggregator is None:
             for fc in self.shared_fcs:
-                x = F.relu(fc(x))
-            return self.fc_cls(x), self.fc_reg(x)
+                x = fused.linear(fc, x, 'relu')
+            return fused.linear(self.fc_cls, x), fused.linear(self.fc_reg, x)
         ref_x = ref_x.flatten(1)
         for fc, agg in zip(self.shared_fcs, self.aggregator):
             x = fc(x)
@@ -203,7 +204,7 @@ class BBoxHead(nn.Module):
         ref_x = ref_x.flatten(1)
         first = None
         for fc, agg in zip(self.shared_fcs, self.aggregator):
-            ref_x = fc(ref_x)
+            ref_x = fused.linear(fc, ref_x)
             first = ref_x if first is None else first
             kv.append(agg.project_refs(ref_x))
             ref_x = F.relu(ref_x)
@@ -217,9 +218,9 @@ class BBoxHead(nn.Module):
         :meth:`ref_projections`); the result is the same."""
         x = x.flatten(1)
         for i, (fc, agg, refs) in enumerate(zip(self.shared_fcs, self.aggregator, ref_kv)):
-            x = first_fc if i == 0 and first_fc is not None else fc(x)
+            x = first_fc if i == 0 and first_fc is not None else fused.linear(fc, x)
             x = F.relu(x + agg.forward_projected(x, refs))
-        return self.fc_cls(x), self.fc_reg(x)
+        return fused.linear(self.fc_cls, x), fused.linear(self.fc_reg, x)
 
 
 class RoIHead(nn.Module):

@@ -125,4 +125,19 @@ def conv_act_spec(act: Optional[nn.Module]) -> Tuple[str, List[float]]:
     raise ValueError(f'no fused post-op for {type(act).__name__}')
 
 
-__all__ = ['fast_path', 'disable', 'FusedConv', 'FusedCache', 'conv_act_spec']
+__all__ = ['fast_path', 'disable', 'FusedConv', 'FusedCache', 'conv_act_spec', 'linear']
+
+
+def linear(layer: nn.Linear, x: torch.Tensor, act: str = 'none') -> torch.Tensor:
+    """``layer(x)`` (then ReLU when ``act == 'relu'``) for 2-D ``x``; on the fused path through
+    oneDNN's inner product (``torch.ops.mkldnn._linear_pointwise``), about twice the fp32
+    throughput of the default GEMM on AMD CPUs (same values up to summation order)."""
+    if x.dim() == 2 and fast_path(layer, x):
+        op = getattr(getattr(torch.ops, 'mkldnn', None), '_linear_pointwise', None)
+        if op is not None:
+            try:
+                return op(x, layer.weight, layer.bias, act, [], '')
+            except RuntimeError as e:
+                disable(e)
+    y = nn.functional.linear(x, layer.weight, layer.bias)
+    return nn.functional.relu(y) if act == 'relu' else y
