@@ -16,12 +16,13 @@ What it runs (all R-50, CPU, synthetic smooth frames, random weights: see viddet
 5. ``peak``: the machine's achievable fp32 GFLOP/s (a 4096^3 matmul through torch.mm, and a
    3x3 512->512 convolution at 64x64 through oneDNN), and each method's counted GFLOP per
    steady-state frame (``torch.utils.flop_counter``: convolutions and matrix products), giving
-   the achieved fraction.
+   the achieved fraction (FLOPs counted with the fused kernels off, the same arithmetic; the
+   gathers of the factorized TRoI / FGFA embedding (``embedding_bag``) are not counted).
 
 Each part writes ``<out>/<part>.json``; ``--parts`` selects them. Example (what RESULTS.md reports):
 
-    python benchmarks/bench_video.py --out benchmarks/results/cpu --parts full selsa-cache fgfa-floor peak
-    python benchmarks/bench_video.py --out benchmarks/results/cpu --parts long
+    python benchmarks/bench_video.py --threads 1 --out benchmarks/results/cpu_t1 --parts peak full selsa-cache fgfa-floor
+    python benchmarks/bench_video.py --threads 1 --out benchmarks/results/cpu_t1 --parts long
 """
 from __future__ import annotations
 
@@ -75,8 +76,9 @@ def _bench(**kw) -> dict:
 def part_full(args):
     out = []
     for m in args.methods:
+        # FGFA: 15 warm-up frames, so that the timed frames have full 31-frame windows (30 flows)
         r = _bench(method=m, size=(1000, 600), frames=args.full_frames or FULL_FRAMES[m],
-                   warmup=1 if m != 'fgfa' else 2)
+                   warmup=1 if m != 'fgfa' else 15)
         print(f"{m:7s} 1000x600  {r['latency_ms_median'] / 1000:7.2f} s/frame (median)  "
               f"p90 {r['latency_ms_p90'] / 1000:.2f}  peak {r['peak_memory_mb']:.0f} MB  {r['stages_ms']}", flush=True)
         out.append(r)
@@ -171,9 +173,16 @@ def part_peak(args):
             it = run_video(model, video, length=len(video), fetch=video.fetch, scale=(1000, 600))
             for _ in range(16 if m == 'fgfa' else 2):  # steady state (DFF: frame 2 is a non-key frame)
                 next(it)
+            # count with the fused oneDNN kernels off: FlopCounterMode knows the plain aten ops
+            # (convolution, mm, addmm, bmm), not torch.ops.mkldnn.*; embedding_bag is not counted
+            from viddet.models import fused
+            saved, fused._STATE['ok'] = fused._STATE['ok'], False
             counter = FlopCounterMode(display=False)
-            with counter:
-                next(it)
+            try:
+                with counter:
+                    next(it)
+            finally:
+                fused._STATE['ok'] = saved
             it.close()
         g = counter.get_total_flops() / 1e9
         r['methods'][m] = {'counted_gflop_per_frame': round(g, 1)}
@@ -194,7 +203,11 @@ def main():
     ap.add_argument('--small-size', default='320x192')
     ap.add_argument('--short-len', type=int, default=100)
     ap.add_argument('--long-len', type=int, default=1000)
+    ap.add_argument('--threads', type=int, default=None,
+                    help='torch CPU threads (default: torch decides; 1 is faster on a busy shared machine)')
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     for part in args.parts:
         print(f'== {part}', flush=True)

@@ -351,8 +351,9 @@ def build_model(method: str, backbone: str, checkpoint: Optional[str] = None, se
 def benchmark(method: str = 'single', backbone: str = 'r50', size: Tuple[int, int] = (1000, 600),
               frames: int = 20, warmup: int = 2, device: str = 'cpu', amp: Optional[str] = None,
               mode: str = 'offline', ref_cache: bool = True, checkpoint: Optional[str] = None,
-              model: Optional[torch.nn.Module] = None, video=None, seed: int = 0) -> BenchmarkResult:
-    """Runs ``method`` over a ``warmup + frames`` frame video and measures it.
+              model: Optional[torch.nn.Module] = None, video=None, seed: int = 0,
+              video_length: Optional[int] = None) -> BenchmarkResult:
+    """Runs ``method`` over the first ``warmup + frames`` frames of a video and measures it.
 
     Args:
         method, backbone: as :func:`viddet.methods.build_method` (ignored when ``model`` is given).
@@ -368,6 +369,10 @@ def benchmark(method: str = 'single', backbone: str = 'r50', size: Tuple[int, in
         model: an already built method (then method/backbone/checkpoint/ref_cache are not used
             to build one, only reported).
         video: optional frame source with ``__iter__`` and ``fetch`` (default: :class:`SyntheticVideo`).
+        video_length: frames in the synthetic video (>= warmup + frames). Default: warmup + frames,
+            plus FGFA's look-ahead (15) offline, so that with ``warmup >= 15`` every timed FGFA
+            frame has its full 31-frame window (near the video's ends the window repeats the end
+            frames and FGFA runs fewer FlowNet passes).
 
     Returns:
         a :class:`BenchmarkResult`.
@@ -389,7 +394,12 @@ def benchmark(method: str = 'single', backbone: str = 'r50', size: Tuple[int, in
     model = model.to(dev).eval()
     width, height = size
     total = warmup + frames
-    video = video if video is not None else SyntheticVideo(width, height, total, seed=seed)
+    if video_length is None:
+        video_length = total + (int(getattr(model, 'num_right', 0)) if mode == 'offline' else 0)
+    if video_length < total:
+        raise VidDetError(f'video length {video_length} < warm-up + timed frames ({total})')
+    video = video if video is not None else SyntheticVideo(width, height, video_length, seed=seed)
+    length = len(video) if hasattr(video, '__len__') else total
     source = _TimedSource(video, getattr(video, 'fetch', None))
     scale = (max(width, height), min(width, height))
     timer = StageTimer(True, dev)
@@ -398,7 +408,7 @@ def benchmark(method: str = 'single', backbone: str = 'r50', size: Tuple[int, in
     stage_sum: Dict[str, float] = {k: 0.0 for k in STAGES}
     mem = PeakMemory(dev)
     with mem, autocast:
-        results = run_video(model, source, mode=mode, length=total,
+        results = run_video(model, source, mode=mode, length=length,
                             fetch=source.fetch if source._fetch is not None else None,
                             device=dev, scale=scale, timer=timer)
         t_prev, src_prev = time.perf_counter(), source.seconds
@@ -414,6 +424,9 @@ def benchmark(method: str = 'single', backbone: str = 'r50', size: Tuple[int, in
                 for k, v in res.stages.items():
                     stage_sum[k] = stage_sum.get(k, 0.0) + v * 1000.0
             mem_frames.append(mem.current_mb())
+            if len(lat) == frames:
+                results.close()  # the rest of the video (FGFA's look-ahead) is not run
+                break
             t_prev, src_prev = time.perf_counter(), source.seconds
     if len(lat) < 1:
         raise VidDetError(f'the video ended after {len(warm)} frames, before any timed frame')
@@ -423,7 +436,7 @@ def benchmark(method: str = 'single', backbone: str = 'r50', size: Tuple[int, in
     name = getattr(model, 'method', method)
     extra = {'mode': mode, 'amp': amp or 'fp32', 'ref_cache': bool(getattr(model, 'ref_cache', ref_cache)),
              'weights': checkpoint or f'random (seed {seed})', 'torch_threads': torch.get_num_threads(),
-             'torch': torch.__version__, 'cpu_count': os.cpu_count(),
+             'torch': torch.__version__, 'cpu_count': os.cpu_count(), 'video_length': length,
              'memory_baseline_mb': None if mem.baseline_mb is None else round(mem.baseline_mb, 3)}
     return BenchmarkResult(name, backbone, str(dev), (width, height), len(lat), len(warm), lat, warm,
                            stages, mem.peak_mb, mem.kind, mem_frames, extra)

@@ -147,6 +147,9 @@ class SELSA(SingleFrame):
             if self._ref_kv is None or self._ref_kv[0] != tuple(ref_ids):
                 self._ref_kv = (tuple(ref_ids), [SelsaRefProjections.cat([r.projections[layer] for r in refs])
                                                  for layer in range(len(cur_proj))] if refs else None)
+                if ctx.mode == 'offline':  # the set never changes within the video: keep one copy
+                    for r in refs:
+                        r.projections = None
             ref_kv = self._ref_kv[1]
         else:  # MMTracking's way: the references' RPN and RoI head again, every frame
             projections = [self._projections(r.feats, r.meta, ctx.timer) for r in refs]
