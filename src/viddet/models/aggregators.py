@@ -572,7 +572,9 @@ class TemporalRoIAlign(nn.Module):
             return roi_feats
         t, _, fh, fw = ref_feats.shape
         points = self.output_size * self.output_size
-        fast = self.factorized and self.num_temporal_attention_blocks > 0 and self.sampling_ratio > 0
+        # The factorized path writes into preallocated outputs (no autograd): inference only.
+        fast = (self.factorized and self.num_temporal_attention_blocks > 0 and self.sampling_ratio > 0
+                and not torch.is_grad_enabled())
         if roi_chunk_size is None:
             per_roi = points * fh * fw * (1 if fast else t)
             roi_chunk_size = max(1, self.max_chunk_elements // per_roi)
