@@ -111,3 +111,19 @@ def test_forward_train_averages_samples():
         assert lab[k].item() == pytest.approx((la[k].item() + lb[k].item()) / 2, rel=1e-5, abs=1e-7)
     with pytest.raises(ValueError, match='at least 1 reference'):
         _small(build_method('selsa', 'mobilenetv2', 30)).forward_train([a])
+
+
+def test_zero_flownet_option_gives_zero_flow_and_frozen_flownet():
+    from viddet.config import config_from_dict
+    from viddet.engine.train import build_train_model
+    cfg = config_from_dict({'model': {'method': 'fgfa', 'backbone': 'mobilenetv2', 'flownet': 'zero'},
+                            'data': {'train': [{'ann_file': 'a.json', 'img_prefix': 'b',
+                                                'ref_sampler': {'num_ref_imgs': 2}}]}})
+    m = build_train_model(cfg)
+    s = _sample(2)
+    flow = m.motion(s.img[None], s.ref_imgs, s.img_shape)
+    assert flow.abs().max() == 0
+    assert not any(p.requires_grad for p in m.motion.parameters())
+    from viddet import VidDetError
+    with pytest.raises(VidDetError, match='has no FlowNet'):
+        config_from_dict({'model': {'method': 'single', 'flownet': 'zero'}})

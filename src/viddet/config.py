@@ -56,6 +56,11 @@ class ModelConfig:
         backbone_frozen_stages: override the backbone's frozen stages (None: ResNet stem + layer1
             = 1, MobileNetV2-lite features.0-3 = 4). ResNet: 0..4 layers; MobileNetV2-lite: 0..18
             leading ``features`` blocks (e.g. 14 trains only the dilated stride-16 stage).
+        flownet: DFF/FGFA only. ``train`` (MMTracking: FlowNet is trained with the rest),
+            ``frozen`` (keep its initial weights, e.g. flownet_simple.pth) or ``zero`` (the last
+            flow layer is zeroed and FlowNet frozen: the flow is 0 everywhere, i.e. features are
+            propagated/aggregated without motion compensation — the sensible choice when no
+            pretrained FlowNet is available and the data set is too small to learn flow).
         test: keyword arguments of the method at evaluation time (e.g. ``key_frame_interval`` for
             DFF, ``num_left``/``num_right`` for FGFA, ``num_refs`` for SELSA); default MMTracking's.
     """
@@ -65,6 +70,7 @@ class ModelConfig:
     rpn_train_proposals: Optional[int] = None
     rcnn_samples: Optional[int] = None
     backbone_frozen_stages: Optional[int] = None
+    flownet: str = 'train'
     test: Dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -360,6 +366,10 @@ def _validate(cfg: Config) -> None:
     if m.backbone_frozen_stages is not None and not 0 <= m.backbone_frozen_stages <= (18 if m.backbone == 'mobilenetv2' else 4):
         raise err(f'model.backbone_frozen_stages must be in 0..{18 if m.backbone == "mobilenetv2" else 4} for '
                   f'{m.backbone}, got {m.backbone_frozen_stages}')
+    if m.flownet not in ('train', 'frozen', 'zero'):
+        raise err(f'model.flownet must be train, frozen or zero, got {m.flownet!r}')
+    if m.flownet != 'train' and m.method not in ('dff', 'fgfa'):
+        raise err(f'model.flownet={m.flownet} but method {m.method} has no FlowNet (only dff, fgfa)')
     needs_refs = {'single': 0, 'dff': 1, 'fgfa': 1, 'selsa': 1, 'troi': 1}[m.method]
     for i, t in enumerate(cfg.data.train):
         r = t.ref_sampler

@@ -132,7 +132,21 @@ def build_train_model(cfg: Config, **method_kwargs) -> nn.Module:
     if m.backbone_frozen_stages is not None:
         model.detector.backbone.frozen_stages = m.backbone_frozen_stages
         model.detector.backbone.train(model.detector.backbone.training)  # applies the freezing
-    return init_weights_like_mmdet(model)
+    init_weights_like_mmdet(model)
+    if m.flownet != 'train':
+        configure_flownet(model, m.flownet)
+    return model
+
+
+def configure_flownet(model: nn.Module, mode: str) -> None:
+    """``frozen``: FlowNet parameters get ``requires_grad=False``. ``zero``: additionally the final
+    ``predict_flow`` conv is zeroed, so the predicted flow is exactly 0 (features are warped by a
+    zero flow; with MMTracking's warp that is the identity up to its (W-1)/W contraction)."""
+    if mode == 'zero':
+        with torch.no_grad():
+            model.motion.predict_flow.conv.weight.zero_()
+    for p in model.motion.parameters():
+        p.requires_grad = False
 
 
 def _state_from_file(path: str, what: str) -> Dict[str, torch.Tensor]:
@@ -599,6 +613,8 @@ def train(cfg: Config, work_dir, *, resume: bool = False, amp: Optional[str] = N
             load_backbone_weights(model, cfg.init.backbone_weights, verbose and rank == 0)
         if cfg.init.flownet_weights:
             load_flownet_weights(model, cfg.init.flownet_weights, verbose and rank == 0)
+            if cfg.model.flownet == 'zero':
+                configure_flownet(model, 'zero')
         if cfg.init.checkpoint:
             load_full_checkpoint(model, cfg.init.checkpoint, verbose and rank == 0)
     else:
