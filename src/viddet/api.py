@@ -114,7 +114,7 @@ class VideoDetector:
         else:
             model = build_method(method, backbone, len(names), **method_kwargs)
             load_into(model, state, str(path))
-        return cls(model, names, dev)
+        return cls(model, names, dev, scale=test_scale(meta))
 
     def predict(self, frames: Union[str, Path, Iterable[np.ndarray]], mode: Optional[str] = None,
                 max_frames: Optional[int] = None, timer: Optional[StageTimer] = None) -> Iterator[FrameResult]:
@@ -164,6 +164,16 @@ class VideoDetector:
         stream = ((i, f'{i:06d}', np.asarray(f)) for i, f in islice(enumerate(frames), max_frames))
         yield from run_video(self.model, stream, mode=mode or 'online', device=self.device, scale=self.scale,
                              timer=timer)
+
+
+def test_scale(meta: dict) -> Tuple[int, int]:
+    """Resize limits a checkpoint was trained for: ``data.scale`` of a viddet training config in
+    ``meta['config']``, else MMTracking's (1000, 600)."""
+    cfg = meta.get('config') if isinstance(meta, dict) else None
+    scale = cfg.get('data', {}).get('scale') if isinstance(cfg, dict) else None
+    if isinstance(scale, (list, tuple)) and len(scale) == 2:
+        return int(scale[0]), int(scale[1])
+    return DEFAULT_SCALE
 
 
 def build_names(meta) -> Tuple[str, ...]:
