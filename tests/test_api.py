@@ -139,8 +139,8 @@ def test_single_frame_model_from_a_troi_checkpoint(tmp_path):
 
 
 def test_test_scale_comes_from_a_viddet_training_config():
-    from viddet.api import test_scale
+    from viddet.api import inference_scale
     from viddet.data.transforms import DEFAULT_SCALE
-    assert test_scale({'config': {'data': {'scale': [320, 192]}}}) == (320, 192)
-    assert test_scale({'CLASSES': ('a',)}) == DEFAULT_SCALE          # MMTracking meta: (1000, 600)
-    assert test_scale({'config': 'pretty text of an mmcv config'}) == DEFAULT_SCALE
+    assert inference_scale({'config': {'data': {'scale': [320, 192]}}}) == (320, 192)
+    assert inference_scale({'CLASSES': ('a',)}) == DEFAULT_SCALE          # MMTracking meta: (1000, 600)
+    assert inference_scale({'config': 'pretty text of an mmcv config'}) == DEFAULT_SCALE

@@ -114,7 +114,7 @@ class VideoDetector:
         else:
             model = build_method(method, backbone, len(names), **method_kwargs)
             load_into(model, state, str(path))
-        return cls(model, names, dev, scale=test_scale(meta))
+        return cls(model, names, dev, scale=inference_scale(meta))
 
     def predict(self, frames: Union[str, Path, Iterable[np.ndarray]], mode: Optional[str] = None,
                 max_frames: Optional[int] = None, timer: Optional[StageTimer] = None) -> Iterator[FrameResult]:
@@ -166,7 +166,7 @@ class VideoDetector:
                              timer=timer)
 
 
-def test_scale(meta: dict) -> Tuple[int, int]:
+def inference_scale(meta: dict) -> Tuple[int, int]:
     """Resize limits a checkpoint was trained for: ``data.scale`` of a viddet training config in
     ``meta['config']``, else MMTracking's (1000, 600)."""
     cfg = meta.get('config') if isinstance(meta, dict) else None
