@@ -82,6 +82,13 @@ def part_full(args):
         print(f"{m:7s} 1000x600  {r['latency_ms_median'] / 1000:7.2f} s/frame (median)  "
               f"p90 {r['latency_ms_p90'] / 1000:.2f}  peak {r['peak_memory_mb']:.0f} MB  {r['stages_ms']}", flush=True)
         out.append(r)
+        if m == 'fgfa':  # without the embed cache (MMTracking's 31 embedding convs per frame)
+            r = _bench(method=m, size=(1000, 600), frames=args.full_frames or FULL_FRAMES[m], warmup=15,
+                       model=build_model('fgfa', 'r50', embed_cache=False))
+            r['variant'] = 'embed_cache=False'
+            print(f"fgfa (embed_cache=False) {r['latency_ms_median'] / 1000:7.2f} s/frame  "
+                  f"peak {r['peak_memory_mb']:.0f} MB  {r['stages_ms']}", flush=True)
+            out.append(r)
     return out
 
 
@@ -112,7 +119,7 @@ def part_selsa_cache(args):
 
 def part_fgfa_floor(args):
     """FGFA frames interleaved with the floor (1 backbone + 30 FlowNet passes, same batching)."""
-    model = build_model('fgfa', 'r50')
+    model = build_model('fgfa', 'r50', embed_cache=not args.fgfa_no_embed_cache)
     video = SyntheticVideo(1000, 600, 40)
     timer = StageTimer(True)
     frames, floors = [], []
@@ -138,7 +145,7 @@ def part_fgfa_floor(args):
     r = {'fgfa_s_per_frame': [round(f, 3) for f, _ in frames], 'floor_s': [round(f, 3) for f in floors],
          'fgfa_median_s': round(fgfa, 3), 'floor_median_s': round(floor, 3), 'ratio': round(fgfa / floor, 3),
          'stages_s': [{k: round(v, 3) for k, v in s.items()} for _, s in frames],
-         'flow_chunk': model.flow_chunk, 'loadavg_after': os.getloadavg()}
+         'flow_chunk': model.flow_chunk, 'embed_cache': model.embed_cache, 'loadavg_after': os.getloadavg()}
     print(f"fgfa {fgfa:.2f} s/frame vs floor (backbone + 30 FlowNet) {floor:.2f} s: ratio {fgfa / floor:.2f}", flush=True)
     return [r]
 
@@ -168,7 +175,7 @@ def part_peak(args):
     print(f"machine: torch.mm {r['matmul_gflops_best']} GFLOP/s (best of 5), oneDNN conv {r['conv_gflops_best']} GFLOP/s")
     for m in args.methods:
         model = build_model(m, 'r50')
-        video = SyntheticVideo(1000, 600, 20)
+        video = SyntheticVideo(1000, 600, 40)  # FGFA frame 16 of 40 has its full 31-frame window
         with torch.inference_mode():
             it = run_video(model, video, length=len(video), fetch=video.fetch, scale=(1000, 600))
             for _ in range(16 if m == 'fgfa' else 2):  # steady state (DFF: frame 2 is a non-key frame)
@@ -203,6 +210,7 @@ def main():
     ap.add_argument('--small-size', default='320x192')
     ap.add_argument('--short-len', type=int, default=100)
     ap.add_argument('--long-len', type=int, default=1000)
+    ap.add_argument('--fgfa-no-embed-cache', action='store_true', help='fgfa-floor: FGFA without its embed cache')
     ap.add_argument('--threads', type=int, default=None,
                     help='torch CPU threads (default: torch decides; 1 is faster on a busy shared machine)')
     args = ap.parse_args()

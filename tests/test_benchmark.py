@@ -101,3 +101,12 @@ def test_selsa_without_reference_cache_gives_the_same_detections():
         torch.testing.assert_close(a.boxes, b.boxes, rtol=1e-4, atol=1e-3)
         torch.testing.assert_close(a.scores, b.scores, rtol=1e-4, atol=1e-5)
     assert total > 0
+
+
+@pytest.mark.parametrize('method', ['troi', 'fgfa'])
+def test_benchmark_runs_under_bf16_autocast(method):
+    """--amp bf16 on the CPU: every fast path copes with mixed dtypes (results are not parity-exact)."""
+    from viddet.benchmark import benchmark
+    r = benchmark(method=method, size=(64, 64), frames=1, warmup=1, amp='bf16')
+    rec = r.as_dict()
+    assert rec['amp'] == 'bf16' and rec['frames'] == 1 and rec['fps'] > 0

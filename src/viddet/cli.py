@@ -228,7 +228,8 @@ def add_benchmark_parser(sub):
     p.add_argument('--backbone', default='r50', choices=('r50', 'r101', 'x101', 'mobilenetv2'))
     p.add_argument('--size', default='1000x600', help='frame WIDTHxHEIGHT in pixels (default 1000x600)')
     p.add_argument('--frames', type=int, default=20, help='timed frames (default 20)')
-    p.add_argument('--warmup', type=int, default=2, help='untimed frames before them (default 2)')
+    p.add_argument('--warmup', type=int, default=2,
+                   help='untimed frames before them (default 2; FGFA needs 15 to time full 31-frame windows)')
     p.add_argument('--device', default='cpu', help='cpu, cuda or auto (default cpu)')
     p.add_argument('--amp', choices=('bf16', 'fp16'), default=None,
                    help='autocast dtype (default fp32; detections then differ from MMTracking)')

@@ -366,8 +366,9 @@ def _conv1x1_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     Computed as a channels-last 1x1 convolution, which runs on oneDNN (about twice the fp32 GEMM
     throughput of ``torch.mm`` on this AMD CPU, same values up to summation order).
     """
-    x = x.contiguous(memory_format=torch.channels_last)
-    out = F.conv2d(x, weight[:, :, None, None])
+    with torch.autocast(x.device.type, enabled=False):  # float32 (the gathers that follow need it)
+        x = x.float().contiguous(memory_format=torch.channels_last)
+        out = F.conv2d(x, weight.float()[:, :, None, None])
     return out.permute(0, 2, 3, 1).reshape(-1, weight.shape[0])
 
 
@@ -582,9 +583,11 @@ class TemporalRoIAlign(nn.Module):
             raise ValueError(f'roi_chunk_size must be >= 1, got {roi_chunk_size}')
         if fast:
             if maps is None:
-                maps = list(ref_feats.to(roi_feats.dtype).split(1))
-            return self._forward_factorized(feats.to(roi_feats.dtype), rois, roi_feats, maps,
-                                            roi_chunk_size, references)
+                maps = list(ref_feats.split(1))
+            # float32 throughout (under autocast too: the gathers mix their operands' dtypes)
+            with torch.autocast(feats.device.type, enabled=False):
+                return self._forward_factorized(feats.float(), rois, roi_feats.float(),
+                                                [m.float() for m in maps], roi_chunk_size, references)
         ref_feats = torch.cat(maps) if maps is not None else ref_feats.to(roi_feats.dtype)
         ref_embed = self._ref_embedding(ref_feats)                          # (C, T*H*W)
         ref_flat = ref_feats.permute(0, 2, 3, 1).reshape(t, fh * fw, -1)    # (T, H*W, C)
@@ -605,7 +608,7 @@ class TemporalRoIAlign(nn.Module):
             a :class:`TRoIReference` (about 10 x the size of ``ref``: 49 MB at 38 x 63 x 512).
         """
         c = ref.shape[1]
-        rows = ref.permute(0, 2, 3, 1).reshape(-1, c)
+        rows = ref.float().permute(0, 2, 3, 1).reshape(-1, c)  # float32, as the fast path computes
         unit = rows / rows.norm(p=2, dim=1, keepdim=True)
         return TRoIReference(rows.contiguous(), unit, self._tap_projections(ref))
 
