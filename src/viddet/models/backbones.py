@@ -20,6 +20,33 @@ from viddet.models import fused
 RESNET_DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 
 
+class FrozenStagesMixin:
+    """``train()`` that keeps a backbone's frozen stages (``frozen_modules()``, requires_grad=False)
+    and, with ``norm_eval``, every BatchNorm in eval mode (mmdet ``frozen_stages`` / ``norm_eval``)."""
+
+    norm_eval: bool = True
+
+    def frozen_modules(self) -> List[nn.Module]:
+        raise NotImplementedError
+
+    def freeze(self) -> None:
+        """Puts the frozen modules in eval mode and stops their gradients."""
+        for m in self.frozen_modules():
+            m.eval()
+            for p in m.parameters():
+                p.requires_grad = False
+
+    def train(self, mode: bool = True):
+        """Sets training mode, except for the frozen stages and (norm_eval) every BatchNorm."""
+        nn.Module.train(self, mode)
+        self.freeze()
+        if mode and self.norm_eval:
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
+        return self
+
+
 class Bottleneck(nn.Module):
     """ResNet/ResNeXt bottleneck, pytorch style (stride on the 3x3 conv).
 
@@ -55,7 +82,7 @@ class Bottleneck(nn.Module):
         return self.relu(out + identity)
 
 
-class ResNetDC5(nn.Module):
+class ResNetDC5(FrozenStagesMixin, nn.Module):
     """ResNet-50/101 or ResNeXt-101 (64x4d) with a dilated, stride-1 layer4 (total stride 16).
 
     Args:
@@ -94,26 +121,14 @@ class ResNetDC5(nn.Module):
             blocks += [Bottleneck(inplanes, planes, 1, dilations[i], groups, base_width)
                        for _ in range(1, num_blocks)]
             self.add_module(f'layer{i + 1}', nn.Sequential(*blocks))
-        self._freeze_stages()
+        self.freeze()
         self._fused = fused.FusedCache()
 
-    def _freeze_stages(self):
-        frozen = [self.conv1, self.bn1] + [getattr(self, f'layer{i}') for i in range(1, self.frozen_stages + 1)]
-        if self.frozen_stages >= 0:
-            for m in frozen:
-                m.eval()
-                for p in m.parameters():
-                    p.requires_grad = False
-
-    def train(self, mode: bool = True):
-        """Sets training mode but keeps frozen stages and (norm_eval) every BN in eval mode."""
-        super().train(mode)
-        self._freeze_stages()
-        if mode and self.norm_eval:
-            for m in self.modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    m.eval()
-        return self
+    def frozen_modules(self) -> List[nn.Module]:
+        """The stem and layers 1..frozen_stages (none when frozen_stages < 0)."""
+        if self.frozen_stages < 0:
+            return []
+        return [self.conv1, self.bn1] + [getattr(self, f'layer{i}') for i in range(1, self.frozen_stages + 1)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if fused.fast_path(self, x):

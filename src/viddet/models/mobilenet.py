@@ -29,11 +29,13 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
+from viddet.models.backbones import FrozenStagesMixin
+
 DILATED_BLOCKS = (14, 15, 16, 17)
 NUM_FEATURES = 18  # features.0 .. features.17
 
 
-class MobileNetV2Lite(nn.Module):
+class MobileNetV2Lite(FrozenStagesMixin, nn.Module):
     """Dilated MobileNetV2 feature extractor, output stride 16, 320 channels.
 
     Args:
@@ -58,23 +60,11 @@ class MobileNetV2Lite(nn.Module):
                     m.stride, m.dilation, m.padding = (1, 1), (2, 2), (2, 2)
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
-        self._freeze()
+        self.freeze()
 
-    def _freeze(self):
-        for i in range(min(self.frozen_stages, NUM_FEATURES)):
-            self.features[i].eval()
-            for p in self.features[i].parameters():
-                p.requires_grad = False
-
-    def train(self, mode: bool = True):
-        """Training mode except for the frozen stages and (``norm_eval``) every BatchNorm."""
-        super().train(mode)
-        self._freeze()
-        if mode and self.norm_eval:
-            for m in self.modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    m.eval()
-        return self
+    def frozen_modules(self) -> List[nn.Module]:
+        """The first ``frozen_stages`` feature blocks."""
+        return [self.features[i] for i in range(min(max(self.frozen_stages, 0), NUM_FEATURES))]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, 320, ceil(H/16), ceil(W/16))."""
