@@ -54,9 +54,15 @@ def test_factorized_temporal_roi_align_equals_direct(chunk):
         fast = troi(feats, rois, ref_feats, roi_chunk_size=chunk)
         fast_cl = troi(feats.contiguous(memory_format=torch.channels_last), rois,
                        ref_feats.contiguous(memory_format=torch.channels_last), roi_chunk_size=chunk)
+        # SELSA's call: a list of maps whose last one is the key map itself, the other references
+        # prepared once (TRoIReference)
+        maps = list(ref_feats[:-1].split(1)) + [feats]
+        prepared = [troi.prepare_reference(m) for m in maps[:-1]] + [None]
+        selsa_style = troi(feats, rois, maps, roi_chunk_size=chunk, references=prepared)
     assert fast.shape == (7, 16, 7, 7)
     torch.testing.assert_close(fast, direct, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fast_cl, direct, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(selsa_style, direct, atol=1e-5, rtol=1e-5)
 
 
 def _randomise_bn(module, seed):

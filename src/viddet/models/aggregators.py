@@ -410,7 +410,9 @@ class TemporalRoIAlign(nn.Module):
       points, softmax weight x (W_tap @ reference pixel): the 9 products W_tap @ R of every
       reference pixel are one 1x1 conv (C -> 9C) per frame, and each embedded point is a 9k-term
       weighted gather (``embedding_bag``). This replaces the conv over T*n 7x7 maps
-      (T*n*49*9*C*C*2 = 1.0 TFLOP for 15 frames x 300 RoIs) by T*H'W'*9*C*C*2 = 0.16 TFLOP.
+      (T*n*49*9*C*C*2 = 1.0 TFLOP for 15 frames x 300 RoIs) by T*H'W'*9*C*C*2 = 0.16 TFLOP
+      (0.01 TFLOP per frame when the references' products are cached, :meth:`prepare_reference`).
+      The key RoI maps are embedded the same way, from their RoIAlign taps (9 x 16 gathers).
 
     Args:
         out_channels: feature channels C (512).
@@ -677,14 +679,29 @@ class TemporalRoIAlign(nn.Module):
         tap = torch.arange(9, device=dev).view(1, 1, 9, 1)
         bag = (indices[:, nbr] * 9 + tap).reshape(t, num, 9 * k)              # (T, P, 9k)
         bag_w = (sel_w[:, nbr] * inside).reshape(t, num, 9 * k)
-        key_embed = self.embed_network(roi_feats.contiguous(memory_format=torch.channels_last))
-        key_embed = key_embed.permute(0, 2, 3, 1).reshape(num, g, d)
+        # the key RoIs' embedding by the same trick: RoIAlign taps of the key map x its tap
+        # projections (9*16 gathers per point instead of a 3x3 conv over n 7x7 maps); the key map
+        # is usually also the last reference map (SELSA), whose projections are then shared
         bias = self.embed_network.conv.bias
+        key_ref = next((f for f in range(t) if maps[f] is feats), None)
+        if key_ref is not None and refs[key_ref] is not None:
+            key_proj = refs[key_ref].proj
+        else:
+            key_proj = self._tap_projections(feats)
+        key_bag = (taps_pos[nbr] * 9 + tap.view(1, 9, 1)).reshape(num, -1)    # (P, 9*16)
+        key_w = (taps_w[nbr] * inside.view(num, 9, 1)).reshape(num, -1)
+        key_embed = F.embedding_bag(key_bag, key_proj, per_sample_weights=key_w, mode='sum')
+        if bias is not None:
+            key_embed += bias
+        key_embed = key_embed.view(num, g, d)
         dots = roi_feats.new_empty(1 + t, num, g)                             # <embed_t, embed_key> per block
         prod = roi_feats.new_empty(num, g, d)
         torch.sum(torch.mul(key_embed, key_embed, out=prod), dim=2, out=dots[0])
         for f in range(t):
-            proj = refs[f].proj if refs[f] is not None else self._tap_projections(maps[f])
+            if refs[f] is not None:
+                proj = refs[f].proj
+            else:
+                proj = key_proj if f == key_ref else self._tap_projections(maps[f])
             embed = F.embedding_bag(bag[f], proj, per_sample_weights=bag_w[f], mode='sum')
             torch.sum(torch.mul(embed.view(num, g, d), key_embed, out=prod), dim=2, out=dots[1 + f])
             del proj, embed
