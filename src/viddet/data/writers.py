@@ -39,7 +39,27 @@ def _partial_name(path: Path) -> Path:
     return path.with_name(path.name + '.partial')
 
 
-class VideoWriter:
+class _AtomicOutput:
+    """``with`` support for the writers: a clean exit calls ``close()`` (the file appears at its final
+    path), an exception calls ``abort()`` (what was written is kept aside, never half-published)."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class VideoWriter(_AtomicOutput):
     """Writes BGR frames to an MP4 (H.264 ``libx264`` when PyAV has it, else MPEG-4 Part 2;
     yuv420p), for ``viddet demo``'s annotated output.
 
@@ -145,17 +165,8 @@ class VideoWriter:
             self._container = None
         self.tmp_path.unlink(missing_ok=True)
 
-    def __enter__(self) -> 'VideoWriter':
-        return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
-
-class JsonLinesWriter:
+class JsonLinesWriter(_AtomicOutput):
     """Writes one JSON object per frame, one per line::
 
         {"frame": 0, "file": "000000.JPEG", "boxes": [[x1, y1, x2, y2], ...],
@@ -210,15 +221,6 @@ class JsonLinesWriter:
         """Closes the file and leaves the records written so far in ``partial_path``."""
         if not self._file.closed:
             self._file.close()
-
-    def __enter__(self) -> 'JsonLinesWriter':
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 _RECORD_KEYS = {'frame', 'boxes', 'scores', 'labels'}
