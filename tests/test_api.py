@@ -144,3 +144,22 @@ def test_test_scale_comes_from_a_viddet_training_config():
     assert inference_scale({'config': {'data': {'scale': [320, 192]}}}) == (320, 192)
     assert inference_scale({'CLASSES': ('a',)}) == DEFAULT_SCALE          # MMTracking meta: (1000, 600)
     assert inference_scale({'config': 'pretty text of an mmcv config'}) == DEFAULT_SCALE
+
+
+def test_checkpoint_test_settings_are_applied_unless_overridden(tmp_path):
+    """A viddet training checkpoint records ``model.test`` (FGFA's window here); loading it builds the
+    method with those settings, explicit keyword arguments win, and ``--method single`` ignores them."""
+    from viddet.api import checkpoint_test_settings
+    torch.manual_seed(0)
+    fgfa = build_method('fgfa', 'mobilenetv2')
+    meta = {'CLASSES': VID_CLASSES, 'config': {'model': {'test': {'num_left': 5, 'num_right': 5}}}}
+    path = tmp_path / 'fgfa.pth'
+    torch.save({'state_dict': fgfa.state_dict(), 'meta': meta}, path)
+    assert checkpoint_test_settings(meta) == {'num_left': 5, 'num_right': 5}
+    assert checkpoint_test_settings({'config': 'mmcv config text'}) == {}
+    det = VideoDetector.from_checkpoint(str(path), device='cpu')
+    assert (det.model.num_left, det.model.num_right) == (5, 5)
+    assert det.model.window(20, 99, 'offline') == list(range(15, 26))
+    det = VideoDetector.from_checkpoint(str(path), device='cpu', num_left=2)
+    assert (det.model.num_left, det.model.num_right) == (2, 5)
+    assert VideoDetector.from_checkpoint(str(path), method='single', device='cpu').method == 'single'

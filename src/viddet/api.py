@@ -84,7 +84,8 @@ class VideoDetector:
             backbone: ``r50|r101|x101|mobilenetv2``; default: what the checkpoint is.
             device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``...
             random_weights: skip the checkpoint, random initialisation (pipeline tests only).
-            method_kwargs: passed to the method (``key_frame_interval``, ``ref_cache``...).
+            method_kwargs: passed to the method (``key_frame_interval``, ``ref_cache``...); they
+                override the checkpoint's own test settings (:func:`checkpoint_test_settings`).
 
         Raises:
             VidDetError: unknown method, unreadable checkpoint, or one of another method/backbone
@@ -112,7 +113,9 @@ class VideoDetector:
             model = build_method('single', backbone, len(names), num_shared_fcs=n_fcs, **method_kwargs)
             load_into(model, state, str(path), ignore_prefixes=_SINGLE_IGNORES)
         else:
-            model = build_method(method, backbone, len(names), **method_kwargs)
+            # a viddet checkpoint's own test-time settings (e.g. FGFA's window) unless overridden
+            kwargs = {**checkpoint_test_settings(meta), **method_kwargs} if method == file_method else method_kwargs
+            model = build_method(method, backbone, len(names), **kwargs)
             load_into(model, state, str(path))
         return cls(model, names, dev, scale=inference_scale(meta))
 
@@ -174,6 +177,18 @@ def inference_scale(meta: dict) -> Tuple[int, int]:
     if isinstance(scale, (list, tuple)) and len(scale) == 2:
         return int(scale[0]), int(scale[1])
     return DEFAULT_SCALE
+
+
+def checkpoint_test_settings(meta: dict) -> dict:
+    """Test-time method settings a checkpoint was trained and evaluated with: ``model.test`` of a viddet
+    training config in ``meta['config']`` (e.g. ``{'num_left': 5, 'num_right': 5}`` for FGFA,
+    ``key_frame_interval`` for DFF, ``num_refs`` for SELSA), so that ``viddet test``/``demo`` score a
+    checkpoint exactly as its training run's evaluation did; ``{}`` for MMTracking checkpoints (whose
+    ``meta['config']`` is mmcv config text: the methods' defaults are MMTracking's test settings)."""
+    cfg = meta.get('config') if isinstance(meta, dict) else None
+    model = cfg.get('model') if isinstance(cfg, dict) else None
+    test = model.get('test') if isinstance(model, dict) else None
+    return dict(test) if isinstance(test, dict) else {}
 
 
 def build_names(meta) -> Tuple[str, ...]:
