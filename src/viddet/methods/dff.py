@@ -31,9 +31,14 @@ class DFF(SingleFrame):
         self._key = None  # (key image tensor (1,3,Hp,Wp), key features (1,512,h,w))
 
     def reset(self):
+        """Forgets the key frame (a new video starts with one)."""
         self._key = None
 
     def predict(self, frame, ctx) -> Detections:
+        """Detections of ``frame``: on a key frame (index a multiple of ``key_frame_interval``, or the
+        first frame) the backbone runs and its (1, 512, h, w) features become the key; otherwise
+        FlowNet's flow from the key image to this frame warps the key features (no backbone).
+        Causal, so identical in both modes (MMTracking ``DFF.simple_test``)."""
         if frame.index % self.key_frame_interval == 0 or self._key is None:
             with ctx.timer('backbone'):
                 feats = self.detector.extract_feat(frame.img)

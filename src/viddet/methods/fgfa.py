@@ -74,6 +74,11 @@ class FGFA(SingleFrame):
         return self._feats[index]
 
     def predict(self, frame, ctx) -> Detections:
+        """Detections of ``frame``: the features of every frame of its window (:meth:`window`; each
+        frame's backbone runs once per video and is cached while in a window) are warped to it by
+        FlowNet flow, weighted by cosine similarity of their embeddings (softmax over the window) and
+        summed, then the RPN and RoI head run on the aggregate (MMTracking ``FGFA.simple_test``).
+        Offline reads up to ``num_right`` frames ahead through ``ctx``; online never does."""
         t = frame.index
         if ctx.mode == 'offline':
             ctx.frame(t + self.num_right)  # read ahead so the video's end (hence `last`) is known

@@ -78,6 +78,7 @@ class SELSA(SingleFrame):
         self.reset()
 
     def reset(self):
+        """Forgets the cached reference frames (proposals, RoI features, attention projections)."""
         self._refs: Dict[int, _Reference] = {}
         self._ref_ids: List[int] = []   # offline: the 14 ids (with duplicates); online: reservoir
         self._stride = 1                 # online reservoir stride, frames
@@ -132,6 +133,12 @@ class SELSA(SingleFrame):
 
     # ------------------------------------------------------------------ per frame
     def predict(self, frame, ctx) -> Detections:
+        """Detections of ``frame``: its 300 proposals' RoI features attend, after each shared fc and
+        before its ReLU, to the RoIs of the reference frames and of the frame itself (offline: 14
+        references spread over the whole video, chosen once; online: up to 14 earlier frames), as
+        MMTracking ``SELSA.simple_test`` with ``test_with_adaptive_stride``. Each reference's backbone,
+        RPN and attention projections are computed once and cached (``ref_cache``); TRoI first
+        replaces the frame's RoI features by its Temporal RoI Align over the same frames."""
         ref_ids = self._offline_refs(ctx) if ctx.mode == 'offline' else list(self._ref_ids)
         det, head = self.detector, self.detector.roi_head
         with ctx.timer('backbone'):
