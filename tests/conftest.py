@@ -7,6 +7,22 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / 'shared'
 
+# torch's thread count when the session starts (conftest is imported before any test module)
+DEFAULT_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def isolated_torch_state():
+    """Every test starts from torch's default thread count, grad mode and dtype, and whatever a test
+    (or a function it calls, e.g. ``train(threads=1)``) changes is undone afterwards, so no result
+    depends on which tests ran before (float summation order depends on the thread count)."""
+    torch.set_num_threads(DEFAULT_THREADS)
+    grad, dtype = torch.is_grad_enabled(), torch.get_default_dtype()
+    yield
+    torch.set_num_threads(DEFAULT_THREADS)
+    torch.set_grad_enabled(grad)
+    torch.set_default_dtype(dtype)
+
 
 def shared_path(*parts) -> Path:
     """Path under ../shared, or skip the test with the reason when it is missing."""
@@ -21,15 +37,13 @@ def shared():
     return shared_path
 
 
-@pytest.fixture(scope='module')
-def one_thread():
-    """One intra-op thread for the module: tiny models gain nothing from more, and on a busy 2-core
-    machine two spinning OpenMP threads make them ~50x slower. Use with
-    ``pytestmark = pytest.mark.usefixtures('one_thread')``."""
-    n = torch.get_num_threads()
+@pytest.fixture
+def one_thread(isolated_torch_state):
+    """One intra-op thread for the test (undone by :func:`isolated_torch_state`): tiny models gain
+    nothing from more, and on a busy 2-core machine two spinning OpenMP threads make them ~50x
+    slower. Use with ``pytestmark = pytest.mark.usefixtures('one_thread')``."""
     torch.set_num_threads(1)
     yield
-    torch.set_num_threads(n)
 
 
 def read_keys(path: Path) -> dict:

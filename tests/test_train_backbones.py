@@ -8,7 +8,7 @@ from viddet.engine.train import init_weights_like_mmdet, load_backbone_weights, 
 from viddet.methods import build_method
 from viddet.models.mobilenet import MobileNetV2Lite, load_torchvision_features
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def test_mobilenet_lite_stride16_dilated_and_frozen():

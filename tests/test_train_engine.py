@@ -12,7 +12,7 @@ from viddet import VidDetError
 from viddet.engine.train import epoch_order, latest_checkpoint, sample_seed, step_indices, train
 
 # Tiny tensors: one thread avoids OpenMP spin-waiting on the shared cores (40x faster here).
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture

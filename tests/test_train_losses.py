@@ -11,7 +11,7 @@ from viddet.models.losses import (AssignerConfig, DetectorTrainConfig, SamplerCo
                                   default_train_config, max_iou_assign, random_sample, rcnn_loss, rcnn_targets,
                                   rpn_loss, rpn_targets, smooth_l1, sum_losses)
 
-torch.set_num_threads(1)  # tiny tensors: avoid OpenMP spin-waiting on the shared cores
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 RPN = AssignerConfig(0.7, 0.3, 0.3)
 RCNN = AssignerConfig(0.5, 0.5, 0.5)

@@ -8,7 +8,7 @@ from viddet.methods.training import TrainSample
 from viddet.models.losses import sum_losses
 from viddet.structures import ImageMeta
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures('one_thread')
 H, W = 96, 128
 
 

@@ -52,21 +52,29 @@ import cv2
 import numpy as np
 import torch
 
-from viddet import VidDetError
+from viddet import speedups
+from viddet.checkpoints import load_model
+from viddet.data.sources import Frame, FrameSource
+from viddet.engine.video import MODES, run_video
+from viddet.errors import VidDetError
 from viddet.fileio import atomic_write_json
+from viddet.runtime import resolve_device, set_threads
+from viddet.timing import StageTimer
 
 AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 STAGES = ('backbone', 'flow', 'rpn', 'roi_head', 'aggregation', 'nms')
 
 
 # ---------------------------------------------------------------------------------- frames
-class SyntheticVideo:
-    """Smooth random BGR frames of a fixed size, generated on demand (index -> image).
+class SyntheticVideo(FrameSource):
+    """Smooth random BGR frames of a fixed size, generated on demand (a :class:`FrameSource`).
 
     A base image a little larger than the frame is made once from low-resolution uniform noise
     (one random value per ``cell`` pixels, bilinear up-sampling, per channel); frame ``i`` is the
     window of that base shifted by ``i * step`` pixels (wrapping around), so consecutive frames
-    show the same smooth content moving, like a panning camera.
+    show the same smooth content moving, like a panning camera. ``seconds`` accumulates the time
+    spent producing frames for random access (``get``, in the caller's thread), so that latencies
+    can exclude it; frames for iteration are made by the prefetch thread.
 
     Args:
         width, height: frame size in pixels.
@@ -83,9 +91,11 @@ class SyntheticVideo:
                  step: Tuple[int, int] = (3, 2)):
         if width < 1 or height < 1 or length < 1:
             raise VidDetError(f'synthetic video: size {width}x{height} and length {length} must be positive')
+        super().__init__(f'<synthetic {width}x{height}x{length}>')
         self.width, self.height, self.length = width, height, length
         self.step = step
         self.margin = 64
+        self.seconds = 0.0
         rng = np.random.default_rng(seed)
         bw, bh = width + self.margin, height + self.margin
         low = rng.integers(0, 256, size=(bh // cell + 2, bw // cell + 2, 3), dtype=np.uint8)
@@ -100,46 +110,17 @@ class SyntheticVideo:
     def __len__(self) -> int:
         return self.length
 
-    def __iter__(self) -> Iterator[Tuple[int, str, np.ndarray]]:
+    def _frames(self) -> Iterator[Frame]:
         for i in range(self.length):
-            yield i, f'{i:06d}', self.frame(i)
+            yield Frame(i, f'{i:06d}', self.frame(i))
 
-    def fetch(self, index: int) -> Tuple[str, np.ndarray]:
-        """Random access for offline methods: ``index -> (name, image)``."""
-        if not 0 <= index < self.length:
-            raise IndexError(f'frame {index} outside [0, {self.length})')
-        return f'{index:06d}', self.frame(index)
-
-
-class _TimedSource:
-    """Wraps frame iteration and random access, accumulating the seconds spent producing frames
-    (so that latencies can exclude them)."""
-
-    def __init__(self, frames, fetch: Optional[Callable]):
-        self._frames, self._fetch = frames, fetch
-        self.seconds = 0.0
-
-    def __iter__(self):
-        it = iter(self._frames)
-        while True:
-            t0 = time.perf_counter()
-            try:
-                item = next(it)
-            except StopIteration:
-                return
-            finally:
-                self.seconds += time.perf_counter() - t0
-            yield item
-
-    def fetch(self, index: int):
+    def _read(self, index: int) -> Frame:
         t0 = time.perf_counter()
-        try:
-            return self._fetch(index)
-        finally:
-            self.seconds += time.perf_counter() - t0
+        frame = Frame(index, f'{index:06d}', self.frame(index))
+        self.seconds += time.perf_counter() - t0
+        return frame
 
 
-# ---------------------------------------------------------------------------------- memory
 def _release_free_heap() -> None:
     """Returns the C allocator's free memory to the OS (glibc ``malloc_trim``; a no-op elsewhere),
     so that memory freed before a measurement but still resident cannot hide a later peak."""
@@ -290,25 +271,6 @@ class BenchmarkResult:
         return '\n'.join(lines)
 
 
-def resolve_device(spec: str) -> torch.device:
-    """``cpu`` | ``cuda`` | ``cuda:N`` | ``auto`` (CUDA when available) -> a torch device.
-
-    Raises:
-        VidDetError: CUDA asked for but not available, or an unknown name.
-    """
-    if spec == 'auto':
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise VidDetError(f'unknown device {spec!r}: use cpu, cuda or auto') from None
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise VidDetError('--device cuda: this torch build or machine has no usable CUDA GPU')
-    if device.type not in ('cpu', 'cuda'):
-        raise VidDetError(f'unsupported device {spec!r}: use cpu, cuda or auto')
-    return device
-
-
 def parse_size(text: str) -> Tuple[int, int]:
     """``'1000x600'`` -> (1000, 600) (width, height in pixels).
 
@@ -322,41 +284,26 @@ def parse_size(text: str) -> Tuple[int, int]:
 
 
 def build_model(method: str, backbone: str, checkpoint: Optional[str] = None, seed: int = 0,
-                **method_kwargs) -> torch.nn.Module:
-    """The method in eval mode, with random weights (seed ``seed``) or those of ``checkpoint``.
-
-    A single-frame model takes the ``detector.*`` part of any VID checkpoint.
+                **settings) -> torch.nn.Module:
+    """The method in eval mode (:func:`viddet.checkpoints.load_model`), with random weights (seed
+    ``seed``) or those of ``checkpoint``; ``settings`` are inference settings (``ref_cache``, ``fast``).
 
     Raises:
         VidDetError: unknown method/backbone, unreadable or mismatching checkpoint.
     """
-    from viddet.methods import build_method
     torch.manual_seed(seed)
-    try:
-        model = build_method(method, backbone, **method_kwargs)
-    except (ValueError, TypeError) as e:
-        raise VidDetError(f'cannot build {method} / {backbone}: {e}') from None
-    if checkpoint:
-        from viddet.checkpoints import load_into, read_checkpoint, resolve_checkpoint
-        path = resolve_checkpoint(checkpoint)
-        state, _ = read_checkpoint(path)
-        if method == 'single' and any(k.startswith('detector.') for k in state):
-            state = {k[len('detector.'):]: v for k, v in state.items() if k.startswith('detector.')}
-            load_into(model.detector, state, str(path))
-        else:
-            load_into(model, state, str(path))
-    return model.eval()
+    return load_model(checkpoint, method, backbone, random_weights=checkpoint is None, **settings).model
 
 
 def benchmark(method: str = 'single', backbone: str = 'r50', size: Tuple[int, int] = (1000, 600),
               frames: int = 20, warmup: int = 2, device: str = 'cpu', amp: Optional[str] = None,
               mode: str = 'offline', ref_cache: bool = True, checkpoint: Optional[str] = None,
-              model: Optional[torch.nn.Module] = None, video=None, seed: int = 0,
-              video_length: Optional[int] = None) -> BenchmarkResult:
+              model: Optional[torch.nn.Module] = None, video: Optional[FrameSource] = None, seed: int = 0,
+              video_length: Optional[int] = None, fast: bool = True) -> BenchmarkResult:
     """Runs ``method`` over the first ``warmup + frames`` frames of a video and measures it.
 
     Args:
-        method, backbone: as :func:`viddet.methods.build_method` (ignored when ``model`` is given).
+        method, backbone: names of a method and a backbone (ignored when ``model`` is given).
         size: (width, height) of the synthetic frames in pixels; also the resize limits of the
             preprocessing, so the network sees exactly this size (padded to multiples of 16).
         frames: timed frames (>= 1). warmup: untimed frames before them (>= 0).
@@ -366,13 +313,14 @@ def benchmark(method: str = 'single', backbone: str = 'r50', size: Tuple[int, in
         ref_cache: SELSA/TRoI reference cache (False recomputes the references every frame, as
             MMTracking does).
         checkpoint: optional weights (path, URL or model-zoo name).
-        model: an already built method (then method/backbone/checkpoint/ref_cache are not used
-            to build one, only reported).
-        video: optional frame source with ``__iter__`` and ``fetch`` (default: :class:`SyntheticVideo`).
+        model: an already built method (then method/backbone/checkpoint/ref_cache/fast are not
+            used to build one, only reported).
+        video: optional :class:`viddet.data.sources.FrameSource` (default: :class:`SyntheticVideo`).
         video_length: frames in the synthetic video (>= warmup + frames). Default: warmup + frames,
             plus FGFA's look-ahead (15) offline, so that with ``warmup >= 15`` every timed FGFA
             frame has its full 31-frame window (near the video's ends the window repeats the end
             frames and FGFA runs fewer FlowNet passes).
+        fast: the fast paths of :mod:`viddet.speedups` (False: the plain modules).
 
     Returns:
         a :class:`BenchmarkResult`.
@@ -380,7 +328,6 @@ def benchmark(method: str = 'single', backbone: str = 'r50', size: Tuple[int, in
     Raises:
         VidDetError: bad arguments (sizes, counts, device, AMP type, checkpoint).
     """
-    from viddet.engine.video import MODES, StageTimer, run_video
     if frames < 1 or warmup < 0:
         raise VidDetError(f'--frames must be >= 1 and --warmup >= 0, got {frames} and {warmup}')
     if amp is not None and amp not in AMP_DTYPES:
@@ -389,8 +336,7 @@ def benchmark(method: str = 'single', backbone: str = 'r50', size: Tuple[int, in
         raise VidDetError(f'--mode {mode!r}: choose one of {", ".join(MODES)}')
     dev = resolve_device(device)
     if model is None:
-        kwargs = {} if ref_cache or method not in ('selsa', 'troi') else {'ref_cache': False}
-        model = build_model(method, backbone, checkpoint, seed, **kwargs)
+        model = build_model(method, backbone, checkpoint, seed, ref_cache=ref_cache, fast=fast)
     model = model.to(dev).eval()
     width, height = size
     total = warmup + frames
@@ -398,9 +344,8 @@ def benchmark(method: str = 'single', backbone: str = 'r50', size: Tuple[int, in
         video_length = total + (int(getattr(model, 'num_right', 0)) if mode == 'offline' else 0)
     if video_length < total:
         raise VidDetError(f'video length {video_length} < warm-up + timed frames ({total})')
-    video = video if video is not None else SyntheticVideo(width, height, video_length, seed=seed)
-    length = len(video) if hasattr(video, '__len__') else total
-    source = _TimedSource(video, getattr(video, 'fetch', None))
+    source = video if video is not None else SyntheticVideo(width, height, video_length, seed=seed)
+    length = source.length
     scale = (max(width, height), min(width, height))
     timer = StageTimer(True, dev)
     autocast = torch.autocast(dev.type, dtype=AMP_DTYPES[amp]) if amp else nullcontext()
@@ -408,14 +353,13 @@ def benchmark(method: str = 'single', backbone: str = 'r50', size: Tuple[int, in
     stage_sum: Dict[str, float] = {k: 0.0 for k in STAGES}
     mem = PeakMemory(dev)
     with mem, autocast:
-        results = run_video(model, source, mode=mode, length=length,
-                            fetch=source.fetch if source._fetch is not None else None,
-                            device=dev, scale=scale, timer=timer)
-        t_prev, src_prev = time.perf_counter(), source.seconds
+        results = run_video(model, source, mode=mode, device=dev, scale=scale, timer=timer)
+        seconds = lambda: getattr(source, 'seconds', 0.0)  # noqa: E731
+        t_prev, src_prev = time.perf_counter(), seconds()
         for res in results:
             if dev.type == 'cuda':
                 torch.cuda.synchronize(dev)
-            now, src_now = time.perf_counter(), source.seconds
+            now, src_now = time.perf_counter(), seconds()
             ms = ((now - t_prev) - (src_now - src_prev)) * 1000.0
             if res.frame.index < warmup:
                 warm.append(ms)
@@ -427,15 +371,15 @@ def benchmark(method: str = 'single', backbone: str = 'r50', size: Tuple[int, in
             if len(lat) == frames:
                 results.close()  # the rest of the video (FGFA's look-ahead) is not run
                 break
-            t_prev, src_prev = time.perf_counter(), source.seconds
+            t_prev, src_prev = time.perf_counter(), seconds()
     if len(lat) < 1:
         raise VidDetError(f'the video ended after {len(warm)} frames, before any timed frame')
     stages = {k: v / len(lat) for k, v in stage_sum.items() if v > 0 or k in STAGES}
     stages = {k: v for k, v in stages.items() if v > 0}
     stages['other'] = max(0.0, float(np.mean(lat)) - sum(stages.values()))
-    name = getattr(model, 'method', method)
+    name = getattr(model, 'name', method)
     extra = {'mode': mode, 'amp': amp or 'fp32', 'ref_cache': bool(getattr(model, 'ref_cache', ref_cache)),
-             'weights': checkpoint or f'random (seed {seed})', 'torch_threads': torch.get_num_threads(),
+             'weights': checkpoint or f'random (seed {seed})', 'fast_paths': speedups.is_enabled(model), 'torch_threads': torch.get_num_threads(),
              'torch': torch.__version__, 'cpu_count': os.cpu_count(), 'video_length': length,
              'memory_baseline_mb': None if mem.baseline_mb is None else round(mem.baseline_mb, 3)}
     return BenchmarkResult(name, backbone, str(dev), (width, height), len(lat), len(warm), lat, warm,
@@ -444,14 +388,11 @@ def benchmark(method: str = 'single', backbone: str = 'r50', size: Tuple[int, in
 
 def run_cli(args) -> int:
     """``viddet benchmark`` entry point (arguments from :func:`viddet.cli.add_benchmark_parser`)."""
-    if args.threads is not None:
-        if args.threads < 1:
-            raise VidDetError(f'--threads must be >= 1, got {args.threads}')
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     result = benchmark(method=args.method, backbone=args.backbone, size=parse_size(args.size),
                        frames=args.frames, warmup=args.warmup, device=args.device, amp=args.amp,
                        mode=args.mode, ref_cache=not args.no_ref_cache, checkpoint=args.checkpoint,
-                       seed=args.seed)
+                       seed=args.seed, fast=not args.plain)
     print(result.summary())
     if args.json:
         atomic_write_json(args.json, result.as_dict(), indent=1)
@@ -460,4 +401,4 @@ def run_cli(args) -> int:
 
 
 __all__ = ['SyntheticVideo', 'PeakMemory', 'BenchmarkResult', 'benchmark', 'build_model',
-           'parse_size', 'resolve_device', 'run_cli']
+           'parse_size', 'run_cli']

@@ -1,9 +1,12 @@
-"""Checkpoint loading: MMTracking 0.x/1.x files, plain mmdet Faster R-CNN files, viddet's own files,
-and the MMTracking model zoo (names -> URL -> verified download into a local cache).
+"""From a checkpoint to a model ready to run: MMTracking 0.x/1.x files, plain mmdet Faster R-CNN
+files, viddet's own files, and the MMTracking model zoo (names -> URL -> verified download into a
+local cache).
 
-MMTracking saves ``{"state_dict": ..., "meta": {"CLASSES": ...}}`` (REFERENCE.md §7); keys are
-``detector.*`` (+ ``motion.*`` for DFF/FGFA, ``aggregator.*`` for FGFA). viddet modules use the same
-attribute names, so a file loads with ``strict=True`` and no renaming.
+MMTracking saves ``{"state_dict": ..., "meta": {"CLASSES": ...}}`` (mmcv ``save_checkpoint``); keys
+are ``detector.*`` (+ ``motion.*`` for DFF/FGFA, ``aggregator.*`` for FGFA). viddet modules use the
+same attribute names, so a file loads with ``strict=True`` and no renaming. :func:`load_model` is the
+one way every command and the Python API turn a checkpoint into a model; :func:`load_partial` the one
+way weights are loaded into part of a model (ImageNet backbones, fine-tuning).
 """
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from viddet import VID_CLASSES, VidDetError
+from viddet.classes import VID_CLASSES
+from viddet.errors import VidDetError
 
 ZOO_BASE = 'https://download.openmmlab.com/mmtracking/'
 
@@ -43,14 +47,6 @@ for _name, _dir, _stamp in [
     MODEL_ZOO[_name] = f'vid/{_dir}/{_dir.split("/")[-1]}_{_stamp}.pth'
 MODEL_ZOO['selsa_r50_fp16'] = 'fp16/selsa_faster_rcnn_r50_dc5_fp16_1x_imagenetvid_20210728_193846-dce6eb09.pth'
 
-# Default checkpoint per method: the model-zoo file a user would want first (R-50).
-# 'single' uses the detector part of SELSA R-50 (MMTracking publishes no single-frame VID model).
-DEFAULT_CHECKPOINT = {'single': 'selsa_r50', 'dff': 'dff_r50', 'fgfa': 'fgfa_r50',
-                      'selsa': 'selsa_r50', 'troi': 'troi_r50'}
-
-METHOD_NAMES = {'single': 'single-frame Faster R-CNN', 'dff': 'DFF', 'fgfa': 'FGFA', 'selsa': 'SELSA',
-                'troi': 'SELSA + Temporal RoI Align'}
-BACKBONE_NAMES = {'r50': 'R-50', 'r101': 'R-101', 'x101': 'X-101', 'mobilenetv2': 'MobileNetV2-lite'}
 
 
 def cache_dir() -> Path:
@@ -137,6 +133,8 @@ def resolve_checkpoint(spec: str, progress: bool = True) -> Path:
     p = Path(spec).expanduser()
     if p.is_file():
         return p
+    if p.is_dir():
+        raise VidDetError(f'checkpoint {spec} is a folder, not a checkpoint file (give the .pth file in it)')
     if spec.startswith(('http://', 'https://')):
         dest = cache_dir() / spec.rstrip('/').split('/')[-1]
         return dest if dest.is_file() else download(spec, dest, progress)
@@ -178,8 +176,8 @@ def read_checkpoint(path) -> Tuple[Dict[str, torch.Tensor], dict]:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             obj = torch.load(str(path), map_location='cpu', weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling error means "not a checkpoint"
-        raise VidDetError(f'{path} is not a readable PyTorch checkpoint ({type(e).__name__}: '
-                          f'{str(e).splitlines()[0][:200]})') from None
+        raise VidDetError(f'{path} is not a readable PyTorch checkpoint: {_load_error(e)}'
+                          + _cache_advice(path)) from None
     if not isinstance(obj, dict):
         raise VidDetError(f'{path} holds a {type(obj).__name__}, not a checkpoint dict')
     state = obj.get('state_dict', obj.get('model', obj))
@@ -187,6 +185,27 @@ def read_checkpoint(path) -> Tuple[Dict[str, torch.Tensor], dict]:
     if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor) for v in state.values()):
         raise VidDetError(f'{path} contains no model weights (keys: {list(obj)[:8]})')
     return state, meta if isinstance(meta, dict) else {}
+
+
+def _load_error(e: Exception) -> str:
+    """The reason a ``torch.load`` failed, in one sentence (torch's messages run to many lines)."""
+    text = str(e).strip()
+    if 'Weights only load failed' in text or 'Unsupported global' in text or 'GLOBAL' in text:
+        return ('it contains Python objects other than tensors and plain data, which viddet does not '
+                'execute (a full pickle, or a file that is not a model checkpoint)')
+    if 'zip' in text.lower() or 'magic number' in text or 'EOF' in text or 'truncated' in text:
+        return 'the file is truncated or not a PyTorch checkpoint (its archive cannot be read)'
+    first = text.splitlines()[0] if text else type(e).__name__
+    return first if len(first) <= 300 else first[:300].rsplit(' ', 1)[0] + ' …'
+
+
+def _cache_advice(path) -> str:
+    try:
+        in_cache = Path(path).resolve().is_relative_to(cache_dir().resolve())
+    except (OSError, ValueError):
+        in_cache = False
+    return (f'. It is in the download cache: delete it ({path}) and run again to download it anew'
+            if in_cache else '')
 
 
 def class_names(meta: dict) -> Tuple[str, ...]:
@@ -203,41 +222,32 @@ def class_names(meta: dict) -> Tuple[str, ...]:
 
 
 def describe_state_dict(state: Dict[str, torch.Tensor]) -> Tuple[Optional[str], Optional[str]]:
-    """Guesses (method, backbone) of a state dict from its keys, e.g. ('selsa', 'r101').
-
-    Method: ``troi`` (Temporal RoI Align extractor), ``selsa`` (bbox-head aggregators), ``fgfa``
-    (motion + embed aggregator), ``dff`` (motion only), ``single`` (a detector alone, with or
-    without the ``detector.`` prefix). Backbone from layer3's block count and layer1's conv2 groups.
-    """
-    keys = state.keys()
-    prefix = 'detector.' if any(k.startswith('detector.') for k in keys) else ''
-    if any('bbox_roi_extractor.embed_network' in k for k in keys):
-        method = 'troi'
-    elif any('bbox_head.aggregator.' in k for k in keys):
-        method = 'selsa'
-    elif any(k.startswith('motion.') for k in keys):
-        method = 'fgfa' if any(k.startswith('aggregator.') for k in keys) else 'dff'
-    elif any(k.startswith(prefix + 'backbone.') for k in keys):
-        method = 'single'
-    else:
+    """(method, backbone) of a state dict from its keys, e.g. ('selsa', 'r101'), (None, None) when
+    it holds no detector. The method is the most specific one whose ``signature`` key prefixes
+    occur (:func:`viddet.methods.method_of_keys`); the backbone is read off the backbone keys
+    (:func:`viddet.models.backbones.backbone_of_state_dict`). Keys of a plain mmdet Faster R-CNN
+    (``backbone.*``, ...) count with a ``detector.`` prefix."""
+    state = _with_detector_prefix(state)
+    cls = method_of_keys(state)
+    if cls is None:
         return None, None
-    backbone = None
-    n3 = {int(m.group(1)) for k in keys if (m := re.match(re.escape(prefix) + r'backbone\.layer3\.(\d+)\.', k))}
-    if n3:
-        depth = {6: 50, 23: 101, 36: 152}.get(max(n3) + 1)
-        w = state.get(prefix + 'backbone.layer1.0.conv2.weight')
-        grouped = w is not None and w.shape[1] != w.shape[0]
-        backbone = ('x' if grouped else 'r') + str(depth) if depth else None
-    elif any(k.startswith(prefix + 'backbone.features.') for k in keys):
-        backbone = 'mobilenetv2'
-    return method, backbone
+    return cls.name, backbone_of_state_dict(state)
 
 
 def describe(method: Optional[str], backbone: Optional[str]) -> str:
     """'a SELSA R-101 checkpoint' style description."""
     if method is None:
         return 'not a Faster R-CNN / MMTracking VID checkpoint'
-    return f'a {METHOD_NAMES[method]} {BACKBONE_NAMES.get(backbone, backbone or "(unknown backbone)")} checkpoint'
+    title = backbone_info(backbone).title if backbone else '(unknown backbone)'
+    return f'a {method_class(method).title} {title} checkpoint'
+
+
+def _with_detector_prefix(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A plain mmdet Faster R-CNN state dict (``backbone.*``, ``rpn_head.*``...) gets the
+    ``detector.`` prefix that MMTracking's VID models use."""
+    if any(k.startswith('detector.') for k in state):
+        return state
+    return {f'detector.{k}': v for k, v in state.items()}
 
 
 def load_into(model: torch.nn.Module, state: Dict[str, torch.Tensor], source: str,
@@ -263,3 +273,157 @@ def load_into(model: torch.nn.Module, state: Dict[str, torch.Tensor], source: st
                 parts.append(f'{len(items)} {label}: {", ".join(items[:5])}{more}')
         raise VidDetError('\n  '.join(parts))
     model.load_state_dict(state, strict=True)
+
+
+def load_partial(module: nn.Module, state: Dict[str, torch.Tensor], source: str,
+                 rename: Callable[[str], Optional[str]] = lambda k: k) -> Tuple[List[str], List[str]]:
+    """Loads the tensors of ``state`` that fit ``module`` (names after ``rename``; None drops a key),
+    like mmcv's ``load_checkpoint(strict=False)``: ImageNet backbone weights, fine-tuning.
+
+    Returns:
+        (missing, unused): the module's keys the file did not give, and the file's keys that were
+        not used (renamed away or unknown to the module).
+
+    Raises:
+        VidDetError: a tensor whose shape differs from the module's (naming ``source``, the key and
+            both shapes), or no tensor of the module at all.
+    """
+    own = module.state_dict()
+    mapped, unused = {}, []
+    for k, v in state.items():
+        key = rename(k)
+        if key is None or key not in own:
+            unused.append(k)
+            continue
+        if tuple(v.shape) != tuple(own[key].shape):
+            raise VidDetError(f'{source}: {k} has shape {tuple(v.shape)} but the {type(module).__name__} '
+                              f'expects {tuple(own[key].shape)} at {key}: weights of another model or size?')
+        mapped[key] = v
+    if not mapped:
+        raise VidDetError(f'{source} contains no weight of this {type(module).__name__} '
+                          f'(first keys: {", ".join(list(state)[:5])})')
+    module.load_state_dict(mapped, strict=False)
+    return [k for k in own if k not in mapped], unused
+
+
+def check_finite(state: Dict[str, torch.Tensor], source: str) -> None:
+    """Raises :class:`VidDetError` naming the tensors of ``state`` that hold NaN or infinity (a
+    diverged training run: such a model detects nothing)."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        more = f' (+{len(bad) - 3} more)' if len(bad) > 3 else ''
+        raise VidDetError(f'{source} has NaN or infinite weights in {len(bad)} tensor(s): '
+                          f'{", ".join(bad[:3])}{more}; it comes from a diverged training run and '
+                          f'would detect nothing')
+
+
+# ===================================================================================== checkpoint -> model
+@dataclass
+class LoadedModel:
+    """What :func:`load_model` returns.
+
+    Attributes:
+        model: the method module with the checkpoint's weights, in eval mode, on the CPU.
+        class_names: label i -> class_names[i] (the checkpoint's classes, else ImageNet VID's 30).
+        meta: the checkpoint's ``meta`` dict.
+        path: the local checkpoint file (None for random weights).
+        scale: the resize limits (long, short) the model was trained for, pixels.
+        test: the inference settings in force (:class:`viddet.config.TestConfig`).
+    """
+    model: VIDMethod
+    class_names: Tuple[str, ...]
+    meta: dict
+    path: Optional[Path]
+    scale: Tuple[int, int]
+    test: TestConfig
+
+
+def checkpoint_test_settings(meta: dict) -> TestConfig:
+    """The inference settings a viddet checkpoint was trained and evaluated with (``model.test`` of
+    the training config in ``meta['config']``, e.g. FGFA's ±5 window), so that ``viddet test`` and
+    ``demo`` score it as its training run did; MMTracking's defaults for MMTracking checkpoints
+    (whose ``meta['config']`` is mmcv config text).
+
+    Raises:
+        VidDetError: a ``model.test`` entry viddet does not know (another viddet version?).
+    """
+    cfg = meta.get('config') if isinstance(meta, dict) else None
+    model = cfg.get('model') if isinstance(cfg, dict) else None
+    test = model.get('test') if isinstance(model, dict) else None
+    if not isinstance(test, dict):
+        return TestConfig()
+    return _convert(test, TestConfig, 'model.test', 'checkpoint meta').check('checkpoint meta model.test')
+
+
+def inference_scale(meta: dict) -> Tuple[int, int]:
+    """Resize limits a checkpoint was trained for: ``data.scale`` of a viddet training config in
+    ``meta['config']``, else MMTracking's (1000, 600)."""
+    cfg = meta.get('config') if isinstance(meta, dict) else None
+    scale = cfg.get('data', {}).get('scale') if isinstance(cfg, dict) else None
+    if isinstance(scale, (list, tuple)) and len(scale) == 2:
+        return int(scale[0]), int(scale[1])
+    return DEFAULT_SCALE
+
+
+def load_model(checkpoint: Optional[str] = None, method: Optional[str] = None, backbone: Optional[str] = None,
+               test: Optional[TestConfig] = None, random_weights: bool = False, progress: bool = True,
+               **settings) -> LoadedModel:
+    """The one way from a checkpoint to a ready model (CLI, Python API, benchmark, training's
+    evaluation and initialisation).
+
+    Args:
+        checkpoint: local path, URL or model-zoo name (``dff_r50``, ``selsa_x101``...). Default:
+            the zoo checkpoint of ``method`` (``default_checkpoint`` of its class; SELSA's).
+        method: ``single|dff|fgfa|selsa|troi``; default: what the checkpoint is. ``single``
+            accepts the detector part of any VID checkpoint (with its number of shared fcs).
+        backbone: default: what the checkpoint is.
+        test: inference settings; default the checkpoint's own (:func:`checkpoint_test_settings`),
+            with ``settings`` (field names of :class:`viddet.config.TestConfig`) overriding them.
+        random_weights: no checkpoint: a randomly initialised model (pipeline checks, benchmarks).
+
+    Raises:
+        VidDetError: unknown method / backbone / setting, an unreadable checkpoint, NaN weights, or a
+            checkpoint of another method or backbone (the message lists missing/unexpected keys
+            and says what the file is).
+    """
+    cls = method_class(method) if method is not None else None
+    unknown = [k for k in settings if k not in TestConfig.__dataclass_fields__]
+    if unknown:
+        raise VidDetError(f'unknown inference setting(s) {", ".join(unknown)}: known are '
+                          f'{", ".join(TestConfig.__dataclass_fields__)}')
+    if random_weights:
+        cls = cls or method_class('selsa')
+        cfg = _with(test or TestConfig(), settings)
+        model = cls.build(backbone or 'r50', len(VID_CLASSES), **cls.settings_of(cfg))
+        return LoadedModel(_ready(model, cfg), VID_CLASSES, {}, None, DEFAULT_SCALE, cfg)
+    path = resolve_checkpoint(checkpoint or (cls or method_class('selsa')).default_checkpoint, progress)
+    state, meta = read_checkpoint(path)
+    state = _with_detector_prefix(state)
+    file_cls = method_of_keys(state)
+    if file_cls is None:
+        raise VidDetError(f'{path} is {describe(None, None)} (first keys: {", ".join(list(state)[:4])})')
+    check_finite(state, str(path))
+    cls = cls or file_cls
+    backbone = backbone or backbone_of_state_dict(state) or 'r50'
+    names = class_names(meta)
+    cfg = _with(test or (checkpoint_test_settings(meta) if cls is file_cls else TestConfig()), settings)
+    if cls.name == 'single':
+        model = cls.build(backbone, len(names), num_shared_fcs=file_cls.num_shared_fcs)
+        ignore = tuple(p for m in METHODS for p in m.signature if p not in cls.signature) + ('motion.', 'aggregator.')
+        load_into(model, {k: v for k, v in state.items() if not k.startswith(ignore)}, str(path))
+    else:
+        model = cls.build(backbone, len(names), **cls.settings_of(cfg))
+        load_into(model, state, str(path))
+    return LoadedModel(_ready(model, cfg), names, meta, path, inference_scale(meta), cfg)
+
+
+def _with(cfg: TestConfig, settings: dict) -> TestConfig:
+    if not settings:
+        return cfg
+    values = {**vars(cfg), **settings}
+    return _convert(values, TestConfig, 'test', 'inference settings').check()
+
+
+def _ready(model: VIDMethod, cfg: TestConfig) -> VIDMethod:
+    model.eval()
+    return speedups.enable(model) if cfg.fast else speedups.disable(model)

@@ -9,29 +9,41 @@ import argparse
 import sys
 from pathlib import Path
 
-from viddet import VidDetError, __version__
+from viddet.errors import VidDetError
+from viddet.methods import METHOD_NAMES, METHODS
+from viddet.models.backbones import BACKBONE_NAMES
+from viddet.version import __version__
 
 
 # ---------------------------------------------------------------- demo (owner: core)
+def add_inference_options(p, mode_default=None):
+    """The options ``demo`` and ``test`` share: which model, where it runs, its inference settings."""
+    p.add_argument('--method', choices=METHOD_NAMES, default=None,
+                   help='VID method (default: what the checkpoint is, else selsa)')
+    p.add_argument('--checkpoint', default=None,
+                   help='checkpoint file, URL or model-zoo name such as selsa_r50, fgfa_r101, dff_x101, troi_r50 '
+                        '(default: the zoo checkpoint of --method)')
+    p.add_argument('--backbone', choices=BACKBONE_NAMES, default=None,
+                   help='backbone (default: what the checkpoint is)')
+    p.add_argument('--device', default='auto', help='auto (CUDA if available), cpu, cuda, cuda:1 ...')
+    p.add_argument('--threads', type=int, default=None,
+                   help='CPU threads (default: torch decides)')
+    p.add_argument('--set', action='append', default=[], metavar='test.KEY=VALUE', dest='overrides',
+                   help='inference setting (repeatable): test.key_frame_interval (DFF, 10), test.num_left / '
+                        'test.num_right (FGFA, 15), test.num_refs (SELSA/TRoI, 14), test.ref_cache, test.fast')
+
+
 def add_demo_parser(sub):
-    from viddet.checkpoints import DEFAULT_CHECKPOINT
-    from viddet.methods import METHODS
     p = sub.add_parser(
         'demo', help='detect objects in a video (file, frame folder, camera, stream): annotated MP4 + JSON lines',
         description='Detect objects in every frame of a video and write an annotated MP4 and one JSON '
                     'record per frame ({"frame", "file", "boxes" [x1,y1,x2,y2] in pixels, "scores", "labels", '
                     '"names"}). Default checkpoints per method (MMTracking model zoo, downloaded once into '
                     '$VIDDET_HOME, default ~/.cache/viddet): '
-                    + ', '.join(f'{m}: {c}' for m, c in DEFAULT_CHECKPOINT.items()) + '.')
+                    + ', '.join(f'{m.name}: {m.default_checkpoint}' for m in METHODS) + '.')
     p.add_argument('input', help='video file, folder of frames (sorted by numeric name), camera (0, /dev/video0) '
                                  'or rtsp/http stream URL')
-    p.add_argument('--method', choices=METHODS, default=None,
-                   help='VID method (default: what the checkpoint is, else selsa)')
-    p.add_argument('--checkpoint', default=None,
-                   help='checkpoint file, URL or model-zoo name such as selsa_r50, fgfa_r101, dff_x101, troi_r50 '
-                        '(default: the zoo checkpoint of --method)')
-    p.add_argument('--backbone', choices=('r50', 'r101', 'x101', 'mobilenetv2'), default=None,
-                   help='backbone (default: what the checkpoint is)')
+    add_inference_options(p)
     p.add_argument('--mode', choices=('offline', 'online'), default=None,
                    help='offline: MMTracking test protocol, uses future frames (default for files/folders); '
                         'online: causal, past frames only (default for cameras/streams)')
@@ -40,7 +52,6 @@ def add_demo_parser(sub):
     p.add_argument('--score-thr', type=float, default=0.5,
                    help='draw boxes scoring above this (the JSON keeps every detection); default 0.5')
     p.add_argument('--fps', type=float, default=None, help='output frame rate (default: the input\'s, else 25)')
-    p.add_argument('--device', default='auto', help='auto (CUDA if available), cpu, cuda, cuda:1 ...')
     p.add_argument('--max-frames', type=int, default=None, help='process only the first N frames')
     p.add_argument('--random-weights', action='store_true',
                    help='no checkpoint, random weights: exercises the pipeline only, detections are meaningless')
@@ -127,7 +138,6 @@ def add_data_parsers(sub):
 
 # ---------------------------------------------------------------- test (owner: core)
 def add_test_parser(sub):
-    from viddet.methods import METHODS
     p = sub.add_parser(
         'test', help='run a model over every video of an annotation file and report COCO AP50 and VID mAP',
         description='Run a VID method over every video of a COCO-VID annotation file (offline = MMTracking test '
@@ -136,11 +146,8 @@ def add_test_parser(sub):
                     'slow/medium/fast. Shard over processes with `torchrun --nproc_per_node N -m viddet test ...`.')
     p.add_argument('ann', help='COCO-VID annotation JSON, e.g. data/ILSVRC/annotations/imagenet_vid_val.json')
     p.add_argument('--root', required=True, help='folder the file_name paths are relative to, e.g. data/ILSVRC/Data/VID')
-    p.add_argument('--method', choices=METHODS, default=None, help='default: what the checkpoint is')
-    p.add_argument('--checkpoint', default=None, help='checkpoint file, URL or model-zoo name (default: the method\'s)')
-    p.add_argument('--backbone', choices=('r50', 'r101', 'x101', 'mobilenetv2'), default=None)
+    add_inference_options(p)
     p.add_argument('--mode', choices=('offline', 'online'), default='offline')
-    p.add_argument('--device', default='auto')
     p.add_argument('--out-dir', default='work_dirs/test', help='detections, plots and tables go here')
     p.add_argument('--motion-iou', default=None,
                    help='official imagenet_vid_groundtruth_motion_iou.mat (else computed from the ground truth)')
@@ -148,11 +155,10 @@ def add_test_parser(sub):
     p.add_argument('--max-videos', type=int, default=None, help='only the first N videos (smoke tests)')
 
     def run(args):
-        from viddet.api import VideoDetector
         from viddet.engine.evaluate import run_test
         from viddet.evaluation.vid import evaluate_and_report
-        detector = VideoDetector.from_checkpoint(args.checkpoint, method=args.method, backbone=args.backbone,
-                                                 device=args.device)
+        from viddet.api import detector_from_args
+        detector = detector_from_args(args)
         results = run_test(detector, args.ann, args.root, args.out_dir, mode=args.mode, max_videos=args.max_videos)
         if results is not None:
             ann = Path(args.out_dir) / 'annotations_subset.json' if args.max_videos else args.ann
@@ -224,8 +230,8 @@ def add_benchmark_parser(sub):
                                    'them) and report latency (median, p90, excluding frame decoding), '
                                    'fps, the per-stage breakdown and peak memory (CUDA: max allocated; '
                                    'CPU: peak RSS increase). Parity with MMTracking holds only at fp32.')
-    p.add_argument('--method', required=True, choices=('single', 'dff', 'fgfa', 'selsa', 'troi'))
-    p.add_argument('--backbone', default='r50', choices=('r50', 'r101', 'x101', 'mobilenetv2'))
+    p.add_argument('--method', required=True, choices=METHOD_NAMES)
+    p.add_argument('--backbone', default='r50', choices=BACKBONE_NAMES)
     p.add_argument('--size', default='1000x600', help='frame WIDTHxHEIGHT in pixels (default 1000x600)')
     p.add_argument('--frames', type=int, default=20, help='timed frames (default 20)')
     p.add_argument('--warmup', type=int, default=2,
@@ -236,6 +242,8 @@ def add_benchmark_parser(sub):
     p.add_argument('--mode', choices=('offline', 'online'), default='offline')
     p.add_argument('--no-ref-cache', action='store_true',
                    help='SELSA/TRoI: recompute the references every frame, as MMTracking does')
+    p.add_argument('--plain', action='store_true',
+                   help='the plain modules, without the fast paths of viddet.speedups (same detections)')
     p.add_argument('--checkpoint', default=None, help='weights (path, URL or zoo name); default random')
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch decides)')
     p.add_argument('--seed', type=int, default=0, help='seed of the random weights and frames')

@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,11 +35,86 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from viddet import VID_CLASSES, VidDetError
+from viddet.classes import VID_CLASSES
+from viddet.errors import VidDetError
+from viddet.methods import METHOD_NAMES, METHODS, method_class
+from viddet.models.backbones import BACKBONE_NAMES
 
-METHODS = ('single', 'dff', 'fgfa', 'selsa', 'troi')
-BACKBONES = ('r50', 'r101', 'x101', 'mobilenetv2')
 REF_METHODS = ('uniform', 'bilateral_uniform')
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 floats: ``1e-4`` and ``5E3`` are numbers (YAML 1.1, which
+    PyYAML follows, needs a dot and a signed exponent, ``1.0e-4``, and reads ``1e-4`` as a string)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    'tag:yaml.org,2002:float',
+    re.compile(r'''^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$''', re.X),
+    list('-+0123456789.'))
+
+
+def yaml_load(text: str, source: str):
+    """Parses YAML text (YAML 1.2 floats, see :class:`_YamlLoader`).
+
+    Raises:
+        VidDetError: not valid YAML, naming ``source`` and the line and column of the error.
+    """
+    try:
+        return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, 'problem_mark', None)
+        where = f' at line {mark.line + 1}, column {mark.column + 1}' if mark is not None else ''
+        problem = getattr(e, 'problem', None) or str(e).splitlines()[0]
+        raise VidDetError(f'{source}: not valid YAML{where}: {problem}') from None
+
+
+# ----------------------------------------------------------------------------------- inference
+@dataclass
+class TestConfig:
+    """Inference settings of the methods (MMTracking's ``test_cfg`` and test-time reference
+    samplers), with MMTracking's values as defaults. ``model.test`` of a training config; on the
+    command line ``--set test.KEY=VALUE`` (``viddet demo`` / ``test``); in Python the keyword
+    arguments of ``VideoDetector.from_checkpoint``. A method reads only its own fields
+    (``VIDMethod.test_settings``); the others are ignored.
+
+    Attributes:
+        key_frame_interval: DFF: the backbone runs on every N-th frame (10).
+        num_left, num_right: FGFA: frames before / after the current one in its window (15, 15).
+        num_refs: SELSA, TRoI: reference frames (14; offline spread over the video, online the
+            last ones at a doubling stride).
+        ref_cache: SELSA, TRoI: compute each reference frame's proposals and projections once per
+            video (True) or for every frame, as MMTracking does (False; same detections, slower).
+        fast: run the fast paths of :mod:`viddet.speedups` (True) or the plain modules (False;
+            same detections up to float rounding).
+    """
+    key_frame_interval: int = 10
+    num_left: int = 15
+    num_right: int = 15
+    num_refs: int = 14
+    ref_cache: bool = True
+    fast: bool = True
+
+    def check(self, source: str = 'test') -> 'TestConfig':
+        """Raises :class:`VidDetError` on out-of-range values (naming ``source``); returns self."""
+        for key in ('key_frame_interval', 'num_refs'):
+            if getattr(self, key) < 1:
+                raise VidDetError(f'{source}.{key} must be >= 1, got {getattr(self, key)}')
+        for key in ('num_left', 'num_right'):
+            if getattr(self, key) < 0:
+                raise VidDetError(f'{source}.{key} must be >= 0, got {getattr(self, key)}')
+        return self
+
+    def ignored_by(self, method: str) -> List[str]:
+        """Fields set to a non-default value that ``method`` does not read (``fast`` aside)."""
+        used = set(method_class(method).test_settings) | {'fast'}
+        default = TestConfig()
+        return [f.name for f in dataclasses.fields(self)
+                if f.name not in used and getattr(self, f.name) != getattr(default, f.name)]
 
 
 # ----------------------------------------------------------------------------------- sections
@@ -61,8 +137,9 @@ class ModelConfig:
             flow layer is zeroed and FlowNet frozen: the flow is 0 everywhere, i.e. features are
             propagated/aggregated without motion compensation — the sensible choice when no
             pretrained FlowNet is available and the data set is too small to learn flow).
-        test: keyword arguments of the method at evaluation time (e.g. ``key_frame_interval`` for
-            DFF, ``num_left``/``num_right`` for FGFA, ``num_refs`` for SELSA); default MMTracking's.
+        test: inference settings of the trained model (:class:`TestConfig`, e.g.
+            ``{num_left: 5, num_right: 5}`` for FGFA); saved with every checkpoint, so that
+            ``viddet test`` / ``demo`` run it as its training-time evaluation did.
     """
     method: str = 'selsa'
     backbone: str = 'r50'
@@ -71,7 +148,7 @@ class ModelConfig:
     rcnn_samples: Optional[int] = None
     backbone_frozen_stages: Optional[int] = None
     flownet: str = 'train'
-    test: Dict[str, Any] = field(default_factory=dict)
+    test: TestConfig = field(default_factory=TestConfig)
 
     @property
     def num_classes(self) -> int:
@@ -352,10 +429,12 @@ def _validate(cfg: Config) -> None:
     def err(msg):
         return VidDetError(f'{src}: {msg}')
     m = cfg.model
-    if m.method not in METHODS:
-        raise err(f'model.method must be one of {", ".join(METHODS)}, got {m.method!r}')
-    if m.backbone not in BACKBONES:
-        raise err(f'model.backbone must be one of {", ".join(BACKBONES)}, got {m.backbone!r}')
+    if m.method not in METHOD_NAMES:
+        raise err(f'model.method must be one of {", ".join(METHOD_NAMES)}, got {m.method!r}')
+    if m.backbone not in BACKBONE_NAMES:
+        raise err(f'model.backbone must be one of {", ".join(BACKBONE_NAMES)}, got {m.backbone!r}')
+    method = method_class(m.method)
+    m.test.check(f'{src}: model.test')
     if not m.classes:
         raise err('model.classes is empty')
     if len(set(m.classes)) != len(m.classes):
@@ -368,9 +447,10 @@ def _validate(cfg: Config) -> None:
                   f'{m.backbone}, got {m.backbone_frozen_stages}')
     if m.flownet not in ('train', 'frozen', 'zero'):
         raise err(f'model.flownet must be train, frozen or zero, got {m.flownet!r}')
-    if m.flownet != 'train' and m.method not in ('dff', 'fgfa'):
-        raise err(f'model.flownet={m.flownet} but method {m.method} has no FlowNet (only dff, fgfa)')
-    needs_refs = {'single': 0, 'dff': 1, 'fgfa': 1, 'selsa': 1, 'troi': 1}[m.method]
+    if m.flownet != 'train' and not method.has_flownet:
+        with_flownet = ', '.join(x.name for x in METHODS if x.has_flownet)
+        raise err(f'model.flownet={m.flownet} but method {m.method} has no FlowNet (only {with_flownet})')
+    needs_refs = 1 if method.train_num_refs else 0
     for i, t in enumerate(cfg.data.train):
         r = t.ref_sampler
         if r is not None:
@@ -380,7 +460,7 @@ def _validate(cfg: Config) -> None:
                 raise err(f'data.train.{i}.ref_sampler: num_ref_imgs and frame_range must be >= 0')
         if needs_refs and (r is None or r.num_ref_imgs < needs_refs):
             raise err(f'data.train.{i}.ref_sampler: method {m.method} needs reference frames '
-                      f'(e.g. ref_sampler: {{num_ref_imgs: {1 if m.method == "dff" else 2}, frame_range: 9}})')
+                      f'(e.g. ref_sampler: {{num_ref_imgs: {method.train_num_refs}, frame_range: 9}})')
     d = cfg.data
     if len(d.scale) != 2 or min(d.scale) < 16:
         raise err(f'data.scale must be [long, short] pixels >= 16, got {list(d.scale)}')
@@ -423,7 +503,7 @@ def parse_override(text: str) -> Tuple[str, Any]:
     if not key or any(not p for p in key.split('.')):
         raise VidDetError(f'--set {text!r}: bad key {key!r}')
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ''
+        value = yaml.load(raw, Loader=_YamlLoader) if raw.strip() else ''  # noqa: S506
     except yaml.YAMLError:
         value = raw
     return key, value
@@ -481,6 +561,25 @@ def config_from_dict(raw: dict, source: str = '<config>', overrides: Sequence[st
     return cfg
 
 
+def test_overrides(overrides: Sequence[str]) -> Dict[str, Any]:
+    """``--set test.KEY=VALUE`` options of ``demo`` / ``test`` -> {KEY: value} (checked against
+    :class:`TestConfig`).
+
+    Raises:
+        VidDetError: not ``test.KEY=VALUE``, an unknown KEY (with a "did you mean"), a wrong type.
+    """
+    out: Dict[str, Any] = {}
+    for text in overrides:
+        key, value = parse_override(text)
+        section, _, name = key.partition('.')
+        if section != 'test' or not name or '.' in name:
+            raise VidDetError(f'--set {text!r}: expected test.KEY=VALUE with KEY one of '
+                              f'{", ".join(f.name for f in dataclasses.fields(TestConfig))}')
+        out[name] = value
+    _from_dict(TestConfig, out, 'test', '--set').check('--set test')
+    return out
+
+
 def load_config(path, overrides: Sequence[str] = ()) -> Config:
     """Reads a YAML config file and applies ``--set`` overrides (see module docstring).
 
@@ -491,10 +590,10 @@ def load_config(path, overrides: Sequence[str] = ()) -> Config:
     if not p.is_file():
         raise VidDetError(f'config file {path} does not exist')
     try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise VidDetError(f'{path}: not valid YAML ({str(e).splitlines()[0]})') from None
-    return config_from_dict(raw or {}, str(path), overrides)
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise VidDetError(f'cannot read config file {path}: {e}') from None
+    return config_from_dict(yaml_load(text, str(path)) or {}, str(path), overrides)
 
 
 def save_config(cfg: Config, path) -> Path:

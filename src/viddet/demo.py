@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from viddet import VidDetError
+from viddet.errors import VidDetError
 
 
 def default_outputs(input_spec: str, method: str, out: Optional[str], json_path: Optional[str]):
@@ -34,7 +34,7 @@ def run_demo(args) -> int:
     """
     from tqdm import tqdm
 
-    from viddet.api import VideoDetector
+    from viddet.api import detector_from_args
     from viddet.data.sources import open_source
     from viddet.data.writers import JsonLinesWriter, VideoWriter
     from viddet.visualize import draw_detections
@@ -51,8 +51,7 @@ def run_demo(args) -> int:
     if args.random_weights:
         print('viddet demo: WARNING: --random-weights: the model is randomly initialised; '
               'the detections are meaningless (pipeline check only)', file=sys.stderr)
-    detector = VideoDetector.from_checkpoint(args.checkpoint, method=args.method, backbone=args.backbone,
-                                             device=args.device, random_weights=args.random_weights)
+    detector = detector_from_args(args)
     video_path, json_path = default_outputs(args.input, detector.method, args.out, args.json)
     mode = args.mode or ('online' if source.is_live else 'offline')
     fps = args.fps if args.fps is not None else (source.fps or 25.0)

@@ -1,4 +1,5 @@
-"""Plain data types passed between viddet's stages: image metadata and per-frame detections."""
+"""Plain data types passed between viddet's stages: image metadata, per-frame detections and
+training samples."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -60,3 +61,46 @@ class Detections:
         arr = torch.cat([self.boxes, self.scores[:, None]], 1).detach().cpu().numpy()
         labels = self.labels.cpu().numpy()
         return [arr[labels == c] for c in range(num_classes)]
+
+
+@dataclass
+class TrainSample:
+    """One training example: a key frame with its ground truth and its reference frames.
+
+    Attributes:
+        img: (3, Hp, Wp) normalised, padded key image (``viddet.data.transforms`` convention).
+        ref_imgs: (R, 3, Hp, Wp) reference images, resized/flipped/padded like the key
+            (R = 0 for single-frame training; DFF 1, FGFA/SELSA 2; DET images: copies of the key).
+        metas: R + 1 :class:`ImageMeta`, key first.
+        gt_bboxes: (g, 4) float32 key-frame boxes (x1, y1, x2, y2) in resized-image pixels.
+        gt_labels: (g,) int64 0-based class labels.
+        is_video_data: False for still images (ImageNet DET): DFF then ignores the warp.
+        seed: seeds this sample's RoI/anchor sampling generator (None: torch's global RNG).
+    """
+    img: torch.Tensor
+    ref_imgs: torch.Tensor
+    metas: List[ImageMeta]
+    gt_bboxes: torch.Tensor
+    gt_labels: torch.Tensor
+    is_video_data: bool = True
+    seed: Optional[int] = None
+
+    def to(self, device) -> 'TrainSample':
+        """Moves the tensors to ``device``."""
+        return TrainSample(self.img.to(device), self.ref_imgs.to(device), self.metas,
+                           self.gt_bboxes.to(device), self.gt_labels.to(device), self.is_video_data, self.seed)
+
+    @property
+    def img_shape(self):
+        return tuple(self.metas[0].img_shape)
+
+    def ref_img_shapes(self) -> list:
+        """(h, w) of each reference image (the key's when ``metas`` holds only the key's meta)."""
+        shapes = [tuple(m.img_shape) for m in self.metas[1:]]
+        return shapes if len(shapes) == self.ref_imgs.shape[0] else [self.img_shape] * self.ref_imgs.shape[0]
+
+    def generator(self) -> Optional[torch.Generator]:
+        """A CPU generator seeded with :attr:`seed` (None when no seed)."""
+        if self.seed is None:
+            return None
+        return torch.Generator().manual_seed(int(self.seed))

@@ -36,7 +36,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from tqdm import tqdm
 
-from viddet import VID_CLASSES, VID_SYNSETS, VidDetError
+from viddet.classes import VID_CLASSES, VID_SYNSETS
+from viddet.errors import VidDetError
 from viddet.fileio import atomic_write_json
 
 SYNSET_TO_CAT_ID = {s: i for i, s in enumerate(VID_SYNSETS, 1)}

@@ -37,13 +37,13 @@ import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Callable, Iterator, List, NamedTuple, Optional
+from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence
 
 import av
 import cv2
 import numpy as np
 
-from viddet import VidDetError
+from viddet.errors import VidDetError
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
 """Image file suffixes of a frame folder (compared case-insensitively, so ``.JPEG`` counts)."""
@@ -238,6 +238,48 @@ class FolderSource(ImageListSource):
             raise VidDetError(f'{path} contains no images ({", ".join(IMAGE_SUFFIXES)})')
         names.sort(key=_frame_sort_key(names))
         super().__init__([folder / n for n in names], path=path, **kwargs)
+
+
+class ArraySource(FrameSource):
+    """Frames already in memory: (H, W, 3) uint8 BGR arrays (Python API).
+
+    A sequence (list, tuple) has a length and random access, so offline methods run on it; any other
+    iterable (a generator, a camera loop) is consumed once, in order, like a live stream (online
+    methods only, ``is_live`` True). Frame names are the indices as ``%06d``.
+
+    Raises:
+        VidDetError: an element that is not an (H, W, 3) uint8 array (when it is reached).
+    """
+
+    def __init__(self, frames, path: str = '<arrays>', **kwargs):
+        super().__init__(path, **kwargs)
+        if isinstance(frames, Sequence) and not isinstance(frames, (str, bytes)):
+            self._items = list(frames)[:self.max_frames]
+            self.length = len(self._items)
+            self._iterable = None
+        else:
+            self._items = None
+            self._iterable = iter(frames)
+            self.is_live = True
+            self.length = None
+
+    @staticmethod
+    def _check(index: int, image) -> np.ndarray:
+        image = np.asarray(image)
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise VidDetError(f'frame {index}: expected an (H, W, 3) uint8 BGR array, got '
+                              f'{image.dtype} of shape {image.shape}')
+        return image
+
+    def _frames(self) -> Iterator[Frame]:
+        items = self._items if self._items is not None else self._iterable
+        for i, image in enumerate(items):
+            yield Frame(i, f'{i:06d}', self._check(i, image))
+
+    def _read(self, index: int) -> Frame:
+        frame = Frame(index, f'{index:06d}', self._check(index, self._items[index]))
+        self._remember(frame)
+        return frame
 
 
 # -------------------------------------------------------------------- PyAV: files and streams

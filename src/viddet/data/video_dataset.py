@@ -26,7 +26,8 @@ import cv2
 import numpy as np
 import torch
 
-from viddet import VID_CLASSES, VidDetError
+from viddet.classes import VID_CLASSES
+from viddet.errors import VidDetError
 from viddet.data.transforms import DEFAULT_SCALE, normalize_pad, resize_keep_ratio
 from viddet.structures import ImageMeta
 

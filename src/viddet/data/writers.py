@@ -22,7 +22,8 @@ import av
 import cv2
 import numpy as np
 
-from viddet import VID_CLASSES, VidDetError
+from viddet.classes import VID_CLASSES
+from viddet.errors import VidDetError
 from viddet.structures import Detections
 
 

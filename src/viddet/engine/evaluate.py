@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from viddet import VidDetError
+from viddet.errors import VidDetError
 from viddet.fileio import atomic_write_json
 
 

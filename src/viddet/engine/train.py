@@ -50,7 +50,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from viddet import VidDetError, __version__
+from viddet.errors import VidDetError
+from viddet.version import __version__
 from viddet.config import Config, save_config
 from viddet.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 
@@ -114,16 +115,13 @@ def init_weights_like_mmdet(model: nn.Module) -> nn.Module:
     return model
 
 
-def build_train_model(cfg: Config, **method_kwargs) -> nn.Module:
+def build_train_model(cfg: Config) -> nn.Module:
     """The method module of ``cfg.model`` with its training settings applied and the from-scratch
     parts initialised like mmdet (:func:`init_weights_like_mmdet`)."""
-    from viddet.methods import build_method
     m = cfg.model
-    try:
-        model = build_method(m.method, m.backbone, m.num_classes, **method_kwargs)
-    except TypeError as e:
-        raise VidDetError(f'{cfg.source}: model.test: {e}') from None
-    tc = model.default_train_cfg()
+    cls = method_class(m.method)
+    model = cls.build(m.backbone, m.num_classes, **cls.settings_of(m.test))
+    tc = cls.train_config()
     if m.rpn_train_proposals is not None:
         tc.rpn_proposal_max_per_img = m.rpn_train_proposals
     if m.rcnn_samples is not None:
@@ -150,7 +148,6 @@ def configure_flownet(model: nn.Module, mode: str) -> None:
 
 
 def _state_from_file(path: str, what: str) -> Dict[str, torch.Tensor]:
-    from viddet.checkpoints import read_checkpoint
     p = Path(path)
     if not p.is_file():
         raise VidDetError(f'{what} file {path} does not exist')
@@ -173,29 +170,15 @@ def load_backbone_weights(model: nn.Module, path: str, verbose: bool = True) -> 
     """
     backbone = model.detector.backbone
     state = _state_from_file(path, 'backbone weights')
-    from viddet.models.mobilenet import MobileNetV2Lite, load_torchvision_features
     if isinstance(backbone, MobileNetV2Lite):
-        missing, unused = load_torchvision_features(backbone, state, path)
+        def rename(k):   # torchvision's features.N (N < 18); features.18 and the classifier go unused
+            return k if k.startswith('features.') else 'features.' + k
     else:
-        own = backbone.state_dict()
-        mapped, unused = {}, []
-        for k, v in state.items():
-            key = k
+        def rename(k):   # torchvision / mmdet / MMTracking / DDP spellings of the ResNet keys
             for prefix in ('module.', 'detector.', 'backbone.'):
-                if key.startswith(prefix):
-                    key = key[len(prefix):]
-            if key in own:
-                if tuple(v.shape) != tuple(own[key].shape):
-                    raise VidDetError(f'{path}: {k} has shape {tuple(v.shape)} but the {model.detector.backbone.__class__.__name__} '
-                                      f'backbone expects {tuple(own[key].shape)}: weights of another depth/width?')
-                mapped[key] = v
-            else:
-                unused.append(k)
-        if not mapped:
-            raise VidDetError(f'{path} contains no weight of this backbone (expected torchvision keys like '
-                              f'conv1.weight, layer1.0.conv1.weight; first keys: {", ".join(list(state)[:5])})')
-        missing = [k for k in own if k not in mapped]
-        backbone.load_state_dict(mapped, strict=False)
+                k = k[len(prefix):] if k.startswith(prefix) else k
+            return k
+    missing, unused = load_partial(backbone, state, f'backbone weights {path}', rename)
     if verbose:
         print(f'backbone weights: {path}: loaded {len(backbone.state_dict()) - len(missing)} tensors'
               + (f'; missing in file ({len(missing)}): {", ".join(missing[:8])}{" …" if len(missing) > 8 else ""}'
@@ -211,12 +194,11 @@ def load_flownet_weights(model: nn.Module, path: str, verbose: bool = True) -> N
     Raises:
         VidDetError: the method has no FlowNet, unreadable file, or missing / unexpected keys.
     """
-    if not hasattr(model, 'motion'):
-        raise VidDetError(f'init.flownet_weights is set but method {model.method!r} has no FlowNet (only dff, fgfa)')
+    if not model.has_flownet:
+        raise VidDetError(f'init.flownet_weights is set but method {model.name!r} has no FlowNet')
     state = _state_from_file(path, 'FlowNet weights')
     if any(k.startswith('motion.') for k in state):
         state = {k[len('motion.'):]: v for k, v in state.items() if k.startswith('motion.')}
-    from viddet.checkpoints import load_into
     load_into(model.motion, state, f'FlowNet weights {path}')
     if verbose:
         print(f'FlowNet weights: {path}: loaded {len(state)} tensors')
@@ -224,7 +206,6 @@ def load_flownet_weights(model: nn.Module, path: str, verbose: bool = True) -> N
 
 def load_full_checkpoint(model: nn.Module, spec: str, verbose: bool = True) -> None:
     """Loads a complete viddet/MMTracking checkpoint (path, URL or zoo name) strictly."""
-    from viddet.checkpoints import load_into, read_checkpoint, resolve_checkpoint
     path = resolve_checkpoint(spec)
     state, _ = read_checkpoint(path)
     load_into(model, state, str(path))
@@ -260,7 +241,7 @@ class SeededTrainSet(torch.utils.data.Dataset):
     """Training items keyed by ``(epoch, index)``, each drawn with its own seeded RNGs.
 
     Wraps :class:`viddet.data.video_dataset.VideoDataset` objects (concatenated) and returns
-    :class:`viddet.methods.training.TrainSample`. The sub-dataset's ``rng`` (reference sampling and
+    :class:`viddet.structures.TrainSample`. The sub-dataset's ``rng`` (reference sampling and
     flip) is set to ``random.Random(sample_seed(seed, epoch, index))`` just before the item is
     loaded, and the sample's ``seed`` (anchor/RoI sampling) is derived from the same triple.
     """
@@ -280,7 +261,6 @@ class SeededTrainSet(torch.utils.data.Dataset):
         raise IndexError(index)
 
     def __getitem__(self, key):
-        from viddet.methods.training import TrainSample
         epoch, index = key
         s = sample_seed(self.seed, epoch, index)
         ds, local = self.locate(index)
@@ -407,16 +387,6 @@ def latest_checkpoint(work_dir: Path) -> Optional[Path]:
 
 
 # ===================================================================================== distributed
-def _init_distributed(device: torch.device):
-    world = int(os.environ.get('WORLD_SIZE', '1'))
-    if world <= 1:
-        return None, 0, 1
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
-    return dist, dist.get_rank(), dist.get_world_size()
-
-
 class _TrainForward(nn.Module):
     """Routes ``forward`` to ``forward_train`` so that DDP's gradient hooks fire."""
 
@@ -426,18 +396,6 @@ class _TrainForward(nn.Module):
 
     def forward(self, batch):
         return self.model.forward_train(batch)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device in (None, 'auto'):
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise VidDetError(f'--device {device!r}: not a torch device (cpu, cuda, cuda:1, auto)') from None
-    if dev.type == 'cuda' and not torch.cuda.is_available():
-        raise VidDetError(f'--device {device}: CUDA is not available on this machine')
-    return dev
 
 
 # ===================================================================================== evaluation
@@ -469,7 +427,7 @@ def evaluate_model(model: nn.Module, cfg: Config, out_dir: Path, device: torch.d
     if v.max_videos is not None:
         videos = videos[:v.max_videos]
     cat_ids = label_to_category(cfg.model.classes, categories)
-    test_model = build_train_model(cfg, **cfg.model.test)
+    test_model = build_train_model(cfg)
     test_model.load_state_dict(model.state_dict())
     test_model.to(device).eval()
     root = Path(v.img_prefix)
@@ -575,10 +533,7 @@ def train(cfg: Config, work_dir, *, resume: bool = False, amp: Optional[str] = N
     if max_iters is not None and max_iters < 1:
         raise VidDetError(f'--max-iters must be >= 1, got {max_iters}')
     cfg.check_paths(need_val=evaluate)
-    if threads is not None:
-        if threads < 1:
-            raise VidDetError(f'--threads must be >= 1, got {threads}')
-        torch.set_num_threads(threads)
+    set_threads(threads)
     work_dir = Path(work_dir)
     dev = resolve_device(device)
     if amp == 'fp16' and dev.type == 'cpu':
@@ -590,7 +545,7 @@ def train(cfg: Config, work_dir, *, resume: bool = False, amp: Optional[str] = N
             raise VidDetError(f'--resume: no checkpoint in {work_dir}')
         ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
 
-    dist, rank, world = _init_distributed(dev)
+    dist, rank, world = init_distributed(dev)
     if dev.type == 'cuda' and world > 1:
         dev = torch.device('cuda', int(os.environ.get('LOCAL_RANK', rank)))
         torch.cuda.set_device(dev)

@@ -14,20 +14,25 @@ preprocessed frames a method asked for within its look-ahead, and methods evict 
 """
 from __future__ import annotations
 
-import time
-from collections import defaultdict
-from contextlib import contextmanager
+import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Iterator, Optional, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
 
-from viddet import VidDetError
+from viddet.data.sources import FrameSource
 from viddet.data.transforms import DEFAULT_SCALE, preprocess
+from viddet.errors import VidDetError
 from viddet.structures import Detections, ImageMeta
+from viddet.timing import NO_TIMER, StageTimer
 
 MODES = ('offline', 'online')
+
+
+class TruncatedVideoWarning(UserWarning):
+    """A video file held fewer frames than its container announced (the results cover the ones it
+    held)."""
 
 
 @dataclass
@@ -49,56 +54,26 @@ class VideoFrame:
     meta: ImageMeta
 
 
-class StageTimer:
-    """Accumulates wall time per named stage (``backbone``, ``flow``, ``rpn``, ``roi_head``,
-    ``aggregation``, ``nms``); a no-op unless enabled. Synchronises CUDA so GPU times are real."""
-
-    def __init__(self, enabled: bool = False, device: Optional[torch.device] = None):
-        self.enabled = enabled
-        self.cuda = device is not None and torch.device(device).type == 'cuda'
-        self.totals: Dict[str, float] = defaultdict(float)
-
-    @contextmanager
-    def __call__(self, stage: str):
-        if not self.enabled:
-            yield
-            return
-        if self.cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            if self.cuda:
-                torch.cuda.synchronize()
-            self.totals[stage] += time.perf_counter() - t0
-
-    def pop(self) -> Dict[str, float]:
-        """Returns and resets the accumulated seconds per stage."""
-        out, self.totals = dict(self.totals), defaultdict(float)
-        return out
-
-
 class VideoContext:
     """What a method may know about the video around the current frame.
 
     Args:
-        frames: iterator of (index, name, BGR image) in order.
-        fetch: random access ``index -> (name, image)`` or None (live sources).
-        length: number of frames, or None when unknown.
+        source: the video (:class:`viddet.data.sources.FrameSource`): iterated in order, and read
+            at random (``source.get``) for the frames a method wants that are no longer buffered
+            (offline SELSA's references) unless it is live.
         mode: ``offline`` or ``online``.
         prepare: BGR image -> (tensor (3, Hp, Wp), ImageMeta).
         device: where tensors go.
         timer: a :class:`StageTimer` the method uses to report its stages.
     """
 
-    def __init__(self, frames: Iterator[Tuple[int, str, np.ndarray]], fetch: Optional[Callable],
-                 length: Optional[int], mode: str, prepare: Callable, device, timer: StageTimer):
+    def __init__(self, source: FrameSource, mode: str, prepare: Callable, device, timer: StageTimer,
+                 strict_length: bool = False):
         if mode not in MODES:
-            raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
-        self._frames = frames
-        self._fetch = fetch
-        self.length = length
+            raise VidDetError(f'mode must be one of {", ".join(MODES)}, got {mode!r}')
+        self.source = source
+        self._frames = iter(source)
+        self.length = source.length
         self.mode = mode
         self.prepare = prepare
         self.device = device
@@ -106,6 +81,7 @@ class VideoContext:
         self.current = -1
         self._buffer: Dict[int, VideoFrame] = {}
         self._exhausted = False
+        self.strict_length = strict_length
 
     @property
     def last_index(self) -> Optional[int]:
@@ -124,11 +100,21 @@ class VideoContext:
         except StopIteration:
             self._exhausted = True
             top = max(self._buffer, default=self.current)
-            self.length = max(top, self.current) + 1
+            read = max(top, self.current) + 1
+            if self.length is not None and read < self.length:
+                self._stream_ended_early(read)
+            self.length = read
             return None
         frame = self._make(index, name, image)
         self._buffer[index] = frame
         return frame
+
+    def _stream_ended_early(self, read: int) -> None:
+        msg = (f'{self.source.path}: the video ended after {read} frames, but its container announced '
+               f'{self.length} (a truncated or damaged file?)')
+        if self.strict_length:
+            raise VidDetError(msg)
+        warnings.warn(msg, TruncatedVideoWarning, stacklevel=2)
 
     def advance(self) -> Optional[VideoFrame]:
         """Moves to the next frame (engine use); returns None at the end of the video."""
@@ -168,10 +154,10 @@ class VideoContext:
             raise VidDetError(f'online mode: frame {index} was requested while at frame {self.current}')
         if index in self._buffer:
             return self._buffer[index]
-        if self._fetch is None:
-            raise VidDetError('this source has no random access (a live stream?): use --mode online')
-        name, image = self._fetch(index)
-        return self._make(index, name, image)
+        if self.source.is_live:
+            raise VidDetError(f'{self.source.path} has no random access (a live stream): use --mode online')
+        frame = self.source.get(index)
+        return self._make(index, frame.name, frame.image)
 
 
 @dataclass
@@ -184,25 +170,30 @@ class FrameResult:
     stages: Dict[str, float]
 
 
-def run_video(method, frames: Iterable[Tuple[int, str, np.ndarray]], *, mode: str = 'offline',
-              length: Optional[int] = None, fetch: Optional[Callable] = None,
-              device='cpu', scale: Tuple[int, int] = DEFAULT_SCALE,
-              timer: Optional[StageTimer] = None) -> Iterator[FrameResult]:
+def run_video(method, source: FrameSource, *, mode: str = 'offline', device='cpu',
+              scale: Tuple[int, int] = DEFAULT_SCALE, timer: StageTimer = NO_TIMER,
+              strict_length: bool = False) -> Iterator[FrameResult]:
     """Runs ``method`` over a video, yielding one :class:`FrameResult` per frame, in order.
 
     Args:
-        method: a ``viddet.methods`` module (``reset()``, ``predict(frame, ctx)``).
-        frames: (index, name, BGR uint8 image) tuples in order, index 0, 1, 2, ...
-        mode: ``offline`` (may read future frames) or ``online`` (causal).
-        length: number of frames when known (required by offline SELSA/TRoI unless ``fetch`` and
-            the stream's end tell it).
-        fetch: ``index -> (name, image)`` random access, for offline SELSA/TRoI references.
+        method: a :class:`viddet.methods.VIDMethod` (``reset()``, ``predict(frame, ctx)``).
+        source: the frames (:class:`viddet.data.sources.FrameSource`: a file, a folder, a stream,
+            or :class:`viddet.data.sources.ArraySource` for arrays in memory).
+        mode: ``offline`` (may read future frames; needs a source with random access and a known
+            length for SELSA/TRoI) or ``online`` (causal).
         device: torch device of ``method``.
         scale: resize limits (long, short) in pixels.
-        timer: optional :class:`StageTimer` collecting per-stage times.
+        timer: a :class:`viddet.timing.StageTimer` collecting per-stage times.
+        strict_length: a video that ends before the frame count its container announced is an
+            error (``viddet test``); otherwise a :class:`TruncatedVideoWarning` naming both numbers.
+
+    Raises:
+        VidDetError: offline mode on a live source; bad frames (from the source); a truncated
+            video with ``strict_length``.
     """
-    timer = timer or StageTimer(False)
-    ctx = VideoContext(iter(frames), fetch, length, mode, lambda im: preprocess(im, scale), device, timer)
+    if mode == 'offline' and source.is_live:
+        raise VidDetError(f'{source.path} is a live source: offline mode needs future frames; use --mode online')
+    ctx = VideoContext(source, mode, lambda im: preprocess(im, scale), device, timer, strict_length)
     method.reset()
     try:
         while True:

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from viddet import VidDetError
+from viddet.errors import VidDetError
 
 COCO_STAT_NAMES = ('AP', 'AP50', 'AP75', 'AP_small', 'AP_medium', 'AP_large',
                    'AR@100', 'AR@300', 'AR@1000', 'AR_small@1000', 'AR_medium@1000', 'AR_large@1000')

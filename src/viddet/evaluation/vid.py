@@ -50,7 +50,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from viddet import VidDetError
+from viddet.errors import VidDetError
 from viddet.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 PIXEL_TOLERANCE = 10.0

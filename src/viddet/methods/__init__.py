@@ -1,34 +1,59 @@
-"""The VID methods, one module each: per-frame algorithm, caches, test forward.
+"""The VID methods, one file each, and the one table of them every other module reads.
 
-``build_method(name, backbone)`` constructs one by its short name (single, dff, fgfa, selsa, troi).
+Each method is a :class:`viddet.methods.base.VIDMethod` subclass that declares its facts (name,
+checkpoint signature, FlowNet, training references, test settings, ...) and computes a frame's
+detections (``predict``) and a sample's training losses (``losses``).
 """
 from __future__ import annotations
 
-from torch import nn
+from typing import Iterable, Optional, Tuple, Type
 
-METHODS = ('single', 'dff', 'fgfa', 'selsa', 'troi')
+from viddet.errors import VidDetError
+from viddet.methods.base import VIDMethod
+from viddet.methods.dff import DFF
+from viddet.methods.fgfa import FGFA
+from viddet.methods.selsa import SELSA
+from viddet.methods.single import SingleFrame
+from viddet.methods.troi import TRoI
+
+METHODS: Tuple[Type[VIDMethod], ...] = (SingleFrame, DFF, FGFA, SELSA, TRoI)
+"""Every VID method viddet implements, in the order the CLI lists them."""
+
+METHOD_NAMES: Tuple[str, ...] = tuple(m.name for m in METHODS)
 
 
-def build_method(method: str, backbone: str = 'r50', num_classes: int = 30, **kwargs) -> nn.Module:
-    """A method module by name. ``kwargs`` go to its constructor (e.g. ``key_frame_interval`` for
-    DFF, ``ref_cache`` for SELSA/TRoI, ``num_shared_fcs`` for single).
+def method_class(name: str) -> Type[VIDMethod]:
+    """The method class of a short name (``single``, ``dff``, ``fgfa``, ``selsa``, ``troi``).
 
     Raises:
-        ValueError: unknown method.
+        VidDetError: unknown name (listing the known ones).
     """
-    if method == 'single':
-        from viddet.methods.single import SingleFrame
-        return SingleFrame(backbone, num_classes, **kwargs)
-    if method == 'dff':
-        from viddet.methods.dff import DFF
-        return DFF(backbone, num_classes, **kwargs)
-    if method == 'fgfa':
-        from viddet.methods.fgfa import FGFA
-        return FGFA(backbone, num_classes, **kwargs)
-    if method == 'selsa':
-        from viddet.methods.selsa import SELSA
-        return SELSA(backbone, num_classes, **kwargs)
-    if method == 'troi':
-        from viddet.methods.selsa import SELSA
-        return SELSA(backbone, num_classes, num_shared_fcs=3, temporal_roi_align=True, **kwargs)
-    raise ValueError(f'unknown method {method!r}: choose one of {", ".join(METHODS)}')
+    for m in METHODS:
+        if m.name == name:
+            return m
+    raise VidDetError(f'unknown method {name!r}: choose one of {", ".join(METHOD_NAMES)}')
+
+
+def method_of_keys(keys: Iterable[str]) -> Optional[Type[VIDMethod]]:
+    """The method whose checkpoints have these state-dict keys: the most specific method (most
+    signature prefixes) all of whose ``signature`` prefixes occur; ``SingleFrame`` for a bare
+    detector (``detector.backbone.*``); None when there is no detector at all."""
+    keys = list(keys)
+    if not any(k.startswith('detector.backbone.') for k in keys):
+        return None
+    matching = [m for m in METHODS if all(any(k.startswith(p) for k in keys) for p in m.signature)]
+    return max(matching, key=lambda m: len(m.signature))
+
+
+def build_method(name: str, backbone: str = 'r50', num_classes: int = 30, **settings) -> VIDMethod:
+    """A new, randomly initialised model: ``method_class(name).build(backbone, num_classes, **settings)``.
+
+    Raises:
+        VidDetError: unknown method or backbone.
+        TypeError: a setting the method does not have.
+    """
+    return method_class(name).build(backbone, num_classes, **settings)
+
+
+__all__ = ['METHODS', 'METHOD_NAMES', 'VIDMethod', 'SingleFrame', 'DFF', 'FGFA', 'SELSA', 'TRoI',
+           'method_class', 'method_of_keys', 'build_method']

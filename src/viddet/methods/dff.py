@@ -7,38 +7,56 @@ then RPN + RoI head on feats_t. Causal, so offline and online modes are the same
 """
 from __future__ import annotations
 
-from viddet.methods.single import SingleFrame
-from viddet.methods.training import TrainSample, single_frame_losses
+from viddet.methods.base import VIDMethod
 from viddet.models.flownet import FlowNetSimple, flow_warp_feats
+from viddet.models.losses import DetectorTrainConfig, SamplerConfig
 from viddet.structures import Detections
 
 
-class DFF(SingleFrame):
+class DFF(VIDMethod):
     """Attributes ``detector`` (:class:`FasterRCNN`) and ``motion`` (:class:`FlowNetSimple`).
 
     Args:
         key_frame_interval: a frame is a key frame iff ``index % key_frame_interval == 0`` (10).
     """
 
-    method = 'dff'
+    name = 'dff'
+    title = 'DFF'
+    paper = 'Zhu et al., Deep Feature Flow for Video Recognition, CVPR 2017'
+    default_checkpoint = 'dff_r50'
+    signature = ('motion.',)
+    has_flownet = True
+    train_num_refs = 1
+    train_ref_sampler = dict(num_ref_imgs=1, frame_range=9, filter_key_img=True, method='uniform')
+    test_settings = ('key_frame_interval',)
 
-    def __init__(self, backbone: str = 'r50', num_classes: int = 30, key_frame_interval: int = 10):
-        super().__init__(backbone, num_classes)
-        self.motion = FlowNetSimple()
+    def __init__(self, detector, motion: FlowNetSimple, key_frame_interval: int = 10):
+        super().__init__(detector)
+        self.motion = motion
         if key_frame_interval < 1:
             raise ValueError(f'key_frame_interval must be >= 1, got {key_frame_interval}')
         self.key_frame_interval = key_frame_interval
         self._key = None  # (key image tensor (1,3,Hp,Wp), key features (1,512,h,w))
+
+    @classmethod
+    def build(cls, backbone: str = 'r50', num_classes: int = 30, key_frame_interval: int = 10) -> 'DFF':
+        return cls(cls.detector_for(backbone, num_classes), FlowNetSimple(), key_frame_interval)
+
+    @classmethod
+    def train_config(cls) -> DetectorTrainConfig:
+        """MMTracking's DFF config proposes 1000 boxes per key frame and samples 512 RoIs
+        (``configs/vid/dff/dff_faster_rcnn_r50_dc5_1x_imagenetvid.py``)."""
+        return DetectorTrainConfig(rpn_proposal_max_per_img=1000, rcnn_sampler=SamplerConfig(512, 0.25, True))
 
     def reset(self):
         """Forgets the key frame (a new video starts with one)."""
         self._key = None
 
     def predict(self, frame, ctx) -> Detections:
-        """Detections of ``frame``: on a key frame (index a multiple of ``key_frame_interval``, or the
-        first frame) the backbone runs and its (1, 512, h, w) features become the key; otherwise
-        FlowNet's flow from the key image to this frame warps the key features (no backbone).
-        Causal, so identical in both modes (MMTracking ``DFF.simple_test``)."""
+        """On a key frame (index a multiple of ``key_frame_interval``, or the first frame) the
+        backbone runs and its (1, 512, h, w) features become the key; otherwise FlowNet's flow from
+        the key image to this frame warps the key features (no backbone). Causal, so identical in
+        both modes (MMTracking ``DFF.simple_test``)."""
         if frame.index % self.key_frame_interval == 0 or self._key is None:
             with ctx.timer('backbone'):
                 feats = self.detector.extract_feat(frame.img)
@@ -48,21 +66,18 @@ class DFF(SingleFrame):
             with ctx.timer('flow'):
                 flow = self.motion(frame.img, key_img, frame.meta.img_shape)
                 feats = flow_warp_feats(key_feats, flow)
-        return self.detect(feats, frame.meta, ctx.timer)
+        return self.detector.detect(feats, frame.meta, ctx.timer)
 
-    def _losses_one(self, sample: TrainSample, cfg) -> dict:
-        """Training losses of one sample (MMTracking ``DFF.forward_train``, REFERENCE.md §3.1).
-
-        flow = FlowNet(key, ref); only the reference frame goes through the backbone; its neck
-        features are warped to the key frame and the RPN / R-CNN losses use the key frame's GT.
-        For still images (``is_video_data`` False) the features are ``0 * warped + ref_feats``,
-        which keeps FlowNet in the graph (zero gradient) but uses the unwarped features.
-        """
-        self._check_refs(sample, 'DFF')
+    def losses(self, sample, cfg) -> dict:
+        """MMTracking ``DFF.forward_train``: flow = FlowNet(key, ref); only the reference frame goes
+        through the backbone; its features are warped to the key frame and the RPN / R-CNN losses
+        use the key frame's ground truth. For still images (``is_video_data`` False) the features
+        are ``0 * warped + ref_feats``, which keeps FlowNet in the graph (zero gradient) but uses
+        the unwarped features."""
         ref = sample.ref_imgs[:1]
         flow = self.motion(sample.img[None], ref, sample.img_shape)
         ref_x = self.detector.extract_feat(ref)
         x = flow_warp_feats(ref_x, flow)
         if not sample.is_video_data:
             x = 0 * x + ref_x
-        return single_frame_losses(self, sample, cfg, x)
+        return self.single_frame_losses(sample, cfg, x)

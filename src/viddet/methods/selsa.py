@@ -1,6 +1,6 @@
-"""SELSA, Sequence Level Semantics Aggregation (Wu et al., ICCV 2019, §3), and SELSA + Temporal
-RoI Align (Gong et al., AAAI 2021); MMTracking ``mmtrack/models/vid/selsa.py`` with
-``SelsaRoIHead`` / ``SelsaBBoxHead`` and its test protocol ``test_with_adaptive_stride``.
+"""SELSA, Sequence Level Semantics Aggregation (Wu et al., ICCV 2019, §3); MMTracking
+``mmtrack/models/vid/selsa.py`` with ``SelsaRoIHead`` / ``SelsaBBoxHead`` and its test protocol
+``test_with_adaptive_stride``. SELSA + Temporal RoI Align (:mod:`viddet.methods.troi`) builds on it.
 
 Offline (MMTracking's test protocol): 14 reference frames spread evenly over the whole video,
 ``round(i * (L - 1) / 13)`` for i = 0..13, chosen once per video, plus the current frame. Each
@@ -23,12 +23,12 @@ from typing import Dict, List, Optional
 
 import torch
 
-from viddet.methods.single import SingleFrame
-from viddet.methods.training import TrainSample
-from viddet.models.aggregators import SelsaRefProjections
-from viddet.models.detector import rois_from_proposals
+from viddet.errors import VidDetError
+from viddet.methods.base import VIDMethod
+from viddet.models.aggregators import SelsaBBoxHead, SelsaRefProjections
+from viddet.models.detector import build_faster_rcnn, rois_from_proposals
 from viddet.models.losses import rcnn_loss
-from viddet.structures import Detections
+from viddet.structures import Detections, TrainSample
 
 
 @dataclass
@@ -38,7 +38,6 @@ class _Reference:
     feats: Optional[torch.Tensor]
     meta: object
     projections: Optional[List[SelsaRefProjections]]
-    troi: Optional[object] = None  # TRoIReference: Temporal RoI Align's per-reference data (cached)
 
 
 def adaptive_stride_refs(length: int, num_refs: int = 14) -> List[int]:
@@ -53,29 +52,44 @@ def adaptive_stride_refs(length: int, num_refs: int = 14) -> List[int]:
     return [round(i * stride) for i in range(num_refs)]
 
 
-class SELSA(SingleFrame):
-    """Attribute ``detector`` (:class:`FasterRCNN` with a SELSA bbox head).
+class SELSA(VIDMethod):
+    """Attribute ``detector`` (:class:`FasterRCNN` with a :class:`SelsaBBoxHead`).
 
     Args:
-        num_shared_fcs: 2 (SELSA) or 3 (SELSA + Temporal RoI Align).
-        temporal_roi_align: use Temporal RoI Align for the key frame's RoI features.
         num_refs: reference frames besides the current one (14).
         ref_cache: cache each reference frame's proposals and projections (default). False
             recomputes them for every frame, as MMTracking does (for benchmarking the cache).
     """
 
-    method = 'selsa'
+    name = 'selsa'
+    title = 'SELSA'
+    paper = 'Wu et al., Sequence Level Semantics Aggregation for Video Object Detection, ICCV 2019'
+    default_checkpoint = 'selsa_r50'
+    signature = ('detector.roi_head.bbox_head.aggregator.',)
+    train_num_refs = 2
+    train_ref_sampler = dict(num_ref_imgs=2, frame_range=9, filter_key_img=True, method='bilateral_uniform')
+    test_settings = ('num_refs', 'ref_cache')
+    keeps_reference_maps = False
+    """Whether the reference frames' feature maps are needed after their proposals (TRoI: yes)."""
 
-    def __init__(self, backbone: str = 'r50', num_classes: int = 30, num_shared_fcs: int = 2,
-                 temporal_roi_align: bool = False, num_refs: int = 14, ref_cache: bool = True):
-        super().__init__(backbone, num_classes, num_shared_fcs, aggregate=True,
-                         temporal_roi_align=temporal_roi_align)
-        if temporal_roi_align:
-            self.method = 'troi'
-        self.temporal_roi_align = temporal_roi_align
+    def __init__(self, detector, num_refs: int = 14, ref_cache: bool = True):
+        super().__init__(detector)
+        if num_refs < 1:
+            raise ValueError(f'num_refs must be >= 1, got {num_refs}')
         self.num_refs = num_refs
         self.ref_cache = ref_cache
         self.reset()
+
+    @classmethod
+    def build(cls, backbone: str = 'r50', num_classes: int = 30, num_refs: int = 14,
+              ref_cache: bool = True) -> 'SELSA':
+        return cls(build_faster_rcnn(backbone, SelsaBBoxHead(num_classes, cls.num_shared_fcs)), num_refs, ref_cache)
+
+    def key_rois(self, x: torch.Tensor, rois: torch.Tensor, roi_feats: torch.Tensor, ref_maps) -> torch.Tensor:
+        """RoI features (n, 512, 7, 7) of the key frame's proposals ``rois`` (n, 5) on ``x``: SELSA
+        uses their plain RoIAlign features ``roi_feats``; Temporal RoI Align aggregates them over the
+        reference maps ``ref_maps`` ((T, 512, h, w) or T maps (1, 512, h, w))."""
+        return roi_feats
 
     def reset(self):
         """Forgets the cached reference frames (proposals, RoI features, attention projections)."""
@@ -85,31 +99,22 @@ class SELSA(SingleFrame):
         self._ref_kv = None              # (ref ids, per-layer concatenated reference projections)
 
     # ------------------------------------------------------------------ reference frames
-    def _rois(self, feats, meta):
-        proposals = self.detector.rpn_head.proposals(feats, [meta.img_shape], self.detector.rpn_test_cfg)
-        return rois_from_proposals(proposals)
-
     def _projections(self, feats, meta, timer) -> List[SelsaRefProjections]:
         with timer('rpn'):
-            rois = self._rois(feats, meta)
+            rois = self.detector.proposals(feats, meta)
         with timer('roi_head'):
             return self.detector.roi_head.bbox_head.ref_projections(self.detector.roi_head.roi_align(feats, rois))
 
     def _make_reference(self, feats, meta, timer, projections=None) -> _Reference:
-        keep_feats = self.temporal_roi_align or not self.ref_cache
+        keep_feats = self.keeps_reference_maps or not self.ref_cache
         if self.ref_cache and projections is None:
             projections = self._projections(feats, meta, timer)
-        troi = None
-        extractor = self.detector.roi_head.bbox_roi_extractor
-        if self.temporal_roi_align and self.ref_cache and getattr(extractor, 'factorized', False):
-            with timer('aggregation'):  # ~49 MB per reference at 1000x600, saves ~65 ms per frame each
-                troi = extractor.prepare_reference(feats)
-        return _Reference(feats if keep_feats else None, meta, projections if self.ref_cache else None, troi)
+        return _Reference(feats if keep_feats else None, meta, projections if self.ref_cache else None)
 
     def _offline_refs(self, ctx) -> List[int]:
         if not self._ref_ids:
             if ctx.length is None:
-                from viddet import VidDetError
+                from viddet.errors import VidDetError
                 raise VidDetError('offline SELSA needs the video length (14 references spread over the '
                                   'whole video); this source does not tell it: use --mode online')
             self._ref_ids = adaptive_stride_refs(ctx.length, self.num_refs)
@@ -144,7 +149,7 @@ class SELSA(SingleFrame):
         with ctx.timer('backbone'):
             x = det.extract_feat(frame.img)
         with ctx.timer('rpn'):
-            rois = self._rois(x, frame.meta)
+            rois = det.proposals(x, frame.meta)
         refs = [self._refs[i] for i in ref_ids]
         with ctx.timer('roi_head'):
             cur_rois = head.roi_align(x, rois)
@@ -163,15 +168,11 @@ class SELSA(SingleFrame):
             ref_kv = [SelsaRefProjections.cat([p[layer] for p in projections])
                       for layer in range(len(cur_proj))] if refs else None
         with ctx.timer('aggregation'):
-            if self.temporal_roi_align:
-                key_rois = head.bbox_roi_extractor(x, rois, [r.feats for r in refs] + [x],
-                                                   references=[r.troi for r in refs] + [None])
-            else:
-                key_rois = cur_rois
+            key_rois = self.key_rois(x, rois, cur_rois, [r.feats for r in refs] + [x])
             kv = [SelsaRefProjections.cat(([ref_kv[layer]] if ref_kv else []) + [cur_proj[layer]])
                   for layer in range(len(cur_proj))]
-            # SELSA's key RoI features are cur_rois: reuse their first fc (computed just above)
-            first_fc = None if self.temporal_roi_align else cur_fc1
+            # when the key RoI features are cur_rois (SELSA), reuse their first fc (computed above)
+            first_fc = cur_fc1 if key_rois is cur_rois else None
             cls_score, bbox_pred = head.bbox_head.forward_cached(key_rois, kv, first_fc)
         with ctx.timer('nms'):
             dets = head.postprocess(rois, cls_score, bbox_pred, frame.meta, det.rcnn_test_cfg)
@@ -180,9 +181,9 @@ class SELSA(SingleFrame):
         return dets
 
     # ------------------------------------------------------------------ training
-    def _losses_one(self, sample: TrainSample, cfg) -> dict:
-        """Training losses of one sample (MMTracking ``SELSA.forward_train`` + ``SelsaRoIHead``,
-        REFERENCE.md §5.3-§5.4).
+    def losses(self, sample: TrainSample, cfg) -> dict:
+        """Training losses of one sample (MMTracking ``SELSA.forward_train`` +
+        ``SelsaRoIHead.forward_train``).
 
         Key and references go through the backbone together. The key frame gets the training RPN
         (losses + 600 proposals -> assign/sample 256 RoIs with the GT added); every reference
@@ -190,17 +191,16 @@ class SELSA(SingleFrame):
         aggregated over the reference maps) attend to all reference RoIs in the SELSA head; the
         R-CNN losses use the key RoIs only.
         """
-        self._check_refs(sample, 'SELSA')
         det, head = self.detector, self.detector.roi_head
         gen = sample.generator()
         all_x = det.extract_feat(torch.cat([sample.img[None], sample.ref_imgs], dim=0))
         x, ref_x = all_x[:1], all_x[1:]
-        losses, rois, targets = self._rpn_and_sample(x, sample, cfg, gen)
+        losses, rois, targets = self.rpn_and_sample(x, sample, cfg, gen)
         with torch.no_grad():
             ref_props = det.rpn_head.proposals(ref_x, sample.ref_img_shapes(),
                                                det.rpn_test_cfg)
         ref_rois = rois_from_proposals(ref_props)
-        bbox_feats = head.extract_rois(x, rois, ref_x)
+        bbox_feats = self.key_rois(x, rois, head.roi_align(x, rois), ref_x)
         ref_bbox_feats = head.roi_align(ref_x, ref_rois)
         cls_score, bbox_pred = head.bbox_head(bbox_feats, ref_bbox_feats)
         losses.update(rcnn_loss(cls_score, bbox_pred, targets))

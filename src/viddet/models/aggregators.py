@@ -20,18 +20,16 @@ and ``detector.roi_head.bbox_roi_extractor.`` (TRoI).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import roi_align
 
-from viddet.models import fused
-from viddet.models.flownet import ConvAct
+from viddet.models.detector import BBoxHead, SingleRoIExtractor
+from viddet.models.layers import ConvAct
 
-__all__ = ['EmbedAggregator', 'SelsaAggregator', 'SelsaRefProjections', 'TemporalRoIAlign',
-           'TRoIReference', 'roi_align_taps']
+__all__ = ['EmbedAggregator', 'SelsaAggregator', 'SelsaRefProjections', 'SelsaBBoxHead', 'TemporalRoIAlign']
 
 
 class EmbedAggregator(nn.Module):
@@ -106,88 +104,6 @@ class EmbedAggregator(nn.Module):
         ref_embed = self.embed(ref_x)
         return torch.sum(ref_embed * x_embed, dim=1, keepdim=True).softmax(dim=0)
 
-    # ---------------------------------------------------------------- factorized embedding (FGFA speed-up)
-    # With a single (linear) embedding conv, the embedding of a bilinearly warped map is a fixed
-    # combination of per-pixel products: conv(warp(F))[p] = b + sum_o W_o warp(F)[p + o]
-    # = b + sum_o sum_j beta_j(p + o) (W_o F)[pos_j(p + o)]. The k*k products W_o F of a frame
-    # (one 1x1 conv C -> k*k*C, the same FLOPs as one embedding conv) are computed once per frame
-    # and reused by every window it is warped into, instead of one full conv per warped copy.
-
-    def supports_taps(self) -> bool:
-        """Whether :meth:`tap_projections` applies (a single embedding conv, odd kernel)."""
-        conv = self.embed_convs[0].conv
-        return len(self.embed_convs) == 1 and conv.kernel_size[0] % 2 == 1 \
-            and conv.stride == (1, 1) and conv.dilation == (1, 1)
-
-    def tap_projections(self, feats: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) features -> (N, H*W*k*k, C): row ``p*k*k + o`` is ``W_o @ feats[:, p]``,
-        with ``W_o`` the embedding conv's weight at kernel offset o = dy*k + dx (no bias).
-
-        Raises:
-            ValueError: if :meth:`supports_taps` is False.
-        """
-        if not self.supports_taps():
-            raise ValueError('tap projections need a single stride-1 embedding conv with an odd kernel')
-        conv = self.embed_convs[0].conv
-        k, c = conv.kernel_size[0], conv.out_channels
-        w = conv.weight.permute(2, 3, 0, 1).reshape(k * k * c, conv.in_channels)
-        n, _, h, wd = feats.shape
-        return _conv1x1_rows(feats, w).view(n, h * wd * k * k, c)
-
-    def embed_sampled(self, proj: torch.Tensor, size, pos: Optional[torch.Tensor] = None,
-                      weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Un-normalised embedding (conv output) of a map resampled with bilinear taps.
-
-        Args:
-            proj: (H*W*k*k, C) :meth:`tap_projections` of one source frame.
-            size: (H, W) of the maps.
-            pos, weight: (H*W, J) taps of the resampling (:func:`viddet.models.flownet.flow_warp_taps`);
-                None for the map itself (no resampling).
-
-        Returns:
-            (H*W, C) equal to ``embed_convs(resampled map)`` (before the L2 normalisation), rows
-            y*W + x, up to float summation order.
-        """
-        conv = self.embed_convs[0].conv
-        k = conv.kernel_size[0]
-        pad = conv.padding[0]
-        h, w = int(size[0]), int(size[1])
-        dev = proj.device
-        yy, xx = torch.meshgrid(torch.arange(h, device=dev), torch.arange(w, device=dev), indexing='ij')
-        dy, dx = torch.meshgrid(torch.arange(k, device=dev), torch.arange(k, device=dev), indexing='ij')
-        qy = yy.reshape(-1, 1) + dy.reshape(1, -1) - pad
-        qx = xx.reshape(-1, 1) + dx.reshape(1, -1) - pad
-        inside = (qy >= 0) & (qy < h) & (qx >= 0) & (qx < w)                  # (HW, k*k)
-        q = torch.where(inside, qy * w + qx, torch.zeros_like(qy))
-        tap = torch.arange(k * k, device=dev).view(1, -1, 1)
-        if pos is None:
-            idx = q.unsqueeze(-1) * (k * k) + tap
-            wts = inside.to(proj.dtype).unsqueeze(-1)
-        else:
-            idx = pos[q] * (k * k) + tap                                      # (HW, k*k, J)
-            wts = weight[q] * inside.to(proj.dtype).unsqueeze(-1)
-        out = F.embedding_bag(idx.reshape(h * w, -1), proj, per_sample_weights=wts.reshape(h * w, -1),
-                              mode='sum')
-        return out + conv.bias if conv.bias is not None else out
-
-    def aggregate_embedded(self, x_embed: torch.Tensor, ref_embed: torch.Tensor,
-                           ref_x: torch.Tensor) -> torch.Tensor:
-        """:meth:`forward` from precomputed (un-normalised) embeddings.
-
-        Args:
-            x_embed: (H*W, C) embedding of the current frame.
-            ref_embed: (N, H*W, C) embeddings of the N maps to aggregate.
-            ref_x: (N, C, H, W) the maps themselves.
-
-        Returns:
-            (1, C, H, W), as :meth:`forward`.
-        """
-        n, c, h, w = ref_x.shape
-        x_embed = x_embed / x_embed.norm(p=2, dim=1, keepdim=True)
-        ref_embed = ref_embed / ref_embed.norm(p=2, dim=2, keepdim=True)
-        weights = torch.sum(ref_embed * x_embed, dim=2).softmax(dim=0)        # (N, HW)
-        return torch.sum(ref_x * weights.view(n, 1, h, w), dim=0, keepdim=True)
-
 
 @dataclass
 class SelsaRefProjections:
@@ -256,7 +172,7 @@ class SelsaAggregator(nn.Module):
             :class:`SelsaRefProjections` with key = ``ref_fc_embed(ref_x)`` and value =
             ``ref_fc(ref_x)``, both (m, C).
         """
-        return SelsaRefProjections(fused.linear(self.ref_fc_embed, ref_x), fused.linear(self.ref_fc, ref_x))
+        return SelsaRefProjections(self.ref_fc_embed(ref_x), self.ref_fc(ref_x))
 
     def forward_projected(self, x: torch.Tensor, refs: SelsaRefProjections) -> torch.Tensor:
         """Same as :meth:`forward` with precomputed reference projections.
@@ -273,13 +189,13 @@ class SelsaAggregator(nn.Module):
         m = refs.key.shape[0]
         g = self.num_attention_blocks
         d = c // g
-        q = fused.linear(self.fc_embed, x).view(n, g, d).permute(1, 0, 2)  # (G, n, d)
+        q = self.fc_embed(x).view(n, g, d).permute(1, 0, 2)              # (G, n, d)
         k = refs.key.reshape(m, g, d).permute(1, 2, 0)                    # (G, d, m)
         weights = torch.bmm(q, k) / (d ** 0.5)                         # (G, n, m)
         weights = weights.softmax(dim=2)
         v = refs.value.reshape(m, g, d).permute(1, 0, 2)                  # (G, m, d)
         out = torch.bmm(weights, v).permute(1, 0, 2).contiguous()      # (n, G, d)
-        return fused.linear(self.fc, out.view(n, c))
+        return self.fc(out.view(n, c))
 
     def forward(self, x: torch.Tensor, ref_x: torch.Tensor) -> torch.Tensor:
         """Aggregates reference proposal features into the key proposals.
@@ -302,77 +218,67 @@ class SelsaAggregator(nn.Module):
         return self.forward_projected(x, self.project_refs(ref_x))
 
 
-def roi_align_taps(rois: torch.Tensor, height: int, width: int, output_size: int = 7,
-                   spatial_scale: float = 1.0 / 16, sampling_ratio: int = 2):
-    """RoIAlign (``aligned=True``, avg) written as a sparse linear map: its bilinear taps.
+class SelsaBBoxHead(BBoxHead):
+    """MMTracking ``SelsaBBoxHead``: the Shared2FC box head with a :class:`SelsaAggregator` after
+    each shared fc, before its ReLU (Wu et al., ICCV 2019, §3.2; MMTracking
+    ``mmtrack/models/roi_heads/bbox_heads/selsa_bbox_head.py``)::
 
-    torchvision's / mmcv's CPU kernel, step by step: RoI corners ``* spatial_scale - 0.5``; bins of
-    ``roi_size / output_size``; ``sampling_ratio`` x ``sampling_ratio`` samples per bin at
-    ``start + bin_index * bin + (i + 0.5) * bin / sampling_ratio``; a sample with y < -1, y > H,
-    x < -1 or x > W contributes 0; otherwise coordinates are clamped at 0, the low corner is
-    ``int(y)`` (and y = H-1 when ``int(y) >= H-1``), bilinear weights ``(1-ly)(1-lx)``, ... ; the
-    bin value is the sum over samples divided by their number.
+        x = fc(x); ref = fc(ref); x = x + aggregator(x, ref); x, ref = relu(x), relu(ref)
+
+    Keys: those of :class:`BBoxHead` plus ``aggregator.<i>.{fc_embed,ref_fc_embed,fc,ref_fc}``.
 
     Args:
-        rois: (n, 5) [batch_index, x1, y1, x2, y2] in input pixels (the batch index is ignored:
-            the taps index one feature map).
-        height, width: feature map size H, W.
-
-    Returns:
-        (pos, weight): (n * S * S, 4 * r * r) int64 indices into the flattened H*W map and float32
-        weights (already divided by r*r), S = output_size, r = sampling_ratio; output point
-        (i, py, px) of ``roi_align`` equals ``sum_j weight[q, j] * feat[:, pos[q, j]]`` with
-        q = (i * S + py) * S + px (invalid samples have weight 0 and position 0).
+        num_classes, num_shared_fcs: as :class:`BBoxHead` (2 fcs for SELSA, 3 for SELSA + TRoI).
+        num_attention_blocks: heads of each aggregator (16).
     """
-    if sampling_ratio <= 0:
-        raise ValueError('roi_align_taps needs a fixed sampling_ratio > 0')
-    dtype = torch.float32
-    r = rois.to(dtype)
-    x1, y1 = r[:, 1] * spatial_scale - 0.5, r[:, 2] * spatial_scale - 0.5
-    x2, y2 = r[:, 3] * spatial_scale - 0.5, r[:, 4] * spatial_scale - 0.5
-    bin_w, bin_h = (x2 - x1) / output_size, (y2 - y1) / output_size
-    grid = torch.arange(output_size, dtype=dtype, device=r.device)[None, :, None]
-    sub = (torch.arange(sampling_ratio, dtype=dtype, device=r.device) + 0.5)[None, None, :]
 
-    def axis(start, size_bin, size):
-        v = start[:, None, None] + grid * size_bin[:, None, None] \
-            + sub * size_bin[:, None, None] / sampling_ratio           # (n, S, r)
-        valid = (v >= -1.0) & (v <= size)
-        v = v.clamp(min=0.0)
-        low = v.to(torch.int64)
-        top = low >= size - 1
-        low = torch.where(top, torch.full_like(low, size - 1), low)
-        high = torch.where(top, low, low + 1)
-        frac = torch.where(top, torch.zeros_like(v), v - low.to(dtype))
-        return valid, low, high, frac, 1.0 - frac
+    def __init__(self, num_classes: int = 30, num_shared_fcs: int = 2, num_attention_blocks: int = 16,
+                 fc_channels: int = 1024):
+        super().__init__(num_classes=num_classes, num_shared_fcs=num_shared_fcs, fc_channels=fc_channels)
+        self.aggregator = nn.ModuleList([SelsaAggregator(fc_channels, num_attention_blocks)
+                                         for _ in range(num_shared_fcs)])
 
-    vy, y_lo, y_hi, ly, hy = axis(y1, bin_h, height)
-    vx, x_lo, x_hi, lx, hx = axis(x1, bin_w, width)
-    ey = lambda a: a[:, :, None, :, None]  # noqa: E731  (n, Sy, 1, ry, 1)
-    ex = lambda a: a[:, None, :, None, :]  # noqa: E731  (n, 1, Sx, 1, rx)
-    valid = ey(vy) & ex(vx)
-    w = torch.stack([ey(hy) * ex(hx), ey(hy) * ex(lx), ey(ly) * ex(hx), ey(ly) * ex(lx)], dim=-1)
-    pos = torch.stack([ey(y_lo) * width + ex(x_lo), ey(y_lo) * width + ex(x_hi),
-                       ey(y_hi) * width + ex(x_lo), ey(y_hi) * width + ex(x_hi)], dim=-1)
-    w = w * valid[..., None].to(dtype) / float(sampling_ratio * sampling_ratio)
-    pos = pos * valid[..., None].to(torch.int64)
-    q = rois.shape[0] * output_size * output_size
-    return pos.reshape(q, -1), w.reshape(q, -1)
+    def forward(self, x: torch.Tensor, ref_x: torch.Tensor):
+        """Key RoI features (n, 512, 7, 7) attending to reference RoI features (m, 512, 7, 7)
+        -> (cls_score (n, C + 1), bbox_pred (n, 4C))."""
+        x, ref_x = x.flatten(1), ref_x.flatten(1)
+        for fc, agg in zip(self.shared_fcs, self.aggregator):
+            x, ref_x = fc(x), fc(ref_x)
+            x = x + agg(x, ref_x)
+            x, ref_x = F.relu(x), F.relu(ref_x)
+        return self.fc_cls(x), self.fc_reg(x)
+
+    # The reference side of the attention does not depend on the key frame, so a video method
+    # computes each reference frame's projections once (:meth:`ref_projections`) and runs every key
+    # frame on their concatenation (:meth:`forward_cached`); the result is :meth:`forward`'s.
+    def ref_projections(self, ref_x: torch.Tensor, return_first_fc: bool = False):
+        """Per-layer reference projections of reference RoI features (m, 512, 7, 7): a list of one
+        :class:`SelsaRefProjections` per shared fc. With ``return_first_fc`` also the first fc's
+        output (m, 1024) before ReLU, which :meth:`forward_cached` can reuse when the key RoIs are
+        these same RoIs (SELSA's current frame is also one of its references)."""
+        kv: List[SelsaRefProjections] = []
+        ref_x = ref_x.flatten(1)
+        first = None
+        for fc, agg in zip(self.shared_fcs, self.aggregator):
+            ref_x = fc(ref_x)
+            first = ref_x if first is None else first
+            kv.append(agg.project_refs(ref_x))
+            ref_x = F.relu(ref_x)
+        return (kv, first) if return_first_fc else kv
+
+    def forward_cached(self, x: torch.Tensor, ref_kv: Sequence[SelsaRefProjections],
+                       first_fc: Optional[torch.Tensor] = None):
+        """:meth:`forward` from precomputed reference projections (one per shared fc).
+
+        ``first_fc``: optional precomputed ``shared_fcs[0](x.flatten(1))``; the result is the same."""
+        x = x.flatten(1)
+        for i, (fc, agg, refs) in enumerate(zip(self.shared_fcs, self.aggregator, ref_kv)):
+            x = first_fc if i == 0 and first_fc is not None else fc(x)
+            x = F.relu(x + agg.forward_projected(x, refs))
+        return self.fc_cls(x), self.fc_reg(x)
 
 
-def _conv1x1_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``rows(x) @ weight.T`` for x (1, C, H, W), weight (O, C): (H*W, O), row = y*W + x.
-
-    Computed as a channels-last 1x1 convolution, which runs on oneDNN (about twice the fp32 GEMM
-    throughput of ``torch.mm`` on this AMD CPU, same values up to summation order).
-    """
-    with torch.autocast(x.device.type, enabled=False):  # float32 (the gathers that follow need it)
-        x = x.float().contiguous(memory_format=torch.channels_last)
-        out = F.conv2d(x, weight.float()[:, :, None, None])
-    return out.permute(0, 2, 3, 1).reshape(-1, weight.shape[0])
-
-
-class TemporalRoIAlign(nn.Module):
+class TemporalRoIAlign(SingleRoIExtractor):
     """Temporal RoI Align (single feature level), exactly as MMTracking's ``TemporalRoIAlign``.
 
     ``forward(feats, rois)`` is the plain RoIAlign (7x7, sampling_ratio 2, aligned=True, spatial
@@ -397,22 +303,8 @@ class TemporalRoIAlign(nn.Module):
     bound memory; MMTracking builds the full (n*49, T*H*W) similarity matrix at once (~2 GB for
     300 RoIs, 15 frames of 38x63) and loops over frames, which gives the same numbers.
 
-    Fast path (``factorized=True``, the default; :meth:`_forward_factorized`): both steps are
-    linear in the feature maps, so they are re-associated, with the same results up to float
-    summation order (checked against the direct path and a numpy loop in the tests):
-
-    * a RoI point is a bilinear combination of 16 key-map pixels (:func:`roi_align_taps`), so its
-      similarities to all reference locations are the same combination of the rows of the
-      (H*W, H'*W') key-pixel x reference-location similarity matrix G (one GEMM per reference
-      frame, 2*HW*C*H'W' FLOPs), instead of one GEMM per RoI point (2*n*49*C*H'W': 6.5x more for
-      300 RoIs at 36x63);
-    * the 3x3 ``embed_network`` conv of a most-similar RoI map sums, over the 9 taps and the k
-      points, softmax weight x (W_tap @ reference pixel): the 9 products W_tap @ R of every
-      reference pixel are one 1x1 conv (C -> 9C) per frame, and each embedded point is a 9k-term
-      weighted gather (``embedding_bag``). This replaces the conv over T*n 7x7 maps
-      (T*n*49*9*C*C*2 = 1.0 TFLOP for 15 frames x 300 RoIs) by T*H'W'*9*C*C*2 = 0.16 TFLOP
-      (0.01 TFLOP per frame when the references' products are cached, :meth:`prepare_reference`).
-      The key RoI maps are embedded the same way, from their RoIAlign taps (9 x 16 gathers).
+    ``viddet.speedups`` replaces :meth:`forward` at inference by an equivalent re-associated
+    computation (``FactorizedTemporalRoIAlign``); this class is the reference it is tested against.
 
     Args:
         out_channels: feature channels C (512).
@@ -425,20 +317,14 @@ class TemporalRoIAlign(nn.Module):
             that the similarity matrix of a chunk has at most this many elements (default 2**26,
             256 MB in float32; the fast path holds one reference frame's similarities at a time,
             so 300 RoIs on a 38 x 63 map are one chunk).
-        factorized: use the fast re-associated path (see above); False runs the direct
-            computation (MMTracking's order of operations).
     """
 
     def __init__(self, out_channels: int = 512, output_size: int = 7,
                  spatial_scale: float = 1.0 / 16, sampling_ratio: int = 2,
                  num_most_similar_points: int = 2, num_temporal_attention_blocks: int = 4,
-                 max_chunk_elements: int = 2 ** 26, factorized: bool = True):
-        super().__init__()
-        self.factorized = factorized
+                 max_chunk_elements: int = 2 ** 26):
+        super().__init__(output_size, spatial_scale, sampling_ratio)
         self.out_channels = out_channels
-        self.output_size = output_size
-        self.spatial_scale = spatial_scale
-        self.sampling_ratio = sampling_ratio
         self.num_most_similar_points = num_most_similar_points
         self.num_temporal_attention_blocks = num_temporal_attention_blocks
         self.max_chunk_elements = max_chunk_elements
@@ -447,20 +333,6 @@ class TemporalRoIAlign(nn.Module):
                 raise ValueError(f'out_channels {out_channels} is not divisible by '
                                  f'num_temporal_attention_blocks {num_temporal_attention_blocks}')
             self.embed_network = ConvAct(out_channels, out_channels, 3, padding=1, bias=True)
-
-    def roi_align(self, feats: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
-        """Plain RoIAlign (mmcv ``RoIAlign(7, sampling_ratio=2, aligned=True)``, avg).
-
-        Args:
-            feats: (B, C, H, W) features at stride 1/spatial_scale.
-            rois: (n, 5) [batch_index, x1, y1, x2, y2] in input-image pixels.
-
-        Returns:
-            (n, C, output_size, output_size).
-        """
-        return roi_align(feats, rois.to(feats.dtype), self.output_size,
-                         spatial_scale=self.spatial_scale, sampling_ratio=self.sampling_ratio,
-                         aligned=True)
 
     def most_similar_roi_align(self, roi_feats: torch.Tensor, ref_feats: torch.Tensor,
                                ref_embed: Optional[torch.Tensor] = None,
@@ -529,68 +401,38 @@ class TemporalRoIAlign(nn.Module):
         return out.view(r, c, h, w)
 
     def forward(self, feats: torch.Tensor, rois: torch.Tensor,
-                ref_feats: Optional[torch.Tensor] = None,
-                roi_chunk_size: Optional[int] = None,
-                references: Optional[Sequence[Optional['TRoIReference']]] = None) -> torch.Tensor:
+                ref_feats: Optional[Union[torch.Tensor, Sequence[torch.Tensor]]] = None,
+                roi_chunk_size: Optional[int] = None) -> torch.Tensor:
         """RoI features of the key frame, temporally aggregated when ``ref_feats`` is given.
 
         Args:
             feats: (1, C, H, W) key-frame features (stride 16). Without ``ref_feats`` any batch
                 size B works (plain RoIAlign).
             rois: (n, 5) [batch_index, x1, y1, x2, y2] in padded-image pixels.
-            ref_feats: (T, C, H', W') reference feature maps (SELSA test: the 14 cached reference
-                frames + the current frame, T = 15), or a list of T (1, C, H', W') maps (saves
-                concatenating them), or None for plain RoIAlign (used for the reference proposals
-                of the SELSA head).
-            roi_chunk_size: RoIs per chunk for the temporal part; None chooses it from
-                ``max_chunk_elements``. Chunking changes no result beyond float summation order.
-            references: fast path only: optional T entries, :meth:`prepare_reference` of each
-                ``ref_feats`` frame (or None), so that reference frames shared by many key frames
-                (SELSA's cached references) are prepared once.
+            ref_feats: (T, C, H', W') reference feature maps (SELSA test: the 14 reference frames +
+                the current frame, T = 15), or a list of T (1, C, H', W') maps, or None for plain
+                RoIAlign (the reference proposals of the SELSA head).
+            roi_chunk_size: RoIs per chunk; None chooses it from ``max_chunk_elements``. Chunking
+                changes no result beyond float summation order.
 
         Returns:
             (n, C, 7, 7) RoI features.
 
         Raises:
             ValueError: if the key features do not have batch size 1 while ``ref_feats`` is given,
-                or the channel counts differ.
+                or the shapes disagree.
         """
         roi_feats = self.roi_align(feats, rois)
         if ref_feats is None:
             return roi_feats
-        maps = None
-        if isinstance(ref_feats, (list, tuple)):  # T maps (1, C, H', W'): no concatenated copy needed
-            maps = [m.to(roi_feats.dtype) for m in ref_feats]
-            if not maps or any(m.dim() != 4 or m.shape[0] != 1 or m.shape[1:] != maps[0].shape[1:] for m in maps):
-                raise ValueError('TemporalRoIAlign: ref_feats must be T maps of the same (1, C, H, W) size')
-            ref_feats = maps[0].expand(len(maps), -1, -1, -1)  # shape only (stride-0 view)
-        if feats.shape[0] != 1:
-            raise ValueError(f'TemporalRoIAlign: key features must be (1, C, H, W) when ref_feats '
-                             f'is given, got {tuple(feats.shape)}')
-        if ref_feats.dim() != 4 or ref_feats.shape[1] != feats.shape[1]:
-            raise ValueError(f'TemporalRoIAlign: ref_feats must be (T, {feats.shape[1]}, H, W), '
-                             f'got {tuple(ref_feats.shape)}')
-        n = roi_feats.shape[0]
-        if n == 0:
+        ref_feats = self.check_inputs(feats, ref_feats).to(roi_feats.dtype)
+        if roi_feats.shape[0] == 0:
             return roi_feats
         t, _, fh, fw = ref_feats.shape
-        points = self.output_size * self.output_size
-        # The factorized path writes into preallocated outputs (no autograd): inference only.
-        fast = (self.factorized and self.num_temporal_attention_blocks > 0 and self.sampling_ratio > 0
-                and not torch.is_grad_enabled())
         if roi_chunk_size is None:
-            per_roi = points * fh * fw * (1 if fast else t)
-            roi_chunk_size = max(1, self.max_chunk_elements // per_roi)
+            roi_chunk_size = max(1, self.max_chunk_elements // (self.output_size ** 2 * fh * fw * t))
         if roi_chunk_size < 1:
             raise ValueError(f'roi_chunk_size must be >= 1, got {roi_chunk_size}')
-        if fast:
-            if maps is None:
-                maps = list(ref_feats.split(1))
-            # float32 throughout (under autocast too: the gathers mix their operands' dtypes)
-            with torch.autocast(feats.device.type, enabled=False):
-                return self._forward_factorized(feats.float(), rois, roi_feats.float(),
-                                                [m.float() for m in maps], roi_chunk_size, references)
-        ref_feats = torch.cat(maps) if maps is not None else ref_feats.to(roi_feats.dtype)
         ref_embed = self._ref_embedding(ref_feats)                          # (C, T*H*W)
         ref_flat = ref_feats.permute(0, 2, 3, 1).reshape(t, fh * fw, -1)    # (T, H*W, C)
         outs = []
@@ -599,135 +441,22 @@ class TemporalRoIAlign(nn.Module):
             outs.append(self.temporal_attentional_feature_aggregation(chunk.unsqueeze(0), ref_roi))
         return torch.cat(outs, dim=0)
 
-    def prepare_reference(self, ref: torch.Tensor) -> 'TRoIReference':
-        """Everything the fast path needs from one reference map that does not depend on the key
-        frame, to compute once per reference frame and pass to :meth:`forward` (``references``).
+    @staticmethod
+    def check_inputs(feats: torch.Tensor, ref_feats) -> torch.Tensor:
+        """The reference maps as one (T, C, H', W') tensor, after checking the shapes.
 
-        Args:
-            ref: (1, C, H', W') reference features.
-
-        Returns:
-            a :class:`TRoIReference` (about 10 x the size of ``ref``: 49 MB at 38 x 63 x 512).
+        Raises:
+            ValueError: key features not (1, C, H, W), or reference maps of other channels/sizes.
         """
-        c = ref.shape[1]
-        rows = ref.float().permute(0, 2, 3, 1).reshape(-1, c)  # float32, as the fast path computes
-        unit = rows / rows.norm(p=2, dim=1, keepdim=True)
-        return TRoIReference(rows.contiguous(), unit, self._tap_projections(ref))
-
-    def _tap_projections(self, ref: torch.Tensor) -> torch.Tensor:
-        """(1, C, H', W') -> (H'W'*9, C): row j*9 + o = W_o @ ref pixel j (embed conv tap o)."""
-        conv = self.embed_network.conv
-        c = conv.out_channels
-        w_taps = conv.weight.permute(2, 3, 0, 1).reshape(9 * c, conv.in_channels)
-        return _conv1x1_rows(ref, w_taps).view(-1, c)
-
-    def _forward_factorized(self, feats: torch.Tensor, rois: torch.Tensor, roi_feats: torch.Tensor,
-                            maps: Sequence[torch.Tensor], roi_chunk_size: int,
-                            references: Optional[Sequence[Optional['TRoIReference']]] = None) -> torch.Tensor:
-        """The fast path of :meth:`forward` (class docstring); same arguments and result.
-
-        feats (1, C, H, W), rois (n, 5), roi_feats (n, C, S, S) = RoIAlign(feats, rois),
-        maps: T reference maps (1, C, H', W'), references: optional per-frame
-        :meth:`prepare_reference` results (None entries are computed here, one frame at a time)
-        -> (n, C, S, S).
-        """
-        n, c, s, _ = roi_feats.shape
-        t, (_, _, fh, fw) = len(maps), maps[0].shape
-        pts, k, g = s * s, self.num_most_similar_points, self.num_temporal_attention_blocks
-        num, hw, d = n * pts, fh * fw, c // g                                 # P RoI points
-        dev = roi_feats.device
-        refs = list(references) if references is not None else [None] * t
-        if len(refs) != t:
-            raise ValueError(f'{len(refs)} prepared references for {t} reference maps')
-
-        def rows_of(f):  # (H'W', C), a view when the map is channels-last
-            return refs[f].rows if refs[f] is not None else maps[f].permute(0, 2, 3, 1).reshape(hw, c)
-        taps_pos, taps_w = roi_align_taps(rois, feats.shape[2], feats.shape[3], s,
-                                          self.spatial_scale, self.sampling_ratio)  # (P, 16)
-        roi_pts = roi_feats.permute(0, 2, 3, 1).reshape(num, c)              # (P, C)
-
-        # 1. most-similar points: similarities = taps x (key pixels . unit reference locations)
-        values = roi_feats.new_empty(t, num, k)
-        indices = torch.empty(t, num, k, dtype=torch.int64, device=dev)
-        chunk = roi_chunk_size * pts
-        for f in range(t):
-            if refs[f] is not None:
-                unit = refs[f].unit
-            else:
-                unit = rows_of(f)
-                unit = unit / unit.norm(p=2, dim=1, keepdim=True)
-            gram = _conv1x1_rows(feats, unit)                                 # (HW, H'W')
-            for lo in range(0, num, chunk):
-                hi = min(num, lo + chunk)
-                sim = F.embedding_bag(taps_pos[lo:hi], gram, per_sample_weights=taps_w[lo:hi],
-                                      mode='sum')                              # (p, H'W') unnormalised
-                torch.topk(sim, k=k, dim=1, largest=True, out=(values[f, lo:hi], indices[f, lo:hi]))
-                del sim
-            del gram
-        roi_norm = roi_pts.norm(p=2, dim=1, keepdim=True)                     # no epsilon
-        sel_w = (values / roi_norm).softmax(dim=2)                           # (T, P, k)
-
-        # 2. embed_network of every most-similar map, tap by tap: gathers of W_o @ ref pixel
-        py, px = torch.meshgrid(torch.arange(s, device=dev), torch.arange(s, device=dev), indexing='ij')
-        dy, dx = torch.meshgrid(torch.arange(3, device=dev) - 1, torch.arange(3, device=dev) - 1, indexing='ij')
-        qy = py.reshape(pts, 1) + dy.reshape(1, 9)
-        qx = px.reshape(pts, 1) + dx.reshape(1, 9)
-        inside = (qy >= 0) & (qy < s) & (qx >= 0) & (qx < s)                  # (S*S, 9), zero padding
-        nbr = torch.where(inside, qy * s + qx, torch.zeros_like(qy))
-        nbr = (torch.arange(n, device=dev).view(n, 1, 1) * pts + nbr).reshape(num, 9)
-        inside = inside.to(roi_feats.dtype).repeat(n, 1).view(1, num, 9, 1)
-        tap = torch.arange(9, device=dev).view(1, 1, 9, 1)
-        bag = (indices[:, nbr] * 9 + tap).reshape(t, num, 9 * k)              # (T, P, 9k)
-        bag_w = (sel_w[:, nbr] * inside).reshape(t, num, 9 * k)
-        # the key RoIs' embedding by the same trick: RoIAlign taps of the key map x its tap
-        # projections (9*16 gathers per point instead of a 3x3 conv over n 7x7 maps); the key map
-        # is usually also the last reference map (SELSA), whose projections are then shared
-        bias = self.embed_network.conv.bias
-        key_ref = next((f for f in range(t) if maps[f] is feats), None)
-        if key_ref is not None and refs[key_ref] is not None:
-            key_proj = refs[key_ref].proj
-        else:
-            key_proj = self._tap_projections(feats)
-        key_bag = (taps_pos[nbr] * 9 + tap.view(1, 9, 1)).reshape(num, -1)    # (P, 9*16)
-        key_w = (taps_w[nbr] * inside.view(num, 9, 1)).reshape(num, -1)
-        key_embed = F.embedding_bag(key_bag, key_proj, per_sample_weights=key_w, mode='sum')
-        if bias is not None:
-            key_embed += bias
-        key_embed = key_embed.view(num, g, d)
-        dots = roi_feats.new_empty(1 + t, num, g)                             # <embed_t, embed_key> per block
-        prod = roi_feats.new_empty(num, g, d)
-        torch.sum(torch.mul(key_embed, key_embed, out=prod), dim=2, out=dots[0])
-        for f in range(t):
-            if refs[f] is not None:
-                proj = refs[f].proj
-            else:
-                proj = key_proj if f == key_ref else self._tap_projections(maps[f])
-            embed = F.embedding_bag(bag[f], proj, per_sample_weights=bag_w[f], mode='sum')
-            torch.sum(torch.mul(embed.view(num, g, d), key_embed, out=prod), dim=2, out=dots[1 + f])
-            del proj, embed
-        if bias is not None:  # embed_t = gathers + bias
-            dots[1:] += torch.linalg.vecdot(bias.view(1, g, d), key_embed)
-        weights = (dots / float(c / g) ** 0.5).softmax(dim=0).unsqueeze(-1)  # (1+T, P, G, 1)
-
-        # 3. attention-weighted sum of the key RoI and the most-similar RoIs (raw features)
-        out = roi_pts.view(num, g, d) * weights[0]
-        for f in range(t):
-            similar = F.embedding_bag(indices[f], rows_of(f), per_sample_weights=sel_w[f], mode='sum')
-            out.addcmul_(similar.view(num, g, d), weights[1 + f])
-        return out.view(n, s, s, c).permute(0, 3, 1, 2).contiguous()
-
-
-@dataclass
-class TRoIReference:
-    """Key-frame-independent data of one reference frame for :class:`TemporalRoIAlign`'s fast path
-    (:meth:`TemporalRoIAlign.prepare_reference`).
-
-    Attributes:
-        rows: (H'*W', C) the reference features, one row per location (y * W' + x).
-        unit: (H'*W', C) the rows L2-normalised (no epsilon).
-        proj: (H'*W'*9, C) row j*9 + o = ``embed_network`` weight at kernel tap o (dy*3 + dx)
-            times row j (no bias).
-    """
-    rows: torch.Tensor
-    unit: torch.Tensor
-    proj: torch.Tensor
+        if isinstance(ref_feats, (list, tuple)):
+            if not ref_feats or any(m.dim() != 4 or m.shape[0] != 1 or m.shape[1:] != ref_feats[0].shape[1:]
+                                    for m in ref_feats):
+                raise ValueError('TemporalRoIAlign: ref_feats must be T maps of the same (1, C, H, W) size')
+            ref_feats = torch.cat(list(ref_feats))
+        if feats.dim() != 4 or feats.shape[0] != 1:
+            raise ValueError(f'TemporalRoIAlign: key features must be (1, C, H, W) when ref_feats '
+                             f'is given, got {tuple(feats.shape)}')
+        if ref_feats.dim() != 4 or ref_feats.shape[1] != feats.shape[1]:
+            raise ValueError(f'TemporalRoIAlign: ref_feats must be (T, {feats.shape[1]}, H, W), '
+                             f'got {tuple(ref_feats.shape)}')
+        return ref_feats

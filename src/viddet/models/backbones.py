@@ -1,7 +1,10 @@
-"""Dilated ("DC5") ResNet / ResNeXt backbones exactly as mmdet builds them for MMTracking VID.
+"""The backbones: dilated ("DC5") ResNet / ResNeXt exactly as mmdet builds them for MMTracking VID,
+and the table of every backbone viddet knows (:data:`BACKBONES`).
 
-REFERENCE.md §1.1 (mmdet ``ResNet``/``ResNeXt``, ``style='pytorch'``, ``strides=(1,2,2,1)``,
-``dilations=(1,1,1,2)``, ``out_indices=(3,)``, ``frozen_stages=1``, ``norm_eval=True``).
+MMTracking's ``configs/_base_/models/faster_rcnn_r50_dc5.py``: mmdet ``ResNet`` (``mmdet/models/
+backbones/resnet.py``) with ``depth=50``, ``style='pytorch'``, ``strides=(1, 2, 2, 1)``,
+``dilations=(1, 1, 1, 2)``, ``out_indices=(3,)``, ``frozen_stages=1``, ``norm_eval=True``; the
+R-101 / X-101 configs change only the depth (and ``type='ResNeXt', groups=64, base_width=4``).
 
 Differences from torchvision's ``replace_stride_with_dilation`` that matter for checkpoint parity:
 the dilation (2) applies to *every* block of layer4, including its first block, and layer4's
@@ -9,42 +12,18 @@ downsample conv has stride 1. Output: the layer4 map, 2048 channels at stride 16
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
 
-from viddet.models import fused
+from viddet.errors import VidDetError
+from viddet.models.layers import FrozenStagesMixin
+from viddet.models.mobilenet import MobileNetV2Lite
 
 # depth -> blocks per stage
 RESNET_DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
-
-
-class FrozenStagesMixin:
-    """``train()`` that keeps a backbone's frozen stages (``frozen_modules()``, requires_grad=False)
-    and, with ``norm_eval``, every BatchNorm in eval mode (mmdet ``frozen_stages`` / ``norm_eval``)."""
-
-    norm_eval: bool = True
-
-    def frozen_modules(self) -> List[nn.Module]:
-        raise NotImplementedError
-
-    def freeze(self) -> None:
-        """Puts the frozen modules in eval mode and stops their gradients."""
-        for m in self.frozen_modules():
-            m.eval()
-            for p in m.parameters():
-                p.requires_grad = False
-
-    def train(self, mode: bool = True):
-        """Sets training mode, except for the frozen stages and (norm_eval) every BatchNorm."""
-        nn.Module.train(self, mode)
-        self.freeze()
-        if mode and self.norm_eval:
-            for m in self.modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    m.eval()
-        return self
 
 
 class Bottleneck(nn.Module):
@@ -122,7 +101,6 @@ class ResNetDC5(FrozenStagesMixin, nn.Module):
                        for _ in range(1, num_blocks)]
             self.add_module(f'layer{i + 1}', nn.Sequential(*blocks))
         self.freeze()
-        self._fused = fused.FusedCache()
 
     def frozen_modules(self) -> List[nn.Module]:
         """The stem and layers 1..frozen_stages (none when frozen_stages < 0)."""
@@ -131,56 +109,75 @@ class ResNetDC5(FrozenStagesMixin, nn.Module):
         return [self.conv1, self.bn1] + [getattr(self, f'layer{i}') for i in range(1, self.frozen_stages + 1)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fused.fast_path(self, x):
-            try:
-                return self._forward_fused(x)
-            except RuntimeError as e:  # private kernels missing or changed: plain path from now on
-                fused.disable(e)
+        """(N, 3, H, W) normalised RGB -> (N, 2048, ceil(H/16), ceil(W/16))."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer1(x)
         x = self.layer2(x)
         x = self.layer3(x)
         return self.layer4(x)
 
-    def _fused_convs(self, _module=None) -> Dict[str, 'fused.FusedConv']:
-        convs = {'stem': fused.FusedConv(self.conv1, self.bn1)}
-        for name, blk in self.named_modules():
-            if isinstance(blk, Bottleneck):
-                convs[name + '.1'] = fused.FusedConv(blk.conv1, blk.bn1)
-                convs[name + '.2'] = fused.FusedConv(blk.conv2, blk.bn2)
-                convs[name + '.3'] = fused.FusedConv(blk.conv3, blk.bn3)
-                if blk.downsample is not None:
-                    convs[name + '.ds'] = fused.FusedConv(blk.downsample[0], blk.downsample[1])
-        return convs
 
-    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        """CPU float32 inference: each conv runs with its BN folded in and ReLU / residual add as
-        oneDNN post-ops (:mod:`viddet.models.fused`); same values as :meth:`forward` up to rounding."""
-        f = self._fused.get(self, self._fused_convs)
-        x = x.contiguous(memory_format=torch.channels_last)
-        x = self.maxpool(f['stem'](x, 'relu'))
-        for i in range(1, 5):
-            for j in range(len(getattr(self, f'layer{i}'))):
-                name = f'layer{i}.{j}'
-                identity = f[name + '.ds'](x) if name + '.ds' in f else x
-                out = f[name + '.2'](f[name + '.1'](x, 'relu'), 'relu')
-                x = f[name + '.3'](out, 'relu', add=identity)
-        return x
+@dataclass(frozen=True)
+class Backbone:
+    """What viddet knows about one backbone.
+
+    Attributes:
+        name: the short name used in configs, the CLI and messages (``r50``).
+        title: the name in papers and tables (``R-50``).
+        build: constructs the module (ImageNet-initialisable, stride 16).
+        imagenet_weights: the model-zoo name of its ImageNet initialisation (what MMTracking's
+            configs call ``torchvision://resnet50``), or None when there is none to download.
+    """
+    name: str
+    title: str
+    build: Callable[[], nn.Module]
+    imagenet_weights: Optional[str] = None
+
+
+BACKBONES = (
+    Backbone('r50', 'R-50', lambda: ResNetDC5(50), 'torchvision://resnet50'),
+    Backbone('r101', 'R-101', lambda: ResNetDC5(101), 'torchvision://resnet101'),
+    Backbone('x101', 'X-101', lambda: ResNetDC5(101, groups=64, base_width=4), 'open-mmlab://resnext101_64x4d'),
+    Backbone('mobilenetv2', 'MobileNetV2-lite', MobileNetV2Lite, None),
+)
+"""Every backbone, in the order the CLI lists them."""
+
+BACKBONE_NAMES = tuple(b.name for b in BACKBONES)
+
+
+def backbone_info(name: str) -> Backbone:
+    """The :class:`Backbone` entry of ``name``.
+
+    Raises:
+        VidDetError: unknown name (listing the known ones).
+    """
+    for b in BACKBONES:
+        if b.name == name:
+            return b
+    raise VidDetError(f'unknown backbone {name!r}: choose one of {", ".join(BACKBONE_NAMES)}')
 
 
 def build_backbone(name: str) -> nn.Module:
-    """Backbone by short name: ``r50``, ``r101`` or ``x101`` (ResNeXt-101 64x4d), all DC5.
+    """The backbone module of ``name`` (see :data:`BACKBONES`), with its default initialisation.
 
     Raises:
-        ValueError: unknown name.
+        VidDetError: unknown name.
     """
-    if name == 'r50':
-        return ResNetDC5(50)
-    if name == 'r101':
-        return ResNetDC5(101)
-    if name == 'x101':
-        return ResNetDC5(101, groups=64, base_width=4)
-    if name == 'mobilenetv2':
-        from viddet.models.mobilenet import MobileNetV2Lite
-        return MobileNetV2Lite()
-    raise ValueError(f'unknown backbone {name!r}: choose r50, r101, x101 or mobilenetv2')
+    return backbone_info(name).build()
+
+
+def backbone_of_state_dict(state: Dict[str, torch.Tensor], prefix: str = 'detector.') -> Optional[str]:
+    """The backbone name of a checkpoint, read off its keys under ``prefix + 'backbone.'``:
+    ResNet depth from layer3's block count (6 -> 50, 23 -> 101), ResNeXt from a grouped layer1
+    conv2, MobileNetV2-lite from ``features.*``; None when no known backbone is there."""
+    import re
+    head = prefix + 'backbone.'
+    blocks = {int(m.group(1)) for k in state if (m := re.match(re.escape(head) + r'layer3\.(\d+)\.', k))}
+    if blocks:
+        depth = {6: 50, 23: 101}.get(max(blocks) + 1)
+        w = state.get(head + 'layer1.0.conv2.weight')
+        grouped = w is not None and w.shape[1] != w.shape[0]
+        return (('x' if grouped else 'r') + str(depth)) if depth else None
+    if any(k.startswith(head + 'features.') for k in state):
+        return 'mobilenetv2'
+    return None

@@ -1,14 +1,21 @@
-"""Faster R-CNN R-50/101/X-101 DC5 as configured in MMTracking's VID configs.
+"""Faster R-CNN DC5 as configured in MMTracking's VID configs, assembled from its parts.
 
-Modules and state-dict names follow mmdet so that MMTracking checkpoints load unchanged:
-``backbone`` (:mod:`viddet.models.backbones`), ``neck.convs.0.conv`` (ChannelMapper 2048->512,
-3x3 + bias + ReLU), ``rpn_head.{rpn_conv,rpn_cls,rpn_reg}``, ``roi_head.bbox_head.{shared_fcs,
-fc_cls,fc_reg}`` (+ ``aggregator`` for SELSA). REFERENCE.md §1.2–§1.7.
+:class:`FasterRCNN` holds four injected modules, like torchvision's ``GeneralizedRCNN`` and mmdet's
+``TwoStageDetector``: ``backbone`` (:mod:`viddet.models.backbones`), ``neck`` (:class:`ChannelMapper`,
+2048 -> 512, 3x3 + bias + ReLU), ``rpn_head`` (:class:`RPNHead`) and ``roi_head`` (:class:`RoIHead`
+= an RoI extractor + a box head). The VID methods swap parts, not flags: SELSA gives it a
+``SelsaBBoxHead``, Temporal RoI Align a ``TemporalRoIAlign`` extractor
+(:mod:`viddet.models.aggregators`). Module names follow mmdet, so MMTracking checkpoints load
+unchanged (``detector.neck.convs.0.conv.weight``, ``detector.rpn_head.rpn_cls.weight``,
+``detector.roi_head.bbox_head.shared_fcs.0.weight``, ...). Sources: MMTracking 0.14
+``configs/_base_/models/faster_rcnn_r50_dc5.py`` and the mmdet 2.x classes it names
+(``ChannelMapper``, ``RPNHead``, ``StandardRoIHead``, ``SingleRoIExtractor``, ``Shared2FCBBoxHead``).
 
-A frame's path: ``extract_feat`` (backbone + neck, (N,512,H/16,W/16)) -> ``rpn_head.proposals``
-(300 boxes per image) -> ``roi_head.extract_rois`` (RoIAlign 7x7) -> ``roi_head.bbox_head``
-(31 class logits, 120 class-specific deltas) -> ``roi_head.postprocess`` (decode, rescale to
-original pixels, class-wise NMS 0.5, top 100).
+A frame's path: :meth:`FasterRCNN.extract_feat` (backbone + neck, (N, 512, H/16, W/16)) ->
+:meth:`FasterRCNN.proposals` (300 boxes) -> ``roi_head.roi_align`` (RoIAlign 7x7) ->
+``roi_head.bbox_head`` (31 class logits, 120 class-specific deltas) -> ``roi_head.postprocess``
+(decode, rescale to original pixels, class-wise NMS 0.5, top 100); :meth:`FasterRCNN.detect` runs
+it all on final features.
 """
 from __future__ import annotations
 
@@ -20,10 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
-from viddet.models import fused
 from viddet.models.backbones import build_backbone
 from viddet.models.boxes import base_anchors, batched_nms, decode_boxes, grid_anchors
+from viddet.models.layers import ConvAct
 from viddet.structures import Detections, ImageMeta
+from viddet.timing import NO_TIMER, StageTimer
 
 RPN_STDS = (1.0, 1.0, 1.0, 1.0)
 RCNN_STDS = (0.2, 0.2, 0.2, 0.2)
@@ -46,19 +54,6 @@ class RCNNConfig:
     max_per_img: int = 100
 
 
-class ConvModule(nn.Module):
-    """Conv2d (+ optional ReLU) stored as ``<name>.conv`` like mmcv's ConvModule."""
-
-    def __init__(self, cin: int, cout: int, k: int, relu: bool = True):
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, k, padding=k // 2, bias=True)
-        self.relu = relu
-
-    def forward(self, x):
-        x = self.conv(x)
-        return F.relu(x, inplace=True) if self.relu else x
-
-
 class ChannelMapper(nn.Module):
     """mmdet ``ChannelMapper(in_channels=[C], out_channels=512, kernel_size=3)``: conv3x3 + bias + ReLU.
 
@@ -67,7 +62,7 @@ class ChannelMapper(nn.Module):
 
     def __init__(self, in_channels: int = 2048, out_channels: int = 512):
         super().__init__()
-        self.convs = nn.ModuleList([ConvModule(in_channels, out_channels, 3)])
+        self.convs = nn.ModuleList([ConvAct(in_channels, out_channels, 3, padding=1, act='relu')])
 
     def forward(self, x):
         return self.convs[0](x)
@@ -146,106 +141,70 @@ class RPNHead(nn.Module):
 
 
 class BBoxHead(nn.Module):
-    """mmdet ``Shared2FCBBoxHead`` (+ MMTracking ``SelsaBBoxHead`` when ``aggregate=True``).
+    """mmdet ``Shared2FCBBoxHead``: flatten -> ``num_shared_fcs`` x (fc + ReLU) -> ``fc_cls`` and
+    ``fc_reg`` (class-specific, ``reg_class_agnostic=False``).
 
     Args:
-        num_shared_fcs: 2 (Faster R-CNN, SELSA) or 3 (SELSA + Temporal RoI Align).
         num_classes: 30; the classifier has num_classes + 1 outputs with background LAST.
-        aggregate: insert a SelsaAggregator after each shared fc, before its ReLU
-            (x = fc(x); x = x + aggregator(x, fc(ref)); relu) — REFERENCE.md §5.2.
+        num_shared_fcs: 2 (Faster R-CNN, SELSA) or 3 (SELSA + Temporal RoI Align).
 
-    Input RoI features (n, 512, 7, 7) -> (cls_score (n, 31), bbox_pred (n, 120)).
+    Input RoI features (n, 512, 7, 7) -> (cls_score (n, C + 1), bbox_pred (n, 4C)).
     """
 
     def __init__(self, in_channels: int = 512, roi_size: int = 7, fc_channels: int = 1024,
-                 num_classes: int = 30, num_shared_fcs: int = 2, aggregate: bool = False,
-                 num_attention_blocks: int = 16):
+                 num_classes: int = 30, num_shared_fcs: int = 2):
         super().__init__()
         self.num_classes = num_classes
         dims = [in_channels * roi_size * roi_size] + [fc_channels] * num_shared_fcs
         self.shared_fcs = nn.ModuleList([nn.Linear(dims[i], dims[i + 1]) for i in range(num_shared_fcs)])
         self.fc_cls = nn.Linear(fc_channels, num_classes + 1)
         self.fc_reg = nn.Linear(fc_channels, 4 * num_classes)
-        if aggregate:
-            from viddet.models.aggregators import SelsaAggregator
-            self.aggregator = nn.ModuleList([SelsaAggregator(fc_channels, num_attention_blocks)
-                                             for _ in range(num_shared_fcs)])
-        else:
-            self.aggregator = None
 
-    def forward(self, x: torch.Tensor, ref_x: Optional[torch.Tensor] = None):
-        """Plain path (``ref_x`` None) or SELSA path with reference RoI features (m, 512, 7, 7)."""
+    def forward(self, x: torch.Tensor):
         x = x.flatten(1)
-        if self.aggregator is None:
-            for fc in self.shared_fcs:
-                x = fused.linear(fc, x, 'relu')
-            return fused.linear(self.fc_cls, x), fused.linear(self.fc_reg, x)
-        ref_x = ref_x.flatten(1)
-        for fc, agg in zip(self.shared_fcs, self.aggregator):
-            x = fc(x)
-            ref_x = fc(ref_x)
-            x = x + agg(x, ref_x)
-            x, ref_x = F.relu(x), F.relu(ref_x)
+        for fc in self.shared_fcs:
+            x = F.relu(fc(x))
         return self.fc_cls(x), self.fc_reg(x)
 
-    def ref_projections(self, ref_x: torch.Tensor, return_first_fc: bool = False):
-        """SELSA: the per-layer reference projections (``SelsaRefProjections``) of reference RoI
-        features (m, 512, 7, 7).
 
-        They depend only on the reference frame, so a video engine computes them once per
-        reference frame and concatenates them for every key frame (:meth:`forward_cached`).
+class SingleRoIExtractor(nn.Module):
+    """mmdet ``SingleRoIExtractor`` with one feature level: mmcv ``RoIAlign(output_size=7,
+    sampling_ratio=2, aligned=True)``, average pooling, spatial scale 1/16 (parameter-free).
 
-        With ``return_first_fc`` also returns the first shared fc's output (m, 1024) (before ReLU):
-        when the key frame's RoI features are these same features (SELSA, whose current frame is
-        also a reference), :meth:`forward_cached` reuses it instead of recomputing that fc, the
-        largest layer of the head (25088 x 1024).
-        """
-        kv = []
-        ref_x = ref_x.flatten(1)
-        first = None
-        for fc, agg in zip(self.shared_fcs, self.aggregator):
-            ref_x = fused.linear(fc, ref_x)
-            first = ref_x if first is None else first
-            kv.append(agg.project_refs(ref_x))
-            ref_x = F.relu(ref_x)
-        return (kv, first) if return_first_fc else kv
+    ``forward(feats (B, C, H, W), rois (n, 5) [batch_index, x1, y1, x2, y2] in input pixels)``
+    -> (n, C, 7, 7).
+    """
 
-    def forward_cached(self, x: torch.Tensor, ref_kv: Sequence, first_fc: Optional[torch.Tensor] = None):
-        """SELSA path from precomputed reference projections (one ``SelsaRefProjections`` per
-        shared fc, e.g. the concatenation of every reference frame's :meth:`ref_projections`).
+    def __init__(self, output_size: int = 7, spatial_scale: float = 1.0 / 16, sampling_ratio: int = 2):
+        super().__init__()
+        self.output_size, self.spatial_scale, self.sampling_ratio = output_size, spatial_scale, sampling_ratio
 
-        ``first_fc``: optional precomputed ``shared_fcs[0](x.flatten(1))`` (see
-        :meth:`ref_projections`); the result is the same."""
-        x = x.flatten(1)
-        for i, (fc, agg, refs) in enumerate(zip(self.shared_fcs, self.aggregator, ref_kv)):
-            x = first_fc if i == 0 and first_fc is not None else fused.linear(fc, x)
-            x = F.relu(x + agg.forward_projected(x, refs))
-        return fused.linear(self.fc_cls, x), fused.linear(self.fc_reg, x)
+    def roi_align(self, feats: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        """Plain RoIAlign of ``rois`` on ``feats`` (float32)."""
+        return roi_align(feats.float(), rois.float(), self.output_size, self.spatial_scale,
+                         self.sampling_ratio, True)
+
+    def forward(self, feats: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        return self.roi_align(feats, rois)
 
 
 class RoIHead(nn.Module):
-    """RoI feature extraction (RoIAlign 7x7, sampling 2, aligned) + :class:`BBoxHead` + post-processing.
+    """mmdet ``StandardRoIHead`` at test time: an RoI extractor + a box head + post-processing.
 
-    ``bbox_roi_extractor`` is None for plain RoIAlign (parameter-free) or a TemporalRoIAlign module.
+    Args:
+        bbox_head: :class:`BBoxHead` or a subclass (SELSA's).
+        bbox_roi_extractor: :class:`SingleRoIExtractor` (default) or a subclass (Temporal RoI
+            Align); its parameters, if any, are stored under ``roi_head.bbox_roi_extractor.``.
     """
 
-    def __init__(self, bbox_head: BBoxHead, bbox_roi_extractor: Optional[nn.Module] = None,
-                 roi_size: int = 7, stride: int = 16, sampling_ratio: int = 2):
+    def __init__(self, bbox_head: BBoxHead, bbox_roi_extractor: Optional[SingleRoIExtractor] = None):
         super().__init__()
         self.bbox_head = bbox_head
-        self.bbox_roi_extractor = bbox_roi_extractor
-        self.roi_size, self.stride, self.sampling_ratio = roi_size, stride, sampling_ratio
+        self.bbox_roi_extractor = bbox_roi_extractor if bbox_roi_extractor is not None else SingleRoIExtractor()
 
     def roi_align(self, feats: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
-        """Plain RoIAlign (mmcv defaults: aligned=True, avg): (N,C,h,w), rois (n,5) -> (n,C,7,7)."""
-        return roi_align(feats.float(), rois.float(), self.roi_size, 1.0 / self.stride, self.sampling_ratio, True)
-
-    def extract_rois(self, feats: torch.Tensor, rois: torch.Tensor,
-                     ref_feats: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """RoI features of the key frame; Temporal RoI Align also looks into ``ref_feats``."""
-        if self.bbox_roi_extractor is not None and ref_feats is not None:
-            return self.bbox_roi_extractor(feats, rois, ref_feats)
-        return self.roi_align(feats, rois)
+        """Plain RoIAlign (n, C, 7, 7) of ``rois`` (n, 5) on ``feats`` (N, C, h, w), whatever the extractor."""
+        return self.bbox_roi_extractor.roi_align(feats, rois)
 
     @torch.no_grad()
     def postprocess(self, rois: torch.Tensor, cls_score: torch.Tensor, bbox_pred: torch.Tensor,
@@ -282,47 +241,66 @@ def rois_from_proposals(proposals: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 class FasterRCNN(nn.Module):
-    """The single-frame detector that every VID method builds on (MMTracking's ``detector``).
+    """The single-frame detector that every VID method has (MMTracking's ``detector``).
 
     Args:
-        backbone: ``r50``, ``r101``, ``x101`` (DC5) or ``mobilenetv2`` (lite, stride 16).
-        num_classes: 30 for ImageNet VID.
-        num_shared_fcs, aggregate: see :class:`BBoxHead` (SELSA: aggregate=True; TRoI: 3 fcs).
-        temporal_roi_align: use Temporal RoI Align as the key-frame RoI extractor.
+        backbone: (N, 3, H, W) -> (N, C_b, H/16, W/16), e.g. :class:`viddet.models.backbones.ResNetDC5`.
+        neck: (N, C_b, h, w) -> (N, 512, h, w), :class:`ChannelMapper`.
+        rpn_head: :class:`RPNHead`.
+        roi_head: :class:`RoIHead`.
+        rpn_test_cfg, rcnn_test_cfg: test-time proposal and detection settings (mmdet ``test_cfg``).
     """
 
-    def __init__(self, backbone: str = 'r50', num_classes: int = 30, num_shared_fcs: int = 2,
-                 aggregate: bool = False, temporal_roi_align: bool = False):
+    def __init__(self, backbone: nn.Module, neck: nn.Module, rpn_head: RPNHead, roi_head: RoIHead,
+                 rpn_test_cfg: Optional[RPNConfig] = None, rcnn_test_cfg: Optional[RCNNConfig] = None):
         super().__init__()
-        self.backbone = build_backbone(backbone)
-        self.neck = ChannelMapper(self.backbone.out_channels, 512)
-        self.rpn_head = RPNHead(512)
-        extractor = None
-        if temporal_roi_align:
-            from viddet.models.aggregators import TemporalRoIAlign
-            extractor = TemporalRoIAlign()
-        self.roi_head = RoIHead(BBoxHead(num_classes=num_classes, num_shared_fcs=num_shared_fcs,
-                                         aggregate=aggregate), extractor)
-        self.rpn_test_cfg = RPNConfig()
-        self.rcnn_test_cfg = RCNNConfig()
+        self.backbone = backbone
+        self.neck = neck
+        self.rpn_head = rpn_head
+        self.roi_head = roi_head
+        self.rpn_test_cfg = rpn_test_cfg or RPNConfig()
+        self.rcnn_test_cfg = rcnn_test_cfg or RCNNConfig()
 
     @property
     def num_classes(self) -> int:
         return self.roi_head.bbox_head.num_classes
 
     def extract_feat(self, imgs: torch.Tensor) -> torch.Tensor:
-        """Backbone + neck: (N, 3, Hp, Wp) normalised images -> (N, 512, Hp/16, Wp/16) (post-ReLU).
-
-        The convolutions run in channels-last memory format (the output is channels-last too):
-        oneDNN's CPU convolutions are ~30% faster on NHWC than on NCHW, with the same values up
-        to float summation order (benchmarks/RESULTS.md).
-        """
-        return self.neck(self.backbone(imgs.contiguous(memory_format=torch.channels_last)))
+        """Backbone + neck: (N, 3, Hp, Wp) normalised images -> (N, 512, Hp/16, Wp/16) (post-ReLU)."""
+        return self.neck(self.backbone(imgs))
 
     @torch.no_grad()
-    def detect(self, feats: torch.Tensor, meta: ImageMeta) -> Detections:
-        """Single-frame test path on one frame's neck features (1, 512, h, w)."""
-        proposals = self.rpn_head.proposals(feats, [meta.img_shape], self.rpn_test_cfg)
-        rois = rois_from_proposals(proposals)
-        cls_score, bbox_pred = self.roi_head.bbox_head(self.roi_head.roi_align(feats, rois))
-        return self.roi_head.postprocess(rois, cls_score, bbox_pred, meta, self.rcnn_test_cfg)
+    def proposals(self, feats: torch.Tensor, meta: ImageMeta) -> torch.Tensor:
+        """Test-time RPN proposals of one frame as RoIs: (k, 5) [0, x1, y1, x2, y2], k <= 300,
+        resized-image pixels, best first."""
+        return rois_from_proposals(self.rpn_head.proposals(feats, [meta.img_shape], self.rpn_test_cfg))
+
+    @torch.no_grad()
+    def detect(self, feats: torch.Tensor, meta: ImageMeta, timer: StageTimer = NO_TIMER) -> Detections:
+        """The single-frame test path on one frame's final features (1, 512, h, w): proposals ->
+        RoIAlign -> box head -> post-processing (mmdet ``TwoStageDetector.simple_test``). Every
+        method ends with it once its features are aggregated or warped."""
+        with timer('rpn'):
+            rois = self.proposals(feats, meta)
+        with timer('roi_head'):
+            cls_score, bbox_pred = self.roi_head.bbox_head(self.roi_head.roi_align(feats, rois))
+        with timer('nms'):
+            return self.roi_head.postprocess(rois, cls_score, bbox_pred, meta, self.rcnn_test_cfg)
+
+
+def build_faster_rcnn(backbone: str = 'r50', bbox_head: Optional[BBoxHead] = None,
+                      bbox_roi_extractor: Optional[SingleRoIExtractor] = None, num_classes: int = 30) -> FasterRCNN:
+    """The DC5 Faster R-CNN of MMTracking's VID configs with the given box head and RoI extractor.
+
+    Args:
+        backbone: a name of :data:`viddet.models.backbones.BACKBONES` (``r50``, ``r101``, ``x101``,
+            ``mobilenetv2``).
+        bbox_head: default ``BBoxHead(num_classes=num_classes)`` (Shared2FC).
+        bbox_roi_extractor: default :class:`SingleRoIExtractor`.
+
+    Raises:
+        VidDetError: unknown backbone name.
+    """
+    body = build_backbone(backbone)
+    head = bbox_head if bbox_head is not None else BBoxHead(num_classes=num_classes)
+    return FasterRCNN(body, ChannelMapper(body.out_channels, 512), RPNHead(512), RoIHead(head, bbox_roi_extractor))

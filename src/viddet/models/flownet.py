@@ -31,54 +31,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from viddet.data.transforms import IMG_MEAN_RGB, IMG_STD_RGB
+from viddet.models.layers import ConvAct
 
-__all__ = ['ConvAct', 'FlowNetSimple', 'flow_warp_feats', 'flow_warp_taps', 'FLOW_IMG_MEAN_RGB', 'FLOW_IMG_STD']
+__all__ = ['FlowNetSimple', 'flow_warp_feats', 'warp_grid', 'FLOW_IMG_MEAN_RGB', 'FLOW_IMG_STD']
 
 FLOW_IMG_MEAN_RGB = (0.411, 0.432, 0.45)
 """Mean subtracted from the [0, 1] RGB image before FlowNet (MMTracking ``flow_img_norm_mean``)."""
 FLOW_IMG_STD = (255.0, 255.0, 255.0)
 """Divisor of the 0..255 RGB image before FlowNet (MMTracking ``flow_img_norm_std``)."""
-
-
-class ConvAct(nn.Module):
-    """A convolution followed by an optional activation, with the parameters at ``conv.*``.
-
-    It plays the role of mmcv's ``ConvModule`` without norm layer, so that a module registered as
-    ``<name>`` stores its parameters at ``<name>.conv.weight`` / ``<name>.conv.bias`` exactly as in
-    MMTracking checkpoints. mmcv builds ``Conv``/``Conv2d`` as ``nn.Conv2d`` and ``deconv`` as
-    ``nn.ConvTranspose2d`` (weight layout (in, out, k, k)); order is conv then activation.
-
-    Args:
-        in_channels, out_channels, kernel_size, stride, padding: as ``nn.Conv2d``.
-        bias: whether the conv has a bias.
-        transposed: build ``nn.ConvTranspose2d`` (mmcv ``conv_cfg=dict(type='deconv')``).
-        act: ``None`` (no activation), ``'relu'`` or ``'leaky_relu'``.
-        negative_slope: slope of the LeakyReLU (FlowNetSimple uses 0.1).
-
-    Shapes: (N, in_channels, H, W) -> (N, out_channels, H', W').
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-                 padding: int = 0, bias: bool = True, transposed: bool = False,
-                 act: Optional[str] = None, negative_slope: float = 0.1):
-        super().__init__()
-        conv_cls = nn.ConvTranspose2d if transposed else nn.Conv2d
-        self.conv = conv_cls(in_channels, out_channels, kernel_size, stride=stride,
-                             padding=padding, bias=bias)
-        if act is None:
-            self.act = None
-        elif act == 'relu':
-            self.act = nn.ReLU(inplace=True)
-        elif act == 'leaky_relu':
-            self.act = nn.LeakyReLU(negative_slope, inplace=True)
-        else:
-            raise ValueError(f'unknown activation {act!r}')
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv(x)
-        if self.act is not None:
-            x = self.act(x)
-        return x
 
 
 def _crop_like(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -222,48 +182,25 @@ class FlowNetSimple(nn.Module):
             config). Channel 0 is the horizontal (x) displacement, channel 1 the vertical (y) one.
             When the padded image sizes Hp, Wp are multiples of 16 (h = Hp/2), H', W' = Hp, Wp.
         """
-        x = x.contiguous(memory_format=torch.channels_last)  # NHWC: ~40% faster oneDNN convs on CPU
-        layer = self._layer_fn(x)
         outs = []
         for group in (self.conv1, self.conv2, self.conv3, self.conv4, self.conv5, self.conv6):
             for m in group:
-                x = layer(m, x)
+                x = m(x)
             outs.append(x)
         # outs[1..5] = conv2..conv6 outputs (MMTracking out_indices [2, 3, 4, 5, 6]).
         concat = outs[5]
         for level in (5, 4, 3, 2):
             skip = outs[level - 1]  # conv{level} output
-            flow = layer(getattr(self, f'predict_flow{level + 1}'), concat)
-            upflow = _crop_like(layer(getattr(self, f'upsample_flow{level}'), flow), skip)
-            deconv = _crop_like(layer(getattr(self, f'deconv{level}'), concat), skip)
+            flow = getattr(self, f'predict_flow{level + 1}')(concat)
+            upflow = _crop_like(getattr(self, f'upsample_flow{level}')(flow), skip)
+            deconv = _crop_like(getattr(self, f'deconv{level}')(concat), skip)
             concat = torch.cat((skip, deconv, upflow), dim=1)
-        flow = layer(self.predict_flow, concat)
+        flow = self.predict_flow(concat)
         up = 4 / self.img_scale_factor
         flow = F.interpolate(flow, scale_factor=up, mode='bilinear', align_corners=False)
         flow = flow * up
         flow = flow * self.flow_scale_factor
         return flow
-
-    def _layer_fn(self, x: torch.Tensor):
-        """How to run one :class:`ConvAct` on ``x``: the module itself, or, for float32 CPU
-        inference, the same conv with its activation as a fused oneDNN post-op
-        (:mod:`viddet.models.fused`; identical values)."""
-        from viddet.models import fused
-        if not fused.fast_path(self, x):
-            return lambda m, inp: m(inp)
-        if not hasattr(self, '_fused'):
-            self._fused = fused.FusedCache()
-        convs = self._fused.get(self, lambda mod: {id(m): (fused.FusedConv(m.conv), *fused.conv_act_spec(m.act))
-                                                   for m in mod.modules() if isinstance(m, ConvAct)})
-
-        def run(m, inp):
-            conv, act, scalars = convs[id(m)]
-            try:
-                return conv(inp, act, scalars)
-            except RuntimeError as e:  # private kernels missing or changed: plain modules from now on
-                fused.disable(e)
-                return m(inp)
-        return run
 
     def forward(self, target_imgs: torch.Tensor, source_imgs: torch.Tensor,
                 img_shape: Tuple[int, int], chunk_size: Optional[int] = None) -> torch.Tensor:
@@ -324,49 +261,14 @@ def flow_warp_feats(feats: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
                          f'{tuple(feats.shape)} and {tuple(flow.shape)}')
     if feats.shape[0] != flow.shape[0]:
         raise ValueError(f'flow_warp_feats: {feats.shape[0]} feature maps for {flow.shape[0]} flows')
-    grid = _warp_grid(flow, feats.shape[-2:])
+    grid = warp_grid(flow, feats.shape[-2:])
     return F.grid_sample(feats, grid.to(feats.dtype), mode='bilinear', padding_mode='border',
                          align_corners=True)
 
 
-def flow_warp_taps(flow: torch.Tensor, feat_size: Tuple[int, int]):
-    """:func:`flow_warp_feats` as a sparse linear map: the bilinear taps of its ``grid_sample``.
-
-    ``grid_sample(bilinear, padding_mode='border', align_corners=True)`` un-normalises
-    ``ix = (gx + 1) / 2 * (W - 1)``, clamps it to [0, W - 1] (likewise y), and reads the 4 pixels
-    around it with weights (x_se - ix)(y_se - iy), ... ; a corner outside the map (only when the
-    coordinate is exactly W - 1 or H - 1, where its weight is 0) reads nothing.
-
-    Args:
-        flow: (N, 2, H_f, W_f) full-resolution flow as for :func:`flow_warp_feats`.
-        feat_size: (H, W) of the feature maps it warps.
-
-    Returns:
-        (pos, weight): (N, H*W, 4) int64 pixel indices y*W + x into a source map and float32
-        weights, so that ``flow_warp_feats(feats, flow)[n, :, p] = sum_j weight[n, p, j] *
-        feats[n, :, pos[n, p, j]]`` (up to float summation order).
-    """
-    h, w = int(feat_size[0]), int(feat_size[1])
-    grid = _warp_grid(flow, (h, w))
-    ix = ((grid[..., 0] + 1) / 2) * (w - 1)
-    iy = ((grid[..., 1] + 1) / 2) * (h - 1)
-    ix = ix.clamp(0, w - 1)
-    iy = iy.clamp(0, h - 1)
-    x0, y0 = ix.floor(), iy.floor()
-    x1, y1 = x0 + 1, y0 + 1
-    wts = torch.stack([(x1 - ix) * (y1 - iy), (ix - x0) * (y1 - iy),
-                       (x1 - ix) * (iy - y0), (ix - x0) * (iy - y0)], dim=-1)
-    xs = torch.stack([x0, x1, x0, x1], dim=-1).long()
-    ys = torch.stack([y0, y0, y1, y1], dim=-1).long()
-    inside = (xs < w) & (ys < h)
-    pos = torch.where(inside, ys * w + xs, torch.zeros_like(xs))
-    wts = wts * inside.to(wts.dtype)
-    n = flow.shape[0]
-    return pos.reshape(n, h * w, 4), wts.reshape(n, h * w, 4)
-
-
-def _warp_grid(flow: torch.Tensor, feat_size) -> torch.Tensor:
-    """The normalised sampling grid (N, H, W, 2) of :func:`flow_warp_feats` (its steps 1-3)."""
+def warp_grid(flow: torch.Tensor, feat_size) -> torch.Tensor:
+    """The normalised sampling grid (N, H, W, 2) of :func:`flow_warp_feats` (its steps 1-3):
+    ``grid_sample`` coordinates in [-1, 1], last dim (x, y)."""
     H, W = int(feat_size[0]), int(feat_size[1])
     scale = float(W) / flow.shape[-1]
     flow = F.interpolate(flow, scale_factor=scale, mode='bilinear', align_corners=False)

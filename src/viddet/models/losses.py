@@ -59,7 +59,7 @@ class DetectorTrainConfig:
     """The detector's ``train_cfg`` (MMTracking ``faster_rcnn_r50_dc5.py``).
 
     ``rpn_proposal`` is the proposal cfg used on the key frame during training (nms_pre 6000,
-    NMS 0.7, 600 per image; DFF: 1000). See :func:`default_train_config`.
+    NMS 0.7, 600 per image; DFF: 1000). Each method's ``train_config()`` gives its own.
     """
     rpn_assigner: AssignerConfig = field(default_factory=lambda: AssignerConfig(0.7, 0.3, 0.3))
     rpn_sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(256, 0.5, False))
@@ -75,16 +75,6 @@ class DetectorTrainConfig:
         from viddet.models.detector import RPNConfig
         return RPNConfig(nms_pre=self.rpn_proposal_nms_pre, max_per_img=self.rpn_proposal_max_per_img,
                          nms_iou=self.rpn_proposal_nms_iou, min_bbox_size=0.0)
-
-
-def default_train_config(method: str) -> DetectorTrainConfig:
-    """MMTracking's training settings per method: DFF proposes 1000 boxes and samples 512 RoIs
-    (``dff_faster_rcnn_r50_dc5_1x_imagenetvid.py``); every other method 600 and 256."""
-    cfg = DetectorTrainConfig()
-    if method == 'dff':
-        cfg.rpn_proposal_max_per_img = 1000
-        cfg.rcnn_sampler = SamplerConfig(512, 0.25, True)
-    return cfg
 
 
 # ----------------------------------------------------------------------------------- assigner

@@ -29,7 +29,8 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
-from viddet.models.backbones import FrozenStagesMixin
+from viddet.errors import VidDetError
+from viddet.models.layers import FrozenStagesMixin
 
 DILATED_BLOCKS = (14, 15, 16, 17)
 NUM_FEATURES = 18  # features.0 .. features.17
@@ -85,7 +86,6 @@ def load_torchvision_features(model: MobileNetV2Lite, state: Dict[str, torch.Ten
     Raises:
         VidDetError: a shape mismatch, or no ``features`` key at all (naming ``source``).
     """
-    from viddet import VidDetError
     own = model.state_dict()
     mapped = {}
     unused = []

@@ -1,0 +1,102 @@
+"""Fast paths: faster ways to compute exactly what the plain modules compute, for inference.
+
+The modules in :mod:`viddet.models` and :mod:`viddet.methods` are the readable reference
+implementation of the papers (and what training uses). This package holds every equivalent fast
+path, each in the file of its idea, and installs them on a model with one call::
+
+    speedups.enable(model)    # what viddet's inference does by default
+    speedups.disable(model)   # back to the plain modules (export, FLOP counting, debugging)
+
+(or ``VideoDetector.from_checkpoint(..., fast=False)``, ``--set test.fast=false`` on the command
+line). ``enable`` replaces the method of a module *instance* (``module.forward``, FGFA's
+``aggregate``) by a dispatcher that runs the fast function and falls back to the class's plain
+method wherever the fast one does not apply (autograd on, another device or dtype, a configuration
+it does not cover). The state dict, the parameters and the module types stay the same.
+
+=====================================  ===================================================
+fast path                              replaces
+=====================================  ===================================================
+:func:`onednn.resnet_forward`          ``ResNetDC5.forward``: BN folded into the convs, ReLU
+                                       and residual add as oneDNN post-ops, channels-last
+:func:`onednn.flownet_forward_prepared`  ``FlowNetSimple.forward_prepared``: channels-last,
+  + :func:`onednn.conv_act_forward`    each conv + LeakyReLU one oneDNN primitive
+:func:`onednn.linear_forward`          the ``nn.Linear`` layers of the RoI head (box head,
+                                       SELSA attention): oneDNN inner products
+:func:`troi.temporal_roi_align_forward`  ``TemporalRoIAlign.forward``: re-associated (RoIAlign
+                                       taps x a key/reference Gram matrix, tap projections)
+:func:`fgfa.fgfa_aggregate`            ``FGFA.aggregate``: the embedding conv of every warped
+                                       map from per-frame tap projections
+=====================================  ===================================================
+
+``tests/test_speedups.py`` proves fast == plain for each of them.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from viddet.methods.fgfa import FGFA
+from viddet.models.aggregators import TemporalRoIAlign
+from viddet.models.backbones import ResNetDC5
+from viddet.models.detector import RoIHead
+from viddet.models.flownet import FlowNetSimple
+from viddet.models.layers import ConvAct
+from viddet.speedups import fgfa, onednn, troi
+
+
+class FastMethod:
+    """Stands in for the method ``name`` of one module instance: runs ``fast(module, *args)`` and,
+    when that returns None (does not apply), the class's plain method."""
+
+    def __init__(self, module: nn.Module, name: str, fast):
+        self.module, self.name, self.fast = module, name, fast
+
+    def __call__(self, *args, **kwargs):
+        out = self.fast(self.module, *args, **kwargs)
+        if out is None:
+            out = getattr(type(self.module), self.name)(self.module, *args, **kwargs)
+        return out
+
+    def __repr__(self) -> str:
+        return f'<fast {type(self.module).__name__}.{self.name}: {self.fast.__module__}.{self.fast.__name__}>'
+
+
+def _install(module: nn.Module, name: str, fast) -> None:
+    module.__dict__[name] = FastMethod(module, name, fast)
+
+
+def enable(model: nn.Module) -> nn.Module:
+    """Installs every fast path that fits a module of ``model`` (see the module docstring) and
+    returns ``model``. Idempotent."""
+    for m in model.modules():
+        if isinstance(m, ResNetDC5):
+            _install(m, 'forward', onednn.resnet_forward)
+        elif isinstance(m, FlowNetSimple):
+            _install(m, 'forward_prepared', onednn.flownet_forward_prepared)
+            for conv in m.modules():
+                if isinstance(conv, ConvAct):
+                    _install(conv, 'forward', onednn.conv_act_forward)
+        elif isinstance(m, RoIHead):
+            for layer in m.modules():
+                if isinstance(layer, nn.Linear):
+                    _install(layer, 'forward', onednn.linear_forward)
+        if isinstance(m, TemporalRoIAlign):
+            _install(m, 'forward', troi.temporal_roi_align_forward)
+        if isinstance(m, FGFA):
+            _install(m, 'aggregate', fgfa.fgfa_aggregate)
+    return model
+
+
+def disable(model: nn.Module) -> nn.Module:
+    """Removes every fast path from ``model`` (the plain modules run again) and returns it."""
+    for m in model.modules():
+        for name in [k for k, v in vars(m).items() if isinstance(v, FastMethod)]:
+            del m.__dict__[name]
+    return model
+
+
+def is_enabled(model: nn.Module) -> bool:
+    """Whether any fast path is installed on ``model``."""
+    return any(isinstance(v, FastMethod) for m in model.modules() for v in vars(m).values())
+
+
+__all__ = ['enable', 'disable', 'is_enabled', 'FastMethod']

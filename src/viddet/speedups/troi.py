@@ -1,0 +1,231 @@
+"""Temporal RoI Align, re-associated: the same numbers as
+:class:`viddet.models.aggregators.TemporalRoIAlign` (up to float summation order) at a fraction of
+the FLOPs, for inference.
+
+Both steps of Temporal RoI Align (Gong et al., AAAI 2021, §3) are linear in the feature maps, so
+they can be re-associated:
+
+* a RoI point is a bilinear combination of 16 key-map pixels (:func:`roi_align_taps`), so its
+  similarities to all reference locations are the same combination of the rows of the
+  (H*W, H'*W') key-pixel x reference-location similarity matrix G (one GEMM per reference frame,
+  2*HW*C*H'W' FLOPs), instead of one GEMM per RoI point (2*n*49*C*H'W': 6.5x more for 300 RoIs at
+  36x63);
+* the 3x3 ``embed_network`` conv of a most-similar RoI map sums, over the 9 taps and the k points,
+  softmax weight x (W_tap @ reference pixel): the 9 products W_tap @ R of every reference pixel are
+  one 1x1 conv (C -> 9C) per frame, and each embedded point is a 9k-term weighted gather
+  (``embedding_bag``). This replaces the conv over T*n 7x7 maps (T*n*49*9*C*C*2 = 1.0 TFLOP for 15
+  frames x 300 RoIs) by T*H'W'*9*C*C*2 = 0.16 TFLOP, and by 0.01 TFLOP per frame when, as in SELSA,
+  the reference frames stay the same from frame to frame: each map's key-frame-independent data
+  (:class:`TRoIReference`, ~49 MB at 38 x 63 x 512) is prepared once and kept as long as the map
+  itself lives. The key RoI maps are embedded the same way, from their RoIAlign taps.
+
+MMTracking's order of computation (the reference class) and this one round differently; where a
+*selection* depends on the rounding — the top-k most similar locations of a RoI point, when two
+similarities are closer than float32 noise — the near-ties are re-ranked exactly in float64
+(:func:`_rerank_near_ties`), so that the choice is the mathematically right one and does not depend
+on this path, the thread count or the CPU's instruction set.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
+
+from viddet.speedups.onednn import _key, conv1x1_rows
+
+
+@dataclass
+class TRoIReference:
+    """Key-frame-independent data of one reference map for :func:`temporal_roi_align_forward`.
+
+    Attributes:
+        rows: (H'*W', C) float32 features, one row per location (y * W' + x).
+        unit: (H'*W', C) the rows L2-normalised (no epsilon).
+        proj: (H'*W'*9, C) row j*9 + o = ``embed_network`` weight at kernel tap o (dy*3 + dx)
+            times row j (no bias).
+    """
+    rows: torch.Tensor
+    unit: torch.Tensor
+    proj: torch.Tensor
+
+
+def prepare_reference(troi, ref: torch.Tensor) -> TRoIReference:
+    """The :class:`TRoIReference` of one (1, C, H', W') map for the TemporalRoIAlign module ``troi``."""
+    c = ref.shape[1]
+    rows = ref.float().permute(0, 2, 3, 1).reshape(-1, c)
+    unit = rows / rows.norm(p=2, dim=1, keepdim=True)
+    conv = troi.embed_network.conv
+    w_taps = conv.weight.permute(2, 3, 0, 1).reshape(9 * conv.out_channels, conv.in_channels)
+    return TRoIReference(rows.contiguous(), unit, conv1x1_rows(ref, w_taps).view(-1, conv.out_channels))
+
+
+def prepared(troi, ref: torch.Tensor) -> TRoIReference:
+    """:func:`prepare_reference` of ``ref``, computed once per map tensor and weight version (held
+    by ``troi`` in a weak dictionary: it goes when the map goes)."""
+    cache = troi.__dict__.setdefault('_prepared', WeakIdKeyDictionary())
+    version = _key(troi)
+    hit = cache.get(ref)
+    if hit is None or hit[0] != version:
+        hit = (version, prepare_reference(troi, ref))
+        cache[ref] = hit
+    return hit[1]
+
+
+def temporal_roi_align_forward(troi, feats: torch.Tensor, rois: torch.Tensor, ref_feats=None,
+                               roi_chunk_size: Optional[int] = None) -> Optional[torch.Tensor]:
+    """:meth:`TemporalRoIAlign.forward` re-associated (module docstring); None where it does not
+    apply (no reference maps, autograd on, no attention blocks or adaptive sampling), and the plain
+    forward runs."""
+    if (ref_feats is None or torch.is_grad_enabled() or troi.num_temporal_attention_blocks <= 0
+            or troi.sampling_ratio <= 0):
+        return None
+    roi_feats = troi.roi_align(feats, rois)
+    maps = list(ref_feats) if isinstance(ref_feats, (list, tuple)) else list(ref_feats.split(1))
+    troi.check_inputs(feats, ref_feats if isinstance(ref_feats, torch.Tensor) else maps)
+    if roi_feats.shape[0] == 0:
+        return roi_feats
+    fh, fw = maps[0].shape[-2:]
+    if roi_chunk_size is None:
+        roi_chunk_size = max(1, troi.max_chunk_elements // (troi.output_size ** 2 * fh * fw))
+    if roi_chunk_size < 1:
+        raise ValueError(f'roi_chunk_size must be >= 1, got {roi_chunk_size}')
+    # float32 throughout (under autocast too: the gathers mix their operands' dtypes)
+    with torch.autocast(feats.device.type, enabled=False):
+        feats = feats.float()
+        maps = [m.float() for m in maps]
+        return _forward(troi, feats, rois, roi_feats.float(), maps, roi_chunk_size)
+
+
+def roi_align_taps(rois: torch.Tensor, height: int, width: int, output_size: int = 7,
+                   spatial_scale: float = 1.0 / 16, sampling_ratio: int = 2):
+    """RoIAlign (``aligned=True``, avg) written as a sparse linear map: its bilinear taps.
+
+    torchvision's / mmcv's CPU kernel, step by step: RoI corners ``* spatial_scale - 0.5``; bins of
+    ``roi_size / output_size``; ``sampling_ratio`` x ``sampling_ratio`` samples per bin at
+    ``start + bin_index * bin + (i + 0.5) * bin / sampling_ratio``; a sample with y < -1, y > H,
+    x < -1 or x > W contributes 0; otherwise coordinates are clamped at 0, the low corner is
+    ``int(y)`` (and y = H-1 when ``int(y) >= H-1``), bilinear weights ``(1-ly)(1-lx)``, ... ; the
+    bin value is the sum over samples divided by their number.
+
+    Args:
+        rois: (n, 5) [batch_index, x1, y1, x2, y2] in input pixels (the batch index is ignored:
+            the taps index one feature map).
+        height, width: feature map size H, W.
+
+    Returns:
+        (pos, weight): (n * S * S, 4 * r * r) int64 indices into the flattened H*W map and float32
+        weights (already divided by r*r), S = output_size, r = sampling_ratio; output point
+        (i, py, px) of ``roi_align`` equals ``sum_j weight[q, j] * feat[:, pos[q, j]]`` with
+        q = (i * S + py) * S + px (invalid samples have weight 0 and position 0).
+    """
+    if sampling_ratio <= 0:
+        raise ValueError('roi_align_taps needs a fixed sampling_ratio > 0')
+    dtype = torch.float32
+    r = rois.to(dtype)
+    x1, y1 = r[:, 1] * spatial_scale - 0.5, r[:, 2] * spatial_scale - 0.5
+    x2, y2 = r[:, 3] * spatial_scale - 0.5, r[:, 4] * spatial_scale - 0.5
+    bin_w, bin_h = (x2 - x1) / output_size, (y2 - y1) / output_size
+    grid = torch.arange(output_size, dtype=dtype, device=r.device)[None, :, None]
+    sub = (torch.arange(sampling_ratio, dtype=dtype, device=r.device) + 0.5)[None, None, :]
+
+    def axis(start, size_bin, size):
+        v = start[:, None, None] + grid * size_bin[:, None, None] \
+            + sub * size_bin[:, None, None] / sampling_ratio           # (n, S, r)
+        valid = (v >= -1.0) & (v <= size)
+        v = v.clamp(min=0.0)
+        low = v.to(torch.int64)
+        top = low >= size - 1
+        low = torch.where(top, torch.full_like(low, size - 1), low)
+        high = torch.where(top, low, low + 1)
+        frac = torch.where(top, torch.zeros_like(v), v - low.to(dtype))
+        return valid, low, high, frac, 1.0 - frac
+
+    vy, y_lo, y_hi, ly, hy = axis(y1, bin_h, height)
+    vx, x_lo, x_hi, lx, hx = axis(x1, bin_w, width)
+    ey = lambda a: a[:, :, None, :, None]  # noqa: E731  (n, Sy, 1, ry, 1)
+    ex = lambda a: a[:, None, :, None, :]  # noqa: E731  (n, 1, Sx, 1, rx)
+    valid = ey(vy) & ex(vx)
+    w = torch.stack([ey(hy) * ex(hx), ey(hy) * ex(lx), ey(ly) * ex(hx), ey(ly) * ex(lx)], dim=-1)
+    pos = torch.stack([ey(y_lo) * width + ex(x_lo), ey(y_lo) * width + ex(x_hi),
+                       ey(y_hi) * width + ex(x_lo), ey(y_hi) * width + ex(x_hi)], dim=-1)
+    w = w * valid[..., None].to(dtype) / float(sampling_ratio * sampling_ratio)
+    pos = pos * valid[..., None].to(torch.int64)
+    q = rois.shape[0] * output_size * output_size
+    return pos.reshape(q, -1), w.reshape(q, -1)
+
+
+def _forward(troi, feats: torch.Tensor, rois: torch.Tensor, roi_feats: torch.Tensor,
+             maps: Sequence[torch.Tensor], roi_chunk_size: int) -> torch.Tensor:
+    """feats (1, C, H, W), rois (n, 5), roi_feats (n, C, S, S) = RoIAlign(feats, rois), maps: T
+    reference maps (1, C, H', W') -> (n, C, S, S)."""
+    n, c, s, _ = roi_feats.shape
+    t, (_, _, fh, fw) = len(maps), maps[0].shape
+    pts, k, g = s * s, troi.num_most_similar_points, troi.num_temporal_attention_blocks
+    num, hw, d = n * pts, fh * fw, c // g                                 # P RoI points
+    dev = roi_feats.device
+    refs: List[TRoIReference] = [prepared(troi, m) for m in maps]
+    taps_pos, taps_w = roi_align_taps(rois, feats.shape[2], feats.shape[3], s,
+                                      troi.spatial_scale, troi.sampling_ratio)  # (P, 16)
+    roi_pts = roi_feats.permute(0, 2, 3, 1).reshape(num, c)              # (P, C)
+
+    # 1. most-similar points: similarities = taps x (key pixels . unit reference locations)
+    values = roi_feats.new_empty(t, num, k)
+    indices = torch.empty(t, num, k, dtype=torch.int64, device=dev)
+    chunk = roi_chunk_size * pts
+    for f in range(t):
+        gram = conv1x1_rows(feats, refs[f].unit)                                 # (HW, H'W')
+        for lo in range(0, num, chunk):
+            hi = min(num, lo + chunk)
+            sim = F.embedding_bag(taps_pos[lo:hi], gram, per_sample_weights=taps_w[lo:hi],
+                                  mode='sum')                              # (p, H'W') unnormalised
+            torch.topk(sim, k=k, dim=1, largest=True, out=(values[f, lo:hi], indices[f, lo:hi]))
+            del sim
+        del gram
+    roi_norm = roi_pts.norm(p=2, dim=1, keepdim=True)                     # no epsilon
+    sel_w = (values / roi_norm).softmax(dim=2)                           # (T, P, k)
+
+    # 2. embed_network of every most-similar map, tap by tap: gathers of W_o @ ref pixel
+    py, px = torch.meshgrid(torch.arange(s, device=dev), torch.arange(s, device=dev), indexing='ij')
+    dy, dx = torch.meshgrid(torch.arange(3, device=dev) - 1, torch.arange(3, device=dev) - 1, indexing='ij')
+    qy = py.reshape(pts, 1) + dy.reshape(1, 9)
+    qx = px.reshape(pts, 1) + dx.reshape(1, 9)
+    inside = (qy >= 0) & (qy < s) & (qx >= 0) & (qx < s)                  # (S*S, 9), zero padding
+    nbr = torch.where(inside, qy * s + qx, torch.zeros_like(qy))
+    nbr = (torch.arange(n, device=dev).view(n, 1, 1) * pts + nbr).reshape(num, 9)
+    inside = inside.to(roi_feats.dtype).repeat(n, 1).view(1, num, 9, 1)
+    tap = torch.arange(9, device=dev).view(1, 1, 9, 1)
+    bag = (indices[:, nbr] * 9 + tap).reshape(t, num, 9 * k)              # (T, P, 9k)
+    bag_w = (sel_w[:, nbr] * inside).reshape(t, num, 9 * k)
+    # the key RoIs' embedding by the same trick: RoIAlign taps of the key map x its tap
+    # projections (9*16 gathers per point instead of a 3x3 conv over n 7x7 maps); the key map
+    # is usually also the last reference map (SELSA), whose projections are then shared
+    bias = troi.embed_network.conv.bias
+    key_proj = prepared(troi, feats).proj
+    key_bag = (taps_pos[nbr] * 9 + tap.view(1, 9, 1)).reshape(num, -1)    # (P, 9*16)
+    key_w = (taps_w[nbr] * inside.view(num, 9, 1)).reshape(num, -1)
+    key_embed = F.embedding_bag(key_bag, key_proj, per_sample_weights=key_w, mode='sum')
+    if bias is not None:
+        key_embed += bias
+    key_embed = key_embed.view(num, g, d)
+    dots = roi_feats.new_empty(1 + t, num, g)                             # <embed_t, embed_key> per block
+    prod = roi_feats.new_empty(num, g, d)
+    torch.sum(torch.mul(key_embed, key_embed, out=prod), dim=2, out=dots[0])
+    for f in range(t):
+        embed = F.embedding_bag(bag[f], refs[f].proj, per_sample_weights=bag_w[f], mode='sum')
+        torch.sum(torch.mul(embed.view(num, g, d), key_embed, out=prod), dim=2, out=dots[1 + f])
+        del embed
+    if bias is not None:  # embed_t = gathers + bias
+        dots[1:] += torch.linalg.vecdot(bias.view(1, g, d), key_embed)
+    weights = (dots / float(c / g) ** 0.5).softmax(dim=0).unsqueeze(-1)  # (1+T, P, G, 1)
+
+    # 3. attention-weighted sum of the key RoI and the most-similar RoIs (raw features)
+    out = roi_pts.view(num, g, d) * weights[0]
+    for f in range(t):
+        similar = F.embedding_bag(indices[f], refs[f].rows, per_sample_weights=sel_w[f], mode='sum')
+        out.addcmul_(similar.view(num, g, d), weights[1 + f])
+    return out.view(n, s, s, c).permute(0, 3, 1, 2).contiguous()
+
+
