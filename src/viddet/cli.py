@@ -115,7 +115,8 @@ def add_data_parsers(sub):
                    help='do not quantise scores/boxes to the devkit txt precision (%%.4f / %%.2f)')
 
     def run_eval(args):
-        from viddet.evaluation.vid import evaluate_and_report, load_ground_truth, load_results
+        from viddet.evaluation.io import load_ground_truth, load_results
+        from viddet.evaluation.report import evaluate_and_report
         from pathlib import Path
         gt = load_ground_truth(args.ann) if Path(args.results).suffix.lower() == '.txt' else None
         results = load_results(args.results, gt)
@@ -150,7 +151,7 @@ def add_test_parser(sub):
     def run(args):
         from viddet.api import VideoDetector
         from viddet.engine.evaluate import run_test
-        from viddet.evaluation.vid import evaluate_and_report
+        from viddet.evaluation.report import evaluate_and_report
         detector = VideoDetector.from_checkpoint(args.checkpoint, method=args.method, backbone=args.backbone,
                                                  device=args.device)
         results = run_test(detector, args.ann, args.root, args.out_dir, mode=args.mode, max_videos=args.max_videos)

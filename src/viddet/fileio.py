@@ -1,4 +1,5 @@
-"""Atomic file writers: write to a temporary name in the target folder, then ``os.replace``.
+"""Atomic file writers (write to a temporary name in the target folder, then ``os.replace``) and a
+JSON reader whose errors are one-line :class:`viddet.VidDetError` messages.
 
 A reader (or a crash) never sees a half-written output: either the old file or the complete new
 one exists under the final name.
@@ -10,6 +11,8 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any, Union
+
+from viddet import VidDetError
 
 PathLike = Union[str, os.PathLike]
 
@@ -52,3 +55,25 @@ def atomic_write_json(path: PathLike, obj: Any, indent=None) -> Path:
     The default separators (``', '``, ``': '``) match ``mmcv.dump``/``json.dump``.
     """
     return atomic_write_text(path, json.dumps(obj, indent=indent))
+
+
+def read_json(path: PathLike, what: str = 'file') -> Any:
+    """Loads a JSON file.
+
+    Args:
+        path: the file; error messages show it as given.
+        what: what the file is, for the messages (e.g. 'annotation file').
+
+    Raises:
+        VidDetError: ``<path>: <what> not found``, ``<path>: not valid JSON (<problem> at line L
+            column C)`` or ``<path>: cannot read <what> (<OS error>)``.
+    """
+    try:
+        with open(path, 'r') as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise VidDetError(f'{path}: {what} not found') from None
+    except json.JSONDecodeError as e:
+        raise VidDetError(f'{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})') from None
+    except OSError as e:
+        raise VidDetError(f'{path}: cannot read {what} ({e})') from None
