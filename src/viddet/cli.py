@@ -91,7 +91,7 @@ def add_data_parsers(sub):
     p.add_argument('--max-listed', type=int, default=20, help='messages listed per problem kind (all are counted)')
 
     def run_check(args):
-        from viddet.data.imagenet_vid import check_data
+        from viddet.data.check import check_data
         report = check_data(args.ann, args.root, max_listed=args.max_listed)
         print(report.format())
         return 0 if report.ok else 1
