@@ -287,6 +287,18 @@ def parse_ilsvrc_xml(path, video: bool = True) -> dict:
     return dict(width=width, height=height, objects=objects)
 
 
+def _read_xml(path, video: bool, skip_bad: bool, summary: ConvertSummary) -> Optional[dict]:
+    """:func:`parse_ilsvrc_xml`; with ``skip_bad`` a bad file gives None and is listed in
+    ``summary.bad_files`` instead of raising."""
+    try:
+        return parse_ilsvrc_xml(path, video=video)
+    except VidDetError as e:
+        if not skip_bad:
+            raise
+        summary.bad_files.append((str(path), str(e).split(': ', 1)[-1]))
+        return None
+
+
 def _image_size_from_file(path) -> Optional[Tuple[int, int]]:
     """(width, height) from the image header, or None."""
     try:
@@ -345,13 +357,7 @@ def convert_vid_split(root, mode: str = 'train', mmtracking_compat: bool = False
         for frame_id in range(info['num_frames']):
             prefix = f'{name}/{frame_id:06d}'
             xml_path = xml_dir / f'{prefix}.xml'
-            try:
-                rec = parse_ilsvrc_xml(xml_path, video=True)
-            except VidDetError as e:
-                if not skip_bad:
-                    raise
-                summary.bad_files.append((str(xml_path), str(e).split(': ', 1)[-1]))
-                rec = None
+            rec = _read_xml(xml_path, True, skip_bad, summary)
             image = OrderedDict(file_name=f'{prefix}.JPEG', height=0, width=0, id=img_id,
                                 frame_id=frame_id, video_id=vid_id, is_vid_train_frame=frame_id in train_set)
             out['images'].append(image)
@@ -445,12 +451,8 @@ def convert_det(root, skip_bad: bool = False, progress: bool = True) -> Tuple[Op
     counts = {c['id']: 0 for c in det_categories()}
     img_id = ann_id = 1
     for img_name, xml_path, is_train in tqdm(todo, desc='ImageNet DET', unit='image', disable=not progress):
-        try:
-            rec = parse_ilsvrc_xml(xml_path, video=False)
-        except VidDetError as e:
-            if not skip_bad:
-                raise
-            summary.bad_files.append((str(xml_path), str(e).split(': ', 1)[-1]))
+        rec = _read_xml(xml_path, False, skip_bad, summary)
+        if rec is None:
             wh = _image_size_from_file(root / 'Data' / 'DET' / img_name) or (0, 0)
             rec = dict(width=wh[0], height=wh[1], objects=[])
         out['images'].append(OrderedDict(file_name=img_name, height=rec['height'], width=rec['width'],
