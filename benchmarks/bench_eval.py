@@ -14,8 +14,9 @@ import time
 import numpy as np
 
 from viddet import VID_CLASSES
-from viddet.evaluation.vid import (compute_motion_iou, load_ground_truth, results_to_arrays, validate_results,
-                                   vid_eval)
+from viddet.evaluation.io import load_ground_truth, results_to_arrays, validate_results
+from viddet.evaluation.motion import compute_motion_iou
+from viddet.evaluation.vid import vid_eval
 
 
 def synthetic(num_frames: int, num_videos: int, num_dets: int, seed: int = 0):

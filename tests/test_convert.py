@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from viddet import VID_CLASSES, VID_SYNSETS, VidDetError
-from viddet.data.imagenet_vid import (check_data, convert_imagenet_vid, convert_vid_split,
-                                      parse_ilsvrc_xml, parse_train_list)
+from viddet.data.check import check_data
+from viddet.data.imagenet_vid import convert_imagenet_vid, convert_vid_split, parse_ilsvrc_xml, parse_train_list
 
 
 # ----------------------------------------------------------------------------- synthetic tree
@@ -172,6 +172,15 @@ def test_det_conversion(tmp_path):
     assert d['annotations'] == [dict(id=1, image_id=1, category_id=7, bbox=[1, 1, 10, 20], area=200, iscrowd=False),
                                 dict(id=2, image_id=3, category_id=31, bbox=[0, 0, 4, 4], area=16, iscrowd=False)]
     assert s.num_train_frames == 1 and s.num_no_objects == 1
+    # a broken XML stops the conversion, or with skip_bad keeps its image without objects and lists it
+    bad = det / 'ILSVRC2014_train_0000/ILSVRC2014_train_00000001.xml'
+    bad.write_text('<annotation><size>')
+    with pytest.raises(VidDetError, match=r'ILSVRC2014_train_00000001\.xml: malformed XML'):
+        convert_imagenet_vid(root, tmp_path / 'ann', splits=['det'], progress=False, verbose=False)
+    s = convert_imagenet_vid(root, tmp_path / 'ann', splits=['det'], skip_bad=True, progress=False, verbose=False)['det']
+    d = json.loads((tmp_path / 'ann' / 'imagenet_det_30plus1cls.json').read_text())
+    assert [b[0] for b in s.bad_files] == [str(bad)] and s.num_images == 3
+    assert (d['images'][2]['width'], d['images'][2]['height']) == (0, 0) and len(d['annotations']) == 1
 
 
 # ----------------------------------------------------------------------------- real mini_vid

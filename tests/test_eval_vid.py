@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from viddet import VidDetError
-from viddet.evaluation.vid import (GroundTruth, MotionIoU, compute_motion_iou, devkit_round, evaluate_results,
-                                   load_ground_truth, load_results, motion_iou_from_mat, read_motion_iou_mat,
-                                   results_to_arrays, vid_eval, voc_ap, write_vid_txt)
+from viddet.evaluation.io import devkit_round, load_ground_truth, load_results, results_to_arrays, write_vid_txt
+from viddet.evaluation.motion import MotionIoU, compute_motion_iou, motion_iou_from_mat, read_motion_iou_mat
+from viddet.evaluation.report import evaluate_results
+from viddet.evaluation.vid import vid_eval, voc_ap
 
 NAMES = ['a', 'b', 'c']
 
@@ -323,7 +324,7 @@ def test_official_motion_iou_mat(shared):
     cells = read_motion_iou_mat(path)
     assert len(cells) == 176126
     allv = np.concatenate(cells)
-    assert len(allv) == 277551  # REFERENCE.md §9.2, 4,046 empty cells read as 0
+    assert len(allv) == 277551  # 273,505 object values + 4,046 empty cells, each read as one 0
     assert sum(1 for c in cells if len(c) == 1 and c[0] == 0) >= 4046
     assert (allv > 0.9).mean() == pytest.approx(0.374, abs=5e-4)
     assert (allv < 0.7).mean() == pytest.approx(0.272, abs=5e-4)

@@ -102,7 +102,7 @@ def add_data_parsers(sub):
     p.add_argument('--max-listed', type=int, default=20, help='messages listed per problem kind (all are counted)')
 
     def run_check(args):
-        from viddet.data.imagenet_vid import check_data
+        from viddet.data.check import check_data
         report = check_data(args.ann, args.root, max_listed=args.max_listed)
         print(report.format())
         return 0 if report.ok else 1
@@ -126,7 +126,8 @@ def add_data_parsers(sub):
                    help='do not quantise scores/boxes to the devkit txt precision (%%.4f / %%.2f)')
 
     def run_eval(args):
-        from viddet.evaluation.vid import evaluate_and_report, load_ground_truth, load_results
+        from viddet.evaluation.io import load_ground_truth, load_results
+        from viddet.evaluation.report import evaluate_and_report
         from pathlib import Path
         gt = load_ground_truth(args.ann) if Path(args.results).suffix.lower() == '.txt' else None
         results = load_results(args.results, gt)
@@ -156,8 +157,8 @@ def add_test_parser(sub):
 
     def run(args):
         from viddet.engine.evaluate import run_test
-        from viddet.evaluation.vid import evaluate_and_report
         from viddet.api import detector_from_args
+        from viddet.evaluation.report import evaluate_and_report
         detector = detector_from_args(args)
         results = run_test(detector, args.ann, args.root, args.out_dir, mode=args.mode, max_videos=args.max_videos)
         if results is not None:

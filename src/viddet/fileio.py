@@ -66,29 +66,32 @@ def atomic_write_json(path: PathLike, obj: Any, indent=None) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=indent))
 
 
-def read_json(path: PathLike, what: str = 'JSON file') -> Any:
-    """Parses a JSON file, turning every way it can fail into one clear message.
+def read_json(path: PathLike, what: str = 'file') -> Any:
+    """Loads a JSON file, turning every way it can fail into one clear message.
 
     Args:
-        path: the file.
-        what: what the file is meant to be, for the message (e.g. ``'annotation file'``).
+        path: the file; error messages show it as given.
+        what: what the file is, for the messages (e.g. 'annotation file').
 
     Raises:
-        VidDetError: the file is missing, a folder, unreadable, binary (not UTF-8 text) or not
-            valid JSON (with the line and column of the first error).
+        VidDetError: ``<path>: <what> not found``, ``<path>: <what> is a folder, not a file``,
+            ``<path>: not a text file ...`` (binary), ``<path>: not valid JSON (<problem> at line L
+            column C)`` or ``<path>: cannot read <what> (<OS error>)``.
     """
     p = Path(path)
-    if not p.exists():
-        raise VidDetError(f'{what} {p} does not exist')
     if p.is_dir():
-        raise VidDetError(f'{what} {p} is a folder, not a file')
+        raise VidDetError(f'{path}: {what} is a folder, not a file')
     try:
-        text = p.read_bytes().decode('utf-8')
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise VidDetError(f'{path}: {what} not found') from None
     except OSError as e:
-        raise VidDetError(f'cannot read {what} {p}: {e.strerror}') from None
+        raise VidDetError(f'{path}: cannot read {what} ({e})') from None
+    try:
+        text = data.decode('utf-8')
     except UnicodeDecodeError:
-        raise VidDetError(f'{what} {p} is not a text file (not UTF-8): is it the right file?') from None
+        raise VidDetError(f'{path}: not a text file, so not a JSON {what} (is it the right file?)') from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise VidDetError(f'{what} {p} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}') from None
+        raise VidDetError(f'{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})') from None

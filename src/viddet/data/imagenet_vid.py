@@ -1,8 +1,9 @@
-"""ImageNet VID/DET (ILSVRC2015) XML annotations -> COCO-VID JSON, and a COCO-VID validator.
+"""ImageNet VID/DET (ILSVRC2015) XML annotations -> COCO-VID JSON (``viddet convert``).
 
-The JSON schema is exactly the one of MMTracking's converters
-(``tools/convert_datasets/ilsvrc/imagenet2coco_vid.py`` and ``imagenet2coco_det.py``, REFERENCE.md
-§8.5), so that MMTracking configs and checkpoints see the same data:
+The JSON schema is exactly the one of MMTracking 0.14's converters
+(``tools/convert_datasets/ilsvrc/imagenet2coco_vid.py`` ``convert_vid`` and ``imagenet2coco_det.py``),
+so that MMTracking configs and checkpoints see the same data (:mod:`viddet.data.check` validates
+the result):
 
 * ``imagenet_vid_{train,val}.json``: top-level keys ``categories``, ``videos``, ``images``,
   ``annotations`` (in that order); every frame of every listed video is an image; image ids are
@@ -13,10 +14,11 @@ The JSON schema is exactly the one of MMTracking's converters
   (``is_vid_train_frame`` True) followed by every other DET training XML (False); synsets outside
   the 30 VID classes get category 31 ``other_categeries`` (sic, as in MMTracking).
 
-Training-frame off-by-one (REFERENCE.md §8.5): the third column of ``VID_train_15frames.txt`` is a
-0-based frame number, but MMTracking subtracts 1 from it, so its JSON marks the frame *before* each
-listed frame as a training frame and loses the 144 frames listed as ``0`` (57,690 instead of 57,834
-training frames). viddet uses the listed frame by default; ``mmtracking_compat=True`` reproduces
+Training-frame off-by-one (``parse_train_list`` of ``imagenet2coco_vid.py``): the third column of
+``VID_train_15frames.txt`` is a 0-based frame number (FGFA's ``ImageNetVID.load_image_set_index``
+in ``lib/dataset/imagenet_vid.py`` uses it as the ``%06d`` file name as it is), but MMTracking
+subtracts 1 from it, so its JSON marks the frame *before* each listed frame as a training frame and
+loses the 144 frames listed as ``0`` (57,690 instead of 57,834 training frames). viddet uses the listed frame by default; ``mmtracking_compat=True`` reproduces
 MMTracking's JSON byte for byte (the published checkpoints were trained on it).
 
 The list files are looked up in ``<root>/Lists`` (MMTracking's layout) and then
@@ -25,14 +27,13 @@ The list files are looked up in ``<root>/Lists`` (MMTracking's layout) and then
 from __future__ import annotations
 
 import glob
-import json
 import math
 import os
 import xml.etree.ElementTree as ET
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from tqdm import tqdm
 
@@ -287,6 +288,18 @@ def parse_ilsvrc_xml(path, video: bool = True) -> dict:
     return dict(width=width, height=height, objects=objects)
 
 
+def _read_xml(path, video: bool, skip_bad: bool, summary: ConvertSummary) -> Optional[dict]:
+    """:func:`parse_ilsvrc_xml`; with ``skip_bad`` a bad file gives None and is listed in
+    ``summary.bad_files`` instead of raising."""
+    try:
+        return parse_ilsvrc_xml(path, video=video)
+    except VidDetError as e:
+        if not skip_bad:
+            raise
+        summary.bad_files.append((str(path), str(e).split(': ', 1)[-1]))
+        return None
+
+
 def _image_size_from_file(path) -> Optional[Tuple[int, int]]:
     """(width, height) from the image header, or None."""
     try:
@@ -345,13 +358,7 @@ def convert_vid_split(root, mode: str = 'train', mmtracking_compat: bool = False
         for frame_id in range(info['num_frames']):
             prefix = f'{name}/{frame_id:06d}'
             xml_path = xml_dir / f'{prefix}.xml'
-            try:
-                rec = parse_ilsvrc_xml(xml_path, video=True)
-            except VidDetError as e:
-                if not skip_bad:
-                    raise
-                summary.bad_files.append((str(xml_path), str(e).split(': ', 1)[-1]))
-                rec = None
+            rec = _read_xml(xml_path, True, skip_bad, summary)
             image = OrderedDict(file_name=f'{prefix}.JPEG', height=0, width=0, id=img_id,
                                 frame_id=frame_id, video_id=vid_id, is_vid_train_frame=frame_id in train_set)
             out['images'].append(image)
@@ -445,12 +452,8 @@ def convert_det(root, skip_bad: bool = False, progress: bool = True) -> Tuple[Op
     counts = {c['id']: 0 for c in det_categories()}
     img_id = ann_id = 1
     for img_name, xml_path, is_train in tqdm(todo, desc='ImageNet DET', unit='image', disable=not progress):
-        try:
-            rec = parse_ilsvrc_xml(xml_path, video=False)
-        except VidDetError as e:
-            if not skip_bad:
-                raise
-            summary.bad_files.append((str(xml_path), str(e).split(': ', 1)[-1]))
+        rec = _read_xml(xml_path, False, skip_bad, summary)
+        if rec is None:
             wh = _image_size_from_file(root / 'Data' / 'DET' / img_name) or (0, 0)
             rec = dict(width=wh[0], height=wh[1], objects=[])
         out['images'].append(OrderedDict(file_name=img_name, height=rec['height'], width=rec['width'],
@@ -525,219 +528,3 @@ def convert_imagenet_vid(root, out_dir, mmtracking_compat: bool = False, skip_ba
         if verbose:
             print(summary.format())
     return summaries
-
-
-# ------------------------------------------------------------------------------------ validator
-@dataclass
-class CheckReport:
-    """Result of :func:`check_data`.
-
-    Attributes:
-        ann_file: the checked JSON.
-        image_root: the folder the ``file_name`` paths were resolved against ('' if not checked).
-        num_videos, num_images, num_annotations: counts found.
-        errors: problems that make the file unusable or wrong (the CLI exits non-zero).
-        warnings: suspicious but usable entries (e.g. boxes partly outside the image).
-    """
-
-    ann_file: str
-    image_root: str = ''
-    num_videos: int = 0
-    num_images: int = 0
-    num_annotations: int = 0
-    errors: List[str] = field(default_factory=list)
-    warnings: List[str] = field(default_factory=list)
-    error_counts: Dict[str, int] = field(default_factory=dict)
-    warning_counts: Dict[str, int] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        """True when no error was found."""
-        return not self.error_counts
-
-    def _add(self, kind: str, msg: str, error: bool, max_listed: int = 20):
-        counts, msgs = (self.error_counts, self.errors) if error else (self.warning_counts, self.warnings)
-        counts[kind] = counts.get(kind, 0) + 1
-        if counts[kind] <= max_listed:
-            msgs.append(msg)
-
-    def format(self) -> str:
-        """Human-readable report."""
-        lines = [f'{self.ann_file}: {self.num_videos} videos, {self.num_images} images, '
-                 f'{self.num_annotations} annotations' +
-                 (f' (frames under {self.image_root})' if self.image_root else '')]
-        for title, counts, msgs in (('error', self.error_counts, self.errors),
-                                    ('warning', self.warning_counts, self.warnings)):
-            if counts:
-                lines.append(f'{sum(counts.values())} {title}s: ' +
-                             ', '.join(f'{k} {v}' for k, v in counts.items()))
-                lines += [f'  {title}: {m}' for m in msgs]
-                shown = len(msgs)
-                if sum(counts.values()) > shown:
-                    lines.append(f'  ... ({sum(counts.values()) - shown} more not listed)')
-        lines.append('OK' if self.ok else 'PROBLEMS FOUND')
-        return '\n'.join(lines)
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _resolve_image_root(root: Path, images: List[dict]) -> Path:
-    """``root`` itself, or ``root/Data/VID`` / ``root/Data/DET`` when the first frame lives there."""
-    if not images or not isinstance(images[0], dict) or not isinstance(images[0].get('file_name'), str):
-        return root
-    first = images[0]['file_name']
-    for cand in (root, root / 'Data' / 'VID', root / 'Data' / 'DET'):
-        if (cand / first).exists():
-            return cand
-    return root
-
-
-def check_data(ann_file, root=None, check_files: bool = True, known_classes: Iterable[str] = VID_CLASSES,
-               max_listed: int = 20) -> CheckReport:
-    """Validates a COCO-VID (or COCO) annotation file for training/evaluation with viddet.
-
-    Checks: JSON syntax and top-level structure; duplicate image/annotation/video/category ids;
-    annotations pointing at unknown images, videos or categories; categories whose name is not one
-    of ``known_classes``; per video, ``frame_id`` values that are not exactly 0..n-1 (MMTracking
-    indexes frames by ``frame_id``); bboxes that are not 4 finite numbers, have w <= 0 or h <= 0 or
-    do not overlap the image (errors), or extend past the image or have w < 1 or h < 1 (warnings:
-    the loader drops or clips them); ``area`` missing; image sizes that are not positive; and,
-    with ``check_files``, frames missing under ``root`` (tried as ``root``, ``root/Data/VID``,
-    ``root/Data/DET``).
-
-    Args:
-        ann_file: the JSON file.
-        root: image folder the ``file_name`` paths are relative to (None: skip the file check).
-        check_files: check that every frame file exists.
-        known_classes: category names accepted without error.
-        max_listed: at most this many messages are kept per problem kind (all are counted).
-
-    Returns:
-        :class:`CheckReport` (``report.ok`` False when errors were found).
-
-    Raises:
-        VidDetError: if ``ann_file`` does not exist or is not valid JSON (naming the file and the
-            position of the syntax error).
-    """
-    ann_file = Path(ann_file)
-    report = CheckReport(ann_file=str(ann_file))
-    add = lambda kind, msg, error=True: report._add(kind, msg, error, max_listed)  # noqa: E731
-    try:
-        with open(ann_file, 'r') as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise VidDetError(f'{ann_file}: annotation file not found') from None
-    except json.JSONDecodeError as e:
-        raise VidDetError(f'{ann_file}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})') from None
-    if not isinstance(data, dict):
-        add('structure', f'top level is a {type(data).__name__}, expected an object with images/annotations/categories')
-        return report
-    for key in ('images', 'annotations', 'categories'):
-        if not isinstance(data.get(key), list):
-            add('structure', f'missing or non-list "{key}"')
-    if report.error_counts:
-        return report
-    videos = data.get('videos', None)
-    if videos is not None and not isinstance(videos, list):
-        add('structure', '"videos" is not a list')
-        videos = None
-    images, anns, cats = data['images'], data['annotations'], data['categories']
-    report.num_videos, report.num_images, report.num_annotations = len(videos or []), len(images), len(anns)
-
-    def ids_of(items, what):
-        seen = {}
-        for i, it in enumerate(items):
-            if not isinstance(it, dict) or 'id' not in it:
-                add('structure', f'{what}[{i}] is not an object with an "id"')
-                continue
-            if it['id'] in seen:
-                add('duplicate id', f'{what} id {it["id"]!r} appears at index {seen[it["id"]]} and {i}')
-            else:
-                seen[it['id']] = i
-        return seen
-
-    cat_ids = ids_of(cats, 'categories')
-    known = set(known_classes)
-    for c in cats:
-        if isinstance(c, dict) and c.get('name') not in known:
-            add('unknown category', f'category id {c.get("id")!r} name {c.get("name")!r} is not one of the '
-                f'{len(known)} known classes', error=False)
-    vid_ids = ids_of(videos or [], 'videos')
-    img_ids = ids_of(images, 'images')
-    ids_of(anns, 'annotations')
-
-    img_by_id = {}
-    frames_per_video: Dict[object, List[int]] = {}
-    for i, im in enumerate(images):
-        if not isinstance(im, dict):
-            continue
-        img_by_id.setdefault(im.get('id'), im)
-        if not isinstance(im.get('file_name'), str):
-            add('structure', f'image id {im.get("id")!r} has no file_name')
-        w, h = im.get('width'), im.get('height')
-        if not (_is_number(w) and _is_number(h) and w > 0 and h > 0):
-            add('bad image size', f'image id {im.get("id")!r} ({im.get("file_name")}) has width {w!r}, height {h!r}')
-        if videos is not None:
-            if im.get('video_id') not in vid_ids:
-                add('unknown video', f'image id {im.get("id")!r} has unknown video_id {im.get("video_id")!r}')
-            elif not isinstance(im.get('frame_id'), int) or isinstance(im.get('frame_id'), bool):
-                add('bad frame_id', f'image id {im.get("id")!r} has frame_id {im.get("frame_id")!r}')
-            else:
-                frames_per_video.setdefault(im['video_id'], []).append(im['frame_id'])
-    for vid, fids in frames_per_video.items():
-        if sorted(fids) != list(range(len(fids))):
-            fs = sorted(fids)
-            add('bad frame_id', f'video id {vid!r}: frame_ids are not 0..{len(fids) - 1} '
-                f'(first {fs[:5]}, last {fs[-3:]})')
-
-    for i, a in enumerate(anns):
-        if not isinstance(a, dict):
-            continue
-        aid = a.get('id')
-        im = img_by_id.get(a.get('image_id'))
-        if a.get('image_id') not in img_ids:
-            add('unknown image', f'annotation id {aid!r} has unknown image_id {a.get("image_id")!r}')
-        if a.get('category_id') not in cat_ids:
-            add('unknown category', f'annotation id {aid!r} has category_id {a.get("category_id")!r} '
-                'not in "categories"')
-        if videos is not None and 'video_id' in a and a['video_id'] not in vid_ids:
-            add('unknown video', f'annotation id {aid!r} has unknown video_id {a["video_id"]!r}')
-        if im is not None and 'video_id' in a and 'video_id' in im and a['video_id'] != im['video_id']:
-            add('unknown video', f'annotation id {aid!r} has video_id {a["video_id"]!r} but its image is in '
-                f'video {im["video_id"]!r}')
-        box = a.get('bbox')
-        if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) and math.isfinite(v) for v in box)):
-            add('bad box', f'annotation id {aid!r}: bbox {box!r} is not 4 finite numbers [x, y, w, h]')
-            continue
-        x, y, w, h = box
-        where = f'annotation id {aid!r} (image {a.get("image_id")!r}'
-        where += f', {im.get("file_name")})' if isinstance(im, dict) else ')'
-        if w <= 0 or h <= 0:
-            add('bad box', f'{where}: bbox {box} has non-positive width or height')
-            continue
-        if not _is_number(a.get('area')):
-            add('missing area', f'{where}: no numeric "area" (pycocotools needs it)', error=False)
-        if w < 1 or h < 1:
-            add('tiny box', f'{where}: bbox {box} is under 1 pixel wide or high (dropped when loading)', error=False)
-        if isinstance(im, dict) and _is_number(im.get('width')) and _is_number(im.get('height')):
-            iw = min(x + w, im['width']) - max(x, 0)
-            ih = min(y + h, im['height']) - max(y, 0)
-            if iw <= 0 or ih <= 0:
-                add('bad box', f'{where}: bbox {box} lies outside the {im["width"]}x{im["height"]} image')
-            elif x < 0 or y < 0 or x + w > im['width'] or y + h > im['height']:
-                add('box outside image', f'{where}: bbox {box} extends past the {im["width"]}x{im["height"]} '
-                    'image (clipped when loading)', error=False)
-
-    if root is not None and check_files:
-        base = _resolve_image_root(Path(root), images)
-        report.image_root = str(base)
-        if not Path(root).is_dir():
-            add('missing frame', f'image root {root} does not exist')
-        else:
-            for im in images:
-                if isinstance(im, dict) and isinstance(im.get('file_name'), str):
-                    if not (base / im['file_name']).is_file():
-                        add('missing frame', f'image id {im.get("id")!r}: {base / im["file_name"]} not found')
-    return report

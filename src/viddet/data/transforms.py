@@ -1,4 +1,7 @@
-"""Test-time preprocessing exactly as MMTracking's pipeline (REFERENCE.md §1.8).
+"""Test-time preprocessing exactly as MMTracking's pipeline (the test pipelines of MMTracking 0.14's
+``configs/_base_/datasets/imagenet_vid_{dff,fgfa}_style.py``: keep-ratio resize with
+``mmcv.imrescale``, ``mmcv.imnormalize``, padding with ``size_divisor=16``, as mmdet-2.x
+``Resize`` / ``Normalize`` / ``Pad`` and their ``Seq*`` versions do them).
 
 cv2 bilinear resize of the *uint8* BGR image to fit (1000, 600) keeping the aspect ratio, then
 RGB mean/std normalisation, then zero padding (after normalisation) to a multiple of 16. The uint8

@@ -1,22 +1,26 @@
-"""COCO-VID video dataset, MMTracking's reference-frame samplers and the shared train transforms.
+"""COCO-VID training data as MMTracking v0.14 serves it: key frames, their reference frames and the
+shared train transforms.
 
-Everything here follows MMTracking v0.14 (REFERENCE.md §4.2-4.3, §5.4-5.5, §8.5):
-
-* loading (``CocoVideoDataset.load_video_anns`` / ``ImagenetVIDDataset``): VID training uses the
-  frames with ``is_vid_train_frame`` (video by video, frame order), testing uses every frame;
-  references are drawn from **all** frames of the video. DET images (``load_as_video=False``) are
+* loading (``ImagenetVIDDataset.load_video_anns`` / ``load_image_anns`` in
+  ``mmtrack/datasets/imagenet_vid_dataset.py``): VID training uses the frames with
+  ``is_vid_train_frame`` (video by video, frame order); references are drawn from **all** frames
+  of the video. DET images (``load_as_video=False``, only those with ``is_vid_train_frame``) are
   one-frame videos: their "references" are copies of the key image.
-* annotation parsing (``CocoVideoDataset._parse_ann_info``): :func:`parse_ann_info`.
-* training filter (mmdet-2.x ``CocoDataset._filter_imgs``): drop images without an annotation of the
-  dataset's classes (``filter_empty_gt``) or with ``min(width, height) < min_size`` (32).
-* reference sampling (``CocoVideoDataset.ref_img_sampling``): :func:`sample_ref_frames`.
+* annotation parsing (``CocoVideoDataset._parse_ann_info``, ``mmtrack/datasets/coco_video_dataset.py``):
+  :func:`parse_ann_info`.
+* training filter (mmdet-2.x ``CocoDataset._filter_imgs``, ``mmdet/datasets/coco.py``): drop images
+  without an annotation of the dataset's classes (``filter_empty_gt``) or with
+  ``min(width, height) < min_size`` (32).
+* reference sampling (``CocoVideoDataset.ref_img_sampling``, training methods ``uniform`` and
+  ``bilateral_uniform``): :func:`sample_ref_frames`. The test-time protocols live with the methods
+  (:func:`viddet.methods.selsa.adaptive_stride_refs`, :meth:`viddet.methods.fgfa.FGFA.window`).
 * training transforms (``SeqResize(keep_ratio) -> SeqRandomFlip(share_params) -> SeqNormalize ->
-  SeqPad(16)``): key and references are resized to the same ``img_scale`` and flipped together;
-  boxes are scaled by ``scale_factor``, clipped to the resized image and mirrored (``x -> W - x``).
+  SeqPad(16)`` of ``mmtrack/datasets/pipelines/transforms.py``): key and references are resized to
+  the same ``img_scale`` and flipped together; boxes are scaled by ``scale_factor``, clipped to the
+  resized image and mirrored (``x -> W - x``).
 """
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,18 +33,11 @@ import torch
 from viddet.classes import VID_CLASSES
 from viddet.errors import VidDetError
 from viddet.data.transforms import DEFAULT_SCALE, normalize_pad, resize_keep_ratio
+from viddet.fileio import read_json
 from viddet.structures import ImageMeta
 
-SAMPLER_METHODS = ('uniform', 'bilateral_uniform', 'test_with_adaptive_stride', 'test_with_fix_stride')
-
-# MMTracking's sampler settings (configs/_base_/datasets/imagenet_vid_{dff,fgfa}_style.py, selsa configs)
-DFF_TRAIN_SAMPLER = dict(num_ref_imgs=1, frame_range=9, filter_key_img=False, method='uniform')
-FGFA_TRAIN_SAMPLER = dict(num_ref_imgs=2, frame_range=9, filter_key_img=True, method='bilateral_uniform')
-SELSA_TRAIN_SAMPLER = FGFA_TRAIN_SAMPLER
-DET_TRAIN_SAMPLER_DFF = dict(num_ref_imgs=1, frame_range=0, filter_key_img=False, method='uniform')
-DET_TRAIN_SAMPLER_FGFA = dict(num_ref_imgs=2, frame_range=0, filter_key_img=False, method='bilateral_uniform')
-FGFA_TEST_SAMPLER = dict(num_ref_imgs=30, frame_range=[-15, 15], stride=1, method='test_with_fix_stride')
-SELSA_TEST_SAMPLER = dict(num_ref_imgs=14, frame_range=[-7, 7], method='test_with_adaptive_stride')
+SAMPLER_METHODS = ('uniform', 'bilateral_uniform')
+"""The training methods of MMTracking's ``ref_img_sampling`` (the configs set them per method)."""
 
 
 # ===================================================================================== samplers
@@ -51,14 +48,9 @@ class RefSample:
     Attributes:
         frame_ids: reference frame indices (0-based, within the video), sorted ascending; for
             non-video data the key's own index repeated ``num_ref_imgs`` times.
-        num_left_ref_imgs: ``abs(frame_range[0])`` for ``test_with_fix_stride`` (else None).
-        frame_stride: the stride for ``test_with_fix_stride`` (else None, which the models read as
-            -1, i.e. the adaptive branch).
     """
 
     frame_ids: List[int]
-    num_left_ref_imgs: Optional[int] = None
-    frame_stride: Optional[int] = None
 
 
 def normalize_frame_range(frame_range) -> List[int]:
@@ -82,45 +74,36 @@ def normalize_frame_range(frame_range) -> List[int]:
     raise VidDetError(f'frame_range must be an int or a list of 2 ints, got {type(frame_range).__name__}')
 
 
-def sample_ref_frames(frame_id: int, num_frames: int, *, frame_range=10, stride=1, num_ref_imgs: int = 1,
+def sample_ref_frames(frame_id: int, num_frames: int, *, frame_range=10, num_ref_imgs: int = 1,
                       filter_key_img: bool = True, method: str = 'uniform', is_video: bool = True,
                       rng: Optional[random.Random] = None) -> RefSample:
-    """MMTracking ``CocoVideoDataset.ref_img_sampling`` on frame indices.
+    """MMTracking ``CocoVideoDataset.ref_img_sampling`` on frame indices (training methods).
 
     Args:
         frame_id: the key frame's 0-based index in its video (negative: treated as non-video).
         num_frames: number of frames of the video.
         frame_range: int r (= [-r, r]) or [lo, hi], in frames.
-        stride: frame stride of ``test_with_fix_stride``.
-        num_ref_imgs: number of references. For the test methods it is replaced by
-            ``hi - lo`` when they differ (MMTracking overwrites its config with a warning; it applies
-            the new value from its second call on, viddet from the first).
-        filter_key_img: exclude the key frame from the candidates (train methods).
+        num_ref_imgs: number of references.
+        filter_key_img: exclude the key frame from the candidates.
         method: 'uniform' (``random.sample`` of ``num_ref_imgs`` frames from
-            [max(0, f+lo), min(f+hi, L-1)]), 'bilateral_uniform' (half from [f+lo, f], half from
-            [f, f+hi], each without the key when filtered), 'test_with_adaptive_stride' (frame 0
-            only: frames ``round(i * (L-1) / (num_ref_imgs-1))``, i = 0..num_ref_imgs-1; other
-            frames none), 'test_with_fix_stride' (frame 0: ``-lo + 1`` copies of frame 0 and frames
-            ``min(round(i * stride), L-1)`` for i = 1..hi; frames with f % stride == 0: the single
-            frame ``min(round(f + hi * stride), L-1)``; other frames none).
+            [max(0, f+lo), min(f+hi, L-1)]) or 'bilateral_uniform' (half from [f+lo, f], half from
+            [f, f+hi], each without the key when filtered).
         is_video: False for DET images (``load_as_video=False``); then, as for frame_id < 0 or
             frame_range [0, 0], the references are ``num_ref_imgs`` copies of the key.
-        rng: ``random.Random`` for the train methods (default: the global ``random`` module, which
-            torch's DataLoader reseeds per worker). Same draws as MMTracking for the same state.
+        rng: ``random.Random`` (default: the global ``random`` module, which torch's DataLoader
+            reseeds per worker). Same draws as MMTracking for the same state.
 
     Returns:
         :class:`RefSample` (frame ids sorted, like MMTracking's ``sorted(..., key=frame_id)``).
 
     Raises:
         VidDetError: unknown method, bad frame_range, odd ``num_ref_imgs`` for bilateral sampling,
-            ``num_ref_imgs < 2`` for adaptive stride, or frame_id >= num_frames.
+            or frame_id >= num_frames.
     """
     rng = rng if rng is not None else random
     if method not in SAMPLER_METHODS:
         raise VidDetError(f'unknown reference sampling method {method!r}; choose from {", ".join(SAMPLER_METHODS)}')
     lo, hi = normalize_frame_range(frame_range)
-    if 'test' in method and hi - lo != num_ref_imgs:
-        num_ref_imgs = hi - lo
     if not is_video or frame_id < 0 or (lo == 0 and hi == 0):
         return RefSample(frame_ids=[frame_id] * num_ref_imgs)
     if frame_id >= num_frames:
@@ -128,33 +111,19 @@ def sample_ref_frames(frame_id: int, num_frames: int, *, frame_range=10, stride=
     left = max(0, frame_id + lo)
     right = min(frame_id + hi, num_frames - 1)
     out: List[int] = []
-    extra = {}
     if method == 'uniform':
         valid = list(range(left, right + 1))
         if filter_key_img and frame_id in valid:
             valid.remove(frame_id)
         out.extend(rng.sample(valid, min(num_ref_imgs, len(valid))))
-    elif method == 'bilateral_uniform':
+    else:  # bilateral_uniform
         if num_ref_imgs % 2:
             raise VidDetError(f'bilateral_uniform sampling needs an even num_ref_imgs, got {num_ref_imgs}')
         for side in (list(range(left, frame_id + 1)), list(range(frame_id, right + 1))):
             if filter_key_img and frame_id in side:
                 side.remove(frame_id)
             out.extend(rng.sample(side, min(num_ref_imgs // 2, len(side))))
-    elif method == 'test_with_adaptive_stride':
-        if frame_id == 0:
-            if num_ref_imgs < 2:
-                raise VidDetError(f'test_with_adaptive_stride needs at least 2 reference frames, got {num_ref_imgs}')
-            s = float(num_frames - 1) / (num_ref_imgs - 1)
-            out.extend(round(i * s) for i in range(num_ref_imgs))
-    else:  # test_with_fix_stride
-        if frame_id == 0:
-            out.extend([0] * (1 - lo))
-            out.extend(min(round(i * stride), num_frames - 1) for i in range(1, hi + 1))
-        elif frame_id % stride == 0:
-            out.append(min(round(frame_id + hi * stride), num_frames - 1))
-        extra = dict(num_left_ref_imgs=abs(lo), frame_stride=stride)
-    return RefSample(frame_ids=sorted(int(f) for f in out), **extra)
+    return RefSample(frame_ids=sorted(int(f) for f in out))
 
 
 # ===================================================================================== index
@@ -176,16 +145,7 @@ class CocoVideoIndex:
 
     def __init__(self, ann: Union[str, Path, dict]):
         self.ann_file = '' if isinstance(ann, dict) else str(ann)
-        if isinstance(ann, dict):
-            data = ann
-        else:
-            try:
-                with open(ann, 'r') as f:
-                    data = json.load(f)
-            except FileNotFoundError:
-                raise VidDetError(f'{ann}: annotation file not found') from None
-            except json.JSONDecodeError as e:
-                raise VidDetError(f'{ann}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})') from None
+        data = ann if isinstance(ann, dict) else read_json(ann, 'annotation file')
         if not isinstance(data, dict) or not isinstance(data.get('images'), list):
             raise VidDetError(f'{self.ann_file or "<annotations>"}: not a COCO(-VID) file (no "images" list)')
         self.dataset = data
@@ -327,7 +287,8 @@ def prepare_sequence(images: Sequence[np.ndarray], img_scale=DEFAULT_SCALE, flip
 
 # ===================================================================================== dataset
 class VideoDataset(torch.utils.data.Dataset):
-    """ImageNet VID / DET (or any COCO-VID) frames with reference frames, as MMTracking serves them.
+    """ImageNet VID / DET (or any COCO-VID) training frames with reference frames, as MMTracking
+    serves them.
 
     Args:
         ann_file: COCO-VID JSON (or a loaded dict).
@@ -335,66 +296,49 @@ class VideoDataset(torch.utils.data.Dataset):
             ``.../Data/DET``).
         load_as_video: VID (True) or DET images as one-frame videos (False; only
             ``is_vid_train_frame`` images, as MMTracking's ``load_image_anns``).
-        test_mode: every frame, no filtering, no flip; refuses files with training frames.
-        ref_sampler: dict of :func:`sample_ref_frames` keyword arguments (e.g.
-            :data:`FGFA_TRAIN_SAMPLER`), or None for key frames only.
+        ref_sampler: dict of :func:`sample_ref_frames` keyword arguments (e.g. FGFA's
+            ``dict(num_ref_imgs=2, frame_range=9, filter_key_img=True, method='bilateral_uniform')``),
+            or None for key frames only.
         classes: class names; labels are positions among the file's categories with these names.
         filter_empty_gt, min_size: training filter (mmdet ``_filter_imgs``), pixels.
         img_scale: keep-ratio resize limits (long, short) in pixels.
-        flip_ratio: probability of the shared horizontal flip (training; 0 in test mode).
-        key_img_interval: take every n-th key frame of each video (MMTracking ``key_img_sampler``).
+        flip_ratio: probability of the shared horizontal flip.
         rng: ``random.Random`` for reference sampling and flips (default: the ``random`` module).
 
-    Items (training): ``{'img': (3, Hp, Wp) float32, 'ref_imgs': (R, 3, Hp, Wp) float32,
+    Items: ``{'img': (3, Hp, Wp) float32, 'ref_imgs': (R, 3, Hp, Wp) float32,
     'img_metas': [ImageMeta] * (1 + R) (key first), 'gt_bboxes': (n, 4) float32 x1y1x2y2 in
     resized-image pixels (clipped, flipped with the image), 'gt_labels': (n,) int64 0-based,
     'gt_instance_ids': (n,) int64, 'gt_bboxes_ignore': (m, 4) float32, 'is_video_data': bool,
-    'image_id', 'video_id', 'frame_id', 'ref_frame_ids': list[int], 'num_left_ref_imgs',
-    'frame_stride' (None unless fixed-stride test sampling)}``. In test mode the gt keys are absent
-    and ``ref_imgs`` may have 0 rows (frames that need no new reference).
+    'image_id', 'video_id', 'frame_id', 'ref_frame_ids': list[int]}``.
 
     Raises:
-        VidDetError: unreadable annotation file, a test file containing training frames, or an
-            unreadable frame (when the item is loaded), naming the file.
+        VidDetError: unreadable annotation file, or an unreadable frame (when the item is loaded),
+            naming the file.
     """
 
-    def __init__(self, ann_file, img_prefix, *, load_as_video: bool = True, test_mode: bool = False,
-                 ref_sampler: Optional[dict] = None, classes: Sequence[str] = VID_CLASSES, filter_empty_gt: bool = True,
-                 min_size: int = 32, img_scale=DEFAULT_SCALE, flip_ratio: float = 0.5, key_img_interval: int = 1,
-                 rng: Optional[random.Random] = None):
+    def __init__(self, ann_file, img_prefix, *, load_as_video: bool = True, ref_sampler: Optional[dict] = None,
+                 classes: Sequence[str] = VID_CLASSES, filter_empty_gt: bool = True, min_size: int = 32,
+                 img_scale=DEFAULT_SCALE, flip_ratio: float = 0.5, rng: Optional[random.Random] = None):
         self.index = CocoVideoIndex(ann_file)
         self.img_prefix = Path(img_prefix)
         self.load_as_video = load_as_video
-        self.test_mode = test_mode
         self.ref_sampler = dict(ref_sampler) if ref_sampler is not None else None
         self.classes = tuple(classes)
         self.img_scale = img_scale
-        self.flip_ratio = 0.0 if test_mode else flip_ratio
+        self.flip_ratio = flip_ratio
         self.rng = rng if rng is not None else random
         self.cat_ids = self.index.cat_ids(self.classes)
         self.cat2label = {c: i for i, c in enumerate(self.cat_ids)}
-        where = self.index.ann_file or '<annotations>'
-        infos: List[dict] = []
         if load_as_video:
             if not self.index.videos:
+                where = self.index.ann_file or '<annotations>'
                 raise VidDetError(f'{where}: no "videos"; use load_as_video=False for image (DET) data')
-            for vid in self.index.videos:
-                for img_id in self.index.vid_to_img_ids.get(vid, [])[::key_img_interval]:
-                    info = self.index.imgs[img_id]
-                    if test_mode:
-                        if info.get('is_vid_train_frame', False):
-                            raise VidDetError(f'{where}: image {img_id} ({info.get("file_name")}) is a training frame '
-                                              '(is_vid_train_frame) but the dataset is in test mode')
-                        infos.append(info)
-                    elif info.get('is_vid_train_frame', True):
-                        infos.append(info)
+            infos = [self.index.imgs[img_id] for vid in self.index.videos
+                     for img_id in self.index.vid_to_img_ids.get(vid, [])]
         else:
-            for info in self.index.dataset['images']:
-                if test_mode or info.get('is_vid_train_frame', True):
-                    infos.append(info)
-        if not test_mode:
-            infos = self._filter(infos, filter_empty_gt, min_size)
-        self.data_infos = infos
+            infos = self.index.dataset['images']
+        infos = [info for info in infos if info.get('is_vid_train_frame', True)]
+        self.data_infos = self._filter(infos, filter_empty_gt, min_size)
 
     # mmdet CocoDataset._filter_imgs
     def _filter(self, infos, filter_empty_gt, min_size):
@@ -408,11 +352,6 @@ class VideoDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.data_infos)
-
-    @property
-    def group_flags(self) -> np.ndarray:
-        """(N,) uint8: 1 where width / height > 1 (mmdet ``_set_group_flag``, for aspect grouping)."""
-        return np.array([1 if i['width'] / i['height'] > 1 else 0 for i in self.data_infos], np.uint8)
 
     def get_ann_info(self, idx: int) -> dict:
         """Parsed annotations of item ``idx`` (:func:`parse_ann_info`), original-image pixels."""
@@ -437,7 +376,7 @@ class VideoDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, idx: int) -> dict:
         info = self.data_infos[idx]
-        refs, sample = self.ref_infos(idx)
+        refs, _ = self.ref_infos(idx)
         flip = self.flip_ratio > 0 and self.rng.random() < self.flip_ratio
         cache: Dict[int, np.ndarray] = {}
         images = []
@@ -446,32 +385,14 @@ class VideoDataset(torch.utils.data.Dataset):
                 cache[i['id']] = load_image(self.image_path(i))
             images.append(cache[i['id']])
         tensors, metas = prepare_sequence(images, self.img_scale, flip)
-        item = dict(img=tensors[0], ref_imgs=tensors[1:], img_metas=metas, is_video_data=bool(self.load_as_video),
+        ann = self.get_ann_info(idx)
+        m = metas[0]
+        boxes = resize_boxes(ann['bboxes'], m.scale_factor, m.img_shape)
+        ignore = resize_boxes(ann['bboxes_ignore'], m.scale_factor, m.img_shape)
+        if flip:
+            boxes, ignore = flip_boxes(boxes, m.img_shape[1]), flip_boxes(ignore, m.img_shape[1])
+        return dict(img=tensors[0], ref_imgs=tensors[1:], img_metas=metas, is_video_data=bool(self.load_as_video),
                     image_id=info['id'], video_id=info.get('video_id', -1), frame_id=info.get('frame_id', -1),
                     ref_frame_ids=[r.get('frame_id', -1) for r in refs],
-                    num_left_ref_imgs=sample.num_left_ref_imgs, frame_stride=sample.frame_stride)
-        if not self.test_mode:
-            ann = self.get_ann_info(idx)
-            m = metas[0]
-            boxes = resize_boxes(ann['bboxes'], m.scale_factor, m.img_shape)
-            ignore = resize_boxes(ann['bboxes_ignore'], m.scale_factor, m.img_shape)
-            if flip:
-                boxes, ignore = flip_boxes(boxes, m.img_shape[1]), flip_boxes(ignore, m.img_shape[1])
-            item.update(gt_bboxes=torch.from_numpy(boxes), gt_labels=torch.from_numpy(ann['labels']),
-                        gt_instance_ids=torch.from_numpy(ann['instance_ids']),
-                        gt_bboxes_ignore=torch.from_numpy(ignore))
-        return item
-
-
-class ConcatVideoDataset(torch.utils.data.ConcatDataset):
-    """``ConcatDataset`` of :class:`VideoDataset` (VID + DET training, MMTracking's train list),
-    keeping ``group_flags`` for aspect-ratio grouping."""
-
-    @property
-    def group_flags(self) -> np.ndarray:
-        return np.concatenate([d.group_flags for d in self.datasets]) if self.datasets else np.zeros(0, np.uint8)
-
-
-def collate_video(batch: List[dict]) -> List[dict]:
-    """DataLoader ``collate_fn`` that keeps the items as a list (frames differ in size)."""
-    return list(batch)
+                    gt_bboxes=torch.from_numpy(boxes), gt_labels=torch.from_numpy(ann['labels']),
+                    gt_instance_ids=torch.from_numpy(ann['instance_ids']), gt_bboxes_ignore=torch.from_numpy(ignore))

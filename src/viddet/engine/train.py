@@ -419,7 +419,7 @@ def evaluate_model(model: nn.Module, cfg: Config, out_dir: Path, device: torch.d
     if v is None:
         return None
     try:
-        from viddet.evaluation.vid import evaluate_and_report
+        from viddet.evaluation.report import evaluate_and_report
     except ImportError:  # pragma: no cover - the evaluation module is optional
         evaluate_and_report = None
     from viddet.engine.evaluate import label_to_category, load_videos

@@ -1,6 +1,7 @@
-"""COCO box AP exactly as MMTracking reports it (``bbox_mAP_50``, REFERENCE.md §9.1).
+"""COCO box AP exactly as MMTracking reports it (``bbox_mAP_50``).
 
-MMTracking's ``CocoVideoDataset.evaluate(metric='bbox')`` calls mmdet-2.x ``CocoDataset.evaluate``:
+MMTracking 0.14's ``CocoVideoDataset.evaluate(metric='bbox')`` (``mmtrack/datasets/coco_video_dataset.py``)
+calls mmdet-2.x ``CocoDataset.evaluate`` (``mmdet/datasets/coco.py``) with ``proposal_nums=(100, 300, 1000)``:
 results become ``{image_id, bbox [x1, y1, x2 - x1, y2 - y1], score, category_id}``, then
 ``pycocotools`` ``COCOeval(iouType='bbox')`` with ``catIds`` = the dataset categories, ``imgIds`` =
 every image of the annotation file (frames without objects included), ``maxDets = [100, 300, 1000]``
@@ -14,11 +15,13 @@ from __future__ import annotations
 import contextlib
 import io
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
 from viddet.errors import VidDetError
+from viddet.fileio import read_json
 
 COCO_STAT_NAMES = ('AP', 'AP50', 'AP75', 'AP_small', 'AP_medium', 'AP_large',
                    'AR@100', 'AR@300', 'AR@1000', 'AR_small@1000', 'AR_medium@1000', 'AR_large@1000')
@@ -82,8 +85,7 @@ def coco_evaluate(results: Sequence[dict], ann, max_dets: Sequence[int] = MMTRAC
             if isinstance(ann, dict):
                 gt.dataset = ann
             else:
-                from viddet.evaluation.vid import _load_json
-                gt.dataset = _load_json(ann, 'annotation file')
+                gt.dataset = read_json(Path(ann), 'annotation file')
             if not isinstance(gt.dataset, dict) or 'images' not in gt.dataset:
                 raise VidDetError(f'{ann if not isinstance(ann, dict) else "<annotations>"}: '
                                   'not a COCO annotation file (no "images")')
