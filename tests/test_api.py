@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from viddet import VID_CLASSES, VidDetError
-from viddet.api import VideoDetector, resolve_device
+from viddet.api import VideoDetector
+from viddet.runtime import resolve_device
 from viddet.data.sources import open_source
 from viddet.methods import build_method
 from viddet.models.detector import RPNConfig
@@ -99,8 +100,8 @@ def test_default_modes_sequence_offline_iterator_online(selsa, folder):
         assert len(list(selsa.predict(source, max_frames=2))) == 2
     # a plain iterator is a stream: online by default ...
     assert len(list(selsa.predict(iter(images(3))))) == 3
-    # ... and offline SELSA cannot run on it
-    with pytest.raises(VidDetError, match='offline SELSA needs the video length'):
+    # ... and offline methods cannot run on it
+    with pytest.raises(VidDetError, match='is a live source: offline mode needs future frames; use --mode online'):
         list(selsa.predict(iter(images(3)), mode='offline'))
 
 
@@ -116,8 +117,10 @@ def test_resolve_device():
     assert resolve_device('cpu') == torch.device('cpu')
     assert resolve_device('auto') == torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     if not torch.cuda.is_available():
-        with pytest.raises(VidDetError, match="device 'cuda:1' requested but this PyTorch sees no CUDA GPU"):
+        with pytest.raises(VidDetError, match="--device cuda:1: this PyTorch sees no CUDA GPU: use --device cpu"):
             resolve_device('cuda:1')
+    with pytest.raises(VidDetError, match=r"--device 'gpu0' is not a device: use auto, cpu, cuda or cuda:N"):
+        resolve_device('gpu0')
 
 
 def test_single_frame_model_from_a_troi_checkpoint(tmp_path):
@@ -129,8 +132,9 @@ def test_single_frame_model_from_a_troi_checkpoint(tmp_path):
     det = VideoDetector.from_checkpoint(str(path), method='single', device='cpu')
     assert det.method == 'single'
     head = det.model.detector.roi_head.bbox_head
-    assert len(head.shared_fcs) == 3 and head.aggregator is None
-    assert det.model.detector.roi_head.bbox_roi_extractor is None
+    from viddet.models.detector import BBoxHead, SingleRoIExtractor
+    assert len(head.shared_fcs) == 3 and type(head) is BBoxHead
+    assert type(det.model.detector.roi_head.bbox_roi_extractor) is SingleRoIExtractor
     assert torch.equal(head.shared_fcs[2].weight, troi.detector.roi_head.bbox_head.shared_fcs[2].weight)
     assert torch.equal(det.model.detector.backbone.layer4[2].conv3.weight,
                        troi.detector.backbone.layer4[2].conv3.weight)
@@ -139,7 +143,7 @@ def test_single_frame_model_from_a_troi_checkpoint(tmp_path):
 
 
 def test_test_scale_comes_from_a_viddet_training_config():
-    from viddet.api import inference_scale
+    from viddet.checkpoints import inference_scale
     from viddet.data.transforms import DEFAULT_SCALE
     assert inference_scale({'config': {'data': {'scale': [320, 192]}}}) == (320, 192)
     assert inference_scale({'CLASSES': ('a',)}) == DEFAULT_SCALE          # MMTracking meta: (1000, 600)
@@ -149,14 +153,15 @@ def test_test_scale_comes_from_a_viddet_training_config():
 def test_checkpoint_test_settings_are_applied_unless_overridden(tmp_path):
     """A viddet training checkpoint records ``model.test`` (FGFA's window here); loading it builds the
     method with those settings, explicit keyword arguments win, and ``--method single`` ignores them."""
-    from viddet.api import checkpoint_test_settings
+    from viddet.checkpoints import checkpoint_test_settings
+    from viddet.config import TestConfig
     torch.manual_seed(0)
     fgfa = build_method('fgfa', 'mobilenetv2')
     meta = {'CLASSES': VID_CLASSES, 'config': {'model': {'test': {'num_left': 5, 'num_right': 5}}}}
     path = tmp_path / 'fgfa.pth'
     torch.save({'state_dict': fgfa.state_dict(), 'meta': meta}, path)
-    assert checkpoint_test_settings(meta) == {'num_left': 5, 'num_right': 5}
-    assert checkpoint_test_settings({'config': 'mmcv config text'}) == {}
+    assert checkpoint_test_settings(meta) == TestConfig(num_left=5, num_right=5)
+    assert checkpoint_test_settings({'config': 'mmcv config text'}) == TestConfig()
     det = VideoDetector.from_checkpoint(str(path), device='cpu')
     assert (det.model.num_left, det.model.num_right) == (5, 5)
     assert det.model.window(20, 99, 'offline') == list(range(15, 26))

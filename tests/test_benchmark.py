@@ -57,13 +57,13 @@ def test_synthetic_video_is_smooth_deterministic_and_moving():
     v = SyntheticVideo(64, 48, 5, seed=3)
     a = v.frame(2)
     assert a.shape == (48, 64, 3) and a.dtype == np.uint8
-    assert np.array_equal(a, SyntheticVideo(64, 48, 5, seed=3).fetch(2)[1])
+    assert np.array_equal(a, SyntheticVideo(64, 48, 5, seed=3).get(2).image)
     assert not np.array_equal(v.frame(0), v.frame(1))
     # frame 1 is frame 0 moved by (3, 2) pixels
     assert np.array_equal(v.frame(1)[:-2, :-3], v.frame(0)[2:, 3:])
     # smooth: neighbouring pixels differ much less than independent random pixels (~85 grey levels)
     assert np.abs(np.diff(a.astype(int), axis=1)).mean() < 20
-    assert [i for i, _, _ in v] == [0, 1, 2, 3, 4]
+    assert [i for i, _, _ in v] == [0, 1, 2, 3, 4] and v.length == 5
 
 
 def test_peak_memory_sees_a_large_allocation():
@@ -90,8 +90,7 @@ def test_selsa_without_reference_cache_gives_the_same_detections():
     video = SyntheticVideo(96, 64, 5, seed=1)
     runs = []
     for model in (cached, uncached):
-        runs.append([r.detections for r in run_video(model, video, length=len(video), fetch=video.fetch,
-                                                     scale=(96, 64))])
+        runs.append([r.detections for r in run_video(model, video, scale=(96, 64))])
     assert len(runs[0]) == len(runs[1]) == 5
     total = 0
     for a, b in zip(*runs):

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from viddet import VID_CLASSES, VidDetError
-from viddet.checkpoints import (DEFAULT_CHECKPOINT, MODEL_ZOO, cache_dir, class_names, load_into, read_checkpoint,
+from viddet.checkpoints import (MODEL_ZOO, cache_dir, class_names, load_into, read_checkpoint,
                                 resolve_checkpoint, zoo_url)
-from viddet.methods import build_method
+from viddet.methods import METHODS, build_method
 from conftest import read_keys
 
 
@@ -186,7 +186,7 @@ def test_zoo_table_is_consistent():
     for name, rel in MODEL_ZOO.items():
         assert rel.endswith('.pth') and '-' in rel.rsplit('_', 1)[-1], name
         assert len(rel.rsplit('-', 1)[-1]) == len('548911a4.pth')
-    assert set(DEFAULT_CHECKPOINT.values()) <= set(MODEL_ZOO)
+    assert {m.default_checkpoint for m in METHODS} <= set(MODEL_ZOO)
     assert MODEL_ZOO['dff_r50'] == ('vid/dff/dff_faster_rcnn_r50_dc5_1x_imagenetvid/'
                                     'dff_faster_rcnn_r50_dc5_1x_imagenetvid_20201227_213250-548911a4.pth')
 

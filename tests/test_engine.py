@@ -1,5 +1,6 @@
-"""The streaming engine and the methods' frame bookkeeping (REFERENCE.md §3.2, §4.3, §5.5): which
-frames go through the backbone and when, FGFA's window, SELSA's references, causality of the online
+"""The streaming engine and the methods' frame bookkeeping (MMTracking's DFF key frames, FGFA's
+``test_with_fix_stride`` window, SELSA's ``test_with_adaptive_stride`` references): which frames go
+through the backbone and when, FGFA's window, SELSA's references, causality of the online
 mode, bounded memory, and one-frame videos. Random R-50 weights, tiny frames (64 x 48, resized to
 128 x 96), eval mode.
 
@@ -11,9 +12,11 @@ import pytest
 import torch
 
 from viddet import VidDetError
+from viddet.data.sources import ArraySource, Frame, FrameSource
 from viddet.data.transforms import IMG_MEAN_RGB, IMG_STD_RGB
-from viddet.engine.video import VideoContext, StageTimer, run_video
-from viddet.methods import METHODS, build_method
+from viddet.engine.video import VideoContext, run_video
+from viddet.methods import METHOD_NAMES, build_method
+from viddet.timing import StageTimer
 from viddet.methods.fgfa import FGFA
 from viddet.methods.selsa import SELSA, adaptive_stride_refs
 from viddet.models.detector import RPNConfig
@@ -40,32 +43,40 @@ def frame_ids(imgs: torch.Tensor):
 
 
 class Video:
-    """A video of ``n`` synthetic frames: ``frames()`` iterator and ``fetch`` random access, both
-    optionally guarded against reading ahead of the frame the engine has delivered results for."""
+    """A video of ``n`` synthetic frames, read through a :class:`FrameSource` that can guard against
+    reading ahead of the frame the engine has delivered results for (no prefetch thread here)."""
 
     def __init__(self, n: int):
         self.n = n
         self.delivered = 0     # results received by the test so far
         self.fetched = []
 
-    def frames(self, causal=False):
-        for i in range(self.n):
-            if causal and i > self.delivered:
-                raise AssertionError(f'frame {i} was read while the engine was at frame {self.delivered}')
-            yield i, f'{i:06d}', make_image(i)
+    def source(self, causal=False, length='known', fetch='yes') -> FrameSource:
+        video = self
 
-    def fetch(self, i):
-        self.fetched.append(i)
-        return f'{i:06d}', make_image(i)
+        class Source(FrameSource):
+            def __iter__(self):
+                for i in range(video.n):
+                    if causal and i > video.delivered:
+                        raise AssertionError(f'frame {i} was read while the engine was at frame {video.delivered}')
+                    yield Frame(i, f'{i:06d}', make_image(i))
 
-    @staticmethod
-    def no_fetch(i):
-        raise AssertionError(f'fetch({i}) was called')
+            def get(self, i):
+                if fetch == 'raise':
+                    raise AssertionError(f'get({i}) was called')
+                video.fetched.append(i)
+                return Frame(i, f'{i:06d}', make_image(i))
+
+        src = Source('<test video>')
+        src.length = self.n if length == 'known' else None
+        src.is_live = fetch == 'none'
+        return src
+
+    def frames(self):
+        return self.source()
 
     def run(self, model, mode='offline', causal=False, length='known', fetch='yes'):
-        gen = run_video(model, self.frames(causal), mode=mode,
-                        length=self.n if length == 'known' else None,
-                        fetch={'yes': self.fetch, 'raise': self.no_fetch, 'none': None}[fetch], scale=SCALE)
+        gen = run_video(model, self.source(causal, length, fetch), mode=mode, scale=SCALE)
         results = []
         for r in gen:
             assert r.frame.index == len(results)
@@ -113,8 +124,10 @@ def test_context_online_refuses_future_frames_and_offline_buffers_them():
     def prepare(img):
         return torch.zeros(3, 16, 16), ImageMeta((16, 16), (16, 16), (16, 16), np.ones(4, np.float32))
 
-    frames = iter([(i, str(i), np.zeros((4, 4, 3), np.uint8)) for i in range(5)])
-    ctx = VideoContext(frames, None, None, 'online', prepare, 'cpu', StageTimer())
+    def frames():   # a stream: no random access, no length
+        return ArraySource(iter([np.zeros((4, 4, 3), np.uint8)] * 5))
+
+    ctx = VideoContext(frames(), 'online', prepare, 'cpu', StageTimer())
     assert ctx.advance().index == 0
     with pytest.raises(VidDetError, match='online mode: frame 1 was requested while at frame 0'):
         ctx.frame(1)
@@ -122,8 +135,7 @@ def test_context_online_refuses_future_frames_and_offline_buffers_them():
         ctx.fetch(1)
     assert ctx.frame(0).index == 0
 
-    frames = iter([(i, str(i), np.zeros((4, 4, 3), np.uint8)) for i in range(5)])
-    ctx = VideoContext(frames, None, None, 'offline', prepare, 'cpu', StageTimer())
+    ctx = VideoContext(frames(), 'offline', prepare, 'cpu', StageTimer())
     ctx.advance()
     assert ctx.length is None
     assert ctx.frame(3).index == 3 and sorted(ctx._buffer) == [0, 1, 2, 3]
@@ -134,8 +146,8 @@ def test_context_online_refuses_future_frames_and_offline_buffers_them():
     with pytest.raises(VidDetError, match='no random access'):
         ctx.fetch(0)
     assert [ctx.advance().index for _ in range(3)] == [2, 3, 4] and ctx.advance() is None
-    with pytest.raises(ValueError, match='mode must be one of'):
-        VideoContext(iter([]), None, None, 'causal', prepare, 'cpu', StageTimer())
+    with pytest.raises(VidDetError, match='mode must be one of'):
+        VideoContext(frames(), 'causal', prepare, 'cpu', StageTimer())
 
 
 def test_inference_mode_does_not_leak_between_frames():
@@ -337,7 +349,7 @@ def test_online_and_offline_agree_for_causal_methods():
 
 
 @pytest.mark.parametrize('mode', ['offline', 'online'])
-@pytest.mark.parametrize('method', METHODS)
+@pytest.mark.parametrize('method', METHOD_NAMES)
 def test_one_frame_video(method, mode):
     model = get_model(method)
     results = Video(1).run(model, mode=mode)

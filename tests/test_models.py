@@ -6,6 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from viddet.errors import VidDetError
 from torch import nn
 
 from viddet.checkpoints import describe, describe_state_dict
@@ -104,7 +106,7 @@ def test_build_backbone_names():
     with torch.device('meta'):
         assert isinstance(build_backbone('x101'), ResNetDC5)
         assert build_backbone('x101').layer1[0].conv2.groups == 64
-    with pytest.raises(ValueError, match='unknown backbone'):
+    with pytest.raises(VidDetError, match="unknown backbone 'r18': choose one of r50, r101, x101, mobilenetv2"):
         build_backbone('r18')
     with pytest.raises(ValueError, match='depth'):
         ResNetDC5(34)

@@ -1,37 +1,45 @@
 """Parity with MMTracking 0.14 (the acceptance bar, ../shared/parity/README.md).
 
 For each method, a deterministic MMTracking-format R-50 checkpoint is regenerated with the
-fixture's own ``make_checkpoint.py``, viddet runs in offline mode (MMTracking's test protocol) on
-the 12-frame clip, and >= 99% of MMTracking's reference detections must be reproduced: same frame,
-same class, IoU >= 0.99 and |score difference| <= 1e-3, each viddet detection used once. A
-reference box of zero width or height (clipped to the image border) has no defined IoU; it counts as
-reproduced when all four coordinates agree within 0.1 px.
+fixture's own ``make_checkpoint.py``, loaded the way every command loads a checkpoint
+(``viddet.checkpoints.load_model``: fast paths on), viddet runs in offline mode (MMTracking's test
+protocol) on the 12-frame clip, and the reference detections must be reproduced: same frame, same
+class, IoU >= 0.99 and |score difference| <= 1e-3, each viddet detection used once. A reference box
+of zero width or height (clipped to the image border) has no defined IoU; it counts as reproduced
+when all four coordinates agree within 0.1 px.
+
+The bar is 99% of the reference detections, and 98% for Temporal RoI Align over all 12 frames:
+its top-2 most-similar-location search meets near-ties on these random weights far more often than
+float32 can resolve (a third of the RoI points have a runner-up within 4e-6 in cosine similarity),
+so its selections depend on float summation order — MMTracking's own does too: run at 1 thread
+instead of 2, MMTracking reproduces 198 of its 200 TRoI references of the first two frames. viddet
+measured 99.25-99.75% over the 12 frames at 1 and 2 threads, with and without AVX-512
+(``docs/CONTRIBUTING.md``, "Parity"). The other methods' selection steps have no such ties.
 """
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-import cv2
 import pytest
 import torch
 from torchvision.ops import box_iou
 
-from viddet.checkpoints import load_into, read_checkpoint
+from viddet.checkpoints import load_model
+from viddet.data.sources import FolderSource
 from viddet.engine.video import run_video
-from viddet.methods import build_method
 
 pytestmark = pytest.mark.slow
 
-# method -> (checkpoint key list, number of leading frames compared). Frames are compared from the
-# start of the clip; every run covers the clip's whole 12-frame window logic (FGFA reads ahead to
-# the last frame, SELSA takes its 14 references over all 12 frames).
+# method -> (checkpoint key list, number of leading frames compared, bar). Frames are compared from
+# the start of the clip; every run covers the clip's whole 12-frame window logic (FGFA reads ahead
+# to the last frame, SELSA takes its 14 references over all 12 frames).
 CASES = {
-    'single': ('dff_r50', 3),
-    'dff': ('dff_r50', 12),    # key frames 0 and 10, warped frames in between
-    'fgfa': ('fgfa_r50', 12),  # the window replicated at both ends
-    'selsa': ('selsa_r50', 4),
-    'troi': ('troi_r50', 2),
+    'single': ('dff_r50', 3, 0.99),
+    'dff': ('dff_r50', 12, 0.99),    # key frames 0 and 10, warped frames in between
+    'fgfa': ('fgfa_r50', 12, 0.99),  # the window replicated at both ends
+    'selsa': ('selsa_r50', 6, 0.99),
+    'troi': ('troi_r50', 12, 0.98),  # all 1200 detections: one flipped RoI cannot decide it
 }
 
 
@@ -91,26 +99,19 @@ def checkpoints(parity_dir, tmp_path_factory):
 
 @pytest.mark.parametrize('method', list(CASES))
 def test_offline_parity_with_mmtracking(method, parity_dir, checkpoints):
-    ckpt_name, num_frames = CASES[method]
+    ckpt_name, num_frames, bar = CASES[method]
     ref = json.loads((parity_dir / f'ref_{method}_vid7010_first12_seed0.json').read_text())
-    state, _ = read_checkpoint(checkpoints(ckpt_name))
-    model = build_method(method, 'r50').eval()
-    load_into(model, state, ckpt_name, ignore_prefixes=('motion.',) if method == 'single' else ())
-    files = sorted((parity_dir / 'clips' / ref['clip']).iterdir())
-    assert len(files) == 12
-    frames = ((i, f.name, cv2.imread(str(f))) for i, f in enumerate(files))
-
-    def fetch(i):
-        return files[i].name, cv2.imread(str(files[i]))
-
+    model = load_model(str(checkpoints(ckpt_name)), method=method).model
+    source = FolderSource(str(parity_dir / 'clips' / ref['clip']))
+    assert source.length == 12
     total = reproduced = 0
-    for result, expected in zip(run_video(model, frames, mode='offline', length=len(files), fetch=fetch),
-                                ref['frames'][:num_frames]):
+    for result, expected in zip(run_video(model, source, mode='offline'), ref['frames'][:num_frames]):
         assert result.frame.name == expected['file_name']
         d = result.detections
         total += len(expected['detections'])
         reproduced += match_detections(expected['detections'], d.boxes, d.scores, d.labels)
         if result.frame.index + 1 == num_frames:
             break
+    source.close()
     assert total >= 100 * min(num_frames, 2)
-    assert reproduced >= 0.99 * total, f'{method}: {reproduced}/{total} reference detections reproduced'
+    assert reproduced >= bar * total, f'{method}: {reproduced}/{total} reference detections reproduced'

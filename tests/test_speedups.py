@@ -1,10 +1,17 @@
-"""Inference speed-ups (issue #6) compute the same values as the direct computations they replace."""
+"""Every fast path of ``viddet.speedups`` computes what the plain module it replaces computes, and
+``speedups.enable`` / ``disable`` switch between them."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-from viddet.models.aggregators import TemporalRoIAlign, roi_align_taps
+from viddet import speedups
+from viddet.models.aggregators import EmbedAggregator, TemporalRoIAlign
+from viddet.speedups import fgfa as fast_fgfa
+from viddet.speedups import onednn
+from viddet.speedups.troi import prepared, roi_align_taps
+
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _rois(n, width, height, seed):
@@ -48,17 +55,20 @@ def test_factorized_temporal_roi_align_equals_direct(chunk):
     xy = torch.rand(7, 2, generator=g) * torch.tensor([100.0, 80.0])
     rois = torch.cat([torch.zeros(7, 1), xy, xy + torch.rand(7, 2, generator=g) * 60 + 16], dim=1)
     with torch.no_grad():
-        troi.factorized = False
         direct = troi(feats, rois, ref_feats, roi_chunk_size=chunk)
-        troi.factorized = True
+        speedups.enable(troi)
         fast = troi(feats, rois, ref_feats, roi_chunk_size=chunk)
         fast_cl = troi(feats.contiguous(memory_format=torch.channels_last), rois,
                        ref_feats.contiguous(memory_format=torch.channels_last), roi_chunk_size=chunk)
-        # SELSA's call: a list of maps whose last one is the key map itself, the other references
-        # prepared once (TRoIReference)
+        # SELSA's call: a list of maps whose last one is the key map itself; each map's
+        # key-frame-independent data is prepared once and reused while the map lives
         maps = list(ref_feats[:-1].split(1)) + [feats]
-        prepared = [troi.prepare_reference(m) for m in maps[:-1]] + [None]
-        selsa_style = troi(feats, rois, maps, roi_chunk_size=chunk, references=prepared)
+        selsa_style = troi(feats, rois, maps, roi_chunk_size=chunk)
+        kept = prepared(troi, maps[0])
+        again = troi(feats, rois, maps, roi_chunk_size=chunk)
+        assert prepared(troi, maps[0]) is kept and torch.equal(again, selsa_style)
+        speedups.disable(troi)
+        assert torch.equal(troi(feats, rois, ref_feats, roi_chunk_size=chunk), direct)
     assert fast.shape == (7, 16, 7, 7)
     torch.testing.assert_close(fast, direct, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fast_cl, direct, atol=1e-5, rtol=1e-5)
@@ -78,19 +88,19 @@ def _randomise_bn(module, seed):
 def test_fused_channels_last_backbone_equals_plain_nchw():
     """extract_feat at inference (NHWC, BN folded, ReLU/add fused) equals the plain NCHW modules
     (run with autograd on, which keeps every speed-up off), and follows weight changes."""
-    from viddet.models import fused
-    from viddet.models.detector import FasterRCNN
+    from viddet.models.detector import build_faster_rcnn
     torch.manual_seed(0)
-    det = FasterRCNN('r50').eval()
+    det = build_faster_rcnn('r50').eval()
     _randomise_bn(det.backbone, 1)
     img = torch.randn(1, 3, 64, 96)
+    speedups.enable(det)
 
     def plain():
         with torch.enable_grad():
             return det.neck(det.backbone(img.contiguous())).detach()
 
     with torch.inference_mode():
-        assert fused.fast_path(det.backbone, img)
+        assert onednn.fast_path(det.backbone, img)
         got = det.extract_feat(img)
     assert got.shape == (1, 512, 4, 6) and got.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(got, plain(), atol=1e-5, rtol=1e-4)
@@ -107,7 +117,7 @@ def test_fused_channels_last_backbone_equals_plain_nchw():
 def test_fused_flownet_equals_plain():
     from viddet.models.flownet import FlowNetSimple
     torch.manual_seed(0)
-    net = FlowNetSimple().eval()
+    net = speedups.enable(FlowNetSimple().eval())
     x = torch.randn(2, 6, 64, 96)
     with torch.enable_grad():
         expected = net.forward_prepared(x).detach()
@@ -117,11 +127,11 @@ def test_fused_flownet_equals_plain():
 
 
 def test_selsa_head_reuses_the_first_fc_exactly():
-    from viddet.models.aggregators import SelsaRefProjections
-    from viddet.models.detector import BBoxHead
+    from viddet.models.aggregators import SelsaBBoxHead, SelsaRefProjections
     torch.manual_seed(0)
-    head = BBoxHead(in_channels=8, roi_size=3, fc_channels=32, num_classes=4, aggregate=True,
-                    num_attention_blocks=4).eval()
+    head = SelsaBBoxHead(num_classes=4, num_attention_blocks=4, fc_channels=32)
+    head.shared_fcs[0] = torch.nn.Linear(8 * 3 * 3, 32)   # small RoIs: 8 channels of 3 x 3
+    head.eval()
     cur = torch.randn(5, 8, 3, 3)
     refs = torch.randn(7, 8, 3, 3)
     with torch.no_grad():
@@ -137,7 +147,8 @@ def test_selsa_head_reuses_the_first_fc_exactly():
 
 
 def test_flow_warp_taps_reproduce_grid_sample():
-    from viddet.models.flownet import flow_warp_feats, flow_warp_taps
+    from viddet.models.flownet import flow_warp_feats
+    from viddet.speedups.fgfa import flow_warp_taps
     torch.manual_seed(0)
     feats = torch.randn(3, 5, 9, 13)
     flow = torch.randn(3, 2, 144, 208) * 30
@@ -154,8 +165,8 @@ def test_flow_warp_taps_reproduce_grid_sample():
 
 
 def test_embed_aggregator_from_tap_projections_equals_convs():
-    from viddet.models.aggregators import EmbedAggregator
-    from viddet.models.flownet import flow_warp_feats, flow_warp_taps
+    from viddet.models.flownet import flow_warp_feats
+    from viddet.speedups.fgfa import aggregate_embedded, embed_sampled, flow_warp_taps, supports_taps, tap_projections
     torch.manual_seed(1)
     agg = EmbedAggregator(channels=16).eval()
     feats = torch.relu(torch.randn(4, 16, 9, 13))
@@ -164,32 +175,37 @@ def test_embed_aggregator_from_tap_projections_equals_convs():
         warped = flow_warp_feats(feats, flow)
         x = feats[:1]
         expected = agg(x, torch.cat([warped, x]))
-        proj = agg.tap_projections(feats)
+        proj = [tap_projections(agg, f) for f in feats.split(1)]
         pos, wts = flow_warp_taps(flow, (9, 13))
-        embeds = [agg.embed_sampled(proj[i], (9, 13), pos[i], wts[i]) for i in range(4)]
+        embeds = [embed_sampled(agg, proj[i], (9, 13), pos[i], wts[i]) for i in range(4)]
         conv = agg.embed_convs[0](warped).permute(0, 2, 3, 1).reshape(4, -1, 16)
         torch.testing.assert_close(torch.stack(embeds), conv, atol=1e-5, rtol=1e-5)
-        x_embed = agg.embed_sampled(proj[0], (9, 13))
-        got = agg.aggregate_embedded(x_embed, torch.stack(embeds + [x_embed]), torch.cat([warped, x]))
+        x_embed = embed_sampled(agg, proj[0], (9, 13))
+        got = aggregate_embedded(x_embed, torch.stack(embeds + [x_embed]), torch.cat([warped, x]))
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    assert not EmbedAggregator(channels=4, num_convs=2).supports_taps()
+    assert supports_taps(agg) and not supports_taps(EmbedAggregator(channels=4, num_convs=2))
 
 
-def test_fgfa_embed_cache_gives_the_same_detections():
+@pytest.mark.parametrize('method', ['dff', 'fgfa', 'troi'])
+def test_every_method_detects_the_same_with_and_without_fast_paths(method):
+    """The whole model, plain vs ``speedups.enable`` (all fast paths that fit it), on a video."""
     from viddet.benchmark import SyntheticVideo
     from viddet.engine.video import run_video
     from viddet.methods import build_method
     torch.manual_seed(0)
-    plain = build_method('fgfa', 'r50', num_left=2, num_right=2, embed_cache=False).eval()
-    cached = build_method('fgfa', 'r50', num_left=2, num_right=2).eval()
-    cached.load_state_dict(plain.state_dict())
+    settings = {'fgfa': dict(num_left=2, num_right=2), 'dff': dict(key_frame_interval=3), 'troi': dict(num_refs=3)}
+    plain = build_method(method, 'r50', **settings[method]).eval()
+    fast = build_method(method, 'r50', **settings[method]).eval()
+    fast.load_state_dict(plain.state_dict())
     with torch.no_grad():
-        for m in (plain, cached):
+        for m in (plain, fast):
             m.detector.roi_head.bbox_head.fc_cls.weight.mul_(50)
+    speedups.enable(fast)
+    assert speedups.is_enabled(fast) and not speedups.is_enabled(plain)
     video = SyntheticVideo(96, 64, 6, seed=2)
-    runs = [[r.detections for r in run_video(m, video, length=6, fetch=video.fetch, scale=(96, 64))]
-            for m in (plain, cached)]
-    assert cached._proj == {}  # reset() after the video
+    runs = [[r.detections for r in run_video(m, video, scale=(96, 64))] for m in (plain, fast)]
+    if method == 'fgfa':   # the per-frame tap projections went with the frames
+        assert len(fast.aggregator.__dict__['_tap_projections']) == 0
     for a, b in zip(*runs):
         assert torch.equal(a.labels, b.labels)
         torch.testing.assert_close(a.boxes, b.boxes, rtol=1e-4, atol=1e-3)
@@ -197,16 +213,34 @@ def test_fgfa_embed_cache_gives_the_same_detections():
 
 
 def test_fused_linear_equals_nn_linear_and_respects_autograd():
-    from viddet.models import fused
+    from viddet.models.detector import BBoxHead, RoIHead
     torch.manual_seed(0)
-    layer = torch.nn.Linear(40, 24).eval()
-    x = torch.randn(7, 40)
-    expected = torch.relu(layer(x)).detach()
+    head = RoIHead(BBoxHead(in_channels=4, roi_size=2, fc_channels=24, num_classes=3)).eval()
+    layer = head.bbox_head.shared_fcs[0]
+    x = torch.randn(7, 16)
+    expected = layer(x).detach()
+    speedups.enable(head)
     with torch.inference_mode():
-        torch.testing.assert_close(fused.linear(layer, x, 'relu'), expected, atol=1e-5, rtol=1e-5)
-    y = fused.linear(layer, x.requires_grad_())  # autograd on: the plain path, gradients flow
+        assert onednn.linear_forward(layer, x) is not None   # the fused kernel runs here
+        torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+    y = layer(x.requires_grad_())  # autograd on: the plain path, gradients flow
     y.sum().backward()
     assert x.grad is not None and layer.weight.grad is not None
+
+
+def test_enable_disable_round_trip_keeps_the_state_dict_and_copies():
+    import copy
+    from viddet.methods import build_method
+    model = build_method('fgfa', 'r50').eval()
+    keys = list(model.state_dict())
+    speedups.enable(model)
+    assert list(model.state_dict()) == keys
+    assert isinstance(model.__dict__['aggregate'], speedups.FastMethod)
+    twin = copy.deepcopy(model)   # a copy's fast paths act on the copy, not on the original
+    assert twin.__dict__['aggregate'].module is twin
+    assert twin.detector.backbone.__dict__['forward'].module is twin.detector.backbone
+    speedups.disable(model)
+    assert not speedups.is_enabled(model) and speedups.is_enabled(twin)
 
 
 def test_temporal_roi_align_trains_through_the_direct_path():
@@ -222,6 +256,9 @@ def test_temporal_roi_align_trains_through_the_direct_path():
     out.square().sum().backward()
     assert feats.grad is not None and feats.grad.abs().sum() > 0
     assert troi.embed_network.conv.weight.grad.abs().sum() > 0
+    speedups.enable(troi)
     with torch.no_grad():
         fast = troi(feats, rois, refs)
     torch.testing.assert_close(fast, out.detach(), rtol=1e-4, atol=1e-5)
+    out2 = troi(feats, rois, refs)   # autograd on again: the plain path despite enable()
+    assert out2.requires_grad

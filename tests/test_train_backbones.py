@@ -57,7 +57,7 @@ def test_resnet_backbone_weights_from_torchvision_file(tmp_path):
     with pytest.raises(VidDetError, match=r'r18.pth: layer1.0.conv1.weight has shape \(64, 64, 3, 3\)'):
         load_backbone_weights(model, str(tmp_path / 'r18.pth'), verbose=False)
     torch.save({'foo': torch.zeros(1)}, tmp_path / 'junk.pth')
-    with pytest.raises(VidDetError, match='contains no weight of this backbone'):
+    with pytest.raises(VidDetError, match='contains no weight of this ResNetDC5'):
         load_backbone_weights(model, str(tmp_path / 'junk.pth'), verbose=False)
     with pytest.raises(VidDetError, match='does not exist'):
         load_backbone_weights(model, str(tmp_path / 'nope.pth'), verbose=False)

@@ -8,7 +8,7 @@ import torch
 
 from viddet.models.boxes import encode_boxes
 from viddet.models.losses import (AssignerConfig, DetectorTrainConfig, SamplerConfig, anchor_inside_flags,
-                                  default_train_config, max_iou_assign, random_sample, rcnn_loss, rcnn_targets,
+                                  max_iou_assign, random_sample, rcnn_loss, rcnn_targets,
                                   rpn_loss, rpn_targets, smooth_l1, sum_losses)
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -22,13 +22,14 @@ def t(x):
 
 
 def test_default_configs_match_mmtracking():
-    c = default_train_config('selsa')
+    from viddet.methods import DFF, SELSA
+    c = SELSA.train_config()
     assert (c.rpn_assigner.pos_iou_thr, c.rpn_assigner.neg_iou_thr, c.rpn_assigner.min_pos_iou) == (0.7, 0.3, 0.3)
     assert (c.rpn_sampler.num, c.rpn_sampler.pos_fraction, c.rpn_sampler.add_gt_as_proposals) == (256, 0.5, False)
     assert (c.rcnn_assigner.pos_iou_thr, c.rcnn_assigner.neg_iou_thr, c.rcnn_assigner.min_pos_iou) == (0.5, 0.5, 0.5)
     assert (c.rcnn_sampler.num, c.rcnn_sampler.pos_fraction, c.rcnn_sampler.add_gt_as_proposals) == (256, 0.25, True)
     assert c.rpn_proposal().max_per_img == 600 and c.rpn_proposal().nms_pre == 6000 and c.allowed_border == 0
-    d = default_train_config('dff')
+    d = DFF.train_config()
     assert d.rpn_proposal().max_per_img == 1000 and d.rcnn_sampler.num == 512
 
 
@@ -203,11 +204,11 @@ def test_single_training_step_rpn_loss_matches_independent_computation():
     enough to keep every anchor, loss_rpn_cls must equal the BCE over exactly the anchors that an
     independent numpy implementation of the assignment rules selects."""
     from viddet.methods import build_method
-    from viddet.methods.training import TrainSample
+    from viddet.structures import TrainSample
     from viddet.structures import ImageMeta
     torch.manual_seed(0)
     model = build_method('single', 'mobilenetv2', 30)
-    cfg = model.default_train_cfg()
+    cfg = model.train_config()
     cfg.rpn_sampler = SamplerConfig(10 ** 6, 0.5, False)
     cfg.rpn_proposal_max_per_img, cfg.rcnn_sampler = 50, SamplerConfig(32, 0.25, True)
     model.train_cfg = cfg

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from viddet.methods import build_method
-from viddet.methods.training import TrainSample
+from viddet.structures import TrainSample
 from viddet.models.losses import sum_losses
 from viddet.structures import ImageMeta
 
@@ -21,7 +21,7 @@ def _sample(num_refs, video=True, seed=3):
 
 
 def _small(model):
-    cfg = model.default_train_cfg()
+    cfg = model.train_config()
     cfg.rpn_proposal_max_per_img, cfg.rcnn_sampler.num = 60, 24
     model.train_cfg = cfg
     return model.train()

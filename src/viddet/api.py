@@ -16,7 +16,7 @@ import torch
 
 from viddet.checkpoints import load_model
 from viddet.config import TestConfig
-from viddet.data.sources import ArraySource, FrameSource, open_source
+from viddet.data.sources import ArraySource, FrameSource, LimitedSource, open_source
 from viddet.data.transforms import DEFAULT_SCALE
 from viddet.engine.video import FrameResult, run_video
 from viddet.runtime import resolve_device
@@ -32,15 +32,18 @@ class VideoDetector:
         device: torch device the model is on.
         scale: resize limits (long, short) in pixels (1000, 600).
         test: the inference settings the model was built with (recorded with the outputs).
+        checkpoint: the file the weights came from (None: random or built in memory).
     """
 
     def __init__(self, model: torch.nn.Module, class_names: Sequence[str], device: torch.device,
-                 scale: Tuple[int, int] = DEFAULT_SCALE, test: Optional[TestConfig] = None):
+                 scale: Tuple[int, int] = DEFAULT_SCALE, test: Optional[TestConfig] = None,
+                 checkpoint: Optional[str] = None):
         self.model = model.eval().to(device)
         self.class_names = tuple(class_names)
         self.device = device
         self.scale = scale
         self.test = test or TestConfig()
+        self.checkpoint = checkpoint
 
     @property
     def method(self) -> str:
@@ -71,7 +74,8 @@ class VideoDetector:
         """
         dev = resolve_device(device)
         loaded = load_model(checkpoint, method, backbone, test=test, random_weights=random_weights, **settings)
-        return cls(loaded.model, loaded.class_names, dev, scale=loaded.scale, test=loaded.test)
+        return cls(loaded.model, loaded.class_names, dev, scale=loaded.scale, test=loaded.test,
+                   checkpoint=None if loaded.path is None else str(loaded.path))
 
     def predict(self, frames: Union[str, Path, FrameSource, Iterable[np.ndarray]], mode: Optional[str] = None,
                 max_frames: Optional[int] = None, timer: StageTimer = NO_TIMER,
@@ -96,9 +100,7 @@ class VideoDetector:
         if isinstance(frames, (str, Path)):
             source = open_source(str(frames), max_frames=max_frames)
         elif isinstance(frames, FrameSource):
-            source = frames
-            if max_frames is not None:
-                raise ValueError('max_frames applies to paths and arrays; open the FrameSource with max_frames')
+            source = frames if max_frames is None else LimitedSource(frames, max_frames)
         else:
             source = ArraySource(frames, max_frames=max_frames)
         if mode is None:

@@ -18,13 +18,20 @@ import shutil
 import tempfile
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+from torch import nn
 
+from viddet import speedups
 from viddet.classes import VID_CLASSES
+from viddet.config import TestConfig, _convert
+from viddet.data.transforms import DEFAULT_SCALE
 from viddet.errors import VidDetError
+from viddet.methods import METHODS, VIDMethod, method_class, method_of_keys
+from viddet.models.backbones import backbone_info, backbone_of_state_dict
 
 ZOO_BASE = 'https://download.openmmlab.com/mmtracking/'
 

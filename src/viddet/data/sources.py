@@ -31,6 +31,7 @@ match its test script bit for bit. Video frames come from PyAV, ``frame.to_ndarr
 """
 from __future__ import annotations
 
+import itertools
 import os
 import queue
 import re
@@ -280,6 +281,27 @@ class ArraySource(FrameSource):
         frame = Frame(index, f'{index:06d}', self._check(index, self._items[index]))
         self._remember(frame)
         return frame
+
+
+class LimitedSource(FrameSource):
+    """The first ``max_frames`` frames of another source (which stays open; closing this one
+    does not close it)."""
+
+    def __init__(self, source: FrameSource, max_frames: int):
+        super().__init__(source.path, max_frames=max_frames)
+        self.source = source
+        self.fps, self.is_live, self.width, self.height = source.fps, source.is_live, source.width, source.height
+        self.length = max_frames if source.length is None else min(source.length, max_frames)
+        if source.is_live:
+            self.length = None
+
+    def __iter__(self) -> Iterator[Frame]:
+        return itertools.islice(iter(self.source), self.max_frames)
+
+    def get(self, index: int) -> Frame:
+        if self.length is not None and not 0 <= index < self.length:
+            raise IndexError(f'frame index {index} is outside [0, {self.length}) of {self.path}')
+        return self.source.get(index)
 
 
 # -------------------------------------------------------------------- PyAV: files and streams
@@ -551,9 +573,8 @@ class _Prefetcher:
         frames = None
         try:
             frames = make_frames()
-            for i, frame in enumerate(frames):
-                if limit is not None and i >= limit:
-                    break
+            # islice stops *before* pulling frame `limit` (an endless camera iterable is not drained)
+            for frame in (frames if limit is None else itertools.islice(frames, limit)):
                 if not self._put(frame):
                     return
         except BaseException as e:  # handed to the consumer, raised there

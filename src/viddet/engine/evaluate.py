@@ -1,46 +1,53 @@
-"""``viddet test``: run a VID method over every video of a COCO-VID annotation file and score it.
+"""Inference over a whole annotated data set: what ``viddet test`` and the evaluation during
+training both run, one video at a time with the video engine (offline = MMTracking's test protocol
+by default), then scored with :func:`viddet.evaluation.report.evaluate_and_report`.
 
-Videos are processed one by one with the video engine (offline = MMTracking's test protocol by
-default). Under ``torchrun`` the videos are sharded over the ranks (longest first, balanced by frame
-count); every rank writes its detections to ``<out_dir>/parts/rank<r>.json`` and rank 0 gathers
-them, shows one progress bar counting the frames of all ranks, saves the raw detections as a COCO
-results file (``results.json``, re-scorable with ``viddet eval``) and reports COCO AP50 and the
-official ImageNet VID mAP with slow / medium / fast (``viddet.evaluation.vid``).
+Nothing is lost when a run stops part-way: every video's detections are saved as soon as the video
+is done (``<out_dir>/videos/<n>.json``), and ``resume=True`` (``viddet test --resume``) skips the
+videos already saved. The complete result, ``<out_dir>/results.json`` (a COCO results file,
+re-scorable with ``viddet eval``), is written only when every video is in; ``<out_dir>/run.json``
+records what produced it (checkpoint, method, inference settings), and a resumed run must match it.
+
+Under ``torchrun`` the videos are sharded over the ranks (longest first, balanced by frame count);
+every rank saves its own videos and rank 0 merges them.
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
-import torch
-
+from viddet.data.sources import ImageListSource
 from viddet.errors import VidDetError
-from viddet.fileio import atomic_write_json
+from viddet.fileio import atomic_write_json, read_json
+from viddet.runtime import init_distributed
+from viddet.version import __version__
+
+Video = Tuple[str, List[dict]]
+"""(video name, image dicts of its frames sorted by ``frame_id``)."""
 
 
-def load_videos(ann_file) -> tuple:
+def load_videos(ann_file) -> Tuple[List[Video], List[dict]]:
     """Reads a COCO-VID annotation file.
 
     Returns:
-        (videos, categories): videos is a list of (video name, [image dicts sorted by frame_id]);
-        images without a ``video_id`` (DET-style) are one-frame videos. categories: the JSON list.
+        (videos, categories): videos in file order, images without a ``video_id`` (DET-style) as
+        one-frame videos; categories: the JSON list.
 
     Raises:
-        VidDetError: unreadable JSON or missing ``images``.
+        VidDetError: unreadable JSON or no ``images`` list.
     """
-    try:
-        data = json.loads(Path(ann_file).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise VidDetError(f'cannot read annotation file {ann_file}: {e}') from None
-    if not isinstance(data, dict) or 'images' not in data:
-        raise VidDetError(f'{ann_file} is not a COCO-VID annotation file (no "images")')
-    names = {v['id']: v.get('name', str(v['id'])) for v in data.get('videos', [])}
+    data = read_json(ann_file, 'annotation file')
+    if not isinstance(data, dict) or not isinstance(data.get('images'), list):
+        raise VidDetError(f'{ann_file}: not a COCO-VID annotation file (no "images" list)')
+    names = {v['id']: v.get('name', str(v['id'])) for v in data.get('videos', []) if isinstance(v, dict)}
     groups: Dict[object, List[dict]] = defaultdict(list)
     for img in data['images']:
+        if not isinstance(img, dict) or 'id' not in img or 'file_name' not in img:
+            raise VidDetError(f'{ann_file}: an image entry without "id" or "file_name": {str(img)[:80]}')
         vid = img.get('video_id')
         groups[vid if vid is not None else ('image', img['id'])].append(img)
     videos = []
@@ -50,37 +57,29 @@ def load_videos(ann_file) -> tuple:
     return videos, data.get('categories', [])
 
 
-def shard(videos: Sequence, rank: int, world: int) -> List:
-    """Assigns videos to ranks, longest first to the least-loaded rank (deterministic)."""
+def shard(videos: Sequence[Video], rank: int, world: int) -> List[int]:
+    """The indices of the videos rank ``rank`` runs: longest first to the least-loaded rank
+    (deterministic, every video exactly once over the ranks)."""
     loads = [0] * world
     mine = []
     for i in sorted(range(len(videos)), key=lambda i: (-len(videos[i][1]), i)):
         r = min(range(world), key=lambda k: (loads[k], k))
         loads[r] += len(videos[i][1])
         if r == rank:
-            mine.append(videos[i])
-    return mine
+            mine.append(i)
+    return sorted(mine)
 
 
 def label_to_category(class_names: Sequence[str], categories: Sequence[dict]) -> List[int]:
     """Model label -> JSON category id, by class name (falls back to label + 1)."""
-    by_name = {c['name']: c['id'] for c in categories}
+    by_name = {c['name']: c['id'] for c in categories if isinstance(c, dict) and 'name' in c}
     return [by_name.get(n, i + 1) for i, n in enumerate(class_names)]
-
-
-def _dist():
-    if int(os.environ.get('WORLD_SIZE', '1')) > 1:
-        import torch.distributed as dist
-        if not dist.is_initialized():
-            dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
-        return dist, dist.get_rank(), dist.get_world_size()
-    return None, 0, 1
 
 
 def subset_annotations(ann_file, image_ids, out_path) -> Path:
     """Writes the part of a COCO-VID file covering ``image_ids`` (their videos, images and
     annotations), so that a partial run (``--max-videos``) is scored on what it saw."""
-    data = json.loads(Path(ann_file).read_text())
+    data = read_json(ann_file, 'annotation file')
     keep = set(image_ids)
     images = [im for im in data['images'] if im['id'] in keep]
     vids = {im.get('video_id') for im in images}
@@ -90,8 +89,70 @@ def subset_annotations(ann_file, image_ids, out_path) -> Path:
     return atomic_write_json(out_path, data)
 
 
+def check_frames(videos: Sequence[Video], img_root) -> None:
+    """Checks that every frame file exists and is readable before hours of inference start.
+
+    Raises:
+        VidDetError: naming the first missing or unreadable file, its video and how many are missing.
+    """
+    root = Path(img_root)
+    if not root.is_dir():
+        raise VidDetError(f'--root {img_root}: folder not found')
+    missing, unreadable = [], []
+    for name, imgs in videos:
+        for im in imgs:
+            f = root / im['file_name']
+            if not f.is_file():
+                missing.append((name, f))
+            elif not os.access(f, os.R_OK):
+                unreadable.append((name, f))
+    if missing:
+        name, f = missing[0]
+        raise VidDetError(f'video {name}: frame file {f} does not exist ({len(missing)} frame file(s) missing '
+                          f'in all; is --root right?)')
+    if unreadable:
+        name, f = unreadable[0]
+        raise VidDetError(f'video {name}: frame file {f} is not readable ({len(unreadable)} in all)')
+
+
+def _run_record(detector, ann_file, mode: str) -> dict:
+    return {'method': detector.method, 'mode': mode, 'scale': list(detector.scale),
+            'test': dataclasses.asdict(detector.test), 'annotations': str(Path(ann_file).resolve()),
+            'classes': list(detector.class_names), 'checkpoint': getattr(detector, 'checkpoint', None)}
+
+
+def _prepare_out_dir(out_dir: Path, record: dict, resume: bool, rank: int) -> None:
+    """Checks the output folder before any work: writable, and not holding another run."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise VidDetError(f'--out-dir {out_dir} is a file, not a folder')
+    try:
+        (out_dir / 'videos').mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise VidDetError(f'--out-dir {out_dir}: cannot create it ({e.strerror})') from None
+    if not os.access(out_dir / 'videos', os.W_OK):
+        raise VidDetError(f'--out-dir {out_dir}: not writable')
+    run_file = out_dir / 'run.json'
+    done = out_dir / 'results.json'
+    if not resume:
+        if done.exists():
+            raise VidDetError(f'{out_dir} already holds a complete test run ({done}): give another --out-dir '
+                              f'(or --resume to score it again without running anything)')
+        if any((out_dir / 'videos').glob('*.json')):
+            raise VidDetError(f'{out_dir} holds the saved videos of an unfinished test run: continue it with '
+                              f'--resume, or give another --out-dir')
+    elif run_file.exists():
+        old = read_json(run_file, 'test run record')
+        diff = [k for k in ('method', 'mode', 'scale', 'test', 'annotations', 'classes') if old.get(k) != record.get(k)]
+        if diff:
+            raise VidDetError(f'--resume: {out_dir} was made with other settings ({", ".join(diff)} differ: '
+                              f'{ {k: old.get(k) for k in diff} } vs { {k: record.get(k) for k in diff} }); '
+                              f'give another --out-dir')
+    if rank == 0:
+        atomic_write_json(run_file, {**record, 'viddet_version': __version__}, indent=1)
+
+
 def run_test(detector, ann_file, img_root, out_dir, mode: str = 'offline', max_videos: Optional[int] = None,
-             progress: bool = True) -> Optional[List[dict]]:
+             progress: bool = True, resume: bool = False) -> Optional[List[dict]]:
     """Detections for every frame of ``ann_file``, as COCO results (rank 0; other ranks get None).
 
     With ``max_videos``, ``<out_dir>/annotations_subset.json`` holds the annotations of the videos
@@ -101,80 +162,112 @@ def run_test(detector, ann_file, img_root, out_dir, mode: str = 'offline', max_v
         detector: a :class:`viddet.api.VideoDetector`.
         ann_file: COCO-VID JSON (``file_name`` relative to ``img_root``).
         img_root: folder the ``file_name`` paths are relative to (ImageNet VID: ``Data/VID``).
-        out_dir: where ``results.json`` (and the per-rank parts) are written.
+        out_dir: ``videos/<n>.json`` per finished video, ``results.json`` when all are done.
         mode: ``offline`` (MMTracking's test protocol) or ``online``.
-        max_videos: only the first N videos (smoke tests).
+        max_videos: only the first N videos (smoke tests), N >= 1.
+        progress: a progress bar (frames of all ranks) on rank 0.
+        resume: skip the videos an earlier run with the same settings saved in ``out_dir``.
 
     Raises:
-        VidDetError: missing frame files (names the file), bad annotation file.
+        VidDetError: a bad annotation file, missing or unreadable frame files (checked first), an
+            output folder that cannot be written or holds another run, a frame that cannot be
+            decoded or a video shorter than its annotations (naming what was saved).
     """
     from tqdm import tqdm
 
-    from viddet.data.sources import ImageListSource
+    if max_videos is not None and max_videos < 1:
+        raise VidDetError(f'--max-videos must be >= 1, got {max_videos}')
     videos, categories = load_videos(ann_file)
-    out_dir = Path(out_dir)
-    if max_videos is not None:
-        videos = videos[:max_videos]
-        subset_annotations(ann_file, [im['id'] for _, imgs in videos for im in imgs],
-                           out_dir / 'annotations_subset.json')
     if not videos:
         raise VidDetError(f'{ann_file} has no images')
-    parts = out_dir / 'parts'
-    parts.mkdir(parents=True, exist_ok=True)
-    dist, rank, world = _dist()
+    if max_videos is not None:
+        videos = videos[:max_videos]
+    out_dir = Path(out_dir)
+    dist, rank, world = init_distributed(detector.device)
+    _prepare_out_dir(out_dir, _run_record(detector, ann_file, mode), resume, rank)
+    if max_videos is not None and rank == 0:
+        subset_annotations(ann_file, [im['id'] for _, imgs in videos for im in imgs],
+                           out_dir / 'annotations_subset.json')
     mine = shard(videos, rank, world)
+    check_frames([videos[i] for i in mine], img_root)
     cat_ids = label_to_category(detector.class_names, categories)
+    part = lambda i: out_dir / 'videos' / f'{i:06d}.json'  # noqa: E731
+    todo = [i for i in mine if not (resume and _saved_video(part(i), videos[i]))]
+    if resume and rank == 0:
+        print(f'resuming the test run in {out_dir}: {len(mine) - len(todo)} of {len(mine)} video(s) '
+              f'already done' + ('; nothing left to run' if not todo else ''))
     total = sum(len(v[1]) for v in videos)
     bar = tqdm(total=total, unit='frame', desc=f'testing {detector.method}', disable=not progress or rank != 0,
-               dynamic_ncols=True)
-    results, done, last_poll = [], 0, 0.0
-
-    def report_progress(force=False):
-        nonlocal last_poll
-        if world == 1:
-            return
-        now = time.monotonic()
-        if not force and now - last_poll < 2:
-            return
-        last_poll = now
-        (parts / f'progress{rank}').write_text(str(done))
-        if rank == 0:
-            count = 0
-            for r in range(world):
-                try:
-                    count += int((parts / f'progress{r}').read_text() or 0)
-                except (OSError, ValueError):
-                    pass
-            bar.update(count - bar.n)
-
-    for name, imgs in mine:
-        files = [Path(img_root) / im['file_name'] for im in imgs]
-        missing = [f for f in files if not f.is_file()]
-        if missing:
-            raise VidDetError(f'video {name}: frame file {missing[0]} does not exist '
-                              f'({len(missing)} of {len(files)} frames missing; is --root right?)')
-        source = ImageListSource(files, path=name)
-        for result, im in zip(detector.predict(source, mode=mode), imgs):
-            d = result.detections
-            xyxy = d.boxes.tolist()
-            for (x1, y1, x2, y2), s, l in zip(xyxy, d.scores.tolist(), d.labels.tolist()):
-                results.append({'image_id': im['id'], 'category_id': cat_ids[l],
-                                'bbox': [x1, y1, x2 - x1, y2 - y1], 'score': s})
-            done += 1
-            if world == 1:
-                bar.update(1)
-            else:
-                report_progress()
-        source.close()
-    atomic_write_json(parts / f'rank{rank}.json', results)
+               dynamic_ncols=True, initial=sum(len(videos[i][1]) for i in mine if i not in todo) * world)
+    progress_file = out_dir / 'videos' / f'.progress{rank}'
+    last_poll, done = 0.0, 0
+    try:
+        for i in todo:
+            name, imgs = videos[i]
+            results = []
+            source = ImageListSource([Path(img_root) / im['file_name'] for im in imgs], path=name)
+            try:
+                for result, im in zip(detector.predict(source, mode=mode, strict_length=True), imgs):
+                    results.extend(coco_results(result.detections, im['id'], cat_ids))
+                    done += 1
+                    if world == 1:
+                        bar.update(1)
+                    elif time.monotonic() - last_poll > 2:
+                        last_poll = time.monotonic()
+                        _report_progress(progress_file, done, bar, out_dir, world, rank)
+            finally:
+                source.close()
+            atomic_write_json(part(i), {'video': name, 'frames': len(imgs), 'results': results})
+    except (VidDetError, KeyboardInterrupt) as e:
+        bar.close()
+        saved = sum(1 for j in mine if part(j).exists())
+        what = 'interrupted' if isinstance(e, KeyboardInterrupt) else str(e)
+        raise VidDetError(f'{what}\n  {saved} finished video(s) of this run are saved in {out_dir / "videos"}; '
+                          f'run the same command with --resume to continue') from None
     if dist is not None:
-        report_progress(force=True)
+        _report_progress(progress_file, done, bar, out_dir, world, rank)
         dist.barrier()
     bar.close()
     if rank != 0:
         return None
     merged = []
-    for r in range(world):
-        merged.extend(json.loads((parts / f'rank{r}.json').read_text()))
+    for i in range(len(videos)):
+        merged.extend(read_json(part(i), 'saved video detections')['results'])
     atomic_write_json(out_dir / 'results.json', merged)
     return merged
+
+
+def coco_results(detections, image_id: int, cat_ids: Sequence[int]) -> List[dict]:
+    """One frame's :class:`viddet.structures.Detections` as COCO results entries
+    (``bbox`` [x, y, w, h] in original pixels)."""
+    out = []
+    for (x1, y1, x2, y2), s, lab in zip(detections.boxes.tolist(), detections.scores.tolist(),
+                                        detections.labels.tolist()):
+        out.append({'image_id': image_id, 'category_id': cat_ids[lab], 'bbox': [x1, y1, x2 - x1, y2 - y1],
+                    'score': s})
+    return out
+
+
+def _saved_video(path: Path, video: Video) -> bool:
+    """Whether ``path`` holds the complete saved detections of ``video`` (a readable file of the
+    same video and frame count)."""
+    if not path.is_file():
+        return False
+    try:
+        data = read_json(path, 'saved video detections')
+    except VidDetError:
+        return False
+    return isinstance(data, dict) and data.get('video') == video[0] and data.get('frames') == len(video[1])
+
+
+def _report_progress(progress_file: Path, done: int, bar, out_dir: Path, world: int, rank: int) -> None:
+    """Multi-process progress: each rank writes its frame count, rank 0 sums them into its bar."""
+    progress_file.write_text(str(done))
+    if rank == 0:
+        count = 0
+        for r in range(world):
+            try:
+                count += int((out_dir / 'videos' / f'.progress{r}').read_text() or 0)
+            except (OSError, ValueError):
+                pass
+        bar.update(max(0, count - bar.n))

@@ -50,10 +50,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from viddet.errors import VidDetError
-from viddet.version import __version__
+from viddet.checkpoints import load_into, load_partial, read_checkpoint, resolve_checkpoint
 from viddet.config import Config, save_config
+from viddet.errors import VidDetError
 from viddet.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from viddet.methods import method_class
+from viddet.models.mobilenet import MobileNetV2Lite
+from viddet.runtime import init_distributed, resolve_device, set_threads
+from viddet.structures import TrainSample
+from viddet.version import __version__
 
 CHECKPOINT_POINTER = 'last_checkpoint'
 
@@ -401,80 +406,37 @@ class _TrainForward(nn.Module):
 # ===================================================================================== evaluation
 def evaluate_model(model: nn.Module, cfg: Config, out_dir: Path, device: torch.device,
                    progress: bool = True) -> Optional[dict]:
-    """Runs the trained weights over the val videos (``viddet.engine.video.run_video``, offline by
-    default) and scores them with ``viddet.evaluation.vid.evaluate_and_report``.
-
-    A fresh method module is built with ``cfg.model.test`` (test-time settings) and given the
-    trained state dict. Detections become COCO results (``image_id``, ``category_id`` matched by
-    class name, ``bbox`` [x, y, w, h] in original pixels, ``score``).
+    """Scores the trained weights on ``cfg.data.val`` exactly as ``viddet test`` would score their
+    checkpoint: a fresh model built with the test settings ``cfg.model.test`` gets the trained state
+    dict (fast paths on), and :func:`viddet.engine.evaluate.run_test` runs it over the val videos,
+    sharded over the processes under DDP (every rank must call this), then rank 0 reports COCO AP50
+    and the VID mAP (:func:`viddet.evaluation.report.evaluate_and_report`).
 
     Returns:
-        the metrics dict, or None when ``cfg.data.val`` is not set.
+        the metrics dict on rank 0, None on the other ranks or when ``cfg.data.val`` is not set.
     """
-    import cv2
-    from tqdm import tqdm
-
-    from viddet.engine.video import run_video
+    from viddet import speedups
+    from viddet.api import VideoDetector
+    from viddet.engine.evaluate import run_test
+    from viddet.evaluation.report import evaluate_and_report
     v = cfg.data.val
     if v is None:
         return None
-    try:
-        from viddet.evaluation.report import evaluate_and_report
-    except ImportError:  # pragma: no cover - the evaluation module is optional
-        evaluate_and_report = None
-    from viddet.engine.evaluate import label_to_category, load_videos
-    videos, categories = load_videos(v.ann_file)
-    if v.max_videos is not None:
-        videos = videos[:v.max_videos]
-    cat_ids = label_to_category(cfg.model.classes, categories)
     test_model = build_train_model(cfg)
     test_model.load_state_dict(model.state_dict())
-    test_model.to(device).eval()
-    root = Path(v.img_prefix)
-    results = []
-    bar = tqdm(total=sum(len(f) for _, f in videos), unit='frame', desc='evaluating', disable=not progress,
-               dynamic_ncols=True)
-
-    def read(im):
-        path = root / im['file_name']
-        img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if img is None:
-            raise VidDetError(f'{path}: val frame missing or unreadable')
-        return img
-
-    for name, imgs in videos:
-        frames = ((i, im['file_name'], read(im)) for i, im in enumerate(imgs))
-
-        def fetch(i, imgs=imgs):
-            return imgs[i]['file_name'], read(imgs[i])
-
-        for res, im in zip(run_video(test_model, frames, mode=v.mode, length=len(imgs), fetch=fetch,
-                                     device=device, scale=tuple(cfg.data.scale)), imgs):
-            d = res.detections
-            for (x1, y1, x2, y2), s, lab in zip(d.boxes.tolist(), d.scores.tolist(), d.labels.tolist()):
-                results.append({'image_id': im['id'], 'category_id': cat_ids[lab],
-                                'bbox': [x1, y1, x2 - x1, y2 - y1], 'score': s})
-            bar.update(1)
-    bar.close()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / 'results.json', results)
-    if evaluate_and_report is None:
-        print(f'evaluation module not available; detections saved to {out_dir / "results.json"}')
+    test_model.eval()
+    if cfg.model.test.fast:
+        speedups.enable(test_model)
+    detector = VideoDetector(test_model, cfg.model.classes, device, scale=tuple(cfg.data.scale), test=cfg.model.test)
+    # resume: a resumed training run re-evaluates the same weights; what an interrupted
+    # evaluation saved is reused, a finished one just re-scored
+    results = run_test(detector, v.ann_file, v.img_prefix, out_dir, mode=v.mode, max_videos=v.max_videos,
+                       progress=progress, resume=True)
+    if results is None:
         return None
-    ann = v.ann_file
-    if v.max_videos is not None:  # score only the evaluated videos
-        ann = _subset_annotations(v.ann_file, {im['id'] for _, ims in videos for im in ims}, out_dir)
-    return evaluate_and_report(results, ann, motion_iou=v.motion_iou, out_dir=str(out_dir),
+    ann = out_dir / 'annotations_subset.json' if v.max_videos is not None else v.ann_file
+    return evaluate_and_report(results, str(ann), motion_iou=v.motion_iou, out_dir=str(out_dir),
                                json_path=str(out_dir / 'metrics.json'))
-
-
-def _subset_annotations(ann_file, image_ids, out_dir: Path) -> str:
-    data = json.loads(Path(ann_file).read_text())
-    data['images'] = [im for im in data['images'] if im['id'] in image_ids]
-    vids = {im.get('video_id') for im in data['images']}
-    data['videos'] = [vd for vd in data.get('videos', []) if vd['id'] in vids]
-    data['annotations'] = [a for a in data.get('annotations', []) if a['image_id'] in image_ids]
-    return str(atomic_write_json(out_dir / 'val_subset.json', data))
 
 
 # ===================================================================================== the loop
@@ -715,7 +677,7 @@ def train(cfg: Config, work_dir, *, resume: bool = False, amp: Optional[str] = N
                     last_ckpt = save_checkpoint(work_dir / f'epoch_{epoch + 1}.pth', model, optimizer, schedule, scaler,
                                                 epoch + 1, it, cfg, epoch_done=True, total_batch=total_batch)
                 if evaluate and interval and (epoch + 1) % interval == 0 and (epoch + 1) != sched_cfg.epochs \
-                        and rank == 0 and cfg.data.val is not None:
+                        and cfg.data.val is not None:
                     metrics = evaluate_model(model, cfg, work_dir / f'eval_epoch_{epoch + 1}', dev, progress)
                     _log_metrics(writer, metrics, it)
                     model.train()
@@ -730,7 +692,7 @@ def train(cfg: Config, work_dir, *, resume: bool = False, amp: Optional[str] = N
                 break
         bar.close()
         finished_all = it >= total_steps
-        if evaluate and rank == 0 and cfg.data.val is not None and cfg.eval.at_end:
+        if evaluate and cfg.data.val is not None and cfg.eval.at_end:
             tag = f'eval_epoch_{sched_cfg.epochs}' if finished_all else f'eval_iter_{it}'
             metrics = evaluate_model(model, cfg, work_dir / tag, dev, progress)
             _log_metrics(writer, metrics, it)
