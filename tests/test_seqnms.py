@@ -275,3 +275,22 @@ def test_single_frame_and_empty_video():
     assert link_video([], 'seqnms') == []
     out = link_video(_dets([[(0, 0, 9, 9, 0.9, 0)]]), 'seqnms')
     assert out[0].track_ids.tolist() == [0] and out[0].scores.tolist() == pytest.approx([0.9])
+
+
+def test_nms_plus1_hand_computed():
+    from viddet.linking.seqnms import nms_plus1
+    # A-B and B-C overlap (IoU 50/150 = 0.33 > 0.3 with the +1 convention), A-C do not: B goes, C stays
+    boxes = np.array([[0., 0., 9., 9.], [5., 0., 14., 9.], [10., 0., 19., 9.]])
+    assert nms_plus1(boxes, np.array([0.9, 0.8, 0.7]), 0.3).tolist() == [0, 2]
+    assert nms_plus1(boxes, np.array([0.9, 0.8, 0.7]), 0.34).tolist() == [0, 1, 2]
+    # equal scores: the later box is visited first (argsort()[::-1] of a stable sort)
+    assert nms_plus1(boxes[:1].repeat(2, 0), np.array([0.5, 0.5]), 0.3).tolist() == [1]
+
+
+def test_frame_nms_after_seqnms():
+    # no link: Seq-NMS leaves both boxes; FGFA's evaluation NMS (0.3) then removes the weaker one
+    frames = _dets([[(0, 0, 20, 20, 0.9, 0), (1, 1, 21, 21, 0.8, 0), (1, 1, 21, 21, 0.8, 1)],
+                    [(100, 100, 120, 120, 0.5, 0)]])
+    out = link_video(frames, 'seqnms', frame_nms_iou=0.3)
+    assert [d.scores.tolist() for d in out] == [pytest.approx([0.9, 0.8]), pytest.approx([0.5])]
+    assert out[0].labels.tolist() == [0, 1] and [d.track_ids.tolist() for d in out] == [[0, 1], [2]]

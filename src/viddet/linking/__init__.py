@@ -53,7 +53,8 @@ def check_detections(det, where: str) -> None:
 
 def link_video(frames: Sequence[Detections], mode: str = 'seqnms', *, rescore: str = 'avg',
                link_iou: float = LINK_IOU, suppress_iou: float = SUPPRESS_IOU,
-               min_path_score: float = MIN_PATH_SCORE, tracker: Optional[IoUTracker] = None,
+               min_path_score: float = MIN_PATH_SCORE, frame_nms_iou: Optional[float] = None,
+               tracker: Optional[IoUTracker] = None,
                where: str = 'detections') -> List[Detections]:
     """Links one video's per-frame detections.
 
@@ -68,6 +69,8 @@ def link_video(frames: Sequence[Detections], mode: str = 'seqnms', *, rescore: s
         rescore: Seq-NMS rescoring, ``'avg'`` (default) | ``'max'`` | ``'none'``.
         link_iou, suppress_iou, min_path_score: Seq-NMS thresholds (0.5, 0.3, 0.01; see
             :mod:`viddet.linking.seqnms`).
+        frame_nms_iou: Seq-NMS only: if given, a per-frame, per-class NMS (+1 convention, IoU > this
+            suppressed) on the kept boxes afterwards, as FGFA's evaluation does with 0.3. Default None.
         tracker: the online tracker to use (its thresholds); it is reset first.
         where: name of the input (e.g. its file) for error messages.
 
@@ -84,6 +87,8 @@ def link_video(frames: Sequence[Detections], mode: str = 'seqnms', *, rescore: s
     for name, v in (('link_iou', link_iou), ('suppress_iou', suppress_iou)):
         if not 0.0 <= float(v) <= 1.0:
             raise VidDetError(f'{where}: Seq-NMS {name} must be in [0, 1], got {v}')
+    if frame_nms_iou is not None and not 0.0 <= float(frame_nms_iou) <= 1.0:
+        raise VidDetError(f'{where}: frame_nms_iou must be in [0, 1], got {frame_nms_iou}')
     if not float(min_path_score) > 0.0:
         raise VidDetError(f'{where}: Seq-NMS min_path_score must be > 0, got {min_path_score}')
     for i, d in enumerate(frames):
@@ -102,7 +107,7 @@ def link_video(frames: Sequence[Detections], mode: str = 'seqnms', *, rescore: s
                                   [d.scores.detach().cpu().double().numpy() for d in frames],
                                   [d.labels.detach().cpu().numpy() for d in frames],
                                   rescore=rescore, link_iou=link_iou, suppress_iou=suppress_iou,
-                                  min_path_score=min_path_score)
+                                  min_path_score=min_path_score, frame_nms_iou=frame_nms_iou)
     out = []
     for d, k, s, t in zip(frames, keep, scores, tubes):
         idx = torch.as_tensor(k, device=d.boxes.device)

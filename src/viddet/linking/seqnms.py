@@ -28,7 +28,8 @@ the original's output). Everything is computed in float64; ties resolve as in th
 The original recomputes the whole dynamic programme and its Python box-pair loops for every path.
 Here the result is the same but the work is incremental:
 
-* links come from one vectorised IoU pass per class over all consecutive-frame box pairs;
+* links (and the within-frame overlaps used to suppress) come from vectorised IoU over padded
+  chunks of frames, one class at a time;
 * the dynamic programme runs only over *linked* boxes (boxes with at least one link), one numpy
   step per frame; after a path only the frames whose scores or links changed are recomputed, and
   the recomputation stops at the first later frame whose values did not change;
@@ -36,13 +37,14 @@ Here the result is the same but the work is incremental:
   with their own score: they wait in a score-sorted queue, and each step takes the better of the
   queue head and the dynamic programme's maximum (same key: sum, then frame, then box order).
 
-Complexity per class: O(sum_t n_t n_{t+1}) for the links plus, per path, O(n_t n_{t+1}) for each
-recomputed frame (usually the path's frames and one or two more).
+Complexity per class: O(sum_t n_t n_{t+1} + sum_t n_t^2) for links and overlaps plus, per path,
+O(n_t n_{t+1}) for each recomputed frame (usually the path's frames and one more; in the worst case
+a change propagates to the end of the video, which is what the original pays for every path).
 """
 from __future__ import annotations
 
 import heapq
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -346,10 +348,33 @@ def seq_nms_class(boxes: Sequence[np.ndarray], scores: Sequence[np.ndarray], res
     return np.split(keep, cuts), np.split(new, cuts), np.split(pid, cuts)
 
 
+def nms_plus1(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
+    """Greedy NMS with the +1 pixel convention, as FGFA's ``lib/nms/nms.py`` ``nms`` (py-faster-rcnn).
+
+    Boxes are visited by decreasing score (ties: the later box first, i.e. ``argsort()[::-1]`` of a
+    stable sort); each kept box removes the remaining ones whose IoU with it is ``> iou``.
+
+    Args:
+        boxes: (n, 4) float64 pixels. scores: (n,). iou: suppression threshold.
+
+    Returns:
+        (k,) int64 indices of the kept boxes, ascending.
+    """
+    order = np.argsort(scores, kind='stable')[::-1]
+    ov = iou_plus1(boxes, boxes) > iou
+    alive = np.ones(len(order), dtype=bool)
+    keep = []
+    for i in order.tolist():
+        if alive[i]:
+            keep.append(i)
+            alive &= ~ov[i]
+    return np.sort(np.array(keep, dtype=np.int64))
+
+
 def seq_nms(boxes: Sequence[np.ndarray], scores: Sequence[np.ndarray], labels: Sequence[np.ndarray],
             rescore: str = 'avg', link_iou: float = LINK_IOU, suppress_iou: float = SUPPRESS_IOU,
-            min_path_score: float = MIN_PATH_SCORE) -> Tuple[List[np.ndarray], List[np.ndarray],
-                                                              List[np.ndarray]]:
+            min_path_score: float = MIN_PATH_SCORE,
+            frame_nms_iou: Optional[float] = None) -> Tuple[List[np.ndarray], List[np.ndarray], List[np.ndarray]]:
     """Seq-NMS over one video, every class independently (FGFA ``seq_nms``).
 
     Args:
@@ -358,6 +383,9 @@ def seq_nms(boxes: Sequence[np.ndarray], scores: Sequence[np.ndarray], labels: S
         labels: per frame, (n_t,) integer class indices. Within a class, the input order of a frame is
             the box order used for ties (like the original's per-class arrays).
         rescore, link_iou, suppress_iou, min_path_score: see :func:`seq_nms_class`.
+        frame_nms_iou: if given, a per-frame, per-class :func:`nms_plus1` at this IoU on the kept
+            boxes afterwards, as FGFA's evaluation does (``lib/dataset/imagenet_vid.py``,
+            ``write_vid_results_multiprocess``: 0.3). Default None: Seq-NMS alone (``seq_nms``'s output).
 
     Returns:
         ``(keep, new_scores, tube_ids)``, per frame: (k_t,) int64 indices of the kept boxes into the
@@ -379,6 +407,7 @@ def seq_nms(boxes: Sequence[np.ndarray], scores: Sequence[np.ndarray], labels: S
     cat_s = np.concatenate([np.asarray(x, dtype=np.float64).reshape(-1) for x in scores])
     cat_l = np.concatenate([np.asarray(x, dtype=np.int64).reshape(-1) for x in labels])
     frame_of = np.repeat(np.arange(num_f), counts)
+    off = np.concatenate(([0], np.cumsum(counts)))
     order = np.lexsort((np.arange(len(cat_l)), frame_of, cat_l))   # by class, frame, input order
     classes, starts = np.unique(cat_l[order], return_index=True)
     ends = np.append(starts[1:], len(order))
@@ -394,9 +423,16 @@ def seq_nms(boxes: Sequence[np.ndarray], scores: Sequence[np.ndarray], labels: S
         out_scores[idx] = s
         tube[idx] = np.where(p >= 0, p + next_id, -1)
         next_id += int(p.max()) + 1 if len(p) and p.max() >= 0 else 0
+    cuts = np.cumsum(counts)[:-1]
+    if frame_nms_iou is not None:
+        for t, (k, lab) in enumerate(zip(np.split(keep, cuts), np.split(cat_l, cuts))):
+            for c in np.unique(lab[k]).tolist():
+                idx = np.flatnonzero(k & (lab == c))
+                if len(idx) > 1:
+                    k[idx] = False
+                    k[idx[nms_plus1(cat_b[off[t] + idx], out_scores[off[t] + idx], frame_nms_iou)]] = True
     lone = keep & (tube < 0)
     tube[lone] = next_id + np.arange(int(lone.sum()))
-    cuts = np.cumsum(counts)[:-1]
     kept = [np.flatnonzero(k) for k in np.split(keep, cuts)]
     return (kept, [s[k] for s, k in zip(np.split(out_scores, cuts), kept)],
             [x[k] for x, k in zip(np.split(tube, cuts), kept)])
