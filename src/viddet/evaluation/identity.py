@@ -25,7 +25,7 @@ from typing import Dict, Sequence, Tuple
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from viddet import VidDetError
+from viddet.errors import VidDetError
 from viddet.linking.tracker import box_iou
 from viddet.structures import Detections
 

@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from viddet import VidDetError
+from viddet.errors import VidDetError
 from viddet.linking.seqnms import LINK_IOU, MIN_PATH_SCORE, RESCORING, SUPPRESS_IOU, seq_nms
 from viddet.linking.tracker import IoUTracker
 from viddet.structures import Detections

@@ -88,7 +88,7 @@ class IoUTracker:
 
     def __init__(self, start_score: float = START_SCORE, match_score: float = MATCH_SCORE,
                  match_iou: float = MATCH_IOU, max_missed: int = MAX_MISSED, motion: bool = False):
-        from viddet import VidDetError
+        from viddet.errors import VidDetError
         for name, v in (('start_score', start_score), ('match_score', match_score), ('match_iou', match_iou)):
             if not 0.0 <= float(v) <= 1.0:
                 raise VidDetError(f'IoUTracker: {name} must be in [0, 1], got {v}')
