@@ -1,5 +1,6 @@
 """Anchors, the delta box coder, class-aware NMS and test-time preprocessing against hand-computed
-values (REFERENCE.md §1.3, §1.6, §1.7, §1.8) and a second implementation (per-class NMS)."""
+values (mmdet ``AnchorGenerator``, ``DeltaXYWHBBoxCoder``, mmcv ``batched_nms``, MMTracking's test
+pipeline) and a second implementation (per-class NMS)."""
 import math
 
 import numpy as np
@@ -17,7 +18,8 @@ S2 = math.sqrt(2.0)
 
 # ---------------------------------------------------------------------------------------- anchors
 def expected_base_anchors():
-    """Written out by hand from REFERENCE.md §1.3: base size 16, centred on (0, 0), no rounding,
+    """Written out by hand from mmdet ``AnchorGenerator.gen_single_level_base_anchors``: base size 16,
+    centred on (0, 0), no rounding,
     ratio-major (ratio 0.5, 1, 2 outer; scale 4, 8, 16, 32 inner), ratio = h / w."""
     rows = []
     for ratio_w, ratio_h in ((S2, 1 / S2), (1.0, 1.0), (1 / S2, S2)):  # w_ratio, h_ratio per ratio

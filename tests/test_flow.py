@@ -160,7 +160,7 @@ def test_flownet_output_scale_is_40(bias, raw):
 
 
 def _functional_flownet(sd, x):
-    """Second implementation of the FlowNetS forward from REFERENCE.md §2.1/2.3 (state_dict)."""
+    """Second implementation of the FlowNetS forward from MMTracking's ``FlowNetSimple`` (its state_dict)."""
     def conv(name, t, stride, act=True):
         w = sd[name + '.conv.weight']
         t = F.conv2d(t, w, sd.get(name + '.conv.bias'), stride=stride, padding=w.shape[-1] // 2)

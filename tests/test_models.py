@@ -1,6 +1,7 @@
-"""Model structure: the DC5 ResNet (REFERENCE.md §1.1), frozen stages and BN eval, state-dict names
-and shapes of every method x backbone against MMTracking's key lists (§7), checkpoint descriptions,
-and the detector's proposal / post-processing steps on hand-made inputs (§1.3, §1.7)."""
+"""Model structure: the DC5 ResNet (mmdet ``ResNet`` with dilated layer4), frozen stages and BN eval,
+state-dict names and shapes of every method x backbone against MMTracking's key lists
+(../shared/parity/keys), checkpoint descriptions, and the detector's proposal / post-processing steps
+on hand-made inputs (mmdet ``RPNHead._get_bboxes_single``, ``BBoxHead.get_bboxes``)."""
 from pathlib import Path
 
 import numpy as np
@@ -125,7 +126,7 @@ def test_state_dict_equals_mmtracking_keys(method, backbone, shared):
     assert not missing and not unexpected, f'missing {missing[:5]}, unexpected {unexpected[:5]}'
     wrong = [(k, got[k], expected[k]) for k in expected if got[k] != expected[k]]
     assert not wrong, wrong[:5]
-    # tensor counts of REFERENCE.md §7.1: the R-50 detector has 334; SELSA adds 2 aggregators of
+    # tensor counts of MMTracking's state dicts: the R-50 detector has 334; SELSA adds 2 aggregators of
     # 4 linear layers (8 tensors each); TRoI adds a 3rd fc (2), 3 aggregators (24) and the embed conv (2)
     if backbone == 'r50':
         extra = {'selsa': 16, 'troi': 2 + 24 + 2}.get(method, 0)

@@ -35,7 +35,7 @@ from viddet.models.backbones import backbone_info, backbone_of_state_dict
 
 ZOO_BASE = 'https://download.openmmlab.com/mmtracking/'
 
-# name -> path under ZOO_BASE (REFERENCE.md §10.1; MMTracking's VID READMEs).
+# name -> path under ZOO_BASE (MMTracking 0.14's configs/vid/*/README.md model-zoo tables).
 MODEL_ZOO: Dict[str, str] = {}
 for _name, _dir, _stamp in [
     ('dff_r50', 'dff/dff_faster_rcnn_r50_dc5_1x_imagenetvid', '20201227_213250-548911a4'),

@@ -1,6 +1,6 @@
 """Temporal feature aggregators: FGFA's EmbedAggregator, SELSA's SelsaAggregator, Temporal RoI Align.
 
-Numerically as MMTracking 0.14 (REFERENCE.md §4.1, §5.1, §6):
+Numerically as MMTracking 0.14 (``mmtrack/models/aggregators/`` and ``roi_heads/``):
 
 * :class:`EmbedAggregator` -- ``mmtrack/models/aggregators/embed_aggregator.py``; Zhu et al.,
   "Flow-Guided Feature Aggregation for Video Object Detection", ICCV 2017, §3.2 (adaptive weights

@@ -1,8 +1,8 @@
 """Anchors, the delta box coder and NMS with MMTracking's exact arithmetic.
 
 Sources: mmdet-2.x ``AnchorGenerator`` (``gen_single_level_base_anchors``, ``single_level_grid_priors``),
-``DeltaXYWHBBoxCoder`` (``bbox2delta`` / ``delta2bbox``) and mmcv's ``batched_nms`` (REFERENCE.md §1.3,
-§1.6, §1.7). Boxes are (x1, y1, x2, y2) in pixels with no +1 convention.
+``DeltaXYWHBBoxCoder`` (``bbox2delta`` / ``delta2bbox``) and mmcv's ``batched_nms`` (``mmcv/ops/nms.py``).
+Boxes are (x1, y1, x2, y2) in pixels with no +1 convention.
 """
 from __future__ import annotations
 

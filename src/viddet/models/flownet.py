@@ -2,7 +2,7 @@
 
 Sources:
     * MMTracking 0.14 ``mmtrack/models/motion/flownet_simple.py`` (``FlowNetSimple``) and
-      ``mmtrack/core/motion/flow.py`` (``flow_warp_feats``); REFERENCE.md §2.
+      ``mmtrack/core/motion/flow.py`` (``flow_warp_feats``).
     * FlowNet: Dosovitskiy et al., "FlowNet: Learning Optical Flow with Convolutional Networks",
       ICCV 2015, §3 (FlowNetSimple, refinement by up-convolution).
     * Its use for feature propagation: Zhu et al., "Deep Feature Flow for Video Recognition",
@@ -131,7 +131,7 @@ class FlowNetSimple(nn.Module):
                        img_shape: Tuple[int, int]) -> torch.Tensor:
         """Builds FlowNet's 6-channel input from detector-normalised image pairs.
 
-        MMTracking ``FlowNetSimple.prepare_imgs`` (REFERENCE.md §2.2). Every operation is per
+        MMTracking ``FlowNetSimple.prepare_imgs``. Every operation is per
         channel, so each 3-channel half is prepared separately (identical to preparing the
         concatenation) and a single target image is prepared once and broadcast.
 
@@ -232,7 +232,7 @@ class FlowNetSimple(nn.Module):
 def flow_warp_feats(feats: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     """Warps feature maps with a full-resolution flow, exactly as MMTracking ``flow_warp_feats``.
 
-    MMTracking 0.14 ``mmtrack/core/motion/flow.py``; REFERENCE.md §2.4.
+    MMTracking 0.14 ``mmtrack/core/motion/flow.py``, ``flow_warp_feats``.
 
     1. ``s = W_feat / W_flow`` (from the widths only, e.g. 63/1008 = 1/16); the flow is resized with
        ``F.interpolate(scale_factor=s, mode='bilinear', align_corners=False)`` and multiplied by s.
