@@ -169,6 +169,36 @@ def test_batched_nms_equals_per_class_nms(n, num_classes, seed):
             assert float(box_iou(boxes[k], boxes[k]).fill_diagonal_(0).max()) <= 0.5
 
 
+def greedy_nms(boxes, scores, order, thr):
+    """Third implementation: plain-Python greedy NMS visiting the boxes in ``order``."""
+    keep = []
+    for i in order.tolist():
+        if all(float(box_iou(boxes[i:i + 1], boxes[j:j + 1])) <= thr for j in keep):
+            keep.append(i)
+    return keep
+
+
+def test_nms_visits_tied_scores_in_mmcv_order():
+    """mmcv's nms_cpu visits boxes in ``scores.sort(descending=True)`` order (torch's unstable
+    sort), torchvision's nms in a stable order; they differ for tied scores, which decides which of
+    two tied overlapping boxes survives and where a box lands in the proposal list."""
+    n = 17   # torch's CPU sort only reorders ties from 17 elements on (insertion sort below)
+    scores = torch.full((n,), 0.75)
+    mmcv_order = scores.sort(descending=True)[1]
+    assert mmcv_order[0] != 0, "torch's sort keeps these ties in place now: pick another case"
+    idxs = torch.zeros(n, dtype=torch.int64)
+    # all boxes overlap (IoU >= 0.86): exactly one survives, the first that mmcv visits
+    overlapping = torch.tensor([[0.0, 0.0, 10.0 + 0.1 * i, 10.0] for i in range(n)])
+    assert batched_nms(overlapping, scores, idxs, 0.5).tolist() == greedy_nms(overlapping, scores, mmcv_order, 0.5)
+    assert batched_nms(overlapping, scores, idxs, 0.5).tolist() == [int(mmcv_order[0])]
+    # disjoint boxes: all survive, listed in mmcv's visiting order, not by index
+    disjoint = torch.tensor([[20.0 * i, 0.0, 20.0 * i + 10, 10.0] for i in range(n)])
+    assert batched_nms(disjoint, scores, idxs, 0.5).tolist() == mmcv_order.tolist()
+    # distinct scores: the plain score order, whatever the index order
+    distinct = torch.linspace(0.1, 0.9, n)
+    assert batched_nms(disjoint, distinct, idxs, 0.5).tolist() == list(range(n - 1, -1, -1))
+
+
 def test_batched_nms_empty():
     assert batched_nms(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64), 0.5).shape == (0,)
 

@@ -10,7 +10,7 @@ import math
 from typing import Sequence, Tuple
 
 import torch
-from torchvision.ops import nms
+from torchvision.ops import nms as _tv_nms
 
 WH_RATIO_CLIP = 16 / 1000
 MAX_LOG_RATIO = abs(math.log(WH_RATIO_CLIP))  # 4.1352: clamp of the dw/dh deltas
@@ -108,6 +108,32 @@ def encode_boxes(proposals: torch.Tensor, gt: torch.Tensor, stds: Sequence[float
     return d / d.new_tensor(stds).view(1, 4)
 
 
+def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """Greedy NMS with mmcv's processing order (mmcv 1.7 ``mmcv/ops/csrc/pytorch/cpu/nms.cpp``,
+    ``nms_cpu``).
+
+    mmcv visits the boxes in the order of ``scores.sort(0, descending=True)``, torch's default
+    (unstable) sort, while ``torchvision.ops.nms`` sorts stably. The two differ only among boxes
+    of exactly equal score, but such ties are common for float32 sigmoid scores near 1, and the
+    order decides which of two tied overlapping boxes survives and where a box lands in the
+    returned list (the training RoI sampler draws proposals by list position). So the order is
+    taken from torch's own sort, as mmcv does, and torchvision's kernel (stable, hence keeping
+    that order) does the suppression with the same float32 IoU arithmetic (IoU > threshold
+    suppresses).
+
+    Args:
+        boxes: (N, 4) float32 (x1, y1, x2, y2), pixels. scores: (N,).
+        iou_threshold: IoU above which the lower-ranked box is suppressed.
+
+    Returns:
+        (K,) int64 indices of the kept boxes, in visiting (decreasing score) order.
+    """
+    if boxes.numel() == 0:
+        return torch.zeros((0,), dtype=torch.int64, device=boxes.device)
+    order = scores.sort(descending=True)[1]
+    return order[_tv_nms(boxes[order], scores[order], iou_threshold)]
+
+
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor,
                 iou_threshold: float) -> torch.Tensor:
     """Class-aware NMS with mmcv's coordinate-offset trick (used below 10000 boxes).
@@ -115,7 +141,8 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor,
     Boxes of different ``idxs`` never suppress each other: each group is shifted by
     idx * (boxes.max() + 1) and one NMS runs over all of them, exactly as mmcv ``batched_nms``
     does, so the IoU arithmetic (and its rounding) matches. Above 10000 boxes mmcv runs NMS per
-    class; the result is the same up to float rounding and this function does that too.
+    class and re-sorts the kept boxes by score; the result is the same up to float rounding and
+    this function does that too. Each NMS visits tied scores in mmcv's order (:func:`nms`).
 
     Args:
         boxes: (N, 4) pixels. scores: (N,). idxs: (N,) int group ids.
