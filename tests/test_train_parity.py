@@ -43,11 +43,11 @@ import pytest
 import torch
 
 import viddet.methods.selsa as selsa_module
-import viddet.methods.training as training_module
+import viddet.methods.base as training_module  # where rpn_and_sample / single_frame_losses look them up
 from viddet.checkpoints import load_into, read_checkpoint
 from viddet.data.transforms import preprocess
 from viddet.methods import build_method
-from viddet.methods.training import TrainSample
+from viddet.structures import TrainSample
 from viddet.models.losses import RCNNTargets, SamplerConfig, max_iou_assign, random_sample, sum_losses
 
 pytestmark = pytest.mark.slow
@@ -133,7 +133,7 @@ def _all_candidates(proposals, gt_bboxes, gt_labels, cfg):
 
 
 class RoISampling:
-    """Stands in for ``viddet.methods.training.sample_rois`` (the R-CNN assignment + sampling that
+    """Stands in for ``viddet.methods.base.sample_rois`` (the R-CNN assignment + sampling that
     every method's ``forward_train`` calls once): applies ``swaps`` (adjacent positions) to the
     proposal list first and records what it saw. With ``all_rois`` it returns every candidate
     instead of a random draw, for the per-RoI evaluation."""
