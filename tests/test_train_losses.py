@@ -1,5 +1,5 @@
 """Targets and losses against hand-computed values (mmdet-2.x MaxIoUAssigner / RandomSampler /
-AnchorHead.loss / BBoxHead.loss semantics, REFERENCE.md §1.3, §1.5)."""
+AnchorHead.loss / BBoxHead.loss semantics, with MMTracking's faster_rcnn_r50_dc5 train_cfg)."""
 import math
 
 import numpy as np

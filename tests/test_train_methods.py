@@ -1,4 +1,4 @@
-"""Per-method training forwards follow MMTracking's forward_train (REFERENCE.md §3.1, §4.2, §5.3)."""
+"""Per-method training forwards follow MMTracking's forward_train (``mmtrack/models/vid/{dff,fgfa,selsa}.py``)."""
 import numpy as np
 import pytest
 import torch

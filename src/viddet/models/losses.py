@@ -1,7 +1,7 @@
 """Training targets and losses of the Faster R-CNN DC5 detector, with mmdet-2.x semantics.
 
 Everything here follows the numbers of MMTracking's ``faster_rcnn_r50_dc5.py`` ``train_cfg``
-(REFERENCE.md §1.3, §1.5) and the behaviour of the mmdet-2.x classes it names:
+(``configs/_base_/models/faster_rcnn_r50_dc5.py``) and the behaviour of the mmdet-2.x classes it names:
 
 * :func:`max_iou_assign` — ``MaxIoUAssigner`` (RPN 0.7 / 0.3 / min_pos 0.3, R-CNN 0.5 / 0.5 / 0.5;
   ``match_low_quality=True``, ``gt_max_assign_all=True``, no ignore boxes).
