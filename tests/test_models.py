@@ -233,12 +233,6 @@ def test_single_frame_detector_output_invariants():
     assert float(dets.boxes[:, [0, 2]].max()) <= 64 + 1e-4 and float(dets.boxes[:, [1, 3]].max()) <= 48 + 1e-4
 
 
-def test_detections_to_mmtracking_layout():
+def test_empty_detections():
     from viddet.structures import Detections
-    d = Detections(torch.tensor([[0., 1., 2., 3.], [4., 5., 6., 7.], [8., 9., 10., 11.]]),
-                   torch.tensor([0.9, 0.5, 0.2]), torch.tensor([2, 0, 2]))
-    per_class = d.to_mmtracking(3)
-    assert [a.shape for a in per_class] == [(1, 5), (0, 5), (2, 5)]
-    np.testing.assert_array_equal(per_class[0], np.float32([[4, 5, 6, 7, 0.5]]))
-    np.testing.assert_array_equal(per_class[2], np.float32([[0, 1, 2, 3, 0.9], [8, 9, 10, 11, 0.2]]))
     assert len(Detections.empty()) == 0 and Detections.empty().boxes.shape == (0, 4)

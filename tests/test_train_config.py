@@ -51,7 +51,7 @@ def test_shipped_mini_vid_configs(method):
     assert c.init.backbone_weights == '../shared/weights/mobilenet_v2_imagenet_features.pth'
 
 
-def test_overrides_parse_and_apply():
+def parse_test_settings_parse_and_apply():
     assert parse_override('schedule.epochs=3') == ('schedule.epochs', 3)
     assert parse_override('data.scale=[600, 360]') == ('data.scale', [600, 360])
     assert parse_override('init.checkpoint=null') == ('init.checkpoint', None)

@@ -120,9 +120,14 @@ def detector_from_args(args) -> VideoDetector:
     Raises:
         VidDetError: as :meth:`VideoDetector.from_checkpoint`, bad ``--set`` / ``--threads``.
     """
-    from viddet.config import test_overrides
+    from viddet.config import parse_test_settings
     from viddet.runtime import set_threads
     set_threads(args.threads)
-    return VideoDetector.from_checkpoint(args.checkpoint, method=args.method, backbone=args.backbone,
-                                         device=args.device, random_weights=getattr(args, 'random_weights', False),
-                                         **test_overrides(args.overrides))
+    detector = VideoDetector.from_checkpoint(args.checkpoint, method=args.method, backbone=args.backbone,
+                                             device=args.device, random_weights=getattr(args, 'random_weights', False),
+                                             **parse_test_settings(args.overrides))
+    ignored = detector.test.ignored_by(detector.method)
+    if ignored:
+        import sys
+        print(f'viddet: note: {detector.model.title} does not use test.{", test.".join(ignored)}', file=sys.stderr)
+    return detector

@@ -92,6 +92,8 @@ class TestConfig:
         fast: run the fast paths of :mod:`viddet.speedups` (True) or the plain modules (False;
             same detections up to float rounding).
     """
+    __test__ = False  # not a pytest test class, despite its name
+
     key_frame_interval: int = 10
     num_left: int = 15
     num_right: int = 15
@@ -561,7 +563,7 @@ def config_from_dict(raw: dict, source: str = '<config>', overrides: Sequence[st
     return cfg
 
 
-def test_overrides(overrides: Sequence[str]) -> Dict[str, Any]:
+def parse_test_settings(overrides: Sequence[str]) -> Dict[str, Any]:
     """``--set test.KEY=VALUE`` options of ``demo`` / ``test`` -> {KEY: value} (checked against
     :class:`TestConfig`).
 

@@ -62,11 +62,6 @@ class Detections:
         return Detections(self.boxes.to(device), self.scores.to(device), self.labels.to(device),
                           None if self.track_ids is None else self.track_ids.to(device))
 
-    def to_mmtracking(self, num_classes: int) -> List[np.ndarray]:
-        """MMTracking's ``bbox2result`` layout: one (n_c, 5) float32 array per class."""
-        arr = torch.cat([self.boxes, self.scores[:, None]], 1).detach().cpu().numpy()
-        labels = self.labels.cpu().numpy()
-        return [arr[labels == c] for c in range(num_classes)]
 
 
 @dataclass
