@@ -154,13 +154,17 @@ def add_test_parser(sub):
                    help='official imagenet_vid_groundtruth_motion_iou.mat (else computed from the ground truth)')
     p.add_argument('--json', default=None, help='write the metrics here (default <out-dir>/metrics.json)')
     p.add_argument('--max-videos', type=int, default=None, help='only the first N videos (smoke tests)')
+    p.add_argument('--resume', action='store_true',
+                   help='continue an interrupted run in --out-dir: the videos it saved are not run again')
 
     def run(args):
-        from viddet.engine.evaluate import run_test
         from viddet.api import detector_from_args
+        from viddet.engine.evaluate import check_out_dir, run_test
         from viddet.evaluation.report import evaluate_and_report
+        check_out_dir(args.out_dir, args.resume)   # before the model is loaded
         detector = detector_from_args(args)
-        results = run_test(detector, args.ann, args.root, args.out_dir, mode=args.mode, max_videos=args.max_videos)
+        results = run_test(detector, args.ann, args.root, args.out_dir, mode=args.mode, max_videos=args.max_videos,
+                           resume=args.resume)
         if results is not None:
             ann = Path(args.out_dir) / 'annotations_subset.json' if args.max_videos else args.ann
             evaluate_and_report(results, str(ann), args.motion_iou, args.out_dir,

@@ -70,10 +70,27 @@ def shard(videos: Sequence[Video], rank: int, world: int) -> List[int]:
     return sorted(mine)
 
 
-def label_to_category(class_names: Sequence[str], categories: Sequence[dict]) -> List[int]:
-    """Model label -> JSON category id, by class name (falls back to label + 1)."""
-    by_name = {c['name']: c['id'] for c in categories if isinstance(c, dict) and 'name' in c}
-    return [by_name.get(n, i + 1) for i, n in enumerate(class_names)]
+def label_to_category(class_names: Sequence[str], categories: Sequence[dict], ann_file='') -> List[Optional[int]]:
+    """Model label -> JSON category id, matched by name (or by ImageNet synset, ``encode_name``);
+    None for a model class the annotation file does not have (its detections are not scored), e.g.
+    a 30-class ImageNet VID model on a data set of 5 of those classes.
+
+    Raises:
+        VidDetError: no model class matches any category of the file.
+    """
+    by_name = {}
+    for c in categories:
+        if isinstance(c, dict) and 'id' in c:
+            for key in ('name', 'encode_name'):
+                if c.get(key) is not None:
+                    by_name.setdefault(c[key], c['id'])
+    ids = [by_name.get(n) for n in class_names]
+    if categories and not any(i is not None for i in ids):
+        raise VidDetError(f'{ann_file}: none of the model\'s classes ({", ".join(class_names[:5])}, ...) is a '
+                          f'category of the annotation file ({", ".join(str(c.get("name")) for c in categories[:5])}, ...)')
+    if not categories:   # a file without categories: labels are numbered from 1, as MMTracking does
+        ids = list(range(1, len(class_names) + 1))
+    return ids
 
 
 def subset_annotations(ann_file, image_ids, out_path) -> Path:
@@ -121,8 +138,15 @@ def _run_record(detector, ann_file, mode: str) -> dict:
             'classes': list(detector.class_names), 'checkpoint': getattr(detector, 'checkpoint', None)}
 
 
-def _prepare_out_dir(out_dir: Path, record: dict, resume: bool, rank: int) -> None:
-    """Checks the output folder before any work: writable, and not holding another run."""
+def check_out_dir(out_dir, resume: bool = False) -> None:
+    """Checks a test run's output folder before any work (``viddet test`` calls it before loading
+    the model): a folder that can be created and written, holding no other run unless ``resume``.
+
+    Raises:
+        VidDetError: a file where the folder should be, a folder that cannot be created or written,
+            a complete earlier result or an unfinished run without ``resume``.
+    """
+    out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise VidDetError(f'--out-dir {out_dir} is a file, not a folder')
     try:
@@ -131,16 +155,22 @@ def _prepare_out_dir(out_dir: Path, record: dict, resume: bool, rank: int) -> No
         raise VidDetError(f'--out-dir {out_dir}: cannot create it ({e.strerror})') from None
     if not os.access(out_dir / 'videos', os.W_OK):
         raise VidDetError(f'--out-dir {out_dir}: not writable')
-    run_file = out_dir / 'run.json'
+    if resume:
+        return
     done = out_dir / 'results.json'
-    if not resume:
-        if done.exists():
-            raise VidDetError(f'{out_dir} already holds a complete test run ({done}): give another --out-dir '
-                              f'(or --resume to score it again without running anything)')
-        if any((out_dir / 'videos').glob('*.json')):
-            raise VidDetError(f'{out_dir} holds the saved videos of an unfinished test run: continue it with '
-                              f'--resume, or give another --out-dir')
-    elif run_file.exists():
+    if done.exists():
+        raise VidDetError(f'{out_dir} already holds a complete test run ({done}): give another --out-dir '
+                          f'(or --resume to score it again without running anything)')
+    if any((out_dir / 'videos').glob('*.json')):
+        raise VidDetError(f'{out_dir} holds the saved videos of an unfinished test run: continue it with '
+                          f'--resume, or give another --out-dir')
+
+
+def _prepare_out_dir(out_dir: Path, record: dict, resume: bool, rank: int) -> None:
+    """:func:`check_out_dir`, then (resume) the earlier run's record must match this run's."""
+    check_out_dir(out_dir, resume)
+    run_file = out_dir / 'run.json'
+    if resume and run_file.exists():
         old = read_json(run_file, 'test run record')
         diff = [k for k in ('method', 'mode', 'scale', 'test', 'annotations', 'classes') if old.get(k) != record.get(k)]
         if diff:
@@ -190,7 +220,7 @@ def run_test(detector, ann_file, img_root, out_dir, mode: str = 'offline', max_v
                            out_dir / 'annotations_subset.json')
     mine = shard(videos, rank, world)
     check_frames([videos[i] for i in mine], img_root)
-    cat_ids = label_to_category(detector.class_names, categories)
+    cat_ids = label_to_category(detector.class_names, categories, ann_file)
     part = lambda i: out_dir / 'videos' / f'{i:06d}.json'  # noqa: E731
     todo = [i for i in mine if not (resume and _saved_video(part(i), videos[i]))]
     if resume and rank == 0:
@@ -238,13 +268,14 @@ def run_test(detector, ann_file, img_root, out_dir, mode: str = 'offline', max_v
 
 
 def coco_results(detections, image_id: int, cat_ids: Sequence[int]) -> List[dict]:
-    """One frame's :class:`viddet.structures.Detections` as COCO results entries
-    (``bbox`` [x, y, w, h] in original pixels)."""
+    """One frame's :class:`viddet.structures.Detections` as COCO results entries (``bbox`` [x, y, w, h]
+    in original pixels); labels whose category id is None (not in the data set) are left out."""
     out = []
     for (x1, y1, x2, y2), s, lab in zip(detections.boxes.tolist(), detections.scores.tolist(),
                                         detections.labels.tolist()):
-        out.append({'image_id': image_id, 'category_id': cat_ids[lab], 'bbox': [x1, y1, x2 - x1, y2 - y1],
-                    'score': s})
+        if cat_ids[lab] is not None:
+            out.append({'image_id': image_id, 'category_id': cat_ids[lab], 'bbox': [x1, y1, x2 - x1, y2 - y1],
+                        'score': s})
     return out
 
 
