@@ -16,10 +16,10 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch.utils.weak import WeakIdKeyDictionary
 
 from viddet.models.flownet import flow_warp_feats, warp_grid
-from viddet.speedups.onednn import _key, conv1x1_rows
+from viddet.speedups.memo import per_tensor
+from viddet.speedups.onednn import conv1x1_rows
 
 
 def supports_taps(aggregator) -> bool:
@@ -41,14 +41,8 @@ def tap_projections(aggregator, feats: torch.Tensor) -> torch.Tensor:
 
 def projections_of(aggregator, feats: torch.Tensor) -> torch.Tensor:
     """:func:`tap_projections` of ``feats``, computed once per feature tensor and weight version
-    (a weak dictionary on the aggregator: the entry goes when the features go)."""
-    cache = aggregator.__dict__.setdefault('_tap_projections', WeakIdKeyDictionary())
-    version = _key(aggregator)
-    hit = cache.get(feats)
-    if hit is None or hit[0] != version:
-        hit = (version, tap_projections(aggregator, feats))
-        cache[feats] = hit
-    return hit[1]
+    (the entry goes when the features go)."""
+    return per_tensor(aggregator, '_tap_projections', feats, lambda: tap_projections(aggregator, feats))
 
 
 def flow_warp_taps(flow: torch.Tensor, feat_size: Tuple[int, int]):

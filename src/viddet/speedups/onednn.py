@@ -23,6 +23,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from viddet.speedups.memo import weights_version
+
 _BROKEN = []  # holds the first failure of the private kernels; they are not tried again after it
 
 
@@ -49,10 +51,6 @@ def give_up(reason: Exception) -> None:
     _BROKEN.append(reason)
     warnings.warn(f'viddet: fused oneDNN kernels unavailable ({type(reason).__name__}: {reason}); '
                   'using the plain PyTorch modules', RuntimeWarning, stacklevel=3)
-
-
-def _key(module: nn.Module) -> Tuple:
-    return tuple((id(t), t._version) for t in list(module.parameters()) + list(module.buffers()))
 
 
 class FusedConv:
@@ -106,7 +104,7 @@ class FusedCache:
 
     def get(self, module: nn.Module, build) -> Dict[str, FusedConv]:
         """``build(module) -> {name: FusedConv}``, cached until a parameter/buffer changes."""
-        key = _key(module)
+        key = weights_version(module)
         if key != self._key:
             self._convs = build(module)
             self._key = key

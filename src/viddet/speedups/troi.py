@@ -32,9 +32,9 @@ from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.weak import WeakIdKeyDictionary
 
-from viddet.speedups.onednn import _key, conv1x1_rows
+from viddet.speedups.memo import per_tensor
+from viddet.speedups.onednn import conv1x1_rows
 
 
 @dataclass
@@ -63,15 +63,9 @@ def prepare_reference(troi, ref: torch.Tensor) -> TRoIReference:
 
 
 def prepared(troi, ref: torch.Tensor) -> TRoIReference:
-    """:func:`prepare_reference` of ``ref``, computed once per map tensor and weight version (held
-    by ``troi`` in a weak dictionary: it goes when the map goes)."""
-    cache = troi.__dict__.setdefault('_prepared', WeakIdKeyDictionary())
-    version = _key(troi)
-    hit = cache.get(ref)
-    if hit is None or hit[0] != version:
-        hit = (version, prepare_reference(troi, ref))
-        cache[ref] = hit
-    return hit[1]
+    """:func:`prepare_reference` of ``ref``, computed once per map tensor and weight version (the
+    entry goes when the map goes)."""
+    return per_tensor(troi, '_prepared', ref, lambda: prepare_reference(troi, ref))
 
 
 def temporal_roi_align_forward(troi, feats: torch.Tensor, rois: torch.Tensor, ref_feats=None,

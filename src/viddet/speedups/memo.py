@@ -1,0 +1,30 @@
+"""Results the fast paths compute once and reuse: keyed by a module's weights and by a tensor's
+identity, so they can never be stale and go away with what they were computed from."""
+from __future__ import annotations
+
+from typing import Callable, Tuple, TypeVar
+
+import torch
+from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+T = TypeVar('T')
+
+
+def weights_version(module: nn.Module) -> Tuple:
+    """Changes whenever any parameter or buffer of ``module`` is replaced (``.to()``, new tensors)
+    or modified in place (optimizer steps, ``load_state_dict``: tensor version counters)."""
+    return tuple((id(t), t._version) for t in list(module.parameters()) + list(module.buffers()))
+
+
+def per_tensor(owner: nn.Module, name: str, tensor: torch.Tensor, compute: Callable[[], T]) -> T:
+    """``compute()``, once per (``tensor``, weights of ``owner``): kept in a weak dictionary named
+    ``name`` on ``owner``, so the entry goes when ``tensor`` is freed (e.g. a reference frame
+    leaving SELSA's set, a frame leaving FGFA's window)."""
+    cache = owner.__dict__.setdefault(name, WeakIdKeyDictionary())
+    version = weights_version(owner)
+    hit = cache.get(tensor)
+    if hit is None or hit[0] != version:
+        hit = (version, compute())
+        cache[tensor] = hit
+    return hit[1]
