@@ -1,13 +1,26 @@
-"""viddet vs MMTracking 0.14 on the parity clip: seconds per frame over the same 12 real frames.
+"""viddet vs MMTracking 0.14 on the parity clip, side by side at the same thread count.
 
-Runs each method (R-50, the parity checkpoints of ../shared/parity: make_checkpoint.py --seed 0)
-offline over ``clips/vid7010_first12`` exactly as the parity check does, timing every frame
-(decode + preprocessing + model, first frame included: it holds FGFA's window fill and SELSA's 14
-references), and puts the result next to MMTracking's own ``seconds_per_frame`` from the reference
-JSONs (MMTracking 0.14.0 test mode, same kind of 2-core CPU). Also counts the reference detections
-reproduced (IoU >= 0.99, |score diff| <= 1e-3, same class).
+MMTracking's times come from ``../shared/parity/timing/mmtracking_2026-12-01.json``: MMTracking 0.14
+in test mode on the 12 frames of ``clips/vid7010_first12``, R-50, the ``make_checkpoint.py --seed 0``
+checkpoints, model time per frame at 1 and 2 threads, measured on an idle 2-core AMD EPYC (AVX2), with
+a calibration workload (torchvision ResNet-50, random weights, 1x3x608x1008, median of 4 after a
+warm-up) timed in the same session. This script times the same calibration workload here and
+reports both
 
-    python benchmarks/bench_clip.py --ckpt-dir /tmp/ckpt --threads 1 --out benchmarks/results/clip_t1.json
+* the raw seconds per frame of viddet here, and
+* viddet's seconds *normalised to that machine*: viddet here x (calibration there / calibration
+  here), at the same thread count,
+
+next to MMTracking's: median and mean over the 12 frames, and the first frame separately (it holds
+FGFA's window fill and SELSA's 14 references). viddet runs each method exactly as the parity check
+does (``load_model``, offline, ``FolderSource``), timing every frame from request to result
+(decode, preprocessing, model, post-processing), and counts the reference detections reproduced.
+
+    python benchmarks/bench_clip.py --threads 1 --out benchmarks/results/clip_t1.json
+    python benchmarks/bench_clip.py --threads 2 --repeat 3 --out benchmarks/results/clip_t2.json
+
+``--repeat N`` runs every method N times and reports the median of each frame's time, with the
+spread between the runs (the machine's run-to-run noise).
 """
 from __future__ import annotations
 
@@ -15,86 +28,119 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-import cv2
 import torch
 
-from viddet.engine.video import StageTimer, run_video
-from viddet.fileio import atomic_write_json
-from viddet.methods import build_method
-
 SHARED = Path(__file__).resolve().parents[2] / 'shared' / 'parity'
+TIMING = 'timing/mmtracking_2026-12-01.json'
+CHECKPOINT_KEYS = {'single': 'dff_r50', 'dff': 'dff_r50', 'fgfa': 'fgfa_r50', 'selsa': 'selsa_r50', 'troi': 'troi_r50'}
 
 
-def _match(rb, db):
-    if rb[0] == rb[2] or rb[1] == rb[3]:  # zero-area reference box: all coordinates within 0.1 px
-        return all(abs(a - b) <= 0.1 for a, b in zip(rb, db))
-    ix = max(0.0, min(rb[2], db[2]) - max(rb[0], db[0]))
-    iy = max(0.0, min(rb[3], db[3]) - max(rb[1], db[1]))
-    inter = ix * iy
-    union = (rb[2] - rb[0]) * (rb[3] - rb[1]) + (db[2] - db[0]) * (db[3] - db[1]) - inter
-    return union > 0 and inter / union >= 0.99
+def calibration_seconds(repeat: int = 4) -> float:
+    """The fixture's calibration workload here: torchvision ResNet-50 (random weights, eval,
+    inference mode) on 1x3x608x1008, median of ``repeat`` runs after a warm-up."""
+    import torchvision
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50().eval()
+    x = torch.randn(1, 3, 608, 1008)
+    with torch.inference_mode():
+        model(x)
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
-def run(method, ckpt_dir, shared):
-    ck = {'single': 'dff'}.get(method, method)
-    sd = torch.load(Path(ckpt_dir) / f'{ck}_r50.pth', weights_only=True)['state_dict']
-    model = build_method(method, 'r50').eval()
-    if method == 'single':
-        sd = {k: v for k, v in sd.items() if k.startswith('detector.')}
-    model.load_state_dict(sd, strict=True)
+def checkpoint(method: str, ckpt_dir: Path, shared: Path) -> Path:
+    path = ckpt_dir / f'{CHECKPOINT_KEYS[method]}_seed0.pth'
+    if not path.exists():
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, str(shared / 'make_checkpoint.py'),
+                        str(shared / 'keys' / f'{CHECKPOINT_KEYS[method]}.txt'), str(path), '--seed', '0'], check=True)
+    return path
+
+
+def run_once(method: str, ckpt: Path, shared: Path):
+    """Seconds per frame of one offline run over the clip, and the reference detections reproduced."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'tests'))
+    from test_parity import match_detections
+    from viddet.checkpoints import load_model
+    from viddet.data.sources import FolderSource
+    from viddet.engine.video import run_video
+    model = load_model(str(ckpt), method=method).model
     ref = json.loads((shared / f'ref_{method}_vid7010_first12_seed0.json').read_text())
-    files = sorted((shared / 'clips' / 'vid7010_first12').iterdir())
-    frames = ((i, f.name, cv2.imread(str(f))) for i, f in enumerate(files))
-    fetch = lambda i: (files[i].name, cv2.imread(str(files[i])))  # noqa: E731
-    times, stages, hit, total = [], [], 0, 0
-    t0 = time.perf_counter()
-    for res, rf in zip(run_video(model, frames, length=len(files), fetch=fetch, timer=StageTimer(True)),
-                       ref['frames']):
-        now = time.perf_counter()
-        times.append(now - t0)
-        stages.append({k: round(v, 3) for k, v in res.stages.items()})
-        d = res.detections
-        boxes, scores, labels = d.boxes.tolist(), d.scores.tolist(), d.labels.tolist()
-        used = set()
-        for rd in rf['detections']:
-            total += 1
-            for j in range(len(boxes)):
-                if j not in used and labels[j] == rd['label'] and abs(scores[j] - rd['score']) <= 1e-3 \
-                        and _match(rd['bbox'], boxes[j]):
-                    used.add(j)
-                    hit += 1
-                    break
+    times, hit, total = [], 0, 0
+    with FolderSource(str(shared / 'clips' / 'vid7010_first12')) as source:
         t0 = time.perf_counter()
-    mm = ref['seconds_per_frame']
-    return {'method': method, 'viddet_s_per_frame': [round(t, 3) for t in times],
-            'viddet_mean': round(statistics.mean(times), 3), 'viddet_median': round(statistics.median(times), 3),
-            'mmtracking_mean': round(statistics.mean(mm), 3), 'mmtracking_median': round(statistics.median(mm), 3),
-            'speedup_mean': round(statistics.mean(mm) / statistics.mean(times), 2),
-            'reproduced': f'{hit}/{total}', 'stages_s': stages, 'loadavg_after': os.getloadavg()}
+        for res, rf in zip(run_video(model, source, mode='offline'), ref['frames']):
+            times.append(time.perf_counter() - t0)
+            d = res.detections
+            total += len(rf['detections'])
+            hit += match_detections(rf['detections'], d.boxes, d.scores, d.labels)
+            t0 = time.perf_counter()
+    return times, hit, total
+
+
+def summary(times):
+    return {'median': round(statistics.median(times), 3), 'mean': round(statistics.mean(times), 3),
+            'first': round(times[0], 3), 'median_after_first': round(statistics.median(times[1:]), 3)}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    ap.add_argument('--ckpt-dir', default='/tmp/ckpt')
     ap.add_argument('--shared', default=str(SHARED))
-    ap.add_argument('--threads', type=int, default=None)
+    ap.add_argument('--ckpt-dir', default='/tmp/viddet_parity_ckpt')
+    ap.add_argument('--threads', type=int, required=True, choices=(1, 2), help='the fixture has 1 and 2 threads')
     ap.add_argument('--methods', nargs='+', default=['single', 'dff', 'fgfa', 'selsa', 'troi'])
-    ap.add_argument('--out', default='benchmarks/results/clip.json')
+    ap.add_argument('--repeat', type=int, default=1)
+    ap.add_argument('--out', default=None)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = []
-    for m in args.methods:
-        r = run(m, args.ckpt_dir, Path(args.shared))
-        print(f"{m:7s} viddet {r['viddet_mean']:6.2f} s/frame (median {r['viddet_median']:.2f})  "
-              f"MMTracking {r['mmtracking_mean']:6.2f} (median {r['mmtracking_median']:.2f})  "
-              f"x{r['speedup_mean']}  reproduced {r['reproduced']}", flush=True)
-        out.append(r)
-    atomic_write_json(args.out, {'threads': torch.get_num_threads(), 'torch': torch.__version__,
-                                 'date': time.strftime('%Y-%m-%d %H:%M:%S %Z'), 'results': out}, indent=1)
+    torch.set_num_threads(args.threads)
+    shared = Path(args.shared)
+    fixture = json.loads((shared / TIMING).read_text())
+    cal_there = fixture['calibration'][f'seconds_threads_{args.threads}']
+    cal_here = calibration_seconds()
+    factor = cal_there / cal_here
+    print(f'calibration (torchvision R-50, 608x1008, {args.threads} thread(s)): here {cal_here:.3f} s, '
+          f'on the MMTracking machine {cal_there:.3f} s -> times here x {factor:.3f}')
+    print(f'MMTracking: {shared / TIMING}')
+    rows = []
+    for method in args.methods:
+        ckpt = checkpoint(method, Path(args.ckpt_dir), shared)
+        runs = [run_once(method, ckpt, shared) for _ in range(args.repeat)]
+        per_frame = [statistics.median(r[0][i] for r in runs) for i in range(len(runs[0][0]))]
+        spread = [round(statistics.median(r[0]) / statistics.median(per_frame) - 1, 3) for r in runs]
+        here = summary(per_frame)
+        normalised = summary([t * factor for t in per_frame])
+        key = f'{method}_threads_{args.threads}'
+        mm = fixture['seconds_per_frame'].get(key)
+        row = {'method': method, 'threads': args.threads, 'viddet_here': here, 'viddet_normalised': normalised,
+               'viddet_seconds_per_frame': [round(t, 3) for t in per_frame], 'run_spread': spread,
+               'reproduced': f'{runs[0][1]}/{runs[0][2]}'}
+        if mm:
+            row['mmtracking'] = summary(mm)
+            row['speedup_median'] = round(statistics.median(mm) / normalised['median'], 2)
+            row['speedup_mean'] = round(statistics.mean(mm) / normalised['mean'], 2)
+        rows.append(row)
+        vs = (f"MMTracking median {row['mmtracking']['median']:.2f} mean {row['mmtracking']['mean']:.2f} "
+              f"first {row['mmtracking']['first']:.2f} -> x{row['speedup_median']} (median) x{row['speedup_mean']} (mean)"
+              if mm else 'MMTracking: not in the fixture at this thread count')
+        print(f"{method:6s} viddet normalised median {normalised['median']:.2f} mean {normalised['mean']:.2f} "
+              f"first {normalised['first']:.2f} s/frame (here {here['median']:.2f}); {vs}; "
+              f"reproduced {row['reproduced']}; run spread {spread}", flush=True)
+    if args.out:
+        from viddet.fileio import atomic_write_json
+        atomic_write_json(args.out, {'threads': args.threads, 'torch': torch.__version__,
+                                     'date': time.strftime('%Y-%m-%d %H:%M:%S %Z'), 'cpu_count': os.cpu_count(),
+                                     'calibration_here_s': round(cal_here, 3), 'calibration_there_s': cal_there,
+                                     'mmtracking_file': str(shared / TIMING), 'loadavg_after': os.getloadavg(),
+                                     'results': rows}, indent=1)
 
 
 if __name__ == '__main__':

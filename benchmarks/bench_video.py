@@ -16,8 +16,9 @@ What it runs (all R-50, CPU, synthetic smooth frames, random weights: see viddet
 5. ``peak``: the machine's achievable fp32 GFLOP/s (a 4096^3 matmul through torch.mm, and a
    3x3 512->512 convolution at 64x64 through oneDNN), and each method's counted GFLOP per
    steady-state frame (``torch.utils.flop_counter``: convolutions and matrix products), giving
-   the achieved fraction (FLOPs counted with the fused kernels off, the same arithmetic; the
-   gathers of the factorized TRoI / FGFA embedding (``embedding_bag``) are not counted).
+   the achieved fraction (FLOPs counted on the plain modules, ``speedups.disable``: the same
+   arithmetic as the fast paths, in ops the counter knows; the gathers of the factorized TRoI / FGFA
+   embedding (``embedding_bag``) are not counted).
 
 Each part writes ``<out>/<part>.json``; ``--parts`` selects them. Example (what RESULTS.md reports):
 
@@ -37,9 +38,11 @@ from pathlib import Path
 
 import torch
 
+from viddet import speedups
 from viddet.benchmark import SyntheticVideo, benchmark, build_model
-from viddet.engine.video import StageTimer, run_video
+from viddet.engine.video import run_video
 from viddet.fileio import atomic_write_json
+from viddet.timing import StageTimer
 
 METHODS = ('single', 'dff', 'fgfa', 'selsa', 'troi')
 # per-method warm-up frames at full size: DFF's key frame interval is 10, so 1 warm-up frame and
@@ -82,11 +85,11 @@ def part_full(args):
         print(f"{m:7s} 1000x600  {r['latency_ms_median'] / 1000:7.2f} s/frame (median)  "
               f"p90 {r['latency_ms_p90'] / 1000:.2f}  peak {r['peak_memory_mb']:.0f} MB  {r['stages_ms']}", flush=True)
         out.append(r)
-        if m == 'fgfa':  # without the embed cache (MMTracking's 31 embedding convs per frame)
+        if m == 'fgfa':  # the plain modules (MMTracking's 31 embedding convs per frame)
             r = _bench(method=m, size=(1000, 600), frames=args.full_frames or FULL_FRAMES[m], warmup=15,
-                       model=build_model('fgfa', 'r50', embed_cache=False))
-            r['variant'] = 'embed_cache=False'
-            print(f"fgfa (embed_cache=False) {r['latency_ms_median'] / 1000:7.2f} s/frame  "
+                       fast=False)
+            r['variant'] = 'plain (no fast paths)'
+            print(f"fgfa (plain) {r['latency_ms_median'] / 1000:7.2f} s/frame  "
                   f"peak {r['peak_memory_mb']:.0f} MB  {r['stages_ms']}", flush=True)
             out.append(r)
     return out
@@ -119,7 +122,7 @@ def part_selsa_cache(args):
 
 def part_fgfa_floor(args):
     """FGFA frames interleaved with the floor (1 backbone + 30 FlowNet passes, same batching)."""
-    model = build_model('fgfa', 'r50', embed_cache=not args.fgfa_no_embed_cache)
+    model = build_model('fgfa', 'r50', fast=not args.plain)
     video = SyntheticVideo(1000, 600, 40)
     timer = StageTimer(True)
     frames, floors = [], []
@@ -128,7 +131,7 @@ def part_fgfa_floor(args):
     img = img[None]
     srcs = torch.cat([preprocess(video.frame(i), (1000, 600))[0][None] for i in range(1, 31)])
     with torch.inference_mode():
-        it = run_video(model, video, length=len(video), fetch=video.fetch, scale=(1000, 600), timer=timer)
+        it = run_video(model, video, scale=(1000, 600), timer=timer)
         for _ in range(16):  # reach the steady state: t = 15 has a full 31-frame window, no replication
             next(it)
         for _ in range(args.full_frames or 3):
@@ -145,7 +148,7 @@ def part_fgfa_floor(args):
     r = {'fgfa_s_per_frame': [round(f, 3) for f, _ in frames], 'floor_s': [round(f, 3) for f in floors],
          'fgfa_median_s': round(fgfa, 3), 'floor_median_s': round(floor, 3), 'ratio': round(fgfa / floor, 3),
          'stages_s': [{k: round(v, 3) for k, v in s.items()} for _, s in frames],
-         'flow_chunk': model.flow_chunk, 'embed_cache': model.embed_cache, 'loadavg_after': os.getloadavg()}
+         'flow_chunk': model.flow_chunk, 'fast_paths': speedups.is_enabled(model), 'loadavg_after': os.getloadavg()}
     print(f"fgfa {fgfa:.2f} s/frame vs floor (backbone + 30 FlowNet) {floor:.2f} s: ratio {fgfa / floor:.2f}", flush=True)
     return [r]
 
@@ -177,19 +180,18 @@ def part_peak(args):
         model = build_model(m, 'r50')
         video = SyntheticVideo(1000, 600, 40)  # FGFA frame 16 of 40 has its full 31-frame window
         with torch.inference_mode():
-            it = run_video(model, video, length=len(video), fetch=video.fetch, scale=(1000, 600))
+            it = run_video(model, video, scale=(1000, 600))
             for _ in range(16 if m == 'fgfa' else 2):  # steady state (DFF: frame 2 is a non-key frame)
                 next(it)
-            # count with the fused oneDNN kernels off: FlopCounterMode knows the plain aten ops
-            # (convolution, mm, addmm, bmm), not torch.ops.mkldnn.*; embedding_bag is not counted
-            from viddet.models import fused
-            saved, fused._STATE['ok'] = fused._STATE['ok'], False
+            # count on the plain modules: FlopCounterMode knows the plain aten ops (convolution, mm,
+            # addmm, bmm), not torch.ops.mkldnn.*; embedding_bag is not counted
+            speedups.disable(model)
             counter = FlopCounterMode(display=False)
             try:
                 with counter:
                     next(it)
             finally:
-                fused._STATE['ok'] = saved
+                speedups.enable(model)
             it.close()
         g = counter.get_total_flops() / 1e9
         r['methods'][m] = {'counted_gflop_per_frame': round(g, 1)}
@@ -210,7 +212,7 @@ def main():
     ap.add_argument('--small-size', default='320x192')
     ap.add_argument('--short-len', type=int, default=100)
     ap.add_argument('--long-len', type=int, default=1000)
-    ap.add_argument('--fgfa-no-embed-cache', action='store_true', help='fgfa-floor: FGFA without its embed cache')
+    ap.add_argument('--plain', action='store_true', help='fgfa-floor: FGFA on the plain modules (no fast paths)')
     ap.add_argument('--threads', type=int, default=None,
                     help='torch CPU threads (default: torch decides; 1 is faster on a busy shared machine)')
     args = ap.parse_args()
