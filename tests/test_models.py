@@ -2,7 +2,6 @@
 state-dict names and shapes of every method x backbone against MMTracking's key lists
 (../shared/parity/keys), checkpoint descriptions, and the detector's proposal / post-processing steps
 on hand-made inputs (mmdet ``RPNHead._get_bboxes_single``, ``BBoxHead.get_bboxes``)."""
-from pathlib import Path
 
 import numpy as np
 import pytest

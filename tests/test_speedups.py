@@ -7,7 +7,6 @@ from torchvision.ops import roi_align
 
 from viddet import speedups
 from viddet.models.aggregators import EmbedAggregator, TemporalRoIAlign
-from viddet.speedups import fgfa as fast_fgfa
 from viddet.speedups import onednn
 from viddet.speedups.troi import prepared, roi_align_taps
 

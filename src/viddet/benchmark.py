@@ -38,7 +38,6 @@ default); with AMP the detections change.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import statistics
@@ -46,7 +45,7 @@ import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import cv2
 import numpy as np

@@ -14,7 +14,6 @@ import hashlib
 import http.client
 import os
 import re
-import shutil
 import tempfile
 import urllib.error
 import urllib.request

@@ -157,7 +157,7 @@ def format_report(metrics: dict) -> str:
              f'({metrics["num_objects"]} ground-truth objects)',
              f'  COCO box AP@50 (pycocotools, = MMTracking bbox_mAP_50): {pct(metrics["coco_ap50"])}',
              f'  ImageNet VID mAP@0.5 (official devkit rules):          {pct(metrics["vid_map"])}',
-             f'  VID mAP by motion speed (FGFA motion IoU bins):',
+             '  VID mAP by motion speed (FGFA motion IoU bins):',
              f'    slow   (motion IoU >= 0.9):          {pct(metrics["vid_map_slow"])}',
              f'    medium (0.7 <= motion IoU <= 0.9):   {pct(metrics["vid_map_medium"])}',
              f'    fast   (motion IoU <= 0.7):          {pct(metrics["vid_map_fast"])}',

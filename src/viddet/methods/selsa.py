@@ -114,7 +114,6 @@ class SELSA(VIDMethod):
     def _offline_refs(self, ctx) -> List[int]:
         if not self._ref_ids:
             if ctx.length is None:
-                from viddet.errors import VidDetError
                 raise VidDetError('offline SELSA needs the video length (14 references spread over the '
                                   'whole video); this source does not tell it: use --mode online')
             self._ref_ids = adaptive_stride_refs(ctx.length, self.num_refs)

@@ -156,9 +156,9 @@ def _forward(troi, feats: torch.Tensor, rois: torch.Tensor, roi_feats: torch.Ten
     """feats (1, C, H, W), rois (n, 5), roi_feats (n, C, S, S) = RoIAlign(feats, rois), maps: T
     reference maps (1, C, H', W') -> (n, C, S, S)."""
     n, c, s, _ = roi_feats.shape
-    t, (_, _, fh, fw) = len(maps), maps[0].shape
+    t = len(maps)
     pts, k, g = s * s, troi.num_most_similar_points, troi.num_temporal_attention_blocks
-    num, hw, d = n * pts, fh * fw, c // g                                 # P RoI points
+    num, d = n * pts, c // g                                              # P RoI points
     dev = roi_feats.device
     refs: List[TRoIReference] = [prepared(troi, m) for m in maps]
     taps_pos, taps_w = roi_align_taps(rois, feats.shape[2], feats.shape[3], s,
