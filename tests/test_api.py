@@ -8,9 +8,11 @@ import torch
 from viddet import VID_CLASSES, VidDetError
 from viddet.api import VideoDetector
 from viddet.runtime import resolve_device
-from viddet.data.sources import open_source
+from viddet.data.sources import Frame, FrameSource, open_source
+from viddet.linking import IoUTracker, link_video
 from viddet.methods import build_method
 from viddet.models.detector import RPNConfig
+from viddet.structures import Detections
 
 SCALE = (128, 96)
 
@@ -168,3 +170,109 @@ def test_checkpoint_test_settings_are_applied_unless_overridden(tmp_path):
     det = VideoDetector.from_checkpoint(str(path), device='cpu', num_left=2)
     assert (det.model.num_left, det.model.num_right) == (2, 5)
     assert VideoDetector.from_checkpoint(str(path), method='single', device='cpu').method == 'single'
+
+
+# ------------------------------------------------------------------------------------ linking
+class Scripted(torch.nn.Module):
+    """A stand-in VID method with scripted detections, so that the linked ids are known by hand.
+
+    Frame t holds, in this order: object A (class 0) at x = 10 + 5 t, scoring 0.9 on even and 0.7
+    on odd frames; A', a duplicate of A shifted by 2 px scoring 0.3; object B (class 1) at
+    x = 200 - 5 t scoring 0.8, missing in frame 2.
+    """
+    name = 'scripted'
+
+    def reset(self):
+        pass
+
+    def predict(self, frame, ctx):
+        t = frame.index
+        rows = [(10 + 5 * t, 10, 60 + 5 * t, 60, 0.9 if t % 2 == 0 else 0.7, 0),
+                (12 + 5 * t, 12, 62 + 5 * t, 62, 0.3, 0)]
+        if t != 2:
+            rows.append((200 - 5 * t, 20, 260 - 5 * t, 80, 0.8, 1))
+        a = torch.tensor(rows, dtype=torch.float64)
+        return Detections(a[:, :4].float(), a[:, 4].float(), a[:, 5].long())
+
+
+@pytest.fixture(scope='module')
+def scripted():
+    return VideoDetector(Scripted(), VID_CLASSES, torch.device('cpu'), scale=SCALE)
+
+
+# online: A keeps 0, B keeps 1 across its missed frame, the duplicate A' (0.3 < start score 0.5) gets -1
+ONLINE_IDS = [[0, -1, 1], [0, -1, 1], [0, -1], [0, -1, 1], [0, -1, 1], [0, -1, 1]]
+# Seq-NMS: A one tube (0), rescored to its mean 0.8, A' suppressed; B split by its gap into the
+# better tube 1 (frames 3-5, sum 2.4) and tube 2 (frames 0-1, sum 1.6)
+SEQNMS_IDS = [[0, 2], [0, 2], [0], [0, 1], [0, 1], [0, 1]]
+
+
+def test_predict_link_online_and_seqnms_hand_computed(scripted):
+    plain = list(scripted.predict(images(6)))
+    assert all(r.detections.track_ids is None for r in plain)
+    online = list(scripted.predict(images(6), link='online'))
+    assert [r.detections.track_ids.tolist() for r in online] == ONLINE_IDS
+    for a, b in zip(plain, online):                       # online keeps every box unchanged
+        assert same(a.detections, b.detections)
+    seqnms = list(scripted.predict(images(6), link='seqnms'))
+    assert [r.detections.track_ids.tolist() for r in seqnms] == SEQNMS_IDS
+    assert [r.detections.labels.tolist() for r in seqnms] == [[0, 1]] * 2 + [[0]] + [[0, 1]] * 3
+    assert all(torch.allclose(r.detections.scores, torch.tensor([0.8, 0.8][:len(r.detections)])) for r in seqnms)
+    # the same as linking the plain results afterwards
+    for a, b in zip(seqnms, link_video([r.detections for r in plain], 'seqnms')):
+        assert same(a.detections, b) and torch.equal(a.detections.track_ids, b.track_ids)
+
+
+def test_seqnms_second_pass_yields_the_source_frames(scripted, folder):
+    detected = []
+    results = list(scripted.predict(str(folder), link='seqnms', on_detected=lambda r: detected.append(r.frame.index)))
+    assert detected == [0, 1, 2, 3]
+    assert [r.frame.name for r in results] == ['0.png', '1.png', '2.png', '3.png']
+    for r, img in zip(results, images(4)):
+        np.testing.assert_array_equal(r.frame.image, img)
+        assert r.frame.img is None and r.frame.meta.ori_shape == (48, 64)
+    assert len(list(scripted.predict(str(folder), link='seqnms', max_frames=2))) == 2
+
+
+class CausalStream(FrameSource):
+    """Frames read in order only, and never before the consumer received the previous result."""
+
+    def __init__(self, n):
+        super().__init__('<causal stream>')
+        self.length, self.delivered, self.images = n, 0, images(n)
+
+    def __iter__(self):
+        for i in range(self.length):
+            if i > self.delivered:
+                raise AssertionError(f'frame {i} was read while the consumer was at frame {self.delivered}')
+            yield Frame(i, f'{i:06d}', self.images[i])
+
+    def get(self, i):
+        raise AssertionError(f'get({i}) was called')
+
+
+def test_online_linking_never_reads_a_future_frame(scripted):
+    source = CausalStream(6)
+    ids = []
+    for r in scripted.predict(source, mode='online', link='online'):
+        ids.append(r.detections.track_ids.tolist())
+        source.delivered += 1
+    assert ids == ONLINE_IDS
+    # the guard does catch look-ahead: Seq-NMS has to read the whole video first
+    with pytest.raises(AssertionError, match='frame 1 was read while the consumer was at frame 0'):
+        next(scripted.predict(CausalStream(6), mode='online', link='seqnms'))
+
+
+def test_track_ids_are_stable_when_a_stream_restarts_from_the_same_frame(scripted):
+    tracker = IoUTracker()
+    first = [r.detections.track_ids.tolist() for r in scripted.predict(iter(images(6)), link='online', tracker=tracker)]
+    again = [r.detections.track_ids.tolist() for r in scripted.predict(iter(images(6)), link='online', tracker=tracker)]
+    cut = [r.detections.track_ids.tolist() for r in scripted.predict(iter(images(6)), link='online', max_frames=3)]
+    assert first == again == ONLINE_IDS and cut == ONLINE_IDS[:3]
+
+
+def test_predict_link_errors(scripted):
+    with pytest.raises(VidDetError, match="unknown link mode 'tubes'; expected one of seqnms, online, none"):
+        next(scripted.predict(images(2), link='tubes'))
+    with pytest.raises(VidDetError, match='<arrays> is a live stream: Seq-NMS links the whole video .* link online'):
+        next(scripted.predict(iter(images(2)), link='seqnms'))
