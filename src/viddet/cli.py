@@ -33,13 +33,23 @@ def add_inference_options(p, mode_default=None):
                         'test.num_right (FGFA, 15), test.num_refs (SELSA/TRoI, 14), test.ref_cache, test.fast')
 
 
+def add_link_option(p, what: str):
+    """``--link seqnms|online|none`` (:mod:`viddet.linking`), shared by ``demo``, ``test`` and ``eval``."""
+    from viddet.linking import LINK_MODES
+    p.add_argument('--link', choices=LINK_MODES, default='none',
+                   help='link the detections into objects with track ids: seqnms (Seq-NMS over the whole video: '
+                        'rescored tubes, duplicates removed), online (causal IoU tracker, frame by frame; for '
+                        f'streams), none (default); {what}. See docs/linking.md')
+
+
 def add_demo_parser(sub):
     p = sub.add_parser(
         'demo', help='detect objects in a video (file, frame folder, camera, stream): annotated MP4 + JSON lines',
         description='Detect objects in every frame of a video and write an annotated MP4 and one JSON '
                     'record per frame ({"frame", "file", "boxes" [x1,y1,x2,y2] in pixels, "scores", "labels", '
-                    '"names"}). Default checkpoints per method (MMTracking model zoo, downloaded once into '
-                    '$VIDDET_HOME, default ~/.cache/viddet): '
+                    '"names"}, plus "track_ids" with --link). Every output is checked before the model loads; '
+                    'a stopped run keeps what it finished under .partial names. Default checkpoints per method '
+                    '(MMTracking model zoo, downloaded once into $VIDDET_HOME, default ~/.cache/viddet): '
                     + ', '.join(f'{m.name}: {m.default_checkpoint}' for m in METHODS) + '.')
     p.add_argument('input', help='video file, folder of frames (sorted by numeric name), camera (0, /dev/video0) '
                                  'or rtsp/http stream URL')
@@ -47,10 +57,15 @@ def add_demo_parser(sub):
     p.add_argument('--mode', choices=('offline', 'online'), default=None,
                    help='offline: MMTracking test protocol, uses future frames (default for files/folders); '
                         'online: causal, past frames only (default for cameras/streams)')
-    p.add_argument('--out', default=None, help='annotated video (.mp4); default <input name>_<method>.mp4')
-    p.add_argument('--json', default=None, help='detections as JSON lines; default: the --out path with .jsonl')
+    add_link_option(p, 'the JSON records get "track_ids" and the video a colour and "#id" per object')
+    p.add_argument('--out', default=None,
+                   help='annotated video (.mp4); default <input name>_<method>.mp4. Written as <out>.partial.mp4 and '
+                        'renamed when complete; a stopped run keeps its frames in the .partial file')
+    p.add_argument('--json', default=None,
+                   help='detections as JSON lines; default: the --out path with .jsonl (partial results: '
+                        '<json>.partial.jsonl)')
     p.add_argument('--score-thr', type=float, default=0.5,
-                   help='draw boxes scoring above this (the JSON keeps every detection); default 0.5')
+                   help='draw boxes scoring at least this, in [0, 1] (the JSON keeps every detection); default 0.5')
     p.add_argument('--fps', type=float, default=None, help='output frame rate (default: the input\'s, else 25)')
     p.add_argument('--max-frames', type=int, default=None, help='process only the first N frames')
     p.add_argument('--random-weights', action='store_true',
