@@ -139,15 +139,24 @@ def add_data_parsers(sub):
     p.add_argument('--no-coco', action='store_true', help='skip pycocotools (minutes on the full val set)')
     p.add_argument('--no-devkit-rounding', action='store_true',
                    help='do not quantise scores/boxes to the devkit txt precision (%%.4f / %%.2f)')
+    add_link_option(p, 'the linked detections are scored, plus ID switches / MOTA / IDF1 against the '
+                       'annotations\' instance ids; videos and frame order come from --ann')
+    p.add_argument('--allow-empty-frames', action='store_true',
+                   help='with --link: frames of --ann without any detection in the results are empty frames '
+                        '(default: an error naming the frame, since it usually means results of other frames)')
 
     def run_eval(args):
+        from viddet.engine.link_results import link_results, report_identity
         from viddet.evaluation.io import load_ground_truth, load_results
         from viddet.evaluation.report import evaluate_and_report
         from pathlib import Path
         gt = load_ground_truth(args.ann) if Path(args.results).suffix.lower() == '.txt' else None
-        results = load_results(args.results, gt)
+        results = link_results(load_results(args.results, gt), args.ann, args.link, where=args.results,
+                               allow_empty=args.allow_empty_frames)
         evaluate_and_report(results, args.ann, motion_iou=args.motion_iou, out_dir=args.out_dir, json_path=args.json,
                             coco=not args.no_coco, devkit_rounding=not args.no_devkit_rounding)
+        if args.link != 'none' or any('track_id' in r for r in results[:1]):
+            report_identity(results, args.ann, args.json)
         return 0
     p.set_defaults(func=run_eval)
 
@@ -169,17 +178,23 @@ def add_test_parser(sub):
                    help='official imagenet_vid_groundtruth_motion_iou.mat (else computed from the ground truth)')
     p.add_argument('--json', default=None, help='write the metrics here (default <out-dir>/metrics.json)')
     p.add_argument('--max-videos', type=int, default=None, help='only the first N videos (smoke tests)')
+    add_link_option(p, 'each video is linked when done, saved and scored linked (with a track_id per result), '
+                       'plus ID switches / MOTA / IDF1 against the instance ids')
 
     def run(args):
         from viddet.engine.evaluate import run_test
+        from viddet.engine.link_results import report_identity
         from viddet.api import detector_from_args
         from viddet.evaluation.report import evaluate_and_report
         detector = detector_from_args(args)
-        results = run_test(detector, args.ann, args.root, args.out_dir, mode=args.mode, max_videos=args.max_videos)
+        results = run_test(detector, args.ann, args.root, args.out_dir, mode=args.mode, max_videos=args.max_videos,
+                           link=args.link)
         if results is not None:
             ann = Path(args.out_dir) / 'annotations_subset.json' if args.max_videos else args.ann
-            evaluate_and_report(results, str(ann), args.motion_iou, args.out_dir,
-                                args.json or str(Path(args.out_dir) / 'metrics.json'))
+            metrics_json = args.json or str(Path(args.out_dir) / 'metrics.json')
+            evaluate_and_report(results, str(ann), args.motion_iou, args.out_dir, metrics_json)
+            if args.link != 'none':
+                report_identity(results, str(ann), metrics_json)
         return 0
     p.set_defaults(func=run)
     return p
