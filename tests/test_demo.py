@@ -274,7 +274,8 @@ def test_linked_json_and_video_carry_the_track_ids(link, mode, expected, tracks,
     err = capsys.readouterr().err
     assert rc == 0, err
     assert f'(6 frames, {mode} mode, linking {link}, cpu)' in err
-    assert f'linked with {link}: {tracks} tracks; wrote {out} and {out.with_suffix(".jsonl")}' in err
+    assert (f'linked with {link}: {tracks} tracks drawn (a box scoring >= 0.5), {tracks} in all; '
+            f'wrote {out} and {out.with_suffix(".jsonl")}') in err
     records = read_records(out.with_suffix('.jsonl'))
     assert [r['track_ids'] for r in records] == expected
     assert [len(r['boxes']) for r in records] == [len(ids) for ids in expected]

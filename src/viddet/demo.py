@@ -143,7 +143,7 @@ def _run(args, source) -> int:
           f'{detector.device})', file=sys.stderr)
     writers = [VideoWriter(video_path, fps=fps), JsonLinesWriter(json_path, detector.class_names)]
     video, records = writers
-    done, tracks, t0 = 0, set(), time.perf_counter()
+    done, tracks, shown, t0 = 0, set(), set(), time.perf_counter()
     bar = tqdm(total=source.length, unit='frame', desc='detecting', dynamic_ncols=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always', TruncatedVideoWarning)
@@ -154,7 +154,9 @@ def _run(args, source) -> int:
                 video.write(draw_detections(frame.image, det, detector.class_names, args.score_thr))
                 done += 1
                 if det.track_ids is not None:
-                    tracks.update(t for t in det.track_ids.tolist() if t >= 0)
+                    ids, scores = det.track_ids.tolist(), det.scores.tolist()
+                    tracks.update(t for t in ids if t >= 0)
+                    shown.update(t for t, sc in zip(ids, scores) if t >= 0 and sc >= args.score_thr)
         except BaseException as e:
             bar.close()
             _finish(writers, complete=False)
@@ -180,7 +182,8 @@ def _run(args, source) -> int:
     if problems:
         raise VidDetError('; '.join(problems) + f'\n  kept: {_kept(writers)}')
     dt = time.perf_counter() - t0
-    linked = '' if link == 'none' else f'; linked with {link}: {plural(len(tracks), "track")}'
+    linked = '' if link == 'none' else (f'; linked with {link}: {plural(len(shown), "track")} drawn (a box '
+                                        f'scoring >= {args.score_thr:g}), {len(tracks)} in all')
     print(f'viddet demo: {plural(done)} in {dt:.1f} s ({dt / done:.2f} s/frame){linked}; wrote {video_path} and '
           f'{json_path}' + ''.join(f'\n  WARNING: {n}' for n in notes), file=sys.stderr)
     return 0
