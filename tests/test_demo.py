@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import av
@@ -370,13 +371,15 @@ def test_ctrl_c_exits_130_and_keeps_the_frames_so_far(scripted, monkeypatch, tmp
 
     def predict(frame, ctx):
         if frame.index == 3:
+            warnings.warn('a warning of the model', UserWarning)
             raise KeyboardInterrupt
         return original(frame, ctx)
     monkeypatch.setattr(scripted.model, 'predict', predict)
     frames = smooth_frames(tmp_path / 'frames', 6)
     out = tmp_path / 'out.mp4'
     earlier = earlier_results(out)
-    rc = demo(frames, '--out', out, '--link', 'online')
+    with pytest.warns(UserWarning, match='a warning of the model'):   # other warnings are shown as usual
+        rc = demo(frames, '--out', out, '--link', 'online')
     err = capsys.readouterr().err
     assert rc == 130, err
     p = tmp_path / 'out.partial'

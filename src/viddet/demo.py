@@ -145,6 +145,7 @@ def _run(args, source) -> int:
     video, records = writers
     done, tracks, shown, t0 = 0, set(), set(), time.perf_counter()
     bar = tqdm(total=source.length, unit='frame', desc='detecting', dynamic_ncols=True)
+    failure = None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always', TruncatedVideoWarning)
         try:
@@ -157,24 +158,12 @@ def _run(args, source) -> int:
                     ids, scores = det.track_ids.tolist(), det.scores.tolist()
                     tracks.update(t for t in ids if t >= 0)
                     shown.update(t for t, sc in zip(ids, scores) if t >= 0 and sc >= args.score_thr)
-        except BaseException as e:
-            bar.close()
-            _finish(writers, complete=False)
-            notes = _warnings(caught, TruncatedVideoWarning)
-            if any(w.kept for w in writers):
-                kept = f'kept the {plural(done)} finished before it: {_kept(writers)}'
-            else:
-                kept = 'nothing was written' + (' (--link seqnms writes once the whole video is detected)'
-                                                if link == 'seqnms' else '')
-            kept += ''.join(f'\n  WARNING: {n}' for n in notes)
-            if isinstance(e, VidDetError):
-                if not any(w.kept for w in writers) and not notes and link != 'seqnms':
-                    raise
-                raise VidDetError(f'{e}\n  {kept}') from None
-            print(f'viddet demo: stopped ({type(e).__name__}); {kept}', file=sys.stderr)
-            raise
+        except BaseException as e:   # handled below, once the warnings are shown normally again
+            failure = e
     bar.close()
     notes = _warnings(caught, TruncatedVideoWarning)
+    if failure is not None:
+        _stopped(failure, writers, done, link, notes)
     if done == 0:
         _finish(writers, complete=False)
         raise VidDetError(f'{args.input} gave no frames')
@@ -187,6 +176,24 @@ def _run(args, source) -> int:
     print(f'viddet demo: {plural(done)} in {dt:.1f} s ({dt / done:.2f} s/frame){linked}; wrote {video_path} and '
           f'{json_path}' + ''.join(f'\n  WARNING: {n}' for n in notes), file=sys.stderr)
     return 0
+
+
+def _stopped(failure: BaseException, writers, done: int, link: str, notes: List[str]):
+    """Keeps the partial outputs of a run stopped by ``failure`` and raises: a VidDetError saying
+    what was kept (``failure`` itself when nothing was), else ``failure`` after printing it."""
+    _finish(writers, complete=False)
+    if any(w.kept for w in writers):
+        kept = f'kept the {plural(done)} finished before it: {_kept(writers)}'
+    else:
+        kept = 'nothing was written' + (' (--link seqnms writes once the whole video is detected)'
+                                        if link == 'seqnms' else '')
+    kept += ''.join(f'\n  WARNING: {n}' for n in notes)
+    if isinstance(failure, VidDetError):
+        if not any(w.kept for w in writers) and not notes and link != 'seqnms':
+            raise failure
+        raise VidDetError(f'{failure}\n  {kept}') from None
+    print(f'viddet demo: stopped ({type(failure).__name__}); {kept}', file=sys.stderr)
+    raise failure
 
 
 def _warnings(caught, category) -> List[str]:
