@@ -155,7 +155,7 @@ def add_data_parsers(sub):
                                allow_empty=args.allow_empty_frames)
         evaluate_and_report(results, args.ann, motion_iou=args.motion_iou, out_dir=args.out_dir, json_path=args.json,
                             coco=not args.no_coco, devkit_rounding=not args.no_devkit_rounding)
-        if args.link != 'none' or any('track_id' in r for r in results[:1]):
+        if args.link != 'none' or (results and 'track_id' in results[0]):   # linked now or saved linked
             report_identity(results, args.ann, args.json)
         return 0
     p.set_defaults(func=run_eval)

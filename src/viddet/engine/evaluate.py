@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from viddet.data.sources import ImageListSource
 from viddet.errors import VidDetError
 from viddet.fileio import atomic_write_json, read_json
-from viddet.linking import link_video
+from viddet.linking import LINK_MODES, link_video
 from viddet.runtime import init_distributed
 from viddet.version import __version__
 
@@ -174,14 +174,16 @@ def run_test(detector, ann_file, img_root, out_dir, mode: str = 'offline', max_v
             with a ``track_id`` per result; recorded in ``run.json``.
 
     Raises:
-        VidDetError: a bad annotation file, missing or unreadable frame files (checked first), an
-            output folder that cannot be written or holds another run, a frame that cannot be
-            decoded or a video shorter than its annotations (naming what was saved).
+        VidDetError: an unknown link mode, a bad annotation file, missing or unreadable frame files
+            (checked first), an output folder that cannot be written or holds another run, a frame that
+            cannot be decoded or a video shorter than its annotations (naming what was saved).
     """
     from tqdm import tqdm
 
     if max_videos is not None and max_videos < 1:
         raise VidDetError(f'--max-videos must be >= 1, got {max_videos}')
+    if link not in LINK_MODES:
+        raise VidDetError(f'unknown link mode {link!r}; expected one of {", ".join(LINK_MODES)}')
     videos, categories = load_videos(ann_file)
     if not videos:
         raise VidDetError(f'{ann_file} has no images')
