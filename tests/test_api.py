@@ -8,9 +8,11 @@ import torch
 from viddet import VID_CLASSES, VidDetError
 from viddet.api import VideoDetector
 from viddet.runtime import resolve_device
-from viddet.data.sources import open_source
+from viddet.data.sources import Frame, FrameSource, open_source
+from viddet.linking import IoUTracker, link_video
 from viddet.methods import build_method
 from viddet.models.detector import RPNConfig
+from scripted_method import ONLINE_IDS, SEQNMS_IDS, scripted_detector
 
 SCALE = (128, 96)
 
@@ -168,3 +170,80 @@ def test_checkpoint_test_settings_are_applied_unless_overridden(tmp_path):
     det = VideoDetector.from_checkpoint(str(path), device='cpu', num_left=2)
     assert (det.model.num_left, det.model.num_right) == (2, 5)
     assert VideoDetector.from_checkpoint(str(path), method='single', device='cpu').method == 'single'
+
+
+# ------------------------------------------------------------------------------------ linking
+@pytest.fixture(scope='module')
+def scripted():
+    return scripted_detector()
+
+
+def test_predict_link_online_and_seqnms_hand_computed(scripted):
+    plain = list(scripted.predict(images(6)))
+    assert all(r.detections.track_ids is None for r in plain)
+    online = list(scripted.predict(images(6), link='online'))
+    assert [r.detections.track_ids.tolist() for r in online] == ONLINE_IDS
+    for a, b in zip(plain, online):                       # online keeps every box unchanged
+        assert same(a.detections, b.detections)
+    seqnms = list(scripted.predict(images(6), link='seqnms'))
+    assert [r.detections.track_ids.tolist() for r in seqnms] == SEQNMS_IDS
+    assert [r.detections.labels.tolist() for r in seqnms] == [[0, 1]] * 2 + [[0]] + [[0, 1]] * 3
+    assert all(torch.allclose(r.detections.scores, torch.tensor([0.8, 0.8][:len(r.detections)])) for r in seqnms)
+    # the same as linking the plain results afterwards
+    for a, b in zip(seqnms, link_video([r.detections for r in plain], 'seqnms')):
+        assert same(a.detections, b) and torch.equal(a.detections.track_ids, b.track_ids)
+
+
+def test_seqnms_second_pass_yields_the_source_frames(scripted, folder):
+    detected = []
+    results = list(scripted.predict(str(folder), link='seqnms', on_detected=lambda r: detected.append(r.frame.index)))
+    assert detected == [0, 1, 2, 3]
+    assert [r.frame.name for r in results] == ['0.png', '1.png', '2.png', '3.png']
+    for r, img in zip(results, images(4)):
+        np.testing.assert_array_equal(r.frame.image, img)
+        assert r.frame.img is None and r.frame.meta.ori_shape == (48, 64)
+    assert len(list(scripted.predict(str(folder), link='seqnms', max_frames=2))) == 2
+
+
+class CausalStream(FrameSource):
+    """Frames read in order only, and never before the consumer received the previous result."""
+
+    def __init__(self, n):
+        super().__init__('<causal stream>')
+        self.length, self.delivered, self.images = n, 0, images(n)
+
+    def __iter__(self):
+        for i in range(self.length):
+            if i > self.delivered:
+                raise AssertionError(f'frame {i} was read while the consumer was at frame {self.delivered}')
+            yield Frame(i, f'{i:06d}', self.images[i])
+
+    def get(self, i):
+        raise AssertionError(f'get({i}) was called')
+
+
+def test_online_linking_never_reads_a_future_frame(scripted):
+    source = CausalStream(6)
+    ids = []
+    for r in scripted.predict(source, mode='online', link='online'):
+        ids.append(r.detections.track_ids.tolist())
+        source.delivered += 1
+    assert ids == ONLINE_IDS
+    # the guard does catch look-ahead: Seq-NMS has to read the whole video first
+    with pytest.raises(AssertionError, match='frame 1 was read while the consumer was at frame 0'):
+        next(scripted.predict(CausalStream(6), mode='online', link='seqnms'))
+
+
+def test_track_ids_are_stable_when_a_stream_restarts_from_the_same_frame(scripted):
+    tracker = IoUTracker()
+    first = [r.detections.track_ids.tolist() for r in scripted.predict(iter(images(6)), link='online', tracker=tracker)]
+    again = [r.detections.track_ids.tolist() for r in scripted.predict(iter(images(6)), link='online', tracker=tracker)]
+    cut = [r.detections.track_ids.tolist() for r in scripted.predict(iter(images(6)), link='online', max_frames=3)]
+    assert first == again == ONLINE_IDS and cut == ONLINE_IDS[:3]
+
+
+def test_predict_link_errors(scripted):
+    with pytest.raises(VidDetError, match="unknown link mode 'tubes'; expected one of seqnms, online, none"):
+        next(scripted.predict(images(2), link='tubes'))
+    with pytest.raises(VidDetError, match='<arrays> is a live stream: Seq-NMS links the whole video .* link online'):
+        next(scripted.predict(iter(images(2)), link='seqnms'))

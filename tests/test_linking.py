@@ -244,3 +244,124 @@ def test_identity_class_aware_min_score_and_untracked():
         identity_metrics(_dets([[obj]]), pred[:1])
     with pytest.raises(VidDetError, match='1 ground-truth frames but 2'):
         identity_metrics(gt[:1], pred)
+
+
+# ---------------------------------------------------------------- saved results: viddet eval / test --link
+import json  # noqa: E402
+
+from viddet.cli import main  # noqa: E402
+
+
+def write_annotations(path, videos, categories=((1, 'airplane'), (2, 'antelope'))):
+    """videos: name -> per frame a list of (x1, y1, x2, y2, category id, instance id). Returns the
+    image ids per video."""
+    data = dict(categories=[dict(id=c, name=n) for c, n in categories], videos=[], images=[], annotations=[])
+    ids = {}
+    for v, (name, frames) in enumerate(videos.items(), 1):
+        data['videos'].append(dict(id=v, name=name))
+        ids[name] = []
+        for t, objs in enumerate(frames):
+            img = len(data['images']) + 1
+            ids[name].append(img)
+            data['images'].append(dict(id=img, video_id=v, frame_id=t, file_name=f'{name}/{t:06d}.png',
+                                       width=320, height=240))
+            for x1, y1, x2, y2, c, inst in objs:
+                data['annotations'].append(dict(id=len(data['annotations']) + 1, image_id=img, category_id=c,
+                                                instance_id=inst, bbox=[x1, y1, x2 - x1, y2 - y1],
+                                                area=(x2 - x1) * (y2 - y1), iscrowd=0))
+    path.write_text(json.dumps(data))
+    return ids
+
+
+@pytest.fixture
+def saved_run(tmp_path):
+    """Two videos: in "a" object 7 (category 1) moves 2 px per frame and the detector also gives a
+    duplicate 3 px off scoring 0.6; in "b" object 8 (category 2) stands still."""
+    a = [[(10 + 2 * t, 10, 50 + 2 * t, 50, 1, 7)] for t in range(4)]
+    b = [[(100, 100, 160, 160, 2, 8)]] * 3
+    ann = tmp_path / 'ann.json'
+    ids = write_annotations(ann, {'a': a, 'b': b})
+    results = []
+    for img, objs in zip(ids['a'], a):
+        x1, y1, x2, y2, c, _ = objs[0]
+        results += [dict(image_id=img, category_id=c, bbox=[x1, y1, 40, 40], score=0.9),
+                    dict(image_id=img, category_id=c, bbox=[x1 + 3, y1 + 3, 40, 40], score=0.6)]
+    for img in ids['b']:
+        results.append(dict(image_id=img, category_id=2, bbox=[100, 100, 60, 60], score=0.8))
+    res = tmp_path / 'results.json'
+    res.write_text(json.dumps(results))
+    return ann, res, ids, results
+
+
+@pytest.mark.parametrize('link,expected', [
+    # Seq-NMS removes the duplicates: every box tracked right
+    ('seqnms', dict(id_switches=0, num_gt=7, num_pred=7, matches=7, false_positives=0, mota=1.0, idf1=1.0)),
+    # online keeps them (a track of their own: 0.6 >= the start score): 4 false positives
+    ('online', dict(id_switches=0, num_gt=7, num_pred=11, matches=7, false_positives=4, mota=1 - 4 / 7,
+                    idf1=14 / 18)),
+])
+def test_eval_link_scores_identity_and_keeps_track_ids(link, expected, saved_run, tmp_path, capsys):
+    ann, res, ids, _ = saved_run
+    out = tmp_path / 'eval'
+    metrics_json = tmp_path / 'm.json'
+    assert main(['eval', str(res), '--ann', str(ann), '--link', link, '--out-dir', str(out), '--no-coco',
+                 '--json', str(metrics_json)]) == 0
+    printed = capsys.readouterr().out
+    assert f'ID switches 0, MOTA {100 * expected["mota"]:.2f} %, IDF1 {100 * expected["idf1"]:.2f} %' in printed
+    identity = json.loads(metrics_json.read_text())['identity']
+    for k, v in expected.items():
+        assert identity[k] == pytest.approx(v), k
+    linked = json.loads((out / 'results.json').read_text())
+    assert all('track_id' in r for r in linked)
+    if link == 'seqnms':
+        assert [(r['image_id'], r['track_id']) for r in linked] == [(i, 0) for i in ids['a'] + ids['b']]
+    else:
+        assert sorted({r['track_id'] for r in linked if r['image_id'] in ids['a']}) == [0, 1]
+
+
+def test_eval_without_link_and_results_with_missing_frames(saved_run, tmp_path, capsys):
+    ann, res, ids, results = saved_run
+    assert main(['eval', str(res), '--ann', str(ann), '--no-coco']) == 0
+    assert 'Identity' not in capsys.readouterr().out               # nothing linked: not scored
+    gap = tmp_path / 'gap.json'
+    gap.write_text(json.dumps([r for r in results if r['image_id'] != ids['b'][1]]))
+    assert main(['eval', str(gap), '--ann', str(ann), '--link', 'seqnms', '--no-coco']) == 2
+    err = capsys.readouterr().err
+    assert (f'viddet eval: error: {gap}: video b, frame 1 (b/000001.png, image id {ids["b"][1]}) has no detections, '
+            f'and linking needs every frame of a video (1 of 7 frames of {ann} have none') in err
+    assert 'pass --allow-empty-frames' in err and 'Traceback' not in err
+    assert main(['eval', str(gap), '--ann', str(ann), '--link', 'seqnms', '--no-coco', '--allow-empty-frames']) == 0
+    stray = tmp_path / 'stray.json'
+    stray.write_text(json.dumps(results + [dict(image_id=99, category_id=1, bbox=[0, 0, 5, 5], score=0.5)]))
+    assert main(['eval', str(stray), '--ann', str(ann), '--link', 'online', '--no-coco']) == 2
+    assert f'{stray}: entry {len(results)} has image_id 99, which is not in the annotation file' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(['eval', str(res), '--ann', str(ann), '--link', 'tubes'])
+    assert "argument --link: invalid choice: 'tubes'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('link,switches,idf1', [('online', 0, 1.0), ('seqnms', 1, 18 / 22)])
+def test_viddet_test_link_records_saves_and_scores_it(link, switches, idf1, tmp_path, monkeypatch, capsys):
+    """``viddet test --link`` with the scripted method (tests/scripted_method.py): its A and B are the
+    annotated objects; Seq-NMS splits B at its missed frame into two tubes, one ID switch."""
+    import cv2
+    from scripted_method import SEQNMS_IDS, ONLINE_IDS, scripted_detector
+    detector = scripted_detector()
+    monkeypatch.setattr('viddet.api.detector_from_args', lambda args: detector)
+    frames = [[(10 + 5 * t, 10, 60 + 5 * t, 60, 1, 1)] + ([(200 - 5 * t, 20, 260 - 5 * t, 80, 2, 2)] if t != 2 else [])
+              for t in range(6)]
+    ann = tmp_path / 'ann.json'
+    write_annotations(ann, {'v': frames})
+    (tmp_path / 'root' / 'v').mkdir(parents=True)
+    for t in range(6):
+        cv2.imwrite(str(tmp_path / 'root' / 'v' / f'{t:06d}.png'), np.full((240, 320, 3), 30 * t, np.uint8))
+    out = tmp_path / 'out'
+    assert main(['test', str(ann), '--root', str(tmp_path / 'root'), '--out-dir', str(out), '--link', link,
+                 '--device', 'cpu']) == 0
+    printed = capsys.readouterr().out
+    assert f'ID switches {switches}, MOTA {100 * (1 - switches / 11):.2f} %, IDF1 {100 * idf1:.2f} %' in printed
+    assert json.loads((out / 'run.json').read_text())['link'] == link
+    saved = json.loads((out / 'results.json').read_text())
+    by_frame = [[r['track_id'] for r in saved if r['image_id'] == t + 1] for t in range(6)]
+    assert by_frame == (ONLINE_IDS if link == 'online' else SEQNMS_IDS)
+    assert json.loads((out / 'metrics.json').read_text())['identity']['id_switches'] == switches

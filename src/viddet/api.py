@@ -5,11 +5,14 @@
     for result in detector.predict('video.mp4'):                     # file, frame folder, stream
         d = result.detections                                        # boxes (n, 4) in pixels
         print(result.frame.index, d.boxes, d.scores, d.labels)
+    for result in detector.predict('video.mp4', link='online'):      # objects: d.track_ids (n,)
+        ...
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -18,7 +21,9 @@ from viddet.checkpoints import load_model
 from viddet.config import TestConfig
 from viddet.data.sources import ArraySource, FrameSource, LimitedSource, open_source
 from viddet.data.transforms import DEFAULT_SCALE
-from viddet.engine.video import FrameResult, run_video
+from viddet.engine.video import FrameResult, VideoFrame, run_video
+from viddet.errors import VidDetError
+from viddet.linking import LINK_MODES, IoUTracker, link_video
 from viddet.runtime import resolve_device
 from viddet.timing import NO_TIMER, StageTimer
 
@@ -79,7 +84,8 @@ class VideoDetector:
 
     def predict(self, frames: Union[str, Path, FrameSource, Iterable[np.ndarray]], mode: Optional[str] = None,
                 max_frames: Optional[int] = None, timer: StageTimer = NO_TIMER,
-                strict_length: bool = False) -> Iterator[FrameResult]:
+                strict_length: bool = False, link: str = 'none', tracker: Optional[IoUTracker] = None,
+                on_detected: Optional[Callable[[FrameResult], None]] = None) -> Iterator[FrameResult]:
         """Runs the method over a video and yields one :class:`FrameResult` per frame, in order.
 
         Args:
@@ -92,10 +98,34 @@ class VideoDetector:
             max_frames: stop after this many frames.
             timer: a :class:`viddet.timing.StageTimer` for per-stage times.
             strict_length: a video shorter than its container says is an error (else a warning).
+            link: link the detections into objects (:mod:`viddet.linking`; the detections then have
+                ``track_ids``, unique in the video):
+
+                * ``'none'`` (default): no linking, ``track_ids`` is None.
+                * ``'online'``: the causal :class:`~viddet.linking.IoUTracker` (``tracker``, or one
+                  with the default thresholds; reset first), fed each frame as it is detected: every
+                  box kept, ids -1 for untracked boxes, results yielded as they come, nothing read
+                  ahead; works on streams. A new call starts again from id 0, so the same frames give
+                  the same ids.
+                * ``'seqnms'``: Seq-NMS over the whole video (rescored, suppressed boxes removed,
+                  ids = tube ids). It needs every frame's detections before it yields the first
+                  result, so it runs in two passes with bounded memory: pass 1 detects the whole
+                  video and keeps only the detections (about 2 kB per frame: boxes, scores,
+                  labels, no images); pass 2 reads the frames again from the source and yields them
+                  with the linked detections (``frame.img`` is then None: the preprocessed tensor
+                  is not rebuilt). It needs a source that can be read twice (a file, a folder, a
+                  list of arrays), not a live stream or a one-pass iterable.
+            tracker: the online tracker (its thresholds) for ``link='online'``.
+            on_detected: called with each frame's result as soon as it is detected, before linking
+                (progress reporting; with ``'seqnms'`` that is during pass 1).
 
         Raises:
-            VidDetError: a source that cannot be opened or decoded, offline mode on a live source.
+            VidDetError: a source that cannot be opened or decoded, offline mode on a live source,
+                an unknown ``link``, ``'seqnms'`` on a live source, a source that gives fewer
+                frames on its second read.
         """
+        if link not in LINK_MODES:
+            raise VidDetError(f'unknown link mode {link!r}; expected one of {", ".join(LINK_MODES)}')
         own = not isinstance(frames, FrameSource)
         if isinstance(frames, (str, Path)):
             source = open_source(str(frames), max_frames=max_frames)
@@ -106,11 +136,50 @@ class VideoDetector:
         if mode is None:
             mode = 'online' if source.is_live else 'offline'
         try:
-            yield from run_video(self.model, source, mode=mode, device=self.device, scale=self.scale,
-                                 timer=timer, strict_length=strict_length)
+            if link == 'seqnms' and source.is_live:
+                raise VidDetError(f'{source.path} is a live stream: Seq-NMS links the whole video before it '
+                                  f'gives the first frame and reads the frames twice; link online instead')
+            results = run_video(self.model, source, mode=mode, device=self.device, scale=self.scale,
+                                timer=timer, strict_length=strict_length)
+            if link == 'seqnms':
+                yield from _seqnms_two_passes(results, source, on_detected)
+                return
+            if tracker is None and link == 'online':
+                tracker = IoUTracker()
+            if link == 'online':
+                tracker.reset()
+            for result in results:
+                if on_detected is not None:
+                    on_detected(result)
+                if link == 'online':
+                    result = dataclasses.replace(result, detections=tracker.update(result.detections))
+                yield result
         finally:
             if own:
                 source.close()
+
+
+def _seqnms_two_passes(results: Iterator[FrameResult], source: FrameSource,
+                       on_detected: Optional[Callable[[FrameResult], None]]) -> Iterator[FrameResult]:
+    """:meth:`VideoDetector.predict` with ``link='seqnms'``: detect everything keeping the detections
+    only, link, then read the frames again and yield them with the linked detections."""
+    kept = []
+    for result in results:
+        if on_detected is not None:
+            on_detected(result)
+        kept.append((result.frame.meta, result.detections, result.stages))
+    result = None   # the last frame's image too
+    linked = link_video([d for _, d, _ in kept], 'seqnms', where=source.path)
+    frames = iter(source)
+    try:
+        for i, ((meta, _, stages), det) in enumerate(zip(kept, linked)):
+            frame = next(frames, None)
+            if frame is None:
+                raise VidDetError(f'{source.path}: the second read of the video (to draw the Seq-NMS results) '
+                                  f'ended after {i} frames; the first gave {len(kept)}')
+            yield FrameResult(VideoFrame(frame.index, frame.name, frame.image, None, meta), det, stages)
+    finally:
+        getattr(frames, 'close', lambda: None)()
 
 
 def detector_from_args(args) -> VideoDetector:

@@ -33,13 +33,23 @@ def add_inference_options(p, mode_default=None):
                         'test.num_right (FGFA, 15), test.num_refs (SELSA/TRoI, 14), test.ref_cache, test.fast')
 
 
+def add_link_option(p, what: str):
+    """``--link seqnms|online|none`` (:mod:`viddet.linking`), shared by ``demo``, ``test`` and ``eval``."""
+    from viddet.linking import LINK_MODES
+    p.add_argument('--link', choices=LINK_MODES, default='none',
+                   help='link the detections into objects with track ids: seqnms (Seq-NMS over the whole video: '
+                        'rescored tubes, duplicates removed), online (causal IoU tracker, frame by frame; for '
+                        f'streams), none (default); {what}. See docs/linking.md')
+
+
 def add_demo_parser(sub):
     p = sub.add_parser(
         'demo', help='detect objects in a video (file, frame folder, camera, stream): annotated MP4 + JSON lines',
         description='Detect objects in every frame of a video and write an annotated MP4 and one JSON '
                     'record per frame ({"frame", "file", "boxes" [x1,y1,x2,y2] in pixels, "scores", "labels", '
-                    '"names"}). Default checkpoints per method (MMTracking model zoo, downloaded once into '
-                    '$VIDDET_HOME, default ~/.cache/viddet): '
+                    '"names"}, plus "track_ids" with --link). Every output is checked before the model loads; '
+                    'a stopped run keeps what it finished under .partial names. Default checkpoints per method '
+                    '(MMTracking model zoo, downloaded once into $VIDDET_HOME, default ~/.cache/viddet): '
                     + ', '.join(f'{m.name}: {m.default_checkpoint}' for m in METHODS) + '.')
     p.add_argument('input', help='video file, folder of frames (sorted by numeric name), camera (0, /dev/video0) '
                                  'or rtsp/http stream URL')
@@ -47,10 +57,15 @@ def add_demo_parser(sub):
     p.add_argument('--mode', choices=('offline', 'online'), default=None,
                    help='offline: MMTracking test protocol, uses future frames (default for files/folders); '
                         'online: causal, past frames only (default for cameras/streams)')
-    p.add_argument('--out', default=None, help='annotated video (.mp4); default <input name>_<method>.mp4')
-    p.add_argument('--json', default=None, help='detections as JSON lines; default: the --out path with .jsonl')
+    add_link_option(p, 'the JSON records get "track_ids" and the video a colour and "#id" per object')
+    p.add_argument('--out', default=None,
+                   help='annotated video (.mp4); default <input name>_<method>.mp4. Written as <out>.partial.mp4 and '
+                        'renamed when complete; a stopped run keeps its frames in the .partial file')
+    p.add_argument('--json', default=None,
+                   help='detections as JSON lines; default: the --out path with .jsonl (partial results: '
+                        '<json>.partial.jsonl)')
     p.add_argument('--score-thr', type=float, default=0.5,
-                   help='draw boxes scoring above this (the JSON keeps every detection); default 0.5')
+                   help='draw boxes scoring at least this, in [0, 1] (the JSON keeps every detection); default 0.5')
     p.add_argument('--fps', type=float, default=None, help='output frame rate (default: the input\'s, else 25)')
     p.add_argument('--max-frames', type=int, default=None, help='process only the first N frames')
     p.add_argument('--random-weights', action='store_true',
@@ -124,15 +139,24 @@ def add_data_parsers(sub):
     p.add_argument('--no-coco', action='store_true', help='skip pycocotools (minutes on the full val set)')
     p.add_argument('--no-devkit-rounding', action='store_true',
                    help='do not quantise scores/boxes to the devkit txt precision (%%.4f / %%.2f)')
+    add_link_option(p, 'the linked detections are scored, plus ID switches / MOTA / IDF1 against the '
+                       'annotations\' instance ids; videos and frame order come from --ann')
+    p.add_argument('--allow-empty-frames', action='store_true',
+                   help='with --link: frames of --ann without any detection in the results are empty frames '
+                        '(default: an error naming the frame, since it usually means results of other frames)')
 
     def run_eval(args):
+        from viddet.engine.link_results import link_results, report_identity
         from viddet.evaluation.io import load_ground_truth, load_results
         from viddet.evaluation.report import evaluate_and_report
         from pathlib import Path
         gt = load_ground_truth(args.ann) if Path(args.results).suffix.lower() == '.txt' else None
-        results = load_results(args.results, gt)
+        results = link_results(load_results(args.results, gt), args.ann, args.link, where=args.results,
+                               allow_empty=args.allow_empty_frames)
         evaluate_and_report(results, args.ann, motion_iou=args.motion_iou, out_dir=args.out_dir, json_path=args.json,
                             coco=not args.no_coco, devkit_rounding=not args.no_devkit_rounding)
+        if args.link != 'none' or (results and 'track_id' in results[0]):   # linked now or saved linked
+            report_identity(results, args.ann, args.json)
         return 0
     p.set_defaults(func=run_eval)
 
@@ -156,19 +180,24 @@ def add_test_parser(sub):
     p.add_argument('--max-videos', type=int, default=None, help='only the first N videos (smoke tests)')
     p.add_argument('--resume', action='store_true',
                    help='continue an interrupted run in --out-dir: the videos it saved are not run again')
+    add_link_option(p, 'each video is linked when done, saved and scored linked (with a track_id per result), '
+                       'plus ID switches / MOTA / IDF1 against the instance ids')
 
     def run(args):
         from viddet.api import detector_from_args
         from viddet.engine.evaluate import check_out_dir, run_test
+        from viddet.engine.link_results import report_identity
         from viddet.evaluation.report import evaluate_and_report
         check_out_dir(args.out_dir, args.resume)   # before the model is loaded
         detector = detector_from_args(args)
         results = run_test(detector, args.ann, args.root, args.out_dir, mode=args.mode, max_videos=args.max_videos,
-                           resume=args.resume)
+                           resume=args.resume, link=args.link)
         if results is not None:
             ann = Path(args.out_dir) / 'annotations_subset.json' if args.max_videos else args.ann
-            evaluate_and_report(results, str(ann), args.motion_iou, args.out_dir,
-                                args.json or str(Path(args.out_dir) / 'metrics.json'))
+            metrics_json = args.json or str(Path(args.out_dir) / 'metrics.json')
+            evaluate_and_report(results, str(ann), args.motion_iou, args.out_dir, metrics_json)
+            if args.link != 'none':
+                report_identity(results, str(ann), metrics_json)
         return 0
     p.set_defaults(func=run)
     return p

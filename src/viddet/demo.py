@@ -1,10 +1,28 @@
-"""``viddet demo``: a video (file, frame folder or stream) in, an annotated MP4 and JSON lines out."""
+"""``viddet demo``: a video (file, frame folder or stream) in, an annotated MP4 and JSON lines out.
+
+What happens to the outputs:
+
+* Every output is checked before the model is loaded (:func:`viddet.data.writers.check_outputs`):
+  its folder exists and accepts new files, it is not a folder, and it is neither an input (the
+  video file, a frame of the folder) nor the other output.
+* Both writers work under partial names (``<out>.partial.mp4``, ``<json>.partial.jsonl``) and
+  rename onto the final names only when every frame is in, each on its own: a failure to finish one
+  never removes the other. An earlier complete result under the final name is replaced only by a
+  complete one.
+* When the run stops early (a corrupt frame, a full disk, Ctrl-C, a bug), the frames finished so far
+  are kept under the partial names (the MP4 finished so that it plays) and the message says which
+  files hold how many frames. Ctrl-C exits with status 130, bad input with 2.
+* A video that ends before the frame count its container announced is reported with both numbers,
+  as it happens and in the final message.
+"""
 from __future__ import annotations
 
+import math
 import sys
 import time
+import warnings
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional, Tuple
 
 from viddet.errors import VidDetError
 
@@ -18,81 +36,175 @@ def default_outputs(input_spec: str, method: str, out: Optional[str], json_path:
     return video, json_file
 
 
-def _discard(video, records) -> None:
-    """Removes both outputs of a run that finished no frame: the writers' abort() keeps the JSON
-    lines in ``<json>.partial`` for post-mortems, which holds nothing here."""
-    video.abort()
-    records.abort()
-    records.partial_path.unlink(missing_ok=True)
+def plural(n: int, word: str = 'frame') -> str:
+    """``"1 frame"``, ``"2 frames"``."""
+    return f'{n} {word}{"" if n == 1 else "s"}'
+
+
+def check_demo_args(args) -> None:
+    """The numeric options, checked before anything is opened.
+
+    Raises:
+        VidDetError: ``--max-frames`` < 1, ``--fps`` not a positive number, ``--score-thr`` not in [0, 1].
+    """
+    if args.max_frames is not None and args.max_frames < 1:
+        raise VidDetError(f'--max-frames must be at least 1, got {args.max_frames}')
+    if args.fps is not None and not (args.fps > 0 and math.isfinite(args.fps)):
+        raise VidDetError(f'--fps must be a positive number, got {args.fps:g}')   # 0 would mean "the input's"
+    if not 0.0 <= args.score_thr <= 1.0:   # NaN fails too
+        raise VidDetError(f'--score-thr must be in [0, 1], got {args.score_thr:g}')
+
+
+def input_files(spec: str) -> List[Path]:
+    """The files a demo run reads and must not overwrite: the video file, every frame of a folder
+    (not only the first ``--max-frames``), or the device file of a camera."""
+    from viddet.data.sources import IMAGE_SUFFIXES
+    path = Path(spec)
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return [path] if path.exists() else []
+
+
+def _method_hint(args) -> Optional[str]:
+    """The method the outputs' default names will carry, when it is known before loading the model."""
+    from viddet.checkpoints import MODEL_ZOO
+    if args.method or args.random_weights or args.checkpoint is None:
+        return args.method or 'selsa'
+    if args.checkpoint in MODEL_ZOO:
+        return args.checkpoint.split('_')[0]
+    return None
+
+
+def _outputs(args, method: str, inputs: List[Path]) -> Tuple[Path, Path]:
+    from viddet.data.writers import check_outputs
+    video, json_file = default_outputs(args.input, method, args.out, args.json)
+    check_outputs([('--out', video), ('--json', json_file)], inputs)
+    return video, json_file
+
+
+def _finish(writers, complete: bool) -> List[str]:
+    """Closes (``complete``) or aborts each writer on its own; returns the failures' messages."""
+    problems = []
+    for w in writers:
+        try:
+            w.close() if complete else w.abort()
+        except VidDetError as e:
+            problems.append(str(e))
+    return problems
+
+
+def _kept(writers) -> str:
+    return ', '.join(f'{w.kept} ({plural(w.frames_written)})' for w in writers if w.kept) or 'nothing'
 
 
 def run_demo(args) -> int:
-    """Runs the demo for parsed CLI ``args``; returns the exit status.
+    """Runs the demo for parsed CLI ``args``; returns the exit status (module docstring).
 
     Raises:
-        VidDetError: bad input, checkpoint or output path (the CLI prints the message).
+        VidDetError: bad input, checkpoint or output path, or a failure during the run (the CLI
+            prints the message, which says what was kept).
+        KeyboardInterrupt: after the partial results were kept and reported (the CLI exits 130).
     """
+    from viddet.data.sources import open_source
+    check_demo_args(args)
+    source = open_source(args.input, max_frames=args.max_frames)
+    try:
+        return _run(args, source)
+    finally:
+        source.close()
+
+
+def _run(args, source) -> int:
     from tqdm import tqdm
 
     from viddet.api import detector_from_args
-    from viddet.data.sources import open_source
     from viddet.data.writers import JsonLinesWriter, VideoWriter
+    from viddet.engine.video import TruncatedVideoWarning
     from viddet.visualize import draw_detections
 
-    # fail before any work
-    if args.max_frames is not None and args.max_frames < 1:
-        raise VidDetError(f'--max-frames must be at least 1, got {args.max_frames}')
-    if args.fps is not None and not args.fps > 0:   # 0 would silently fall back to the input's rate
-        raise VidDetError(f'--fps must be positive, got {args.fps:g}')
-    for p in default_outputs(args.input, args.method or 'selsa', args.out, args.json):
-        if not p.parent.exists():
-            raise VidDetError(f'output folder {p.parent} does not exist (for {p})')
-    source = open_source(args.input, max_frames=args.max_frames)
+    link = args.link
+    if link == 'seqnms' and source.is_live:
+        raise VidDetError(f'--link seqnms links the whole video before it writes a frame, and {args.input} is a '
+                          f'live stream: use --link online')
+    inputs = input_files(args.input)
+    hint = _method_hint(args)
+    video_path, json_path = _outputs(args, hint or 'selsa', inputs)   # all checks before the model loads
     if args.random_weights:
         print('viddet demo: WARNING: --random-weights: the model is randomly initialised; '
               'the detections are meaningless (pipeline check only)', file=sys.stderr)
     detector = detector_from_args(args)
-    video_path, json_path = default_outputs(args.input, detector.method, args.out, args.json)
+    if detector.method != (hint or 'selsa'):   # a checkpoint file without --method: its method names them
+        video_path, json_path = _outputs(args, detector.method, inputs)
     mode = args.mode or ('online' if source.is_live else 'offline')
     fps = args.fps if args.fps is not None else (source.fps or 25.0)
-    print(f'viddet demo: {detector.method} on {args.input} ({source.length or "?"} frames, '
-          f'{mode} mode, {detector.device})', file=sys.stderr)
-    video = VideoWriter(video_path, fps=fps)
-    records = JsonLinesWriter(json_path, detector.class_names)
-    done, t0 = 0, time.perf_counter()
+    linking = '' if link == 'none' else f', linking {link}'
+    print(f'viddet demo: {detector.method} on {args.input} '
+          f'({plural(source.length) if source.length is not None else "? frames"}, {mode} mode{linking}, '
+          f'{detector.device})', file=sys.stderr)
+    writers = [VideoWriter(video_path, fps=fps), JsonLinesWriter(json_path, detector.class_names)]
+    video, records = writers
+    done, tracks, shown, t0 = 0, set(), set(), time.perf_counter()
     bar = tqdm(total=source.length, unit='frame', desc='detecting', dynamic_ncols=True)
-    try:
-        for result in detector.predict(source, mode=mode):
-            frame = result.frame
-            records.write(frame.index, frame.name, result.detections)
-            video.write(draw_detections(frame.image, result.detections, detector.class_names, args.score_thr))
-            done += 1
-            bar.update(1)
-    except (VidDetError, KeyboardInterrupt) as e:
-        bar.close()
-        source.close()
-        if done == 0:
-            _discard(video, records)
-            raise
-        video.close()
-        records.close()
-        what = 'interrupted' if isinstance(e, KeyboardInterrupt) else str(e)
-        raise VidDetError(f'{what}\n  the outputs hold the {done} frames before it: {video_path}, {json_path}') from None
-    except BaseException:   # a bug, not bad input: keep the JSON lines so far (<json>.partial)
-        if done == 0:
-            _discard(video, records)
-        else:
-            video.abort()
-            records.abort()
-        raise
+    failure = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always', TruncatedVideoWarning)
+        try:
+            for result in detector.predict(source, mode=mode, link=link, on_detected=lambda r: bar.update(1)):
+                frame, det = result.frame, result.detections
+                records.write(frame.index, frame.name, det)
+                video.write(draw_detections(frame.image, det, detector.class_names, args.score_thr))
+                done += 1
+                if det.track_ids is not None:
+                    ids, scores = det.track_ids.tolist(), det.scores.tolist()
+                    tracks.update(t for t in ids if t >= 0)
+                    shown.update(t for t, sc in zip(ids, scores) if t >= 0 and sc >= args.score_thr)
+        except BaseException as e:   # handled below, once the warnings are shown normally again
+            failure = e
     bar.close()
-    source.close()
+    notes = _warnings(caught, TruncatedVideoWarning)
+    if failure is not None:
+        _stopped(failure, writers, done, link, notes)
     if done == 0:
-        _discard(video, records)
+        _finish(writers, complete=False)
         raise VidDetError(f'{args.input} gave no frames')
-    video.close()
-    records.close()
+    problems = _finish(writers, complete=True)
+    if problems:
+        raise VidDetError('; '.join(problems) + f'\n  kept: {_kept(writers)}')
     dt = time.perf_counter() - t0
-    print(f'viddet demo: {done} frames in {dt:.1f} s ({dt / done:.2f} s/frame); wrote {video_path} and {json_path}',
-          file=sys.stderr)
+    linked = '' if link == 'none' else (f'; linked with {link}: {plural(len(shown), "track")} drawn (a box '
+                                        f'scoring >= {args.score_thr:g}), {len(tracks)} in all')
+    print(f'viddet demo: {plural(done)} in {dt:.1f} s ({dt / done:.2f} s/frame){linked}; wrote {video_path} and '
+          f'{json_path}' + ''.join(f'\n  WARNING: {n}' for n in notes), file=sys.stderr)
     return 0
+
+
+def _stopped(failure: BaseException, writers, done: int, link: str, notes: List[str]):
+    """Keeps the partial outputs of a run stopped by ``failure`` and raises: a VidDetError saying
+    what was kept (``failure`` itself when nothing was), else ``failure`` after printing it."""
+    _finish(writers, complete=False)
+    if any(w.kept for w in writers):
+        kept = f'kept the {plural(done)} finished before it: {_kept(writers)}'
+    else:
+        kept = 'nothing was written' + (' (--link seqnms writes once the whole video is detected)'
+                                        if link == 'seqnms' else '')
+    kept += ''.join(f'\n  WARNING: {n}' for n in notes)
+    if isinstance(failure, VidDetError):
+        if not any(w.kept for w in writers) and not notes and link != 'seqnms':
+            raise failure
+        raise VidDetError(f'{failure}\n  {kept}') from None
+    print(f'viddet demo: stopped ({type(failure).__name__}); {kept}', file=sys.stderr)
+    raise failure
+
+
+def _warnings(caught, category) -> List[str]:
+    """The messages of the caught warnings of ``category`` (printed now); the others are shown
+    as Python would have shown them."""
+    notes = []
+    for w in caught:
+        if issubclass(w.category, category):
+            notes.append(str(w.message))
+            print(f'viddet demo: WARNING: {w.message}', file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    caught.clear()
+    return notes

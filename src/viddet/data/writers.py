@@ -1,22 +1,34 @@
 """Result writers: an annotated MP4 (:class:`VideoWriter`) and one JSON record per frame
-(:class:`JsonLinesWriter`, read back with :func:`read_jsonl`).
+(:class:`JsonLinesWriter`, read back with :func:`read_jsonl`), and :func:`check_outputs`, which
+checks every output path of a run before the work starts.
 
-Both write to ``<final name>.partial`` in the output folder and ``os.replace`` it onto the final
-name in :meth:`close`, so the final name only ever holds a complete result. When the run fails
-(an exception inside the ``with`` block, or :meth:`abort`):
+Partial results. Both writers write to ``<stem>.partial<suffix>`` beside the final name
+(``out.partial.mp4``, ``out.partial.jsonl``) and rename it onto the final name only in
+:meth:`~_PartialOutput.close`, when the result is complete; so the final name only ever holds a
+complete result, and an earlier complete file there is never replaced by a partial one. When the
+run stops early (an exception inside the ``with`` block, or :meth:`~_PartialOutput.abort`), what was
+written is finished and kept under the partial name: the MP4 gets its index written (it plays,
+with every frame written so far), the JSON lines are cut after the last complete record (every
+record is written to the OS as it is made, so they survive a crash too). A partial file that holds
+no frame, or that cannot be finished (a full disk), is removed. ``frames_written`` is the number of
+frames the kept file holds; ``kept`` names it (None when nothing was kept), ``complete`` says
+whether it is the final file.
 
-* the MP4's temporary file is deleted (an unfinished MP4 has no index and does not play);
-* the JSON lines stay in ``<final name>.partial``: every record is flushed as it is written, so
-  that file holds every frame finished before the failure, even after a hard crash. The final
-  name is not created, so a partial result is never mistaken for a complete one.
+Neither writer touches the disk before its first frame: an earlier partial file under the same
+name stays until a new frame replaces it.
+
+Write failures (a full disk, a lost network share) raise :class:`viddet.VidDetError` naming the
+file and the reason.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import tempfile
 from fractions import Fraction
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import av
 import cv2
@@ -27,27 +39,180 @@ from viddet.errors import VidDetError
 from viddet.structures import Detections
 
 
-def _check_output(path) -> Path:
+def partial_name(path) -> Path:
+    """Where a writer keeps an unfinished result: ``out.mp4`` -> ``out.partial.mp4``."""
     path = Path(path)
-    if not path.parent.is_dir():
-        raise VidDetError(f'output folder {path.parent} does not exist (for {path})')
-    if path.is_dir():
-        raise VidDetError(f'output {path} is a folder; give a file name')
+    return path.with_name(f'{path.stem}.partial{path.suffix}')
+
+
+def _reason(e: OSError) -> str:
+    return e.strerror or str(e) or type(e).__name__
+
+
+def check_output_path(path, label: Optional[str] = None) -> Path:
+    """Checks that a file can be written at ``path``: its folder exists, is a folder and accepts new
+    files (tried by creating and removing a hidden file, which also catches read-only file systems
+    and ``/proc``), and ``path`` is not a folder.
+
+    Args:
+        path: the output file.
+        label: how the messages name it, e.g. ``'--out'`` (default: the path alone).
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        VidDetError: ``"<label> <path>: <problem>"``.
+    """
+    path = Path(path)
+    name = f'{label} {path}' if label else str(path)
+    existing = next(p for p in itertools.chain([path.parent], path.parent.parents, [Path('.')]) if p.exists())
+    if not existing.is_dir():
+        raise VidDetError(f'{name}: {existing} is a file, not a folder')
+    if existing != path.parent:
+        raise VidDetError(f'{name}: the folder {path.parent} does not exist')
+    for p in (path, partial_name(path)):
+        if p.is_dir():
+            raise VidDetError(f'{name}: {p} is a folder; give a file name')
+    try:
+        fd, probe = tempfile.mkstemp(prefix='.viddet-write-check-', dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise VidDetError(f'{name}: cannot create files in {path.parent} ({_reason(e)})') from None
     return path
 
 
-def _partial_name(path: Path) -> Path:
-    return path.with_name(path.name + '.partial')
+def _same_file(a: Path, b: Path) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)   # hard links, case-insensitive file systems
+    except OSError:
+        return False
 
 
-class _AtomicOutput:
-    """``with`` support for the writers: a clean exit calls ``close()`` (the file appears at its final
-    path), an exception calls ``abort()`` (what was written is kept aside, never half-published)."""
+def check_outputs(outputs: Sequence[Tuple[str, object]], inputs: Sequence[object] = ()) -> List[Path]:
+    """Checks every output of a run before the work starts: each with :func:`check_output_path`,
+    and that no file it writes (its final or its partial name) is one of the ``inputs`` or a file
+    another output writes. Paths are compared after resolving links (``os.path.realpath``), and
+    existing files also by identity (``os.path.samefile``: hard links).
 
-    def close(self) -> None:
+    Args:
+        outputs: ``(label, path)`` pairs, e.g. ``[('--out', 'a.mp4'), ('--json', 'a.jsonl')]``.
+        inputs: the files the run reads (a video file, the frames of a folder).
+
+    Returns:
+        The output paths.
+
+    Raises:
+        VidDetError: naming both paths, e.g. ``"--out v.mp4 is the input v.mp4: it would be
+            overwritten; give another --out"``.
+    """
+    written = []
+    for label, path in outputs:
+        path = check_output_path(path, label)
+        written += [(label, path, path), (label, path, partial_name(path))]
+    for label, path, f in written:
+        for inp in inputs:
+            if _same_file(f, Path(inp)):
+                what = '' if f == path else f' (through its partial file {f})'
+                raise VidDetError(f'{label} {path} is the input {inp}{what}: it would be overwritten; '
+                                  f'give another {label}')
+    for (l1, p1, f1), (l2, p2, f2) in itertools.combinations(written, 2):
+        if p1 != p2 or l1 != l2:
+            if _same_file(f1, f2):
+                raise VidDetError(f'{l1} {p1} and {l2} {p2} would write the same file {f1}; '
+                                  f'give them different names')
+    return [path for _, path, f in written if f == path]
+
+
+class _PartialOutput:
+    """The partial-result mechanism both writers share (module docstring): ``write`` appends one
+    frame to the partial file, :meth:`close` publishes it under the final name, :meth:`abort`
+    keeps it as a partial result; ``with`` calls one of them.
+
+    Subclasses implement ``_append(*args)`` (write one frame; may raise OSError), ``_finish()``
+    (flush and close the partial file), and set ``_created`` when they make the partial file."""
+
+    _created = False
+
+    def __init__(self, path):
+        self.path = check_output_path(path)
+        self.partial_path = partial_name(self.path)
+        self.frames_written = 0
+        self.kept: Optional[Path] = None
+        self.complete = False
+        self._done = False
+
+    def _write(self, *args) -> None:
+        if self._done:
+            raise VidDetError(f'{self.path}: already closed')
+        try:
+            self._append(*args)
+        except OSError as e:
+            raise VidDetError(f'cannot write {self.partial_path}: {_reason(e)}') from None
+        self.frames_written += 1
+
+    def _remove_partial(self) -> None:
+        if self._created:
+            self.partial_path.unlink(missing_ok=True)
+
+    def close(self) -> Path:
+        """Finishes the file and renames it onto ``path`` (replacing an earlier file there).
+
+        Raises:
+            VidDetError: the file cannot be finished (nothing is kept) or renamed (the complete
+                result is kept under ``partial_path``, as ``kept`` says).
+        """
+        if self._done:
+            return self.kept
+        self._done = True
+        try:
+            self._finish()
+        except OSError as e:
+            self._remove_partial()
+            raise VidDetError(f'cannot finish {self.partial_path}: {_reason(e)}; it was removed') from None
+        except BaseException:
+            self._remove_partial()
+            raise
+        try:
+            os.replace(self.partial_path, self.path)
+        except OSError as e:
+            self.kept = self.partial_path
+            raise VidDetError(f'cannot rename {self.partial_path} to {self.path} ({_reason(e)}); the complete '
+                              f'result is in {self.partial_path}') from None
+        self.kept, self.complete = self.path, True
+        return self.path
+
+    def abort(self) -> Optional[Path]:
+        """Stops writing and keeps the frames written so far in ``partial_path`` (finished, so the
+        MP4 plays); ``path`` is never touched. Keeps nothing when no frame was written or the
+        file cannot be finished.
+
+        Returns:
+            ``partial_path`` when it was kept, else None (also ``kept``).
+        """
+        if self._done:
+            return self.kept
+        self._done = True
+        if not self._created:       # nothing written: an older partial file stays as it is
+            return None
+        try:
+            self._finish()
+        except (OSError, VidDetError):
+            self._remove_partial()
+            return None
+        if self.frames_written == 0:
+            self._remove_partial()
+            return None
+        self.kept = self.partial_path
+        return self.kept
+
+    def _append(self, *args) -> None:
         raise NotImplementedError
 
-    def abort(self) -> None:
+    def _finish(self) -> None:
         raise NotImplementedError
 
     def __enter__(self):
@@ -60,9 +225,9 @@ class _AtomicOutput:
             self.abort()
 
 
-class VideoWriter(_AtomicOutput):
+class VideoWriter(_PartialOutput):
     """Writes BGR frames to an MP4 (H.264 ``libx264`` when PyAV has it, else MPEG-4 Part 2;
-    yuv420p), for ``viddet demo``'s annotated output.
+    yuv420p), for ``viddet demo``'s annotated output; partial results as in the module docstring.
 
     Usage::
 
@@ -71,7 +236,7 @@ class VideoWriter(_AtomicOutput):
                 w.write(draw_detections(frame.image, dets, VID_CLASSES))
 
     Args:
-        path: the final ``.mp4`` path; its folder must exist.
+        path: the final ``.mp4`` path; its folder must exist and be writable.
         fps: frames per second (float or Fraction); None means 25. Fractions such as 30000/1001
             are kept exactly (a float is turned into the nearest fraction with denominator <= 1001).
         crf: libx264 quality (0 lossless .. 51 worst; 18-23 is visually good).
@@ -81,29 +246,28 @@ class VideoWriter(_AtomicOutput):
     height is padded by one replicated column / row on the right / bottom.
 
     Raises:
-        VidDetError: the output folder does not exist; a frame is not (H, W, 3) uint8 or has a
-            different size than the first one.
+        VidDetError: an output path that cannot be written (:func:`check_output_path`); a frame
+            that is not (H, W, 3) uint8 or has another size than the first one; a write failure.
     """
 
     def __init__(self, path, fps: Optional[float] = None, *, crf: int = 20,
                  options: Optional[dict] = None):
-        self.path = _check_output(path)
-        self.tmp_path = _partial_name(self.path)
+        super().__init__(path)
         fps = 25.0 if fps is None else fps
-        if not fps > 0:
-            raise VidDetError(f'{self.path}: frames per second must be positive, got {fps}')
+        if not (fps > 0 and np.isfinite(float(fps))):
+            raise VidDetError(f'{self.path}: frames per second must be a positive number, got {fps}')
         self.fps = Fraction(fps).limit_denominator(1001)
         self.crf = crf
         self.options = {str(k): str(v) for k, v in (options or {}).items()}
-        self.frames_written = 0
         self.size = None        # (width, height) of the input frames
         self._container = None
         self._stream = None
 
     def _open(self, width: int, height: int) -> None:
-        self.size = (width, height)
-        self._container = av.open(str(self.tmp_path), mode='w', format='mp4',
+        self._container = av.open(str(self.partial_path), mode='w', format='mp4',
                                   container_options={'movflags': '+faststart'})
+        self._created = True
+        self.size = (width, height)
         if 'libx264' in av.codecs_available:
             options = {'crf': str(self.crf), 'preset': 'veryfast', **self.options}
             stream = self._container.add_stream('libx264', rate=self.fps, options=options)
@@ -122,11 +286,15 @@ class VideoWriter(_AtomicOutput):
                               f'BGR array, got {getattr(image, "dtype", type(image))} '
                               f'{getattr(image, "shape", "")}')
         h, w = image.shape[:2]
-        if self._container is None:
-            self._open(w, h)
-        elif (w, h) != self.size:
+        if self.size is not None and (w, h) != self.size:
             raise VidDetError(f'{self.path}: frame {self.frames_written} is {w}x{h} but the video '
                               f'is {self.size[0]}x{self.size[1]}')
+        self._write(image)
+
+    def _append(self, image: np.ndarray) -> None:
+        h, w = image.shape[:2]
+        if self._container is None:
+            self._open(w, h)
         if w % 2 or h % 2:
             image = cv2.copyMakeBorder(image, 0, h % 2, 0, w % 2, cv2.BORDER_REPLICATE)
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format='bgr24')
@@ -134,66 +302,46 @@ class VideoWriter(_AtomicOutput):
         frame.time_base = 1 / self.fps
         for packet in self._stream.encode(frame):
             self._container.mux(packet)
-        self.frames_written += 1
 
-    def close(self) -> None:
-        """Flushes the encoder and renames the temporary file onto ``path``.
-
-        Raises:
-            VidDetError: no frame was written (an empty MP4 is not produced).
-        """
+    def _finish(self) -> None:
+        """Flushes the encoder and writes the MP4 index."""
         if self._container is None:
-            if self.frames_written == 0:
-                raise VidDetError(f'{self.path}: no frames were written, so no video was made')
-            return
+            raise VidDetError(f'{self.path}: no frames were written, so no video was made')
+        container, self._container = self._container, None
         try:
             for packet in self._stream.encode():
-                self._container.mux(packet)
-            self._container.close()
-        except BaseException:
-            self.abort()
-            raise
-        self._container = None
-        os.replace(self.tmp_path, self.path)
-
-    def abort(self) -> None:
-        """Stops writing and deletes the temporary file; ``path`` is not touched."""
-        if self._container is not None:
-            try:
-                self._container.close()
-            except Exception:
-                pass
-            self._container = None
-        self.tmp_path.unlink(missing_ok=True)
+                container.mux(packet)
+        finally:
+            container.close()
 
 
-class JsonLinesWriter(_AtomicOutput):
+class JsonLinesWriter(_PartialOutput):
     """Writes one JSON object per frame, one per line::
 
         {"frame": 0, "file": "000000.JPEG", "boxes": [[x1, y1, x2, y2], ...],
          "scores": [...], "labels": [...], "names": [...]}
 
-    ``boxes`` are in original-image pixels rounded to ``box_decimals``; ``scores`` rounded to
-    ``score_decimals``; ``labels`` are 0-based indices into ``class_names``, ``names`` the class
-    names. Records are flushed to ``<path>.partial`` as they are written; :meth:`close` renames
-    that onto ``path``. On failure the ``.partial`` file is kept with the frames so far (module
-    docstring); ``partial_path`` names it.
+    plus ``"track_ids": [...]`` (-1: no track) when the detections were linked
+    (:mod:`viddet.linking`). ``boxes`` are in original-image pixels rounded to ``box_decimals``;
+    ``scores`` rounded to ``score_decimals``; ``labels`` are 0-based indices into
+    ``class_names``, ``names`` the class names. Each record goes to the OS as it is written;
+    partial results as in the module docstring.
 
     Raises:
-        VidDetError: the output folder does not exist.
+        VidDetError: an output path that cannot be written (:func:`check_output_path`); a write
+            failure.
     """
 
     def __init__(self, path, class_names: Sequence[str] = VID_CLASSES, *, box_decimals: int = 2,
                  score_decimals: int = 4):
-        self.path = _check_output(path)
-        self.partial_path = _partial_name(self.path)
+        super().__init__(path)
         self.class_names = tuple(class_names)
         self.box_decimals, self.score_decimals = box_decimals, score_decimals
-        self.frames_written = 0
-        self._file = open(self.partial_path, 'w', encoding='utf-8')
+        self._fd = None
+        self._size = 0          # bytes of the complete records written
 
     def write(self, index: int, name: str, detections: Detections) -> None:
-        """Appends the record of frame ``index`` (file name ``name``) and flushes it."""
+        """Appends the record of frame ``index`` (file name ``name``)."""
         boxes = detections.boxes.detach().cpu().double().numpy().reshape(-1, 4)
         scores = detections.scores.detach().cpu().double().numpy().reshape(-1)
         labels = [int(v) for v in detections.labels.detach().cpu().reshape(-1).tolist()]
@@ -205,33 +353,43 @@ class JsonLinesWriter(_AtomicOutput):
             'labels': labels,
             'names': [self.class_names[c] for c in labels],
         }
-        self._file.write(json.dumps(record) + '\n')
-        self._file.flush()
-        self.frames_written += 1
+        if detections.track_ids is not None:
+            record['track_ids'] = [int(v) for v in detections.track_ids.detach().cpu().reshape(-1).tolist()]
+        self._write((json.dumps(record) + '\n').encode('utf-8'))
 
-    def close(self) -> None:
-        """Renames the complete file onto ``path`` (after fsync)."""
-        if self._file.closed:
-            return
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self.partial_path, self.path)
+    def _open(self) -> None:
+        self._fd = os.open(self.partial_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        self._created = True
 
-    def abort(self) -> None:
-        """Closes the file and leaves the records written so far in ``partial_path``."""
-        if not self._file.closed:
-            self._file.close()
+    def _append(self, data: bytes) -> None:
+        if self._fd is None:
+            self._open()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view):]
+        self._size += len(data)
+
+    def _finish(self) -> None:
+        """Cuts the file after the last complete record, syncs and closes it."""
+        if self._fd is None:
+            self._open()
+        fd, self._fd = self._fd, None
+        try:
+            os.ftruncate(fd, self._size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 _RECORD_KEYS = {'frame', 'boxes', 'scores', 'labels'}
 
 
 def read_jsonl(path) -> List[dict]:
-    """Reads the records written by :class:`JsonLinesWriter` (a ``.partial`` file too).
+    """Reads the records written by :class:`JsonLinesWriter` (a partial file too).
 
     Returns:
-        One dict per line, keys ``frame, file, boxes, scores, labels, names`` as written.
+        One dict per line, keys ``frame, file, boxes, scores, labels, names`` (and ``track_ids``
+        when linked) as written.
 
     Raises:
         VidDetError: the file does not exist, or a line is not a JSON object with those keys

@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from viddet.data.sources import ImageListSource
 from viddet.errors import VidDetError
 from viddet.fileio import atomic_write_json, read_json
+from viddet.linking import LINK_MODES, link_video
 from viddet.runtime import init_distributed
 from viddet.version import __version__
 
@@ -132,8 +133,8 @@ def check_frames(videos: Sequence[Video], img_root) -> None:
         raise VidDetError(f'video {name}: frame file {f} is not readable ({len(unreadable)} in all)')
 
 
-def _run_record(detector, ann_file, mode: str) -> dict:
-    return {'method': detector.method, 'mode': mode, 'scale': list(detector.scale),
+def _run_record(detector, ann_file, mode: str, link: str = 'none') -> dict:
+    return {'method': detector.method, 'mode': mode, 'link': link, 'scale': list(detector.scale),
             'test': dataclasses.asdict(detector.test), 'annotations': str(Path(ann_file).resolve()),
             'classes': list(detector.class_names), 'checkpoint': getattr(detector, 'checkpoint', None)}
 
@@ -172,7 +173,8 @@ def _prepare_out_dir(out_dir: Path, record: dict, resume: bool, rank: int) -> No
     run_file = out_dir / 'run.json'
     if resume and run_file.exists():
         old = read_json(run_file, 'test run record')
-        diff = [k for k in ('method', 'mode', 'scale', 'test', 'annotations', 'classes') if old.get(k) != record.get(k)]
+        diff = [k for k in ('method', 'mode', 'link', 'scale', 'test', 'annotations', 'classes')
+                if old.get(k) != record.get(k)]
         if diff:
             raise VidDetError(f'--resume: {out_dir} was made with other settings ({", ".join(diff)} differ: '
                               f'{ {k: old.get(k) for k in diff} } vs { {k: record.get(k) for k in diff} }); '
@@ -182,7 +184,7 @@ def _prepare_out_dir(out_dir: Path, record: dict, resume: bool, rank: int) -> No
 
 
 def run_test(detector, ann_file, img_root, out_dir, mode: str = 'offline', max_videos: Optional[int] = None,
-             progress: bool = True, resume: bool = False) -> Optional[List[dict]]:
+             progress: bool = True, resume: bool = False, link: str = 'none') -> Optional[List[dict]]:
     """Detections for every frame of ``ann_file``, as COCO results (rank 0; other ranks get None).
 
     With ``max_videos``, ``<out_dir>/annotations_subset.json`` holds the annotations of the videos
@@ -197,16 +199,21 @@ def run_test(detector, ann_file, img_root, out_dir, mode: str = 'offline', max_v
         max_videos: only the first N videos (smoke tests), N >= 1.
         progress: a progress bar (frames of all ranks) on rank 0.
         resume: skip the videos an earlier run with the same settings saved in ``out_dir``.
+        link: ``none``, ``online`` or ``seqnms``: each video's detections are linked
+            (:func:`viddet.linking.link_video`) when the video is done, and saved and scored linked,
+            with a ``track_id`` per result; recorded in ``run.json``.
 
     Raises:
-        VidDetError: a bad annotation file, missing or unreadable frame files (checked first), an
-            output folder that cannot be written or holds another run, a frame that cannot be
-            decoded or a video shorter than its annotations (naming what was saved).
+        VidDetError: an unknown link mode, a bad annotation file, missing or unreadable frame files
+            (checked first), an output folder that cannot be written or holds another run, a frame that
+            cannot be decoded or a video shorter than its annotations (naming what was saved).
     """
     from tqdm import tqdm
 
     if max_videos is not None and max_videos < 1:
         raise VidDetError(f'--max-videos must be >= 1, got {max_videos}')
+    if link not in LINK_MODES:
+        raise VidDetError(f'unknown link mode {link!r}; expected one of {", ".join(LINK_MODES)}')
     videos, categories = load_videos(ann_file)
     if not videos:
         raise VidDetError(f'{ann_file} has no images')
@@ -214,7 +221,7 @@ def run_test(detector, ann_file, img_root, out_dir, mode: str = 'offline', max_v
         videos = videos[:max_videos]
     out_dir = Path(out_dir)
     dist, rank, world = init_distributed(detector.device)
-    _prepare_out_dir(out_dir, _run_record(detector, ann_file, mode), resume, rank)
+    _prepare_out_dir(out_dir, _run_record(detector, ann_file, mode, link), resume, rank)
     if max_videos is not None and rank == 0:
         subset_annotations(ann_file, [im['id'] for _, imgs in videos for im in imgs],
                            out_dir / 'annotations_subset.json')
@@ -234,11 +241,11 @@ def run_test(detector, ann_file, img_root, out_dir, mode: str = 'offline', max_v
     try:
         for i in todo:
             name, imgs = videos[i]
-            results = []
+            dets = []
             source = ImageListSource([Path(img_root) / im['file_name'] for im in imgs], path=name)
             try:
                 for result, im in zip(detector.predict(source, mode=mode, strict_length=True), imgs):
-                    results.extend(coco_results(result.detections, im['id'], cat_ids))
+                    dets.append(result.detections)
                     done += 1
                     if world == 1:
                         bar.update(1)
@@ -247,6 +254,8 @@ def run_test(detector, ann_file, img_root, out_dir, mode: str = 'offline', max_v
                         _report_progress(progress_file, done, bar, out_dir, world, rank)
             finally:
                 source.close()
+            results = [r for d, im in zip(link_video(dets, link, where=f'video {name}'), imgs)
+                       for r in coco_results(d, im['id'], cat_ids)]
             atomic_write_json(part(i), {'video': name, 'frames': len(imgs), 'results': results})
     except (VidDetError, KeyboardInterrupt) as e:
         bar.close()
@@ -269,13 +278,15 @@ def run_test(detector, ann_file, img_root, out_dir, mode: str = 'offline', max_v
 
 def coco_results(detections, image_id: int, cat_ids: Sequence[int]) -> List[dict]:
     """One frame's :class:`viddet.structures.Detections` as COCO results entries (``bbox`` [x, y, w, h]
-    in original pixels); labels whose category id is None (not in the data set) are left out."""
+    in original pixels; ``track_id`` too when the detections are linked); labels whose category id
+    is None (not in the data set) are left out."""
     out = []
-    for (x1, y1, x2, y2), s, lab in zip(detections.boxes.tolist(), detections.scores.tolist(),
-                                        detections.labels.tolist()):
+    tracks = [None] * len(detections) if detections.track_ids is None else detections.track_ids.tolist()
+    for (x1, y1, x2, y2), s, lab, t in zip(detections.boxes.tolist(), detections.scores.tolist(),
+                                           detections.labels.tolist(), tracks):
         if cat_ids[lab] is not None:
             out.append({'image_id': image_id, 'category_id': cat_ids[lab], 'bbox': [x1, y1, x2 - x1, y2 - y1],
-                        'score': s})
+                        'score': s, **({} if t is None else {'track_id': t})})
     return out
 
 

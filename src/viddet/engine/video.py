@@ -99,8 +99,7 @@ class VideoContext:
             index, name, image = next(self._frames)
         except StopIteration:
             self._exhausted = True
-            top = max(self._buffer, default=self.current)
-            read = max(top, self.current) + 1
+            read = max(self._buffer) + 1 if self._buffer else self.current   # frames 0 .. read - 1 exist
             if self.length is not None and read < self.length:
                 self._stream_ended_early(read)
             self.length = read

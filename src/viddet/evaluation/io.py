@@ -274,9 +274,11 @@ def results_to_arrays(results, gt: GroundTruth, where: str = '<results>') -> Det
 
 
 def write_coco_results(results, path) -> Path:
-    """Writes COCO result dicts as JSON (atomically); numpy scalars become plain numbers."""
+    """Writes COCO result dicts as JSON (atomically); numpy scalars become plain numbers. A
+    ``track_id`` (linked results, :mod:`viddet.linking`) is kept."""
     return atomic_write_json(path, [dict(image_id=int(r['image_id']), category_id=int(r['category_id']),
-                                         bbox=[float(v) for v in r['bbox']], score=float(r['score']))
+                                         bbox=[float(v) for v in r['bbox']], score=float(r['score']),
+                                         **({'track_id': int(r['track_id'])} if 'track_id' in r else {}))
                                     for r in results])
 
 
