@@ -19,7 +19,7 @@ LAYERS = [
     ('config',),
     ('checkpoints',),
     ('engine.video',),
-    ('api', 'engine.evaluate'),
+    ('api', 'engine.evaluate', 'engine.link_results'),
     ('engine.train', 'benchmark', 'demo'),
     ('cli', '__main__', '__init__'),
 ]

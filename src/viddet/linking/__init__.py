@@ -18,37 +18,12 @@ import torch
 from viddet.errors import VidDetError
 from viddet.linking.seqnms import LINK_IOU, MIN_PATH_SCORE, RESCORING, SUPPRESS_IOU, seq_nms
 from viddet.linking.tracker import IoUTracker
-from viddet.structures import Detections
+from viddet.structures import Detections, check_detections
 
 LINK_MODES = ('seqnms', 'online', 'none')
 """The link modes of :func:`link_video`."""
 
 __all__ = ['LINK_MODES', 'IoUTracker', 'check_detections', 'link_video', 'seq_nms']
-
-
-def check_detections(det, where: str) -> None:
-    """Checks one frame's detections: a :class:`Detections` with (n, 4) finite boxes, (n,) finite
-    scores, (n,) labels and, if present, (n,) track ids.
-
-    Raises:
-        VidDetError: ``"<where>: <problem>"``.
-    """
-    if not isinstance(det, Detections):
-        raise VidDetError(f'{where}: expected viddet.structures.Detections, got {type(det).__name__}')
-    for name in ('boxes', 'scores', 'labels'):
-        if not isinstance(getattr(det, name), torch.Tensor):
-            raise VidDetError(f'{where}: {name} must be a torch.Tensor, got {type(getattr(det, name)).__name__}')
-    if det.boxes.dim() != 2 or det.boxes.shape[1] != 4:
-        raise VidDetError(f'{where}: boxes must have shape (n, 4), got {tuple(det.boxes.shape)}')
-    n = det.boxes.shape[0]
-    for name in ('scores', 'labels') + (('track_ids',) if det.track_ids is not None else ()):
-        t = getattr(det, name)
-        if tuple(t.shape) != (n,):
-            raise VidDetError(f'{where}: {name} must have shape ({n},) like the boxes, got {tuple(t.shape)}')
-    if n and not (bool(torch.isfinite(det.boxes).all()) and bool(torch.isfinite(det.scores).all())):
-        raise VidDetError(f'{where}: boxes and scores must be finite (found NaN or inf)')
-    if n and det.labels.is_floating_point():
-        raise VidDetError(f'{where}: labels must be integers, got {det.labels.dtype}')
 
 
 def link_video(frames: Sequence[Detections], mode: str = 'seqnms', *, rescore: str = 'avg',

@@ -35,7 +35,8 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from viddet.structures import Detections
+from viddet.errors import VidDetError
+from viddet.structures import Detections, check_detections
 
 START_SCORE = 0.5
 """An unmatched detection scoring at least this starts a new track (the CLI's default --score-thr)."""
@@ -88,7 +89,7 @@ class IoUTracker:
 
     def __init__(self, start_score: float = START_SCORE, match_score: float = MATCH_SCORE,
                  match_iou: float = MATCH_IOU, max_missed: int = MAX_MISSED, motion: bool = False):
-        from viddet.errors import VidDetError
+
         for name, v in (('start_score', start_score), ('match_score', match_score), ('match_iou', match_iou)):
             if not 0.0 <= float(v) <= 1.0:
                 raise VidDetError(f'IoUTracker: {name} must be in [0, 1], got {v}')
@@ -165,7 +166,6 @@ class IoUTracker:
         Raises:
             VidDetError: detections of the wrong type or shape.
         """
-        from viddet.linking import check_detections
         check_detections(detections, f'frame {self.frame}')
         ids = self.step(detections.boxes.detach().cpu().numpy(), detections.scores.detach().cpu().numpy(),
                         detections.labels.detach().cpu().numpy())
