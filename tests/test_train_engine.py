@@ -148,11 +148,16 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     work = tmp_path / 'w'
     train(tiny_config(data), work, max_iters=2, device='cpu', progress=False, evaluate=False, verbose=False)
     good = (work / 'iter_2.pth').read_bytes()
-    cfg = tiny_config(data, lr=1e30, warmup_iters=0)
+    cfg = tiny_config(data, lr=1e30, warmup_iters=0, max_nonfinite_steps=2)
     cfg.schedule.grad_clip = None
-    with pytest.raises(VidDetError, match=r'non-finite loss at iteration \d+ .*loss_\w+ = (nan|inf)') as e:
+    # step 3 blows the weights up; steps 4 and 5 have NaN losses: skipped, and the second one stops
+    with pytest.raises(VidDetError, match=r'non-finite loss at iteration 5 \(epoch 1, step 5\), the last of 2 such '
+                                          r'steps in a row \(iterations 4-5, skipped; .*loss_\w+ = (nan|inf)') as e:
         train(cfg, work, max_iters=6, resume=True, device='cpu', progress=False, evaluate=False, verbose=False)
     assert 'iter_2.pth' in str(e.value)
+    log = _log(work)
+    assert [r['iter'] for r in log] == [1, 2, 3, 4] and [r['skipped'] for r in log] == [0, 0, 0, 1]
+    assert 'loss' in log[2] and 'loss' not in log[3]     # a skipped step's losses are not averaged in
     assert (work / 'iter_2.pth').read_bytes() == good
     assert latest_checkpoint(work).name == 'iter_2.pth'
     assert torch.load(work / 'iter_2.pth', weights_only=True)['iter'] == 2
