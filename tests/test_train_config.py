@@ -1,5 +1,5 @@
 """Config loading: YAML + dotted overrides, typed checks with clear messages, missing data paths
-reported before training starts (REFERENCE.md §1.9 defaults)."""
+reported before training starts (MMTracking's recipe as defaults)."""
 import time
 from pathlib import Path
 

@@ -2,16 +2,14 @@
 flownet_simple) downloaded once and checked, their key layout mapping onto the DC5 backbones, the
 R-101 / X-101 configs, and no start from random weights unless the config says so."""
 import hashlib
-import http.server
 import socket
-import threading
-from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
 
+from test_checkpoints import home, server  # noqa: F401 - fixtures: $VIDDET_HOME in tmp_path, an HTTP server
 from train_utils import make_tiny_vid, tiny_config
 from viddet import VidDetError
 from viddet.checkpoints import INIT_WEIGHTS, cache_dir, resolve_init_weights
@@ -25,12 +23,6 @@ from viddet.models.backbones import BACKBONES, build_backbone
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv('VIDDET_HOME', str(tmp_path / 'home'))
-    return tmp_path / 'home'
 
 
 @pytest.fixture
@@ -86,29 +78,6 @@ def test_zoo_file_from_the_cache_loads_into_r50(home, unreachable):
     assert lines == [f'backbone weights: {dest}: loaded 318 tensors; unused (2): fc.weight, fc.bias']
 
 
-class _Handler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):
-        self.server.hits.append(self.path)
-        super().do_GET()
-
-
-@pytest.fixture
-def server(tmp_path):
-    root = tmp_path / 'www'
-    root.mkdir()
-    httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), partial(_Handler, directory=str(root)))
-    httpd.hits, httpd.root = [], root
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(5)
-
-
 def test_download_once_into_cache_with_hash_check(tmp_path, home, server, monkeypatch):
     payload_path = tmp_path / 'w.pth'
     torch.save({'conv1.weight': torch.ones(2)}, payload_path)
@@ -116,10 +85,9 @@ def test_download_once_into_cache_with_hash_check(tmp_path, home, server, monkey
     good = f'tiny-{hashlib.sha256(payload).hexdigest()[:8]}.pth'
     (server.root / good).write_bytes(payload)
     (server.root / 'tiny-00000000.pth').write_bytes(payload)
-    base = f'http://127.0.0.1:{server.server_address[1]}'
     monkeypatch.setitem(INIT_WEIGHTS, 'test://tiny', f'https://example.invalid/models/{good}')
     monkeypatch.setitem(INIT_WEIGHTS, 'test://corrupt', 'https://example.invalid/models/tiny-00000000.pth')
-    monkeypatch.setenv('VIDDET_WEIGHTS_BASE', base)   # a mirror holding the files side by side
+    monkeypatch.setenv('VIDDET_WEIGHTS_BASE', server.base)   # a mirror holding the files side by side
     first = resolve_init_weights('test://tiny', 'init.backbone_weights', progress=False)
     again = resolve_init_weights('test://tiny', 'init.backbone_weights', progress=False)
     assert first == again == cache_dir() / good and first.read_bytes() == payload

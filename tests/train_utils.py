@@ -1,7 +1,7 @@
 """Helpers for the training tests: a tiny synthetic COCO-VID data set on disk and a tiny config.
 
 The frames are 96x64 (w x h) PNGs with one or two filled rectangles per frame that move a few
-pixels per frame; the annotation JSON follows the schema of ``viddet convert`` (REFERENCE.md §8.5).
+pixels per frame; the annotation JSON follows the schema of ``viddet convert``.
 """
 from __future__ import annotations
 

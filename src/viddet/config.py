@@ -1,7 +1,8 @@
 """Training configuration: typed dataclasses loaded from YAML, with dotted command-line overrides.
 
 A config file has up to five sections, ``model``, ``data``, ``schedule``, ``init`` and
-``eval`` (see ``configs/selsa_r50.yaml`` for a complete, commented example). Loading:
+``eval`` (see ``configs/selsa_r50.yaml`` for a complete, commented example), and may start from
+another file (``base:``, see :func:`load_config`). Loading:
 
 1. the YAML is read into plain dicts/lists;
 2. each ``--set key.sub=value`` override is applied (the value is parsed as YAML, so ``3``,
@@ -14,9 +15,10 @@ A config file has up to five sections, ``model``, ``data``, ``schedule``, ``init
    exist — the trainer calls it before building anything, so a typo fails in a second instead of
    after the model is built.
 
-Defaults reproduce MMTracking's ImageNet VID recipe (REFERENCE.md §1.9): SGD lr 0.01 for a total
-batch of 8 key images (scaled linearly with the actual total batch), momentum 0.9, weight decay
-1e-4, linear warm-up over 500 iterations from lr/3, x0.1 at the starts of epochs 3 and 6 (mmdet
+Defaults reproduce MMTracking's ImageNet VID recipe (MMTracking 0.14
+``configs/vid/selsa/selsa_faster_rcnn_r50_dc5_1x_imagenetvid.py``): SGD lr 0.01 for a total batch
+of 8 key images (scaled linearly with the actual total batch), momentum 0.9, weight decay 1e-4,
+linear warm-up over 500 iterations from lr/3, x0.1 at the starts of epochs 3 and 6 (mmdet
 ``step=[2, 5]``), 7 epochs, gradient clipping at L2 norm 35.
 
 Relative paths are relative to the current working directory (run ``viddet train`` from the
@@ -157,7 +159,7 @@ class ModelConfig:
 
 @dataclass
 class RefSamplerConfig:
-    """Reference frames per key frame (MMTracking ``ref_img_sampler``; REFERENCE.md §3.1, §4.2).
+    """Reference frames per key frame (MMTracking ``ref_img_sampler`` of the DFF / FGFA / SELSA configs).
 
     Attributes:
         num_ref_imgs: references per key frame (DFF 1, FGFA/SELSA 2; 0 = key frame only).
@@ -229,7 +231,7 @@ class DataConfig:
 
 @dataclass
 class ScheduleConfig:
-    """Optimisation (REFERENCE.md §1.9).
+    """Optimisation (MMTracking's ``optimizer``, ``lr_config`` and ``total_epochs``).
 
     Attributes:
         epochs: training epochs (7).
