@@ -356,16 +356,31 @@ class Trainer:
     def setup(self) -> None:
         """Everything before the first step, cheapest checks first: options, data and weight files,
         the work dir, the process group, initial weights (downloaded once), training data and
-        frames, the model, the resumed state, the work dir's files.
+        frames, the resumed state, the model, the work dir's files.
 
         Raises:
             VidDetError: anything that would make the run fail later or mix two runs.
         """
+        plan = self._check_and_connect()
+        self._build_data()
+        ckpt = self._resume_checkpoint() if self.resume else None
+        self._build_model(plan, ckpt)
+        self._open_outputs(resumed=ckpt is not None)
+        self.ready = True
+        c, s = self.cfg, self.cfg.schedule
+        self.say(f'training {c.model.method} ({c.model.backbone}) on {len(self.train_set)} samples: {self.world} '
+                 f'process(es) x {c.data.samples_per_gpu} sample(s) x {self.accumulate} accumulation = batch '
+                 f'{self.total_batch}, lr {self.schedule.base_lr:g}, {self.spe} steps/epoch, {s.epochs} epochs, '
+                 f'device {self.device}' + (f', amp {self.amp}' if self.amp else ''))
+
+    def _check_and_connect(self):
+        """Files, initial-weights plan, device (``cuda:<LOCAL_RANK>`` under torchrun), work dir, the
+        process group; returns the initial-weights plan with local files (None when resuming)."""
         cfg = self.cfg
         cfg.check_paths(need_val=self.do_eval)
         plan = None if self.resume else init_plan(cfg)
         set_threads(self.threads)
-        self.device = resolve_device(self.device_spec)   # cuda:<LOCAL_RANK> under torchrun
+        self.device = resolve_device(self.device_spec)
         if self.amp == 'fp16' and self.device.type == 'cpu':
             raise VidDetError('--amp fp16 needs a GPU (CPU autocast supports bf16: use --amp bf16)')
         check_work_dir(self.work_dir, self.resume, self.overwrite)   # every rank, before anything is written
@@ -374,26 +389,35 @@ class Trainer:
         self.dist, self.rank, self.world = init_distributed(self.device)
         if plan is not None:
             plan = self._first_on_rank0(lambda: resolve_plan(plan, self.progress and self.rank == 0))
+        return plan
+
+    def _build_data(self) -> None:
+        """The training set (categories and frames checked), the val frames, batch and schedule."""
+        cfg, s = self.cfg, self.cfg.schedule
         self.train_set = build_train_set(cfg)
         if self.do_eval and cfg.data.val is not None:
             check_frame_files(val_frame_files(cfg), f'{cfg.source}: data.val.img_prefix {cfg.data.val.img_prefix}')
-        s = cfg.schedule
         self.total_batch = self.world * cfg.data.samples_per_gpu * self.accumulate
         base_lr = s.lr * (self.total_batch / s.lr_batch if s.lr_batch else 1.0)
         self.schedule = LrSchedule(base_lr, s.steps, s.gamma, s.warmup_iters, s.warmup_ratio)
         self.spe = steps_per_epoch(len(self.train_set), self.total_batch)
         self.total_steps = self.spe * s.epochs
         self.end_it = self.total_steps if self.max_iters is None else min(self.total_steps, self.max_iters)
-        ckpt = self._resume_checkpoint() if self.resume else None
+
+    def _build_model(self, plan, ckpt: Optional[dict]) -> None:
+        """Model with its initial weights (or the checkpoint's), optimizer, scaler, DDP wrapper,
+        and for a resumed run its optimizer / scaler / RNG state and position."""
+        s = self.cfg.schedule
         torch.manual_seed(s.seed)
-        self.model = build_train_model(cfg)
+        self.model = build_train_model(self.cfg)
         if ckpt is None:
-            initialise(self.model, cfg, plan, self.say)
+            initialise(self.model, self.cfg, plan, self.say)
         else:
             self.model.load_state_dict(ckpt['state_dict'])
         self.model.to(self.device).train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.SGD(self.params, lr=base_lr, momentum=s.momentum, weight_decay=s.weight_decay)
+        self.optimizer = torch.optim.SGD(self.params, lr=self.schedule.base_lr, momentum=s.momentum,
+                                         weight_decay=s.weight_decay)
         self.scaler = grad_scaler(self.device) if self.amp == 'fp16' else None
         self.wrapper: nn.Module = _TrainForward(self.model)
         if self.dist is not None:
@@ -403,25 +427,22 @@ class Trainer:
         self.it, self.start_epoch, self.start_step, self.last_ckpt = 0, 0, 0, None
         if ckpt is not None:
             self._restore(ckpt)
+
+    def _open_outputs(self, resumed: bool) -> None:
+        """The work dir's files (rank 0), TensorBoard and the log accumulators."""
         if self.rank == 0:
-            self._prepare_work_dir(resumed=ckpt is not None)
+            self._prepare_work_dir(resumed)
         if self.dist is not None:
             self.dist.barrier()
         self.writer = None
         if self.rank == 0:
             from torch.utils.tensorboard import SummaryWriter
             # purge_step: TensorBoard hides what an interrupted run logged after the checkpoint
-            self.writer = SummaryWriter(str(self.work_dir / 'tf_logs'),
-                                        purge_step=self.it + 1 if ckpt is not None else None)
+            self.writer = SummaryWriter(str(self.work_dir / 'tf_logs'), purge_step=self.it + 1 if resumed else None)
         self._reset_log()
         self.bad_steps: List[int] = []
         self.step_losses: Dict[str, torch.Tensor] = {}
         self.metrics = None
-        self.ready = True
-        self.say(f'training {cfg.model.method} ({cfg.model.backbone}) on {len(self.train_set)} samples: {self.world} '
-                 f'process(es) x {cfg.data.samples_per_gpu} sample(s) x {self.accumulate} accumulation = batch '
-                 f'{self.total_batch}, lr {base_lr:g}, {self.spe} steps/epoch, {s.epochs} epochs, device '
-                 f'{self.device}' + (f', amp {self.amp}' if self.amp else ''))
 
     def _first_on_rank0(self, fn):
         """``fn()`` on local rank 0 first (downloads into the shared cache), then on the others."""
