@@ -1,4 +1,8 @@
-"""Shared fixtures: paths to ../shared (real frames, parity fixtures), skipping when absent."""
+"""Shared fixtures: paths to ../shared (real frames, parity fixtures), skipping when absent; torch's
+global state restored around every test; a local HTTP server and a $VIDDET_HOME for download tests."""
+import http.server
+import threading
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -54,3 +58,37 @@ def read_keys(path: Path) -> dict:
             name, _, dims = line.strip().partition(' ')
             out[name] = tuple(int(d) for d in dims.split(',') if d)
     return out
+
+
+# ------------------------------------------------------------------------------------ local server
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self.server.hits.append(self.path)
+        super().do_GET()
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A static HTTP server on 127.0.0.1 serving tmp_path/www; ``.hits`` lists requested paths."""
+    root = tmp_path / 'www'
+    root.mkdir()
+    httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), partial(_Handler, directory=str(root)))
+    httpd.hits = []
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    httpd.root = root
+    httpd.base = f'http://127.0.0.1:{httpd.server_address[1]}/'
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(5)
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    h = tmp_path / 'home'
+    monkeypatch.setenv('VIDDET_HOME', str(h))
+    return h

@@ -4,7 +4,6 @@ import hashlib
 import http.server
 import socket
 import threading
-from functools import partial
 from pathlib import Path
 
 import pytest
@@ -27,38 +26,6 @@ def meta_state(path: Path):
     return {k: torch.empty(s, device='meta') for k, s in read_keys(path).items()}
 
 
-# ------------------------------------------------------------------------------------ local server
-class _Handler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):
-        self.server.hits.append(self.path)
-        super().do_GET()
-
-
-@pytest.fixture
-def server(tmp_path):
-    """A static HTTP server on 127.0.0.1 serving tmp_path/www; ``.hits`` lists requested paths."""
-    root = tmp_path / 'www'
-    root.mkdir()
-    httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), partial(_Handler, directory=str(root)))
-    httpd.hits = []
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    httpd.root = root
-    httpd.base = f'http://127.0.0.1:{httpd.server_address[1]}/'
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(5)
-
-
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    h = tmp_path / 'home'
-    monkeypatch.setenv('VIDDET_HOME', str(h))
-    return h
 
 
 def publish(server, monkeypatch, name, payload: bytes, prefix=None):

@@ -20,7 +20,7 @@ LAYERS = [
     ('checkpoints',),
     ('engine.video',),
     ('api', 'engine.evaluate', 'engine.link_results'),
-    ('engine.train', 'benchmark', 'demo'),
+    ('engine.train', 'engine.initial_weights', 'engine.work_dir', 'benchmark', 'demo'),
     ('cli', '__main__', '__init__'),
 ]
 

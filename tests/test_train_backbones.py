@@ -4,7 +4,7 @@ import torch
 import torchvision
 
 from viddet import VidDetError
-from viddet.engine.train import init_weights_like_mmdet, load_backbone_weights, load_flownet_weights
+from viddet.engine.initial_weights import init_weights_like_mmdet, load_backbone_weights, load_flownet_weights
 from viddet.methods import build_method
 from viddet.models.mobilenet import MobileNetV2Lite, load_torchvision_features
 
@@ -45,39 +45,39 @@ def test_resnet_backbone_weights_from_torchvision_file(tmp_path):
     path = tmp_path / 'resnet50.pth'
     torch.save(tv.state_dict(), path)
     model = build_method('single', 'r50', 30)
-    missing, unused = load_backbone_weights(model, str(path), verbose=False)
+    missing, unused = load_backbone_weights(model, str(path))
     assert missing == [] and sorted(unused) == ['fc.bias', 'fc.weight']
     for k, v in model.detector.backbone.state_dict().items():
         assert torch.equal(v, tv.state_dict()[k]), k
     # mmdet-style prefix works too
     torch.save({'state_dict': {'backbone.' + k: v for k, v in tv.state_dict().items()}}, tmp_path / 'mm.pth')
-    assert load_backbone_weights(model, str(tmp_path / 'mm.pth'), verbose=False)[0] == []
+    assert load_backbone_weights(model, str(tmp_path / 'mm.pth'))[0] == []
     # a ResNet-18 file: first mismatched tensor named with both shapes
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / 'r18.pth')
     with pytest.raises(VidDetError, match=r'r18.pth: layer1.0.conv1.weight has shape \(64, 64, 3, 3\)'):
-        load_backbone_weights(model, str(tmp_path / 'r18.pth'), verbose=False)
+        load_backbone_weights(model, str(tmp_path / 'r18.pth'))
     torch.save({'foo': torch.zeros(1)}, tmp_path / 'junk.pth')
     with pytest.raises(VidDetError, match='contains no weight of this ResNetDC5'):
-        load_backbone_weights(model, str(tmp_path / 'junk.pth'), verbose=False)
+        load_backbone_weights(model, str(tmp_path / 'junk.pth'))
     with pytest.raises(VidDetError, match='does not exist'):
-        load_backbone_weights(model, str(tmp_path / 'nope.pth'), verbose=False)
+        load_backbone_weights(model, str(tmp_path / 'nope.pth'))
 
 
 def test_flownet_weights_with_or_without_motion_prefix(tmp_path):
     a = build_method('dff', 'mobilenetv2', 30)
     b = build_method('dff', 'mobilenetv2', 30)
     torch.save({'state_dict': {'motion.' + k: v for k, v in a.motion.state_dict().items()}}, tmp_path / 'p.pth')
-    load_flownet_weights(b, str(tmp_path / 'p.pth'), verbose=False)
+    load_flownet_weights(b, str(tmp_path / 'p.pth'))
     assert all(torch.equal(v, b.motion.state_dict()[k]) for k, v in a.motion.state_dict().items())
     c = build_method('fgfa', 'mobilenetv2', 30)
     torch.save(a.motion.state_dict(), tmp_path / 'bare.pth')
-    load_flownet_weights(c, str(tmp_path / 'bare.pth'), verbose=False)
+    load_flownet_weights(c, str(tmp_path / 'bare.pth'))
     assert torch.equal(c.motion.conv1[0].conv.weight, a.motion.conv1[0].conv.weight)
     torch.save({k: v for k, v in list(a.motion.state_dict().items())[2:]}, tmp_path / 'part.pth')
     with pytest.raises(VidDetError, match='missing keys: conv1.0.conv.weight'):
-        load_flownet_weights(c, str(tmp_path / 'part.pth'), verbose=False)
+        load_flownet_weights(c, str(tmp_path / 'part.pth'))
     with pytest.raises(VidDetError, match='has no FlowNet'):
-        load_flownet_weights(build_method('single', 'mobilenetv2', 30), str(tmp_path / 'bare.pth'), verbose=False)
+        load_flownet_weights(build_method('single', 'mobilenetv2', 30), str(tmp_path / 'bare.pth'))
 
 
 def test_mmdet_style_head_init():

@@ -1,5 +1,5 @@
 """Config loading: YAML + dotted overrides, typed checks with clear messages, missing data paths
-reported before training starts (REFERENCE.md §1.9 defaults)."""
+reported before training starts (MMTracking's recipe as defaults)."""
 import time
 from pathlib import Path
 
@@ -81,6 +81,7 @@ def parse_test_settings_parse_and_apply():
      r'data.train.0.ref_sampler: method selsa needs reference frames'),
     (['data.train=[{ann_file: a.json, img_prefx: b}]'], r'unknown key data.train.0.img_prefx \(did you mean data.train.0.img_prefix\?\)'),
     (['model.backbone_frozen_stages=9'], r'model.backbone_frozen_stages must be in 0..4 for r50'),
+    (['schedule.max_nonfinite_steps=0'], r'schedule.max_nonfinite_steps must be >= 1, got 0'),
 ])
 def test_bad_configs_fail_with_clear_messages(overrides, message):
     with pytest.raises(VidDetError, match=message) as e:

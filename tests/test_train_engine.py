@@ -148,11 +148,16 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     work = tmp_path / 'w'
     train(tiny_config(data), work, max_iters=2, device='cpu', progress=False, evaluate=False, verbose=False)
     good = (work / 'iter_2.pth').read_bytes()
-    cfg = tiny_config(data, lr=1e30, warmup_iters=0)
+    cfg = tiny_config(data, lr=1e30, warmup_iters=0, max_nonfinite_steps=2)
     cfg.schedule.grad_clip = None
-    with pytest.raises(VidDetError, match=r'non-finite loss at iteration \d+ .*loss_\w+ = (nan|inf)') as e:
+    # step 3 blows the weights up; steps 4 and 5 have NaN losses: skipped, and the second one stops
+    with pytest.raises(VidDetError, match=r'non-finite loss at iteration 5 \(epoch 1, step 5\), the last of 2 such '
+                                          r'steps in a row \(iterations 4-5, skipped; .*loss_\w+ = (nan|inf)') as e:
         train(cfg, work, max_iters=6, resume=True, device='cpu', progress=False, evaluate=False, verbose=False)
     assert 'iter_2.pth' in str(e.value)
+    log = _log(work)
+    assert [r['iter'] for r in log] == [1, 2, 3, 4] and [r['skipped'] for r in log] == [0, 0, 0, 1]
+    assert 'loss' in log[2] and 'loss' not in log[3]     # a skipped step's losses are not averaged in
     assert (work / 'iter_2.pth').read_bytes() == good
     assert latest_checkpoint(work).name == 'iter_2.pth'
     assert torch.load(work / 'iter_2.pth', weights_only=True)['iter'] == 2
@@ -174,3 +179,90 @@ def test_checkpoint_loads_for_inference_and_evaluates(tmp_path, data):
     for e in (1, 2):   # --val-interval 1: after epoch 1 and at the end
         assert (tmp_path / 'w' / f'eval_epoch_{e}' / 'metrics.json').is_file()
     assert list((tmp_path / 'w' / 'tf_logs').iterdir())
+
+
+class StubScaler:
+    """``torch.amp.GradScaler``'s interface on the CPU: at the given optimizer steps (1-based) the
+    scaled gradients overflow (an inf is put in), as fp16 gradients under too large a scale do;
+    such a step is skipped and the scale halved, like GradScaler's."""
+
+    def __init__(self, overflow_at, scale=512.0):
+        self.overflow_at, self.value, self.calls, self.found_inf = set(overflow_at), scale, 0, False
+
+    def scale(self, loss):
+        return loss * self.value
+
+    def unscale_(self, optimizer):
+        self.calls += 1
+        grads = [p.grad for g in optimizer.param_groups for p in g['params'] if p.grad is not None]
+        if self.calls in self.overflow_at:
+            grads[0].view(-1)[0] = float('inf')
+        for g in grads:
+            g.div_(self.value)
+        self.found_inf = not all(bool(torch.isfinite(g).all()) for g in grads)
+
+    def step(self, optimizer):
+        if not self.found_inf:
+            optimizer.step()
+
+    def update(self):
+        self.value /= 2 if self.found_inf else 1
+
+    def get_scale(self):
+        return self.value
+
+    def state_dict(self):
+        return {'scale': self.value}
+
+    def load_state_dict(self, state):
+        self.value = state['scale']
+
+
+def test_fp16_overflow_is_a_skipped_step_not_an_error(tmp_path):
+    from viddet.engine.train import Trainer
+    data = make_tiny_vid(tmp_path / 'data', num_videos=1, num_frames=5)
+    work = tmp_path / 'w'
+    cfg = tiny_config(data, max_nonfinite_steps=1)     # a non-finite *loss* would stop at once
+    t = Trainer(cfg, work, max_iters=4, save_interval=1, keep_checkpoints=0, device='cpu', progress=False,
+                evaluate=False, verbose=False)
+    t.setup()
+    t.scaler = StubScaler(overflow_at={2, 3})
+    assert t.run().iters == 4
+    ckpt = {i: torch.load(work / f'iter_{i}.pth', weights_only=True) for i in (1, 2, 3, 4)}
+    for a, b, same in ((1, 2, True), (2, 3, True), (3, 4, False)):
+        pa, pb = ckpt[a]['state_dict'], ckpt[b]['state_dict']
+        assert all(torch.equal(pa[k], pb[k]) for k in pa) == same, (a, b)
+        ma = ckpt[a]['optimizer']['state']
+        assert all(torch.equal(ma[k]['momentum_buffer'], ckpt[b]['optimizer']['state'][k]['momentum_buffer'])
+                   for k in ma) == same
+    log = _log(work)
+    assert [r['skipped'] for r in log] == [0, 1, 1, 0] and [r['loss_scale'] for r in log] == [512, 256, 128, 128]
+    assert all('loss' in r for r in log)                 # the losses were finite: logged
+    assert ckpt[4]['scaler'] == {'scale': 128.0}
+
+
+def test_host_syncs_do_not_grow_with_micro_steps(tmp_path, monkeypatch):
+    """Losses stay on the device between log lines: the trainer's own transfers to the host
+    (``.item()``, ``float()``, ``.tolist()``) are as many with 3 micro-batches per step as with 1."""
+    import sys
+    import viddet.engine.train as engine
+    data = make_tiny_vid(tmp_path / 'data', num_videos=1, num_frames=3)
+    counts = []
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *a):
+            if sys._getframe(1).f_code.co_filename == engine.__file__:
+                counts[-1] += 1
+            return original(self, *a)
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+    for name in ('item', '__float__', 'tolist'):
+        counting(name)
+    for acc in (1, 3):
+        counts.append(0)
+        train(tiny_config(data, log_interval=3), tmp_path / f'a{acc}', accumulate=acc, max_iters=3, device='cpu',
+              progress=False, evaluate=False, verbose=False)
+    assert counts[0] == counts[1] > 0
+    # a skip check per step, one log line (losses, gradient norm), the epoch's data order, the result's 6 losses
+    assert counts[0] == 3 + 2 + 1 + 6

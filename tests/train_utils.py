@@ -48,7 +48,8 @@ def make_tiny_vid(root: Path, num_videos: int = 2, num_frames: int = 5, width: i
 
 
 def tiny_config(paths: dict, method: str = 'single', val: dict = None, **schedule):
-    """A validated tiny config: MobileNetV2-lite (random init), 96x64 frames, few proposals/RoIs."""
+    """A validated tiny config: MobileNetV2-lite (random init, said explicitly), 96x64 frames, few
+    proposals/RoIs."""
     refs = {'single': None, 'dff': {'num_ref_imgs': 1, 'frame_range': 2, 'filter_key_img': False, 'method': 'uniform'}}
     ref = refs.get(method, {'num_ref_imgs': 2, 'frame_range': 2, 'filter_key_img': True, 'method': 'bilateral_uniform'})
     sched = dict(epochs=2, lr=0.01, lr_batch=1, warmup_iters=2, steps=[1], log_interval=1, seed=3)
@@ -60,5 +61,6 @@ def tiny_config(paths: dict, method: str = 'single', val: dict = None, **schedul
                  'scale': [96, 64], 'workers': 0, 'samples_per_gpu': 1},
         'schedule': sched,
         'eval': {'interval': 0, 'at_end': val is not None},
+        'init': {'backbone_weights': 'random', 'flownet_weights': 'random' if method in ('dff', 'fgfa') else None},
     }
     return config_from_dict(raw, '<tiny>')

@@ -53,6 +53,18 @@ for _name, _dir, _stamp in [
     MODEL_ZOO[_name] = f'vid/{_dir}/{_dir.split("/")[-1]}_{_stamp}.pth'
 MODEL_ZOO['selsa_r50_fp16'] = 'fp16/selsa_faster_rcnn_r50_dc5_fp16_1x_imagenetvid_20210728_193846-dce6eb09.pth'
 
+# Initial weights of training, by the names MMTracking 0.14's configs give them: the backbones'
+# ``init_cfg=dict(type='Pretrained', checkpoint=...)`` (torchvision's ImageNet ResNets as mmcv
+# resolves ``torchvision://``; ``open-mmlab://`` from mmcv/model_zoo/open_mmlab.json) and DFF/FGFA's
+# ``motion.init_cfg`` (configs/vid/dff/dff_faster_rcnn_r50_dc5_1x_imagenetvid.py).
+INIT_WEIGHTS: Dict[str, str] = {
+    'torchvision://resnet50': 'https://download.pytorch.org/models/resnet50-0676ba61.pth',
+    'torchvision://resnet101': 'https://download.pytorch.org/models/resnet101-63fe2227.pth',
+    'open-mmlab://resnext101_64x4d':
+        'https://download.openmmlab.com/pretrain/third_party/resnext101_64x4d-ee2c6f71.pth',
+    'flownet_simple': ZOO_BASE + 'pretrained_weights/flownet_simple.pth',
+}
+
 
 
 def cache_dir() -> Path:
@@ -63,6 +75,40 @@ def cache_dir() -> Path:
 def zoo_url(name: str) -> str:
     """Published URL of a model-zoo name (``$VIDDET_ZOO_BASE`` overrides the server, for mirrors)."""
     return os.environ.get('VIDDET_ZOO_BASE', ZOO_BASE).rstrip('/') + '/' + MODEL_ZOO[name]
+
+
+def init_weights_url(name: str) -> str:
+    """Published URL of an :data:`INIT_WEIGHTS` name; ``$VIDDET_WEIGHTS_BASE`` (a mirror holding the
+    files side by side) replaces everything before the file name."""
+    url = INIT_WEIGHTS[name]
+    base = os.environ.get('VIDDET_WEIGHTS_BASE')
+    return base.rstrip('/') + '/' + url.split('/')[-1] if base else url
+
+
+def resolve_init_weights(spec: str, key: str, progress: bool = True) -> Path:
+    """An initial-weights setting (``init.backbone_weights`` / ``init.flownet_weights``) -> a local
+    file: a path, a URL, or an :data:`INIT_WEIGHTS` name such as ``torchvision://resnet50``. URLs and
+    names are downloaded once into :func:`cache_dir` (under the published file name, whose
+    ``-<hex>`` suffix is checked against the file's SHA-256 as for the VID checkpoints).
+
+    Raises:
+        VidDetError: naming ``key``: a missing file, an unknown name, or a failed download (with the
+            URL and the cache path to put a manually downloaded file at).
+    """
+    instead = f'set {key} to the downloaded file'
+    if spec in INIT_WEIGHTS:
+        dest = cache_dir() / INIT_WEIGHTS[spec].split('/')[-1]
+        return dest if dest.is_file() else download(init_weights_url(spec), dest, progress, instead)
+    if spec.startswith(('http://', 'https://')):
+        dest = cache_dir() / spec.rstrip('/').split('/')[-1]
+        return dest if dest.is_file() else download(spec, dest, progress, instead)
+    p = Path(spec).expanduser()
+    if p.is_file():
+        return p
+    if p.suffix or os.sep in spec:
+        raise VidDetError(f'{key}: file {spec} does not exist')
+    raise VidDetError(f'{key}: {spec!r} is neither a file, a URL nor a known name of initial weights '
+                      f'({", ".join(INIT_WEIGHTS)}, or random)')
 
 
 def _hash_prefix(filename: str) -> Optional[str]:
@@ -78,11 +124,12 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def download(url: str, dest: Path, progress: bool = True) -> Path:
+def download(url: str, dest: Path, progress: bool = True,
+             instead: str = 'pass --checkpoint /path/to/file.pth') -> Path:
     """Downloads ``url`` to ``dest`` atomically, with a progress bar, verifying the hash prefix.
 
     The file name's ``-<hex>.pth`` suffix (MMTracking's publish convention) must be a prefix of
-    the file's SHA-256.
+    the file's SHA-256. ``instead`` completes the advice of a failed download ("..., or <instead>").
 
     Raises:
         VidDetError: network failure, including a connection that ends before the announced
@@ -98,7 +145,7 @@ def download(url: str, dest: Path, progress: bool = True) -> Path:
             except (urllib.error.URLError, OSError, ValueError) as e:
                 raise VidDetError(
                     f'could not download {url} ({getattr(e, "reason", e)}). Without network access, download '
-                    f'it elsewhere and put it at {dest}, or pass --checkpoint /path/to/file.pth') from None
+                    f'it elsewhere and put it at {dest}, or {instead}') from None
             total = int(resp.headers.get('Content-Length') or 0) or None
             received = 0
             try:
@@ -168,6 +215,26 @@ def _numpy_safe_globals() -> list:
     return allowed
 
 
+def read_checkpoint_dict(path) -> dict:
+    """The whole dict of a checkpoint file (weights, and for a training checkpoint the optimizer,
+    RNG and position), read with ``torch.load(weights_only=True)``: a file holding other Python
+    objects is refused, never executed.
+
+    Raises:
+        VidDetError: naming the file: not a readable torch file (truncated, a full pickle, another
+            format) or not a dict.
+    """
+    try:
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            obj = torch.load(str(path), map_location='cpu', weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling error means "not a checkpoint"
+        raise VidDetError(f'{path} is not a readable PyTorch checkpoint: {_load_error(e)}'
+                          + _cache_advice(path)) from None
+    if not isinstance(obj, dict):
+        raise VidDetError(f'{path} holds a {type(obj).__name__}, not a checkpoint dict')
+    return obj
+
+
 def read_checkpoint(path) -> Tuple[Dict[str, torch.Tensor], dict]:
     """Reads a checkpoint file with ``torch.load(weights_only=True)``.
 
@@ -178,14 +245,7 @@ def read_checkpoint(path) -> Tuple[Dict[str, torch.Tensor], dict]:
     Raises:
         VidDetError: not a readable torch file, or no tensors in it.
     """
-    try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
-            obj = torch.load(str(path), map_location='cpu', weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling error means "not a checkpoint"
-        raise VidDetError(f'{path} is not a readable PyTorch checkpoint: {_load_error(e)}'
-                          + _cache_advice(path)) from None
-    if not isinstance(obj, dict):
-        raise VidDetError(f'{path} holds a {type(obj).__name__}, not a checkpoint dict')
+    obj = read_checkpoint_dict(path)
     state = obj.get('state_dict', obj.get('model', obj))
     meta = obj.get('meta') or {}
     if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor) for v in state.values()):

@@ -213,7 +213,15 @@ def add_train_parser(sub):
     p.add_argument('config', help='YAML config, e.g. configs/selsa_r50.yaml')
     p.add_argument('--work-dir', default=None,
                    help='checkpoints, logs, TensorBoard and evaluations (default work_dirs/<config name>)')
-    p.add_argument('--resume', action='store_true', help='continue bit-for-bit from the latest checkpoint in --work-dir')
+    p.add_argument('--resume', action='store_true',
+                   help='continue bit-for-bit from the newest intact checkpoint in --work-dir')
+    p.add_argument('--overwrite', action='store_true',
+                   help='start afresh in a --work-dir that holds an earlier run (deletes its checkpoints, logs and '
+                        'evaluations); without --resume or --overwrite such a work dir is refused')
+    p.add_argument('--save-interval', type=int, default=None, metavar='N',
+                   help='also save iter_<n>.pth every N optimizer steps, so that a preempted run loses at most N steps')
+    p.add_argument('--keep-checkpoints', type=int, default=2, metavar='K',
+                   help='keep the newest K iter_<n>.pth (default 2; 0 keeps all); epoch_<e>.pth are always kept')
     p.add_argument('--amp', choices=('fp16', 'bf16'), default=None,
                    help='mixed precision (fp16 on GPU with a loss scaler starting at 512; bf16 also on CPU)')
     p.add_argument('--accumulate', type=int, default=1, metavar='K',
@@ -223,12 +231,15 @@ def add_train_parser(sub):
     p.add_argument('--val-interval', type=int, default=None, metavar='E',
                    help='evaluate on data.val every E epochs (default: eval.interval; always at the end)')
     p.add_argument('--no-eval', action='store_true', help='no evaluation at all')
-    p.add_argument('--device', default='auto', help='auto (CUDA if available), cpu, cuda, cuda:1 ...')
-    p.add_argument('--backbone-weights', default=None, metavar='FILE',
-                   help='ImageNet weights of the backbone (torchvision ResNet/ResNeXt .pth or the MobileNetV2 '
-                        'features file); overrides init.backbone_weights')
-    p.add_argument('--flownet-weights', default=None, metavar='FILE',
-                   help='FlowNet init (MMTracking flownet_simple.pth); overrides init.flownet_weights')
+    p.add_argument('--device', default='auto',
+                   help='auto (CUDA if available), cpu, cuda, cuda:1 ... (under torchrun cuda = cuda:<LOCAL_RANK>)')
+    p.add_argument('--backbone-weights', default=None, metavar='W',
+                   help='initial backbone weights: torchvision://resnet50, torchvision://resnet101, '
+                        'open-mmlab://resnext101_64x4d (downloaded once into $VIDDET_HOME), a .pth file, a URL, or '
+                        'random; overrides init.backbone_weights (default: the backbone\'s ImageNet weights)')
+    p.add_argument('--flownet-weights', default=None, metavar='W',
+                   help='initial FlowNet weights (DFF/FGFA): flownet_simple (MMTracking\'s, the default), a file, a '
+                        'URL, or random; overrides init.flownet_weights')
     p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', dest='overrides',
                    help='override a config value, e.g. --set schedule.epochs=3 --set data.scale=[600,360] (repeatable)')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
@@ -249,7 +260,8 @@ def add_train_parser(sub):
         work_dir = args.work_dir or str(Path('work_dirs') / Path(args.config).stem)
         train(cfg, work_dir, resume=args.resume, amp=args.amp, accumulate=args.accumulate, max_iters=args.max_iters,
               val_interval=args.val_interval, device=args.device, progress=not args.no_progress,
-              evaluate=not args.no_eval, threads=args.threads)
+              evaluate=not args.no_eval, threads=args.threads, save_interval=args.save_interval,
+              keep_checkpoints=args.keep_checkpoints, overwrite=args.overwrite)
         return 0
 
     p.set_defaults(func=run)

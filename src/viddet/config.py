@@ -1,7 +1,8 @@
 """Training configuration: typed dataclasses loaded from YAML, with dotted command-line overrides.
 
 A config file has up to five sections, ``model``, ``data``, ``schedule``, ``init`` and
-``eval`` (see ``configs/selsa_r50.yaml`` for a complete, commented example). Loading:
+``eval`` (see ``configs/selsa_r50.yaml`` for a complete, commented example), and may start from
+another file (``base:``, see :func:`load_config`). Loading:
 
 1. the YAML is read into plain dicts/lists;
 2. each ``--set key.sub=value`` override is applied (the value is parsed as YAML, so ``3``,
@@ -14,9 +15,10 @@ A config file has up to five sections, ``model``, ``data``, ``schedule``, ``init
    exist — the trainer calls it before building anything, so a typo fails in a second instead of
    after the model is built.
 
-Defaults reproduce MMTracking's ImageNet VID recipe (REFERENCE.md §1.9): SGD lr 0.01 for a total
-batch of 8 key images (scaled linearly with the actual total batch), momentum 0.9, weight decay
-1e-4, linear warm-up over 500 iterations from lr/3, x0.1 at the starts of epochs 3 and 6 (mmdet
+Defaults reproduce MMTracking's ImageNet VID recipe (MMTracking 0.14
+``configs/vid/selsa/selsa_faster_rcnn_r50_dc5_1x_imagenetvid.py``): SGD lr 0.01 for a total batch
+of 8 key images (scaled linearly with the actual total batch), momentum 0.9, weight decay 1e-4,
+linear warm-up over 500 iterations from lr/3, x0.1 at the starts of epochs 3 and 6 (mmdet
 ``step=[2, 5]``), 7 epochs, gradient clipping at L2 norm 35.
 
 Relative paths are relative to the current working directory (run ``viddet train`` from the
@@ -159,7 +161,7 @@ class ModelConfig:
 
 @dataclass
 class RefSamplerConfig:
-    """Reference frames per key frame (MMTracking ``ref_img_sampler``; REFERENCE.md §3.1, §4.2).
+    """Reference frames per key frame (MMTracking ``ref_img_sampler`` of the DFF / FGFA / SELSA configs).
 
     Attributes:
         num_ref_imgs: references per key frame (DFF 1, FGFA/SELSA 2; 0 = key frame only).
@@ -231,7 +233,7 @@ class DataConfig:
 
 @dataclass
 class ScheduleConfig:
-    """Optimisation (REFERENCE.md §1.9).
+    """Optimisation (MMTracking's ``optimizer``, ``lr_config`` and ``total_epochs``).
 
     Attributes:
         epochs: training epochs (7).
@@ -247,6 +249,10 @@ class ScheduleConfig:
         grad_clip: max L2 norm of all gradients (35); null disables clipping.
         seed: seeds model init, data order, reference sampling, flips and RoI sampling.
         log_interval: optimizer steps between TensorBoard/log lines.
+        max_nonfinite_steps: a step whose loss (or, without a loss scaler, gradient norm) is not
+            finite is skipped (no update); training stops when this many steps in a row are (10).
+            Under ``--amp fp16`` a step the GradScaler skips for inf/NaN gradients is normal and
+            does not count.
     """
     epochs: int = 7
     lr: float = 0.01
@@ -260,18 +266,31 @@ class ScheduleConfig:
     grad_clip: Optional[float] = 35.0
     seed: int = 0
     log_interval: int = 10
+    max_nonfinite_steps: int = 10
+
+
+RANDOM_INIT = 'random'
+"""The ``init.*_weights`` value that asks for randomly initialised weights (never the default)."""
 
 
 @dataclass
 class InitConfig:
-    """Initial weights.
+    """Initial weights. Each ``*_weights`` value is a file, a URL, a name of
+    ``viddet.checkpoints.INIT_WEIGHTS`` (downloaded once into the cache), or ``random``.
 
     Attributes:
-        backbone_weights: torchvision ImageNet weights of the backbone (``resnet50-*.pth``,
-            ``resnet101-*.pth``, ``resnext101_64x4d-*.pth``, or the MobileNetV2 features file).
-        flownet_weights: MMTracking's ``flownet_simple.pth`` (DFF/FGFA); None = random FlowNet.
-        checkpoint: a full viddet/MMTracking checkpoint to start from (fine-tuning); loaded after
-            the two above.
+        backbone_weights: ImageNet weights of the backbone: ``torchvision://resnet50``,
+            ``torchvision://resnet101``, ``open-mmlab://resnext101_64x4d`` (MMTracking's names), a
+            torchvision-style ``.pth`` or the MobileNetV2 features file. None: the backbone's own
+            (``imagenet_weights`` of ``viddet.models.backbones.BACKBONES``); a backbone without one
+            must say ``random`` explicitly.
+        flownet_weights: DFF/FGFA: ``flownet_simple`` (MMTracking's
+            ``pretrained_weights/flownet_simple.pth``, the default) or a file; ``random`` trains
+            FlowNet from random weights (explicitly only; ``model.flownet: zero`` needs none).
+        checkpoint: a full viddet/MMTracking checkpoint to start from (fine-tuning: path, URL or
+            model-zoo name such as ``selsa_r50``), loaded over the two above; its classifier and box
+            regressor are re-initialised when its classes differ from ``model.classes``. With a
+            checkpoint, the two above are loaded only when set.
     """
     backbone_weights: Optional[str] = None
     flownet_weights: Optional[str] = None
@@ -329,14 +348,18 @@ class Config:
             need(self.data.val.ann_file, 'data.val.ann_file', 'file', conv)
             need(self.data.val.img_prefix, 'data.val.img_prefix', 'dir')
             need(self.data.val.motion_iou, 'data.val.motion_iou', 'file')
-        need(self.init.backbone_weights, 'init.backbone_weights', 'file')
-        need(self.init.flownet_weights, 'init.flownet_weights', 'file')
-        ck = self.init.checkpoint
-        if ck and not ck.startswith(('http://', 'https://')) and (ck.endswith('.pth') or '/' in ck):
-            need(ck, 'init.checkpoint', 'file')  # else a model-zoo name, resolved when loading
+        for key in ('backbone_weights', 'flownet_weights', 'checkpoint'):
+            spec = getattr(self.init, key)
+            if spec and _names_a_file(spec):   # else a URL or a name, resolved when loading
+                need(spec, f'init.{key}', 'file')
         if problems:
             raise VidDetError(f'{self.source}: ' + ('\n  '.join(['missing data:'] + problems)
                                                     if len(problems) > 1 else problems[0]))
+
+
+def _names_a_file(spec: str) -> bool:
+    """Whether an ``init.*`` value is a file path (not a URL, a zoo name or ``random``)."""
+    return '://' not in spec and (Path(spec).suffix != '' or '/' in spec or '\\' in spec)
 
 
 # ----------------------------------------------------------------------------------- typed conversion
@@ -485,6 +508,8 @@ def _validate(cfg: Config) -> None:
         raise err(f'schedule.warmup_ratio must be in (0, 1], got {s.warmup_ratio}')
     if sorted(s.steps) != list(s.steps) or any(x < 1 for x in s.steps):
         raise err(f'schedule.steps must be increasing epochs >= 1, got {s.steps}')
+    if s.max_nonfinite_steps < 1:
+        raise err(f'schedule.max_nonfinite_steps must be >= 1, got {s.max_nonfinite_steps}')
     if s.grad_clip is not None and s.grad_clip <= 0:
         raise err(f'schedule.grad_clip must be > 0 or null, got {s.grad_clip}')
     if cfg.eval.interval < 0:
@@ -585,17 +610,43 @@ def parse_test_settings(overrides: Sequence[str]) -> Dict[str, Any]:
 def load_config(path, overrides: Sequence[str] = ()) -> Config:
     """Reads a YAML config file and applies ``--set`` overrides (see module docstring).
 
+    A top-level ``base: other.yaml`` (relative to the file) starts from that file's settings:
+    mappings are merged key by key, any other value (lists included) is replaced — as MMTracking's
+    ``_base_``, e.g. ``configs/selsa_r101.yaml`` is ``selsa_r50.yaml`` with another backbone.
+
     Raises:
-        VidDetError: missing/unparsable file, unknown keys, wrong types or values.
+        VidDetError: missing/unparsable file (or base file), a cycle of bases, unknown keys, wrong
+            types or values.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise VidDetError(f'config file {path} does not exist')
+    return config_from_dict(_read_with_bases(Path(path), ()), str(path), overrides)
+
+
+def _read_with_bases(path: Path, seen: Tuple[Path, ...]) -> dict:
+    """The raw dict of a config file with its ``base`` chain merged in."""
+    if not path.is_file():
+        where = f' (the base of {seen[-1]})' if seen else ''
+        raise VidDetError(f'config file {path} does not exist{where}')
+    if path.resolve() in seen:
+        raise VidDetError(f'{path}: "base" chain loops back to itself')
     try:
-        text = p.read_text()
+        text = path.read_text()
     except (OSError, UnicodeDecodeError) as e:
         raise VidDetError(f'cannot read config file {path}: {e}') from None
-    return config_from_dict(yaml_load(text, str(path)) or {}, str(path), overrides)
+    raw = yaml_load(text, str(path)) or {}
+    if not isinstance(raw, dict) or 'base' not in raw:
+        return raw
+    base = raw.pop('base')
+    if not isinstance(base, str):
+        raise VidDetError(f'{path}: base must be a config file name, got {base!r}')
+    return _merged(_read_with_bases(path.parent / base, seen + (path.resolve(),)), raw)
+
+
+def _merged(base: dict, top: dict) -> dict:
+    """``top`` over ``base``: nested mappings merged key by key, other values replaced."""
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def save_config(cfg: Config, path) -> Path:

@@ -220,8 +220,13 @@ def run_test(detector, ann_file, img_root, out_dir, mode: str = 'offline', max_v
     if max_videos is not None:
         videos = videos[:max_videos]
     out_dir = Path(out_dir)
+    if detector.device.type == 'cuda':   # NCCL runs each rank's collectives on its current GPU
+        import torch
+        torch.cuda.set_device(detector.device)
     dist, rank, world = init_distributed(detector.device)
     _prepare_out_dir(out_dir, _run_record(detector, ann_file, mode, link), resume, rank)
+    if dist is not None:   # every rank has checked the folder before any saves a video into it
+        dist.barrier()
     if max_videos is not None and rank == 0:
         subset_annotations(ann_file, [im['id'] for _, imgs in videos for im in imgs],
                            out_dir / 'annotations_subset.json')

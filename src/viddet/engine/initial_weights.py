@@ -1,0 +1,340 @@
+"""What a training run starts from: the model with its training settings, mmdet's initialisation of
+the parts trained from scratch, ImageNet backbone weights, FlowNet weights, and a full checkpoint
+to fine-tune (its classifier and box regressor re-initialised for another set of classes).
+
+MMTracking 0.14 starts every backbone from ImageNet weights (``init_cfg=dict(type='Pretrained',
+checkpoint='torchvision://resnet50')`` etc.) and DFF/FGFA's FlowNet from ``flownet_simple.pth``
+(``motion.init_cfg``); viddet does the same by default (:func:`init_plan`) and never starts from
+random weights unless the config says ``random``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from viddet.checkpoints import (_with_detector_prefix, check_finite, class_names, describe, describe_state_dict,
+                                load_into, load_partial, read_checkpoint, resolve_checkpoint,
+                                resolve_init_weights)
+from viddet.config import RANDOM_INIT, Config
+from viddet.errors import VidDetError
+from viddet.methods import method_class
+from viddet.models.backbones import backbone_info
+from viddet.models.mobilenet import MobileNetV2Lite
+
+HEAD_PREFIXES = ('detector.roi_head.bbox_head.fc_cls.', 'detector.roi_head.bbox_head.fc_reg.')
+"""The tensors whose shape depends on the number of classes (mmdet ``BBoxHead``: ``fc_cls``
+(C + 1 outputs), class-specific ``fc_reg`` (4 C outputs)); re-initialised when fine-tuning on
+other classes."""
+
+
+# ===================================================================================== model + init
+def init_weights_like_mmdet(model: nn.Module) -> nn.Module:
+    """Initialises the parts that are trained from scratch as mmdet/mmcv 2.x/1.x ``init_cfg`` does.
+
+    * neck ``ChannelMapper``: Xavier uniform, bias 0 (``init_cfg=Xavier(layer='Conv2d')``);
+    * ``RPNHead`` convs: normal std 0.01, bias 0 (``init_cfg=Normal(layer='Conv2d', std=0.01)``);
+    * ``Shared2FCBBoxHead``: shared fcs Xavier uniform, ``fc_cls`` normal std 0.01, ``fc_reg``
+      normal std 0.001, biases 0 (``BBoxHead`` / ``ConvFCBBoxHead`` default ``init_cfg``);
+    * mmcv ``ConvModule`` convs (FGFA ``EmbedAggregator``, Temporal RoI Align ``embed_network``,
+      FlowNetSimple when no FlowNet weights are given): Kaiming normal, ``mode='fan_out'``,
+      nonlinearity relu (leaky_relu with slope 0.1 for FlowNet's activated convs), bias 0;
+    * ``SelsaAggregator`` linears keep PyTorch's default (MMTracking gives them no ``init_cfg``).
+
+    The backbone is left alone (it gets ImageNet weights, or stays at PyTorch's default init).
+    """
+    det = model.detector
+
+    def xavier(m):
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def normal(m, std):
+        nn.init.normal_(m.weight, 0.0, std)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def kaiming(m, a=0.0, nonlinearity='relu'):
+        nn.init.kaiming_normal_(m.weight, a=a, mode='fan_out', nonlinearity=nonlinearity)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    for m in det.neck.modules():
+        if isinstance(m, nn.Conv2d):
+            xavier(m)
+    for m in (det.rpn_head.rpn_conv, det.rpn_head.rpn_cls, det.rpn_head.rpn_reg):
+        normal(m, 0.01)
+    head = det.roi_head.bbox_head
+    for m in head.shared_fcs:
+        xavier(m)
+    normal(head.fc_cls, 0.01)
+    normal(head.fc_reg, 0.001)
+    extractor = det.roi_head.bbox_roi_extractor
+    if extractor is not None and getattr(extractor, 'embed_network', None) is not None:
+        kaiming(extractor.embed_network.conv)
+    if hasattr(model, 'aggregator'):
+        for m in model.aggregator.modules():
+            if isinstance(m, nn.Conv2d):
+                kaiming(m)
+    if hasattr(model, 'motion'):
+        for m in model.motion.modules():
+            if hasattr(m, 'conv') and isinstance(m.conv, (nn.Conv2d, nn.ConvTranspose2d)):
+                leaky = isinstance(getattr(m, 'act', None), nn.LeakyReLU)
+                kaiming(m.conv, a=0.1 if leaky else 0.0, nonlinearity='leaky_relu' if leaky else 'relu')
+    return model
+
+
+def build_train_model(cfg: Config) -> nn.Module:
+    """The method module of ``cfg.model`` with its training settings applied and the from-scratch
+    parts initialised like mmdet (:func:`init_weights_like_mmdet`); no weights are loaded."""
+    m = cfg.model
+    cls = method_class(m.method)
+    model = cls.build(m.backbone, m.num_classes, **cls.settings_of(m.test))
+    tc = cls.train_config()
+    if m.rpn_train_proposals is not None:
+        tc.rpn_proposal_max_per_img = m.rpn_train_proposals
+    if m.rcnn_samples is not None:
+        tc.rcnn_sampler.num = m.rcnn_samples
+    model.train_cfg = tc
+    if m.backbone_frozen_stages is not None:
+        model.detector.backbone.frozen_stages = m.backbone_frozen_stages
+        model.detector.backbone.train(model.detector.backbone.training)  # applies the freezing
+    init_weights_like_mmdet(model)
+    if m.flownet != 'train':
+        configure_flownet(model, m.flownet)
+    return model
+
+
+def configure_flownet(model: nn.Module, mode: str) -> None:
+    """``frozen``: FlowNet parameters get ``requires_grad=False``. ``zero``: additionally the final
+    ``predict_flow`` conv is zeroed, so the predicted flow is exactly 0 (features are warped by a
+    zero flow; with MMTracking's warp that is the identity up to its (W-1)/W contraction)."""
+    if mode == 'zero':
+        with torch.no_grad():
+            model.motion.predict_flow.conv.weight.zero_()
+    for p in model.motion.parameters():
+        p.requires_grad = False
+
+
+# ===================================================================================== what to load
+@dataclass
+class InitPlan:
+    """The initial weights of a run (:func:`init_plan`): each a file, URL or zoo name, ``random``,
+    or None (nothing to load: no FlowNet, a zero flow, or the part comes from ``checkpoint``)."""
+    backbone: Optional[str]
+    flownet: Optional[str]
+    checkpoint: Optional[str]
+
+
+def init_plan(cfg: Config) -> InitPlan:
+    """Applies the defaults of ``cfg.init`` and refuses to start silently from random weights.
+
+    Backbone: ``init.backbone_weights``, else (without ``init.checkpoint``) the backbone's ImageNet
+    weights (``BACKBONES[...].imagenet_weights``, e.g. ``torchvision://resnet50``). FlowNet (DFF,
+    FGFA): ``init.flownet_weights``, else (without checkpoint, unless ``model.flownet: zero``)
+    MMTracking's ``flownet_simple``.
+
+    Raises:
+        VidDetError: a backbone without known ImageNet weights and no ``init.backbone_weights``
+            (say ``random`` to train it from random weights), or FlowNet weights for a method
+            without FlowNet.
+    """
+    i, m = cfg.init, cfg.model
+    backbone = i.backbone_weights
+    if backbone is None and not i.checkpoint:
+        backbone = backbone_info(m.backbone).imagenet_weights
+        if backbone is None:
+            raise VidDetError(f'{cfg.source}: init.backbone_weights is not set and backbone {m.backbone} has no '
+                              f'published ImageNet weights: set init.backbone_weights (or --backbone-weights) to '
+                              f'a weights file, or to {RANDOM_INIT} to train it from random weights')
+    flownet = i.flownet_weights
+    if not method_class(m.method).has_flownet:
+        if flownet not in (None, RANDOM_INIT):
+            raise VidDetError(f'{cfg.source}: init.flownet_weights is set but method {m.method} has no FlowNet')
+        flownet = None
+    elif flownet is None and not i.checkpoint and m.flownet != 'zero':
+        flownet = 'flownet_simple'
+    return InitPlan(backbone, flownet, i.checkpoint)
+
+
+def resolve_plan(plan: InitPlan, progress: bool = True) -> InitPlan:
+    """The plan with every name and URL replaced by its local file (downloaded into the cache
+    once; :func:`viddet.checkpoints.resolve_init_weights`, :func:`~viddet.checkpoints.resolve_checkpoint`).
+
+    Raises:
+        VidDetError: a missing file or a failed download (naming the URL and the cache path).
+    """
+    def local(spec, key):
+        return spec if spec in (None, RANDOM_INIT) else str(resolve_init_weights(spec, key, progress))
+    return InitPlan(local(plan.backbone, 'init.backbone_weights'), local(plan.flownet, 'init.flownet_weights'),
+                    str(resolve_checkpoint(plan.checkpoint, progress)) if plan.checkpoint else None)
+
+
+def initialise(model: nn.Module, cfg: Config, plan: InitPlan, say: Callable[[str], None] = print) -> None:
+    """Loads the resolved ``plan`` into a model of :func:`build_train_model`: backbone, FlowNet,
+    then the fine-tuning checkpoint over them (:func:`load_finetune_checkpoint`); ``say`` gets
+    one line per part saying what was loaded (or that it stays random, as asked)."""
+    for part, spec in (('backbone', plan.backbone), ('FlowNet', plan.flownet)):
+        if spec == RANDOM_INIT:
+            say(f'{part}: random initial weights (init.{part.lower()}_weights: {RANDOM_INIT})')
+    if plan.backbone not in (None, RANDOM_INIT):
+        load_backbone_weights(model, plan.backbone, say)
+    if plan.flownet not in (None, RANDOM_INIT):
+        load_flownet_weights(model, plan.flownet, say)
+    if plan.checkpoint:
+        load_finetune_checkpoint(model, plan.checkpoint, cfg, backbone_given=plan.backbone is not None,
+                                 flownet_given=plan.flownet is not None, say=say)
+    if cfg.model.flownet == 'zero':
+        configure_flownet(model, 'zero')   # after loading: the flow stays exactly 0
+
+
+def _state_from_file(path: str, what: str):
+    p = Path(path)
+    if not p.is_file():
+        raise VidDetError(f'{what} file {path} does not exist')
+    state, _ = read_checkpoint(p)
+    return state
+
+
+def _listed(keys: List[str], n: int = 6) -> str:
+    return ', '.join(keys[:n]) + (f' … (+{len(keys) - n} more)' if len(keys) > n else '')
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+def load_backbone_weights(model: nn.Module, path: str, say: Callable[[str], None] = _quiet
+                          ) -> Tuple[List[str], List[str]]:
+    """Initialises ``model.detector.backbone`` from ImageNet weights.
+
+    Accepted files: torchvision ResNet-50/101 or ResNeXt-101 64x4d state dicts (keys ``conv1.*``,
+    ``layerK.*``; ``fc.*`` is ignored) — their keys are mmdet's ``ResNet``/``ResNeXt`` keys, so they
+    map onto :class:`viddet.models.backbones.ResNetDC5` unchanged, as mmcv's non-strict
+    ``load_checkpoint`` loads them —, the same with a ``backbone.`` / ``detector.backbone.`` /
+    ``module.`` prefix (mmdet/MMTracking files), or torchvision MobileNetV2 weights
+    (``features.*``) for the ``mobilenetv2`` backbone. Every backbone parameter must be in the file
+    (``num_batches_tracked`` counters aside), so that no part of it stays random unnoticed.
+
+    Returns:
+        (missing, unused): backbone keys the file did not give (only ``num_batches_tracked``), and
+        the file's unused keys.
+
+    Raises:
+        VidDetError: unreadable file, a shape mismatch (naming the file, the key and both shapes —
+            e.g. ResNet-101 weights for a ResNet-50 backbone), or backbone tensors missing in it.
+    """
+    backbone = model.detector.backbone
+    state = _state_from_file(path, 'backbone weights')
+    if isinstance(backbone, MobileNetV2Lite):
+        def rename(k):   # torchvision's features.N (N < 18); features.18 and the classifier go unused
+            return k if k.startswith('features.') else 'features.' + k
+    else:
+        def rename(k):   # torchvision / mmdet / MMTracking / DDP spellings of the ResNet keys
+            for prefix in ('module.', 'detector.', 'backbone.'):
+                k = k[len(prefix):] if k.startswith(prefix) else k
+            return k
+    missing, unused = load_partial(backbone, state, f'backbone weights {path}', rename)
+    lacking = [k for k in missing if not k.endswith('num_batches_tracked')]
+    if lacking:
+        raise VidDetError(f'backbone weights {path} lack {len(lacking)} of the {len(backbone.state_dict())} '
+                          f'tensors of the {type(backbone).__name__} ({_listed(lacking)}): weights of another '
+                          f'network? (unused keys of the file: {_listed(unused, 4)})')
+    say(f'backbone weights: {path}: loaded {len(backbone.state_dict()) - len(missing)} tensors'
+        + (f'; unused ({len(unused)}): {_listed(unused)}' if unused else ''))
+    return missing, unused
+
+
+def load_flownet_weights(model: nn.Module, path: str, say: Callable[[str], None] = _quiet) -> None:
+    """Initialises ``model.motion`` (FlowNetSimple) from MMTracking's ``flownet_simple.pth``
+    (bare keys ``conv1.0.conv.weight`` ... or with the ``motion.`` prefix). Strict.
+
+    Raises:
+        VidDetError: the method has no FlowNet, unreadable file, or missing / unexpected keys.
+    """
+    if not model.has_flownet:
+        raise VidDetError(f'init.flownet_weights is set but method {model.name!r} has no FlowNet')
+    state = _state_from_file(path, 'FlowNet weights')
+    if any(k.startswith('motion.') for k in state):
+        state = {k[len('motion.'):]: v for k, v in state.items() if k.startswith('motion.')}
+    load_into(model.motion, state, f'FlowNet weights {path}')
+    say(f'FlowNet weights: {path}: loaded {len(state)} tensors')
+
+
+@dataclass
+class FinetuneReport:
+    """What :func:`load_finetune_checkpoint` did, key lists in the model's order.
+
+    Attributes:
+        loaded: tensors taken from the checkpoint. reinitialised: the class-dependent head tensors
+        left at mmdet's initialisation (other classes). not_in_checkpoint: model tensors the
+        checkpoint lacks (initialised otherwise). unused: checkpoint tensors the model has no place for.
+    """
+    loaded: List[str]
+    reinitialised: List[str]
+    not_in_checkpoint: List[str]
+    unused: List[str]
+
+
+def load_finetune_checkpoint(model: nn.Module, path: str, cfg: Config, backbone_given: bool = False,
+                             flownet_given: bool = False, say: Callable[[str], None] = _quiet) -> FinetuneReport:
+    """Starts training from a full MMTracking/viddet checkpoint (mmcv ``load_checkpoint`` with
+    ``strict=False``, as ``load_from`` does): every tensor of the same name and shape is loaded;
+    the classifier ``fc_cls`` and box regressor ``fc_reg`` (:data:`HEAD_PREFIXES`) keep mmdet's
+    initialisation when the checkpoint's classes (``meta['CLASSES']``, or its class count) differ
+    from ``cfg.model.classes``.
+
+    Args:
+        backbone_given, flownet_given: the backbone / FlowNet were initialised from their own
+            weights before, so the checkpoint need not hold them.
+
+    Raises:
+        VidDetError: a checkpoint of another backbone, NaN weights, a mis-shaped tensor outside the
+            class-dependent head, or a checkpoint without the backbone / FlowNet weights when they
+            are not given otherwise (naming the init key to set).
+    """
+    state, meta = read_checkpoint(path)
+    state = _with_detector_prefix(state)
+    check_finite(state, path)
+    kind = describe_state_dict(state)
+    if kind[1] is not None and kind[1] != cfg.model.backbone:
+        raise VidDetError(f'init.checkpoint {path} is {describe(*kind)}, but model.backbone is {cfg.model.backbone}')
+    own = model.state_dict()
+    new_classes = list(cfg.model.classes)
+    old_classes = list(class_names(meta)) if meta else None
+    reinit = [k for k in own if k.startswith(HEAD_PREFIXES) and k in state
+              and (tuple(state[k].shape) != tuple(own[k].shape)
+                   or (old_classes is not None and old_classes != new_classes))]
+    missing, unused = load_partial(model, state, f'init.checkpoint {path}', lambda k: None if k in reinit else k)
+    unused = [k for k in unused if k not in reinit]
+    absent = [k for k in missing if k not in reinit and not k.endswith('num_batches_tracked')]
+    for prefix, given, key, advice in (
+            ('detector.backbone.', backbone_given, 'init.backbone_weights', 'its ImageNet weights'),
+            ('motion.', flownet_given or cfg.model.flownet == 'zero', 'init.flownet_weights', 'flownet_simple')):
+        lacking = [k for k in absent if k.startswith(prefix)]
+        if lacking and not given:
+            raise VidDetError(f'init.checkpoint {path} has no weights for {prefix}* ({len(lacking)} tensors): set '
+                              f'{key} ({advice}, a file, or {RANDOM_INIT})')
+    loaded = [k for k in own if k not in missing]
+    report = FinetuneReport(loaded, reinit, absent, unused)
+    say(_finetune_message(path, report, old_classes, new_classes, own, state))
+    return report
+
+
+def _finetune_message(path, r: FinetuneReport, old_classes, new_classes, own, state) -> str:
+    lines = [f'initial checkpoint {path}: loaded {len(r.loaded)} of {len(own)} tensors']
+    if r.reinitialised:
+        was = f'{len(old_classes)} classes ({_listed(old_classes, 4)})' if old_classes else 'other classes'
+        shapes = [f'{k} {tuple(state[k].shape)} -> {tuple(own[k].shape)}' for k in r.reinitialised]
+        lines.append(f're-initialised for the {len(new_classes)} classes of model.classes (the checkpoint has '
+                     f'{was}): {", ".join(shapes)}')
+    if r.not_in_checkpoint:
+        lines.append(f'not in the checkpoint, initialised otherwise ({len(r.not_in_checkpoint)}): '
+                     f'{_listed(r.not_in_checkpoint)}')
+    if r.unused:
+        lines.append(f'unused tensors of the checkpoint ({len(r.unused)}): {_listed(r.unused)}')
+    return '\n  '.join(lines)
