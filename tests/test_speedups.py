@@ -8,7 +8,8 @@ from torchvision.ops import roi_align
 from viddet import speedups
 from viddet.models.aggregators import EmbedAggregator, TemporalRoIAlign
 from viddet.speedups import onednn
-from viddet.speedups.troi import prepared, roi_align_taps
+from viddet.speedups.roi_align import roi_align_taps
+from viddet.speedups.troi import prepared
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -41,6 +42,26 @@ def test_roi_align_taps_reproduce_roi_align(size):
     # a RoI outside the map has all-zero taps; every in-map sample's weights sum to 1 / 4
     assert float(wts.view(60, 49, 16)[1].abs().sum()) == 0.0
     torch.testing.assert_close(wts.view(60, 49, 4, 4)[2].sum(-1), torch.full((49, 4), 0.25))
+
+
+def test_roi_align_fast_path_equals_torchvision_for_batches_and_layouts():
+    from viddet.models.detector import SingleRoIExtractor
+    from viddet.speedups.roi_align import roi_align_forward
+    torch.manual_seed(0)
+    ext = SingleRoIExtractor()
+    feats = torch.randn(3, 16, 9, 13)
+    rois = _rois(40, 13 * 16, 9 * 16, seed=5)
+    rois[:, 0] = torch.arange(40) % 3                        # RoIs of all three images
+    expected = roi_align(feats, rois, 7, spatial_scale=1 / 16, sampling_ratio=2, aligned=True)
+    with torch.no_grad():
+        for f in (feats, feats.contiguous(memory_format=torch.channels_last)):
+            got = roi_align_forward(ext, f, rois)
+            assert got.shape == (40, 16, 7, 7)
+            torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+        speedups.enable(ext)
+        torch.testing.assert_close(ext(feats, rois), expected, atol=1e-6, rtol=1e-5)
+        assert roi_align_forward(ext, feats, rois[:0]).shape == (0, 16, 7, 7)
+    assert roi_align_forward(ext, feats.requires_grad_(), rois) is None   # training: torchvision's kernel
 
 
 @pytest.mark.parametrize('chunk', [None, 1])

@@ -22,6 +22,8 @@ fast path                              replaces
   + :func:`onednn.conv_act_forward`    each conv + LeakyReLU one oneDNN primitive
 :func:`onednn.linear_forward`          the ``nn.Linear`` layers of the RoI head (box head,
                                        SELSA attention): oneDNN inner products
+:func:`roi_align.roi_align_forward`  ``SingleRoIExtractor.roi_align`` (and TemporalRoIAlign's):
+                                       RoIAlign as bilinear taps gathered with ``embedding_bag``
 :func:`troi.temporal_roi_align_forward`  ``TemporalRoIAlign.forward``: re-associated (RoIAlign
                                        taps x a key/reference Gram matrix, tap projections)
 :func:`fgfa.fgfa_aggregate`            ``FGFA.aggregate``: the embedding conv of every warped
@@ -37,10 +39,10 @@ from torch import nn
 from viddet.methods.fgfa import FGFA
 from viddet.models.aggregators import TemporalRoIAlign
 from viddet.models.backbones import ResNetDC5
-from viddet.models.detector import RoIHead
+from viddet.models.detector import RoIHead, SingleRoIExtractor
 from viddet.models.flownet import FlowNetSimple
 from viddet.models.layers import ConvAct
-from viddet.speedups import fgfa, onednn, troi
+from viddet.speedups import fgfa, onednn, roi_align, troi
 
 
 class FastMethod:
@@ -79,6 +81,8 @@ def enable(model: nn.Module) -> nn.Module:
             for layer in m.modules():
                 if isinstance(layer, nn.Linear):
                     _install(layer, 'forward', onednn.linear_forward)
+        if isinstance(m, SingleRoIExtractor):   # TemporalRoIAlign too: its plain RoIAlign step
+            _install(m, 'roi_align', roi_align.roi_align_forward)
         if isinstance(m, TemporalRoIAlign):
             _install(m, 'forward', troi.temporal_roi_align_forward)
         if isinstance(m, FGFA):

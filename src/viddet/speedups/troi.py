@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from viddet.speedups.memo import per_tensor
+from viddet.speedups.roi_align import roi_align_taps
 from viddet.speedups.onednn import conv1x1_rows
 
 
@@ -91,64 +92,6 @@ def temporal_roi_align_forward(troi, feats: torch.Tensor, rois: torch.Tensor, re
         feats = feats.float()
         maps = [m.float() for m in maps]
         return _forward(troi, feats, rois, roi_feats.float(), maps, roi_chunk_size)
-
-
-def roi_align_taps(rois: torch.Tensor, height: int, width: int, output_size: int = 7,
-                   spatial_scale: float = 1.0 / 16, sampling_ratio: int = 2):
-    """RoIAlign (``aligned=True``, avg) written as a sparse linear map: its bilinear taps.
-
-    torchvision's / mmcv's CPU kernel, step by step: RoI corners ``* spatial_scale - 0.5``; bins of
-    ``roi_size / output_size``; ``sampling_ratio`` x ``sampling_ratio`` samples per bin at
-    ``start + bin_index * bin + (i + 0.5) * bin / sampling_ratio``; a sample with y < -1, y > H,
-    x < -1 or x > W contributes 0; otherwise coordinates are clamped at 0, the low corner is
-    ``int(y)`` (and y = H-1 when ``int(y) >= H-1``), bilinear weights ``(1-ly)(1-lx)``, ... ; the
-    bin value is the sum over samples divided by their number.
-
-    Args:
-        rois: (n, 5) [batch_index, x1, y1, x2, y2] in input pixels (the batch index is ignored:
-            the taps index one feature map).
-        height, width: feature map size H, W.
-
-    Returns:
-        (pos, weight): (n * S * S, 4 * r * r) int64 indices into the flattened H*W map and float32
-        weights (already divided by r*r), S = output_size, r = sampling_ratio; output point
-        (i, py, px) of ``roi_align`` equals ``sum_j weight[q, j] * feat[:, pos[q, j]]`` with
-        q = (i * S + py) * S + px (invalid samples have weight 0 and position 0).
-    """
-    if sampling_ratio <= 0:
-        raise ValueError('roi_align_taps needs a fixed sampling_ratio > 0')
-    dtype = torch.float32
-    r = rois.to(dtype)
-    x1, y1 = r[:, 1] * spatial_scale - 0.5, r[:, 2] * spatial_scale - 0.5
-    x2, y2 = r[:, 3] * spatial_scale - 0.5, r[:, 4] * spatial_scale - 0.5
-    bin_w, bin_h = (x2 - x1) / output_size, (y2 - y1) / output_size
-    grid = torch.arange(output_size, dtype=dtype, device=r.device)[None, :, None]
-    sub = (torch.arange(sampling_ratio, dtype=dtype, device=r.device) + 0.5)[None, None, :]
-
-    def axis(start, size_bin, size):
-        v = start[:, None, None] + grid * size_bin[:, None, None] \
-            + sub * size_bin[:, None, None] / sampling_ratio           # (n, S, r)
-        valid = (v >= -1.0) & (v <= size)
-        v = v.clamp(min=0.0)
-        low = v.to(torch.int64)
-        top = low >= size - 1
-        low = torch.where(top, torch.full_like(low, size - 1), low)
-        high = torch.where(top, low, low + 1)
-        frac = torch.where(top, torch.zeros_like(v), v - low.to(dtype))
-        return valid, low, high, frac, 1.0 - frac
-
-    vy, y_lo, y_hi, ly, hy = axis(y1, bin_h, height)
-    vx, x_lo, x_hi, lx, hx = axis(x1, bin_w, width)
-    ey = lambda a: a[:, :, None, :, None]  # noqa: E731  (n, Sy, 1, ry, 1)
-    ex = lambda a: a[:, None, :, None, :]  # noqa: E731  (n, 1, Sx, 1, rx)
-    valid = ey(vy) & ex(vx)
-    w = torch.stack([ey(hy) * ex(hx), ey(hy) * ex(lx), ey(ly) * ex(hx), ey(ly) * ex(lx)], dim=-1)
-    pos = torch.stack([ey(y_lo) * width + ex(x_lo), ey(y_lo) * width + ex(x_hi),
-                       ey(y_hi) * width + ex(x_lo), ey(y_hi) * width + ex(x_hi)], dim=-1)
-    w = w * valid[..., None].to(dtype) / float(sampling_ratio * sampling_ratio)
-    pos = pos * valid[..., None].to(torch.int64)
-    q = rois.shape[0] * output_size * output_size
-    return pos.reshape(q, -1), w.reshape(q, -1)
 
 
 def _forward(troi, feats: torch.Tensor, rois: torch.Tensor, roi_feats: torch.Tensor,

@@ -1,0 +1,95 @@
+"""RoIAlign as a sparse linear map: its bilinear taps, and RoIAlign computed from them.
+
+torchvision's CPU ``roi_align`` loops over RoIs, bins, samples and channels one channel at a time.
+The same numbers (up to float summation order) come from writing every output point as a weighted
+sum of at most 16 feature-map pixels (:func:`roi_align_taps`) and gathering those pixels' channel
+vectors from a location-major copy of the map with ``embedding_bag`` (:func:`roi_align_forward`):
+~4x faster for 300 RoIs on a 512 x 38 x 63 map at one thread. The taps also let the factorized
+Temporal RoI Align (:mod:`viddet.speedups.troi`) combine per-pixel quantities instead of RoI
+features.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def roi_align_taps(rois: torch.Tensor, height: int, width: int, output_size: int = 7,
+                   spatial_scale: float = 1.0 / 16, sampling_ratio: int = 2):
+    """RoIAlign (``aligned=True``, avg) written as a sparse linear map: its bilinear taps.
+
+    torchvision's / mmcv's CPU kernel, step by step: RoI corners ``* spatial_scale - 0.5``; bins of
+    ``roi_size / output_size``; ``sampling_ratio`` x ``sampling_ratio`` samples per bin at
+    ``start + bin_index * bin + (i + 0.5) * bin / sampling_ratio``; a sample with y < -1, y > H,
+    x < -1 or x > W contributes 0; otherwise coordinates are clamped at 0, the low corner is
+    ``int(y)`` (and y = H-1 when ``int(y) >= H-1``), bilinear weights ``(1-ly)(1-lx)``, ... ; the
+    bin value is the sum over samples divided by their number.
+
+    Args:
+        rois: (n, 5) [batch_index, x1, y1, x2, y2] in input pixels (the batch index is ignored:
+            the taps index one feature map).
+        height, width: feature map size H, W.
+
+    Returns:
+        (pos, weight): (n * S * S, 4 * r * r) int64 indices into the flattened H*W map and float32
+        weights (already divided by r*r), S = output_size, r = sampling_ratio; output point
+        (i, py, px) of ``roi_align`` equals ``sum_j weight[q, j] * feat[:, pos[q, j]]`` with
+        q = (i * S + py) * S + px (invalid samples have weight 0 and position 0).
+    """
+    if sampling_ratio <= 0:
+        raise ValueError('roi_align_taps needs a fixed sampling_ratio > 0')
+    dtype = torch.float32
+    r = rois.to(dtype)
+    x1, y1 = r[:, 1] * spatial_scale - 0.5, r[:, 2] * spatial_scale - 0.5
+    x2, y2 = r[:, 3] * spatial_scale - 0.5, r[:, 4] * spatial_scale - 0.5
+    bin_w, bin_h = (x2 - x1) / output_size, (y2 - y1) / output_size
+    grid = torch.arange(output_size, dtype=dtype, device=r.device)[None, :, None]
+    sub = (torch.arange(sampling_ratio, dtype=dtype, device=r.device) + 0.5)[None, None, :]
+
+    def axis(start, size_bin, size):
+        v = start[:, None, None] + grid * size_bin[:, None, None] \
+            + sub * size_bin[:, None, None] / sampling_ratio           # (n, S, r)
+        valid = (v >= -1.0) & (v <= size)
+        v = v.clamp(min=0.0)
+        low = v.to(torch.int64)
+        top = low >= size - 1
+        low = torch.where(top, torch.full_like(low, size - 1), low)
+        high = torch.where(top, low, low + 1)
+        frac = torch.where(top, torch.zeros_like(v), v - low.to(dtype))
+        return valid, low, high, frac, 1.0 - frac
+
+    vy, y_lo, y_hi, ly, hy = axis(y1, bin_h, height)
+    vx, x_lo, x_hi, lx, hx = axis(x1, bin_w, width)
+    ey = lambda a: a[:, :, None, :, None]  # noqa: E731  (n, Sy, 1, ry, 1)
+    ex = lambda a: a[:, None, :, None, :]  # noqa: E731  (n, 1, Sx, 1, rx)
+    valid = ey(vy) & ex(vx)
+    w = torch.stack([ey(hy) * ex(hx), ey(hy) * ex(lx), ey(ly) * ex(hx), ey(ly) * ex(lx)], dim=-1)
+    pos = torch.stack([ey(y_lo) * width + ex(x_lo), ey(y_lo) * width + ex(x_hi),
+                       ey(y_hi) * width + ex(x_lo), ey(y_hi) * width + ex(x_hi)], dim=-1)
+    w = w * valid[..., None].to(dtype) / float(sampling_ratio * sampling_ratio)
+    pos = pos * valid[..., None].to(torch.int64)
+    q = rois.shape[0] * output_size * output_size
+    return pos.reshape(q, -1), w.reshape(q, -1)
+
+
+def roi_align_forward(extractor, feats: torch.Tensor, rois: torch.Tensor) -> Optional[torch.Tensor]:
+    """``SingleRoIExtractor.roi_align`` (mmcv ``RoIAlign(7, sampling_ratio=2, aligned=True)``, avg) from
+    the taps: feats (B, C, H, W), rois (n, 5) [batch index, x1, y1, x2, y2] -> (n, C, 7, 7) float32
+    (a permuted view of an (n, 7, 7, C) tensor). None where it does not apply (autograd on, no fixed
+    sampling ratio), and torchvision's kernel runs."""
+    if torch.is_grad_enabled() or extractor.sampling_ratio <= 0 or feats.dim() != 4 or rois.dim() != 2:
+        return None
+    s = extractor.output_size
+    b, c, h, w = feats.shape
+    n = rois.shape[0]
+    if n == 0:
+        return feats.new_zeros((0, c, s, s), dtype=torch.float32)
+    with torch.autocast(feats.device.type, enabled=False):
+        pos, wts = roi_align_taps(rois, h, w, s, extractor.spatial_scale, extractor.sampling_ratio)
+        if b > 1:   # rows of image k start at k*H*W
+            pos = pos + (rois[:, 0].long() * (h * w)).repeat_interleave(s * s)[:, None]
+        rows = feats.float().permute(0, 2, 3, 1).reshape(b * h * w, c)   # a view when channels-last
+        out = F.embedding_bag(pos, rows, per_sample_weights=wts, mode='sum')
+    return out.view(n, s, s, c).permute(0, 3, 1, 2)
