@@ -19,9 +19,10 @@ fast path                              replaces
 :func:`onednn.resnet_forward`          ``ResNetDC5.forward``: BN folded into the convs, ReLU
                                        and residual add as oneDNN post-ops, channels-last
 :func:`onednn.flownet_forward_prepared`  ``FlowNetSimple.forward_prepared``: channels-last,
-  + :func:`onednn.conv_act_forward`    each conv + LeakyReLU one oneDNN primitive
+  + :func:`onednn.conv_act_forward`    each conv + LeakyReLU one oneDNN primitive (the neck's
+                                       conv + ReLU too)
 :func:`onednn.linear_forward`          the ``nn.Linear`` layers of the RoI head (box head,
-                                       SELSA attention): oneDNN inner products
+                                       SELSA attention): one GEMM on the transposed weight
 :func:`roi_align.roi_align_forward`  ``SingleRoIExtractor.roi_align`` (and TemporalRoIAlign's):
                                        RoIAlign as bilinear taps gathered with ``embedding_bag``
 :func:`troi.temporal_roi_align_forward`  ``TemporalRoIAlign.forward``: re-associated (RoIAlign
@@ -39,7 +40,7 @@ from torch import nn
 from viddet.methods.fgfa import FGFA
 from viddet.models.aggregators import TemporalRoIAlign
 from viddet.models.backbones import ResNetDC5
-from viddet.models.detector import RoIHead, SingleRoIExtractor
+from viddet.models.detector import ChannelMapper, RoIHead, SingleRoIExtractor
 from viddet.models.flownet import FlowNetSimple
 from viddet.models.layers import ConvAct
 from viddet.speedups import fgfa, onednn, roi_align, troi
@@ -74,6 +75,10 @@ def enable(model: nn.Module) -> nn.Module:
             _install(m, 'forward', onednn.resnet_forward)
         elif isinstance(m, FlowNetSimple):
             _install(m, 'forward_prepared', onednn.flownet_forward_prepared)
+            for conv in m.modules():
+                if isinstance(conv, ConvAct):
+                    _install(conv, 'forward', onednn.conv_act_forward)
+        elif isinstance(m, ChannelMapper):
             for conv in m.modules():
                 if isinstance(conv, ConvAct):
                     _install(conv, 'forward', onednn.conv_act_forward)
