@@ -24,7 +24,7 @@ from viddet.data.transforms import DEFAULT_SCALE
 from viddet.engine.video import FrameResult, VideoFrame, run_video
 from viddet.errors import VidDetError
 from viddet.linking import LINK_MODES, IoUTracker, link_video
-from viddet.runtime import resolve_device
+from viddet.runtime import resolve_device, set_threads
 from viddet.timing import NO_TIMER, StageTimer
 
 
@@ -57,7 +57,8 @@ class VideoDetector:
     @classmethod
     def from_checkpoint(cls, checkpoint: Optional[str] = None, method: Optional[str] = None,
                         backbone: Optional[str] = None, device: str = 'auto', random_weights: bool = False,
-                        test: Optional[TestConfig] = None, **settings) -> 'VideoDetector':
+                        test: Optional[TestConfig] = None, threads: Optional[int] = None,
+                        **settings) -> 'VideoDetector':
         """Loads an MMTracking / mmdet / viddet checkpoint into the right method
         (:func:`viddet.checkpoints.load_model`).
 
@@ -70,6 +71,8 @@ class VideoDetector:
             device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``...
             random_weights: skip the checkpoint, random initialisation (pipeline tests only).
             test: inference settings (:class:`viddet.config.TestConfig`); default the checkpoint's.
+            threads: torch CPU threads; default torch's own, capped at the cores this process is
+                given (:func:`viddet.runtime.set_threads`).
             settings: single inference settings overriding them, e.g. ``key_frame_interval=5``,
                 ``num_refs=7``, ``fast=False``.
 
@@ -78,6 +81,7 @@ class VideoDetector:
                 method/backbone (the message lists missing/unexpected keys and what the file is).
         """
         dev = resolve_device(device)
+        set_threads(threads)
         loaded = load_model(checkpoint, method, backbone, test=test, random_weights=random_weights, **settings)
         return cls(loaded.model, loaded.class_names, dev, scale=loaded.scale, test=loaded.test,
                    checkpoint=None if loaded.path is None else str(loaded.path))
@@ -190,11 +194,9 @@ def detector_from_args(args) -> VideoDetector:
         VidDetError: as :meth:`VideoDetector.from_checkpoint`, bad ``--set`` / ``--threads``.
     """
     from viddet.config import parse_test_settings
-    from viddet.runtime import set_threads
-    set_threads(args.threads)
     detector = VideoDetector.from_checkpoint(args.checkpoint, method=args.method, backbone=args.backbone,
                                              device=args.device, random_weights=getattr(args, 'random_weights', False),
-                                             **parse_test_settings(args.overrides))
+                                             threads=args.threads, **parse_test_settings(args.overrides))
     ignored = detector.test.ignored_by(detector.method)
     if ignored:
         import sys

@@ -49,17 +49,71 @@ def resolve_device(spec: Optional[str] = 'auto') -> torch.device:
     return dev
 
 
-def set_threads(threads: Optional[int]) -> None:
-    """``torch.set_num_threads(threads)`` for this process; None keeps torch's default.
+def cores_given() -> int:
+    """The CPU cores this process may use: its affinity mask (``taskset``, ``docker --cpuset-cpus``),
+    capped by a cgroup CPU quota (``docker --cpus``, Kubernetes limits), at least 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    for path, parse in (('/sys/fs/cgroup/cpu.max', lambda t: t.split()),                  # cgroup v2
+                        ('/sys/fs/cgroup/cpu/cpu.cfs_quota_us', None)):                   # cgroup v1
+        try:
+            text = open(path).read().strip()
+        except OSError:
+            continue
+        if parse is not None:
+            quota, period = parse(text)[:2]
+        else:
+            quota = text
+            try:
+                period = open('/sys/fs/cgroup/cpu/cpu.cfs_period_us').read().strip()
+            except OSError:
+                continue
+        if quota not in ('max', '-1'):
+            try:
+                cores = min(cores, max(1, int(int(quota) / int(period))))
+            except (ValueError, ZeroDivisionError):
+                pass
+        break
+    return max(1, cores)
+
+
+def set_threads(threads: Optional[int] = None) -> int:
+    """Sets torch's CPU threads for this process and returns the count in force.
+
+    ``threads`` None: the cores this process is given (:func:`cores_given`) when torch would use
+    more — e.g. in a container limited to 2 CPUs on a 64-core host torch starts 64 threads, which
+    fight over 2 cores at every barrier; under ``torchrun`` the cores are divided between the
+    processes of the machine (``LOCAL_WORLD_SIZE``) — and torch's own choice otherwise. OpenCV's
+    threads are limited to the cores torch leaves over.
 
     Raises:
         VidDetError: threads < 1.
     """
-    if threads is None:
-        return
-    if threads < 1:
+    if threads is not None and threads < 1:
         raise VidDetError(f'--threads must be >= 1, got {threads}')
-    torch.set_num_threads(threads)
+    if threads is None:   # torchrun's processes on this machine share its cores
+        per_process = max(1, cores_given() // max(1, int(os.environ.get('LOCAL_WORLD_SIZE', '1'))))
+        threads = min(torch.get_num_threads(), per_process)
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+    _opencv_threads()
+    return threads
+
+
+def _opencv_threads() -> None:
+    """OpenCV's own thread pool (JPEG decode, the preprocessing resize) only on cores torch leaves
+    over: its workers spinning next to torch's at the start of every frame stall torch's barriers."""
+    import cv2
+    cv2.setNumThreads(max(1, spare_cores()))
+
+
+def spare_cores() -> int:
+    """Cores left over by torch's threads: frame decoding overlaps the model only when this is
+    positive (otherwise a decoder thread preempts one of torch's threads, and the others wait for it
+    at every barrier)."""
+    return max(0, cores_given() - torch.get_num_threads())
 
 
 def init_distributed(device: torch.device):

@@ -45,6 +45,7 @@ import cv2
 import numpy as np
 
 from viddet.errors import VidDetError
+from viddet.runtime import spare_cores
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
 """Image file suffixes of a frame folder (compared case-insensitively, so ``.JPEG`` counts)."""
@@ -82,12 +83,12 @@ class FrameSource:
     width: Optional[int] = None
     height: Optional[int] = None
 
-    def __init__(self, path: str, *, max_frames: Optional[int] = None, prefetch: int = 4,
+    def __init__(self, path: str, *, max_frames: Optional[int] = None, prefetch: Optional[int] = None,
                  cache_frames: int = 32):
         if max_frames is not None and max_frames < 0:
             raise ValueError(f'max_frames must be >= 0, got {max_frames}')
-        if prefetch < 1 or cache_frames < 1:
-            raise ValueError('prefetch and cache_frames must be >= 1')
+        if (prefetch is not None and prefetch < 0) or cache_frames < 1:
+            raise ValueError('prefetch must be >= 0 and cache_frames >= 1')
         self.path = str(path)
         self.max_frames = max_frames
         self.prefetch = prefetch
@@ -98,13 +99,26 @@ class FrameSource:
 
     # ---------------------------------------------------------------- public API
     def __iter__(self) -> Iterator[Frame]:
-        """Frames 0, 1, ... in order, decoded ``prefetch`` frames ahead by a background thread.
+        """Frames 0, 1, ... in order, decoded ``prefetch`` frames ahead by a background thread, or
+        in the caller's thread when ``prefetch`` is 0. ``prefetch`` None (default): 4 when a core is
+        left over by torch's threads (:func:`viddet.runtime.spare_cores`), else 0 — a decoder
+        competing with torch for the cores slows every parallel op down far more than decoding
+        in turn costs.
 
         Raises:
             VidDetError: when a frame cannot be decoded (names the file and frame index); the
                 frames before it have been yielded.
         """
-        pf = _Prefetcher(self._frames, self.max_frames, self.prefetch, f'viddet-decode {self.path}')
+        depth = self.prefetch if self.prefetch is not None else (4 if spare_cores() else 0)
+        if depth == 0:
+            frames = self._frames()
+            try:
+                yield from (frames if self.max_frames is None else itertools.islice(frames, self.max_frames))
+            finally:
+                if hasattr(frames, 'close'):
+                    frames.close()
+            return
+        pf = _Prefetcher(self._frames, self.max_frames, depth, f'viddet-decode {self.path}')
         self._prefetchers.append(pf)
         try:
             yield from pf
@@ -332,7 +346,8 @@ def _decode_in_order(spec: str, what: str, failure: str, **open_kwargs) -> Itera
     container = _av_open(spec, what, **open_kwargs)
     try:
         stream = container.streams.video[0]
-        stream.thread_type = 'AUTO'   # frame + slice threads: decode overlaps the model
+        # frame + slice threads; with prefetch 0 they run only while the caller waits for a frame
+        stream.thread_type = 'AUTO'
         frames = container.decode(stream)
         index = 0
         while True:
@@ -502,7 +517,7 @@ class LiveSource(FrameSource):
 
 
 # -------------------------------------------------------------------- entry point
-def open_source(spec: str, *, max_frames: Optional[int] = None, prefetch: int = 4,
+def open_source(spec: str, *, max_frames: Optional[int] = None, prefetch: Optional[int] = None,
                 cache_frames: int = 32) -> FrameSource:
     """Opens a folder of frames, a video file, a camera or a network stream.
 
@@ -511,7 +526,8 @@ def open_source(spec: str, *, max_frames: Optional[int] = None, prefetch: int = 
             (``/dev/video0``, or an integer such as ``"0"`` for ``/dev/video0``); or an
             ``rtsp://``, ``http://``, ``https://`` URL (treated as a live stream).
         max_frames: read only the first ``max_frames`` frames (None: all).
-        prefetch: frames decoded ahead by the background thread during iteration.
+        prefetch: frames decoded ahead by a background thread during iteration (0: decode in the
+            caller's thread; None: 4 when torch leaves a core spare, else 0).
         cache_frames: frames kept by :meth:`FrameSource.get` (LRU) for random access; each costs
             H * W * 3 bytes (6.2 MB at 1920x1080, so 32 frames are 200 MB).
 
