@@ -26,6 +26,8 @@ fast path                              replaces
                                        taps x a key/reference Gram matrix, tap projections)
 :func:`fgfa.fgfa_aggregate`            ``FGFA.aggregate``: the embedding conv of every warped
                                        map from per-frame tap projections
+:func:`nms.head_nms`                   ``RPNHead.nms``, ``RoIHead.nms``: greedy NMS that stops
+                                       at the last box used (300 proposals, 100 detections)
 =====================================  ===================================================
 
 ``tests/test_speedups.py`` proves fast == plain for each of them.
@@ -37,10 +39,10 @@ from torch import nn
 from viddet.methods.fgfa import FGFA
 from viddet.models.aggregators import TemporalRoIAlign
 from viddet.models.backbones import ResNetDC5
-from viddet.models.detector import RoIHead
+from viddet.models.detector import RoIHead, RPNHead
 from viddet.models.flownet import FlowNetSimple
 from viddet.models.layers import ConvAct
-from viddet.speedups import fgfa, onednn, troi
+from viddet.speedups import fgfa, nms, onednn, troi
 
 
 class FastMethod:
@@ -83,6 +85,8 @@ def enable(model: nn.Module) -> nn.Module:
             _install(m, 'forward', troi.temporal_roi_align_forward)
         if isinstance(m, FGFA):
             _install(m, 'aggregate', fgfa.fgfa_aggregate)
+        if isinstance(m, (RPNHead, RoIHead)):
+            _install(m, 'nms', nms.head_nms)
     return model
 
 
