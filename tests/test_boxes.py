@@ -203,6 +203,39 @@ def test_batched_nms_empty():
     assert batched_nms(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64), 0.5).shape == (0,)
 
 
+def test_head_nms_methods_keep_the_first_max_keep_and_are_what_the_heads_use():
+    """``RPNHead.nms`` / ``RoIHead.nms``: the first ``max_keep`` of ``batched_nms`` (mmdet's
+    ``dets[:max_per_img]``), and the proposal / post-processing paths go through them."""
+    from viddet.models.detector import BBoxHead, RCNNConfig, RoIHead, RPNConfig
+    from viddet.structures import ImageMeta
+    boxes = torch.tensor([[0., 0., 10., 10.], [0., 0., 10., 10.], [0.5, 0., 10., 10.], [0., 0., 10., 10.]])
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
+    idxs = torch.tensor([0, 1, 0, 2])
+    rpn, roi = RPNHead(channels=4), RoIHead(BBoxHead(in_channels=4, roi_size=1, fc_channels=8, num_classes=3))
+    for head in (rpn, roi):
+        assert head.nms(boxes, scores, idxs, 0.5, 5).tolist() == [0, 1, 3]
+        assert head.nms(boxes, scores, idxs, 0.5, 2).tolist() == [0, 1]
+        assert head.nms(boxes, scores, torch.zeros(4, dtype=torch.int64), 0.99, 2).tolist() == [0, 2]
+        assert head.nms(boxes[:0], scores[:0], idxs[:0], 0.5, 2).shape == (0,)
+    calls = []
+
+    def first_only(boxes, scores, idxs, iou_threshold, max_keep):
+        calls.append((boxes.shape[0], iou_threshold, max_keep))
+        return torch.tensor([0])
+    rpn.nms = roi.nms = first_only
+    cls, reg = torch.randn(1, 12, 3, 4), torch.randn(1, 48, 3, 4) * 0.1
+    proposals = rpn.proposals_from_outputs(cls, reg, [(48, 64)], RPNConfig(nms_pre=20))
+    assert proposals[0].shape == (1, 5) and float(proposals[0][0, 4]) == float(cls.sigmoid().max())
+    rois = torch.tensor([[0., 1., 2., 30., 40.], [0., 5., 5., 20., 20.]])
+    logits = torch.tensor([[2.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
+    meta = ImageMeta((48, 64), (48, 64), (48, 64), np.ones(4, dtype=np.float32))
+    dets = roi.postprocess(rois, logits, torch.zeros(2, 12), meta, RCNNConfig(score_thr=0.0))
+    # index 0 of the 6 (roi, class) pairs: roi 0, class 0, its undecoded box
+    assert dets.labels.tolist() == [0] and dets.boxes.tolist() == [[1., 2., 30., 40.]]
+    assert float(dets.scores[0]) == pytest.approx(math.exp(2) / (math.exp(2) + 3))
+    assert calls == [(20, 0.7, 300), (6, 0.5, 100)]   # the top nms_pre=20 of 144 anchors
+
+
 # ---------------------------------------------------------------------------------------- preprocessing
 def test_rescale_sizes_hand_computed():
     assert rescale_size(1280, 720) == (1000, 563)   # s = 0.78125, 720 s = 562.5 -> 563

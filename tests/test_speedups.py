@@ -282,3 +282,127 @@ def test_temporal_roi_align_trains_through_the_direct_path():
     torch.testing.assert_close(fast, out.detach(), rtol=1e-4, atol=1e-5)
     out2 = troi(feats, rois, refs)   # autograd on again: the plain path despite enable()
     assert out2.requires_grad
+
+
+# ---------------------------------------------------------------------------------------- NMS
+def _nms_case(seed, n, num_classes, levels):
+    """n boxes in clusters of near-duplicates (so that NMS suppresses), a tenth of zero width, a
+    tenth exact copies of other boxes; scores with ``levels`` distinct values (many exact ties;
+    0: continuous); class ids < num_classes."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.rand(max(1, n // 30), 2, generator=g) * 500
+    xy = centres[torch.randint(0, len(centres), (n,), generator=g)] + torch.randn(n, 2, generator=g) * 6
+    boxes = torch.cat([xy, xy + torch.rand(n, 2, generator=g) * 80 + 1], 1)
+    boxes[:n // 10, 2] = boxes[:n // 10, 0]
+    boxes[n // 10:n // 5] = boxes[torch.randint(0, n, (n // 5 - n // 10,), generator=g)]
+    scores = torch.rand(n, generator=g)
+    if levels:
+        scores = (scores * levels).floor() / levels
+    return boxes, scores, torch.randint(0, num_classes, (n,), generator=g)
+
+
+@pytest.mark.parametrize('n,num_classes,levels,iou', [
+    (3000, 1, 5, 0.7), (6000, 1, 0, 0.7), (2000, 30, 3, 0.5), (9000, 30, 50, 0.5), (1500, 4, 2, 0.0),
+    (1500, 2, 7, 1.0), (800, 3, 0, 0.3), (17, 1, 1, 0.5), (1, 1, 0, 0.5)])
+def test_early_stopping_nms_keeps_what_plain_nms_keeps_first(n, num_classes, levels, iou):
+    """Same indices, same order as ``batched_nms(...)[:max_keep]`` for max_keep below, at and above
+    the number kept (ties visited in torch's sort order, as the plain path does)."""
+    from viddet.models.boxes import batched_nms
+    from viddet.speedups.nms import first_kept
+    boxes, scores, idxs = _nms_case(n, n, num_classes, levels)
+    full = batched_nms(boxes, scores, idxs, iou)
+    for max_keep in sorted({1, 7, 100, 300, len(full) // 2 + 1, len(full), len(full) + 3, n}):
+        got = first_kept(boxes, scores, idxs, iou, max_keep)
+        assert got.dtype == torch.int64 and torch.equal(got, full[:max_keep]), max_keep
+    if n > 1 and levels:   # the tie order matters here: a stable order keeps other boxes
+        stable = scores.sort(descending=True, stable=True)[1]
+        assert not torch.equal(scores.sort(descending=True)[1], stable)
+
+
+def test_early_stopping_nms_on_many_random_cases():
+    from viddet.models.boxes import batched_nms
+    from viddet.speedups.nms import first_kept
+    g = torch.Generator().manual_seed(0)
+    for seed in range(40):
+        n = int(torch.randint(1, 2500, (1,), generator=g))
+        boxes, scores, idxs = _nms_case(seed, n, int(torch.randint(1, 6, (1,), generator=g)),
+                                        int(torch.randint(0, 8, (1,), generator=g)))
+        iou = float(torch.rand(1, generator=g))
+        max_keep = int(torch.randint(1, 400, (1,), generator=g))
+        assert torch.equal(first_kept(boxes, scores, idxs, iou, max_keep),
+                           batched_nms(boxes, scores, idxs, iou)[:max_keep]), seed
+
+
+def test_early_stopping_nms_decides_ious_at_the_threshold_as_torchvision():
+    """The C++ kernel compares the float32 IoU as a double with the threshold: a float32 IoU of
+    fl(0.1) = 0.10000000149 suppresses at 0.1 and fl(0.3) at 0.3; fl(0.7) = 0.69999998808 does not
+    at 0.7, nor 0.5 at 0.5 (exactly 1/10, 3/10, 7/10, 5/10 here: a 10 x 1 box and a w x 1 box in it)."""
+    import numpy as np
+    from viddet.models.boxes import batched_nms
+    from viddet.speedups.nms import first_kept, float32_threshold
+    big = [0.0, 0.0, 10.0, 1.0]
+    scores, idxs = torch.tensor([0.9, 0.8]), torch.zeros(2, dtype=torch.int64)
+    for w, thr, suppressed in [(1, 0.1, True), (3, 0.3, True), (7, 0.7, False), (5, 0.5, False),
+                               (1, 0.09, True), (7, 0.69, True), (7, 0.71, False)]:
+        boxes = torch.tensor([big, [0.0, 0.0, float(w), 1.0]])
+        expected = [0] if suppressed else [0, 1]
+        assert batched_nms(boxes, scores, idxs, thr).tolist() == expected, (w, thr)
+        assert first_kept(boxes, scores, idxs, thr, 5).tolist() == expected, (w, thr)
+    # at threshold 0: a box touching the kept one (no intersection) or off its corner survives
+    # (the negative w and h of the corner box must not multiply into an intersection)
+    for other in ([10.0, 0.0, 12.0, 1.0], [11.0, 2.0, 12.0, 3.0], [9.0, 0.5, 12.0, 3.0]):
+        boxes = torch.tensor([big, other])
+        expected = [0] if other[0] < 10 else [0, 1]
+        assert batched_nms(boxes, scores, idxs, 0.0).tolist() == expected, other
+        assert first_kept(boxes, scores, idxs, 0.0, 5).tolist() == expected, other
+    for thr in (0.1, 0.3, 0.5, 0.7, 1 / 3, 0.0, 1.0):
+        f = float32_threshold(thr)
+        for x in (np.nextafter(f, np.float32(-1)), f, np.nextafter(f, np.float32(2)), np.float32(thr)):
+            assert bool(x > f) == (float(x) > thr), (thr, x)
+
+
+def test_early_stopping_nms_falls_back_where_it_does_not_apply():
+    from viddet.speedups.nms import first_kept, head_nms
+    boxes, scores, idxs = _nms_case(0, 1200, 3, 0)
+    assert first_kept(boxes.double(), scores.double(), idxs, 0.5, 10) is None
+    assert first_kept(boxes, scores, idxs, 0.5, 0) is None
+    bad = boxes.clone()
+    bad[5, 2] = float('inf')
+    assert first_kept(bad, scores, idxs, 0.5, 10) is None
+    many = _nms_case(1, 10000, 3, 0)   # mmcv's class-by-class branch
+    assert first_kept(*many, 0.5, 10) is None
+    assert head_nms(None, boxes, scores, idxs, 0.5, 301) is None    # < 4 boxes per box kept
+    assert head_nms(None, boxes, scores, idxs, 0.5, 300) is not None
+    assert first_kept(boxes[:0], scores[:0], idxs[:0], 0.5, 10).shape == (0,)
+
+
+def test_heads_propose_and_detect_the_same_with_early_stopping_nms():
+    """RPN proposals (6000 of 28800 anchors, many sigmoid scores tied at 1.0) and post-processed
+    detections (~9000 (box, class) pairs) with ``speedups.enable`` equal the plain ones exactly."""
+    from viddet.models.detector import BBoxHead, RCNNConfig, RoIHead, RPNConfig, RPNHead
+    from viddet.structures import ImageMeta
+    import numpy as np
+    torch.manual_seed(0)
+    rpn, roi = RPNHead(channels=4), RoIHead(BBoxHead(in_channels=4, roi_size=1, fc_channels=8, num_classes=30))
+    cls = torch.randn(1, 12, 40, 60) * 4
+    cls[0, :, :10] += 20                       # sigmoid(> 17) == 1.0 in float32: ties
+    reg = torch.randn(1, 48, 40, 60) * 0.3
+    rois = torch.cat([torch.zeros(300, 1), torch.rand(300, 2) * 800, torch.rand(300, 2) * 200 + 820], 1)
+    cls_score, bbox_pred = torch.randn(300, 31), torch.randn(300, 120)
+    meta = ImageMeta((480, 1000), (600, 1250), (608, 1264), np.full(4, 1.25, dtype=np.float32))
+    outs = []
+    for fast in (False, True):
+        if fast:
+            speedups.enable(rpn)
+            speedups.enable(roi)
+            assert isinstance(rpn.__dict__['nms'], speedups.FastMethod)
+            assert isinstance(roi.__dict__['nms'], speedups.FastMethod)
+        with torch.no_grad():
+            props = rpn.proposals_from_outputs(cls, reg, [(600, 1000)], RPNConfig())[0]
+            dets = roi.postprocess(rois, cls_score, bbox_pred, meta, RCNNConfig())
+        outs.append((props, dets))
+    (p0, d0), (p1, d1) = outs
+    assert p0.shape == (300, 5) and len(d0) == 100
+    assert int((p0[:, 4] == 1.0).sum()) > 10
+    assert torch.equal(p0, p1)
+    assert torch.equal(d0.boxes, d1.boxes) and torch.equal(d0.scores, d1.scores) and torch.equal(d0.labels, d1.labels)

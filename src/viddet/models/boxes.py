@@ -134,6 +134,16 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
     return order[_tv_nms(boxes[order], scores[order], iou_threshold)]
 
 
+PER_CLASS_NMS_FROM = 10000  # mmcv batched_nms ``split_thr``: from this many boxes on, NMS class by class
+
+
+def class_offset_boxes(boxes: torch.Tensor, idxs: torch.Tensor) -> torch.Tensor:
+    """mmcv ``batched_nms``'s trick: (N, 4) boxes shifted by idx * (boxes.max() + 1) along both
+    axes, so that boxes of different ``idxs`` (N,) never overlap; same dtype, pixels."""
+    offsets = idxs.to(boxes) * (boxes.max() + torch.tensor(1).to(boxes))
+    return boxes + offsets[:, None]
+
+
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor,
                 iou_threshold: float) -> torch.Tensor:
     """Class-aware NMS with mmcv's coordinate-offset trick (used below 10000 boxes).
@@ -153,9 +163,8 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor,
     """
     if boxes.numel() == 0:
         return torch.zeros((0,), dtype=torch.int64, device=boxes.device)
-    if boxes.shape[0] < 10000:
-        offsets = idxs.to(boxes) * (boxes.max() + torch.tensor(1).to(boxes))
-        return nms(boxes + offsets[:, None], scores, iou_threshold)
+    if boxes.shape[0] < PER_CLASS_NMS_FROM:
+        return nms(class_offset_boxes(boxes, idxs), scores, iou_threshold)
     keep_mask = torch.zeros_like(scores, dtype=torch.bool)
     for c in torch.unique(idxs):
         mask = (idxs == c).nonzero().view(-1)

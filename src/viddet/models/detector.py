@@ -96,6 +96,17 @@ class RPNHead(nn.Module):
             self._anchor_cache[key] = grid_anchors(self.base_anchors, feat_size, self.stride, device)
         return self._anchor_cache[key]
 
+    def nms(self, boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, iou_threshold: float,
+            max_keep: int) -> torch.Tensor:
+        """The first ``max_keep`` boxes that NMS keeps (mmdet ``RPNHead._bbox_post_process``:
+        ``batched_nms`` then ``dets[:max_per_img]``); :func:`viddet.models.boxes.batched_nms` args.
+        ``speedups.enable`` swaps in an NMS that stops at the ``max_keep``-th kept box (same result).
+
+        Returns:
+            (k,) int64 indices into ``boxes``, k <= max_keep, best first.
+        """
+        return batched_nms(boxes, scores, idxs, iou_threshold)[:max_keep]
+
     @torch.no_grad()
     def proposals(self, x: torch.Tensor, img_shapes: Sequence[Tuple[int, int]],
                   cfg: RPNConfig = RPNConfig()) -> List[torch.Tensor]:
@@ -134,8 +145,8 @@ class RPNHead(nn.Module):
                 valid = (wh[:, 0] > cfg.min_bbox_size) & (wh[:, 1] > cfg.min_bbox_size)
                 if not bool(valid.all()):
                     boxes, scores = boxes[valid], scores[valid]
-            keep = batched_nms(boxes, scores.float(), torch.zeros_like(scores, dtype=torch.int64), cfg.nms_iou)
-            keep = keep[:cfg.max_per_img]
+            keep = self.nms(boxes, scores.float(), torch.zeros_like(scores, dtype=torch.int64), cfg.nms_iou,
+                            cfg.max_per_img)
             out.append(torch.cat([boxes[keep], scores[keep, None].float()], dim=1))
         return out
 
@@ -206,6 +217,17 @@ class RoIHead(nn.Module):
         """Plain RoIAlign (n, C, 7, 7) of ``rois`` (n, 5) on ``feats`` (N, C, h, w), whatever the extractor."""
         return self.bbox_roi_extractor.roi_align(feats, rois)
 
+    def nms(self, boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, iou_threshold: float,
+            max_keep: int) -> torch.Tensor:
+        """The first ``max_keep`` (box, class) pairs that class-wise NMS keeps (mmdet
+        ``multiclass_nms``: ``batched_nms`` then ``[:max_num]``); ``idxs`` are the class labels.
+        ``speedups.enable`` swaps in an NMS that stops at the ``max_keep``-th kept box (same result).
+
+        Returns:
+            (k,) int64 indices into ``boxes``, k <= max_keep, best first.
+        """
+        return batched_nms(boxes, scores, idxs, iou_threshold)[:max_keep]
+
     @torch.no_grad()
     def postprocess(self, rois: torch.Tensor, cls_score: torch.Tensor, bbox_pred: torch.Tensor,
                     meta: ImageMeta, cfg: RCNNConfig = RCNNConfig()) -> Detections:
@@ -230,7 +252,7 @@ class RoIHead(nn.Module):
         boxes, scores, labels = boxes[valid], scores[valid], labels[valid]
         if boxes.numel() == 0:
             return Detections.empty(boxes.device)
-        keep = batched_nms(boxes, scores, labels, cfg.nms_iou)[:cfg.max_per_img]
+        keep = self.nms(boxes, scores, labels, cfg.nms_iou, cfg.max_per_img)
         return Detections(boxes[keep], scores[keep], labels[keep])
 
 

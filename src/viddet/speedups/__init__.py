@@ -23,12 +23,14 @@ fast path                              replaces
                                        conv + ReLU too)
 :func:`onednn.linear_forward`          the ``nn.Linear`` layers of the RoI head (box head,
                                        SELSA attention): one GEMM on the transposed weight
-:func:`roi_align.roi_align_forward`  ``SingleRoIExtractor.roi_align`` (and TemporalRoIAlign's):
+:func:`roi_align.roi_align_forward`    ``SingleRoIExtractor.roi_align`` (and TemporalRoIAlign's):
                                        RoIAlign as bilinear taps gathered with ``embedding_bag``
 :func:`troi.temporal_roi_align_forward`  ``TemporalRoIAlign.forward``: re-associated (RoIAlign
                                        taps x a key/reference Gram matrix, tap projections)
 :func:`fgfa.fgfa_aggregate`            ``FGFA.aggregate``: the embedding conv of every warped
                                        map from per-frame tap projections
+:func:`nms.head_nms`                   ``RPNHead.nms``, ``RoIHead.nms``: greedy NMS that stops
+                                       at the last box used (300 proposals, 100 detections)
 =====================================  ===================================================
 
 ``tests/test_speedups.py`` proves fast == plain for each of them.
@@ -40,10 +42,10 @@ from torch import nn
 from viddet.methods.fgfa import FGFA
 from viddet.models.aggregators import TemporalRoIAlign
 from viddet.models.backbones import ResNetDC5
-from viddet.models.detector import ChannelMapper, RoIHead, SingleRoIExtractor
+from viddet.models.detector import ChannelMapper, RoIHead, RPNHead, SingleRoIExtractor
 from viddet.models.flownet import FlowNetSimple
 from viddet.models.layers import ConvAct
-from viddet.speedups import fgfa, onednn, roi_align, troi
+from viddet.speedups import fgfa, nms, onednn, roi_align, troi
 
 
 class FastMethod:
@@ -92,6 +94,8 @@ def enable(model: nn.Module) -> nn.Module:
             _install(m, 'forward', troi.temporal_roi_align_forward)
         if isinstance(m, FGFA):
             _install(m, 'aggregate', fgfa.fgfa_aggregate)
+        if isinstance(m, (RPNHead, RoIHead)):
+            _install(m, 'nms', nms.head_nms)
     return model
 
 
