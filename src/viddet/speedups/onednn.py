@@ -19,6 +19,7 @@ tensors).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -27,6 +28,7 @@ from torch import nn
 from viddet.speedups.memo import weights_version
 
 _BROKEN = []  # holds the first failure of the private kernels; they are not tried again after it
+_OFF = []     # non-empty inside ``kernels_off()``
 
 
 def _ops():
@@ -37,13 +39,25 @@ def _ops():
 def fast_path(module: nn.Module, x: torch.Tensor) -> bool:
     """Whether the fused kernels may run ``module`` on ``x``: float32 CPU tensors, eval mode, no
     gradient recording, no autocast, and the kernels available (and not failed before)."""
-    if _BROKEN or module.training or torch.is_grad_enabled():
+    if _BROKEN or _OFF or module.training or torch.is_grad_enabled():
         return False
     if x.device.type != 'cpu' or x.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
         return False
     if torch.is_autocast_enabled('cpu'):
         return False
     return all(op is not None for op in _ops())
+
+
+@contextlib.contextmanager
+def kernels_off():
+    """Within the block the fused kernels of this module (and the transposed-weight GEMM) step
+    aside and the plain layers run, while the other fast paths stay on: for counting a fast
+    model's FLOPs with ``torch.utils.flop_counter`` (which knows the plain aten ops only)."""
+    _OFF.append(True)
+    try:
+        yield
+    finally:
+        _OFF.pop()
 
 
 def give_up(reason: Exception) -> None:

@@ -1,0 +1,123 @@
+"""How close each method runs to this CPU's limit: its FLOPs per frame against the machine's peak.
+
+For each method (R-50, 1000x600, the parity checkpoints, offline over the 12 real frames of the
+parity clip), at the given thread count:
+
+* **peak**: the best fp32 GFLOP/s this machine reaches on the work the detectors are made of, the
+  larger of a 4096^3 matrix product and a 3x3 512->512 convolution on 64x64 (best of 5);
+* **FLOPs per frame**: counted with ``torch.utils.flop_counter`` on a steady-state frame of the
+  model as it runs (every fast path on, whose algorithms may do fewer FLOPs than the plain
+  modules: FGFA's tap embeddings, TRoI's Gram matrices), with only the fused oneDNN kernels
+  swapped for the plain layers they equal (``speedups.onednn.kernels_off``) so that the counter
+  sees them; gathers (``embedding_bag``) and NMS count no FLOPs;
+* **roofline time** = FLOPs / peak, and the **fraction** = roofline time / measured seconds per
+  frame (median of the steady-state frames: after the first, which holds SELSA's references and
+  FGFA's window fill; DFF's key frames are part of its 1-in-10 mix).
+
+    python benchmarks/roofline.py --threads 1 --out benchmarks/results/roofline_t1.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+SHARED = Path(__file__).resolve().parents[2] / 'shared' / 'parity'
+CHECKPOINT_KEYS = {'single': 'dff_r50', 'dff': 'dff_r50', 'fgfa': 'fgfa_r50', 'selsa': 'selsa_r50', 'troi': 'troi_r50'}
+
+
+def peak_gflops(repeat: int = 5) -> dict:
+    def best(fn):
+        fn()
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+    with torch.inference_mode():
+        a = torch.randn(4096, 4096)
+        mm = 2 * 4096 ** 3 / best(lambda: a.mm(a)) / 1e9
+        conv = torch.nn.Conv2d(512, 512, 3, padding=1)
+        x = torch.randn(1, 512, 64, 64)
+        cv = 2 * 64 * 64 * 512 * 512 * 9 / best(lambda: conv(x)) / 1e9
+    return {'matmul': round(mm, 1), 'conv3x3': round(cv, 1), 'peak': round(max(mm, cv), 1)}
+
+
+def checkpoint(method: str, ckpt_dir: Path) -> Path:
+    path = ckpt_dir / f'{CHECKPOINT_KEYS[method]}_seed0.pth'
+    if not path.exists():
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, str(SHARED / 'make_checkpoint.py'),
+                        str(SHARED / 'keys' / f'{CHECKPOINT_KEYS[method]}.txt'), str(path), '--seed', '0'], check=True)
+    return path
+
+
+def measure(method: str, ckpt: Path, count_frame: int) -> dict:
+    from viddet.checkpoints import load_model
+    from viddet.data.sources import FolderSource
+    from viddet.engine.video import run_video
+    from viddet.speedups import onednn
+    model = load_model(str(ckpt), method=method).model
+    times, flops = [], None
+    with FolderSource(str(SHARED / 'clips' / 'vid7010_first12')) as source:
+        it = run_video(model, source, mode='offline')
+        t0 = time.perf_counter()
+        for i in range(12):
+            if i == count_frame:   # the FLOPs of one steady-state frame (not timed)
+                counter = FlopCounterMode(display=False)
+                with onednn.kernels_off(), counter:
+                    next(it)
+                flops = counter.get_total_flops()
+                t0 = time.perf_counter()
+                continue
+            next(it)
+            times.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+        it.close()
+    return {'seconds_per_frame': [round(t, 3) for t in times], 'gflop_per_frame': round(flops / 1e9, 1),
+            'steady_median_s': round(statistics.median(times[1:]), 3), 'first_s': round(times[0], 3)}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    ap.add_argument('--threads', type=int, required=True)
+    ap.add_argument('--methods', nargs='+', default=list(CHECKPOINT_KEYS))
+    ap.add_argument('--ckpt-dir', default='/tmp/viddet_parity_ckpt')
+    ap.add_argument('--out', default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    peak = peak_gflops()
+    print(f"peak fp32 at {args.threads} thread(s): {peak['peak']} GFLOP/s (matmul {peak['matmul']}, conv3x3 {peak['conv3x3']})")
+    rows = []
+    for m in args.methods:
+        # DFF: a non-key frame (its cost mix is reported by the median over the clip); others frame 3
+        r = measure(m, checkpoint(m, Path(args.ckpt_dir)), count_frame=3)
+        if m == 'dff':   # FLOPs per frame of its 1-in-10 mix: one key frame (as single) and nine warped ones
+            single = measure('single', checkpoint('single', Path(args.ckpt_dir)), count_frame=3)
+            r['gflop_per_frame_mix'] = round((single['gflop_per_frame'] + 9 * r['gflop_per_frame']) / 10, 1)
+            r['mean_s'] = round(statistics.mean(r['seconds_per_frame'][1:]), 3)
+            gflop, seconds = r['gflop_per_frame_mix'], r['mean_s']
+        else:
+            gflop, seconds = r['gflop_per_frame'], r['steady_median_s']
+        r.update(method=m, roofline_s=round(gflop / peak['peak'], 3), fraction=round(gflop / peak['peak'] / seconds, 3))
+        rows.append(r)
+        print(f"{m:6s} {gflop:7.1f} GFLOP/frame  roofline {r['roofline_s']:.3f} s  measured {seconds:.3f} s  "
+              f"-> {100 * r['fraction']:.0f}% of the roofline", flush=True)
+    if args.out:
+        from viddet.fileio import atomic_write_json
+        atomic_write_json(args.out, {'threads': args.threads, 'peak_gflops': peak, 'torch': torch.__version__,
+                                     'date': time.strftime('%Y-%m-%d %H:%M:%S %Z'), 'cpu_count': os.cpu_count(),
+                                     'loadavg_after': os.getloadavg(), 'results': rows}, indent=1)
+
+
+if __name__ == '__main__':
+    main()
