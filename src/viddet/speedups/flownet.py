@@ -229,17 +229,20 @@ def flownet_forward_prepared(net: nn.Module, x: torch.Tensor) -> Optional[torch.
         return None
 
 
-def _half(net: nn.Module, imgs: torch.Tensor, img_shape: Tuple[int, int]) -> torch.Tensor:
-    """``FlowNetSimple._prepare_half`` for scale 0.5 and even padded sizes: bilinear 0.5x is then
-    the mean of each 2x2 block, and FlowNet's renormalisation ``(x * std + mean) / 255 - m`` is
-    per-channel affine, so it is applied to the block means; blocks in the zeroed padding are 0,
-    and a block straddling the image border (odd h or w) is recomputed by the plain method on its
-    two full-resolution rows / columns."""
+def _half_into(net: nn.Module, imgs: torch.Tensor, img_shape: Tuple[int, int],
+               out: torch.Tensor) -> None:
+    """Writes ``FlowNetSimple._prepare_half(imgs, img_shape)`` (scale 0.5, even padded sizes) into
+    ``out`` (N, 3, Hp/2, Wp/2), a view of any strides. Bilinear 0.5x is then the mean of each
+    2x2 block, and FlowNet's renormalisation ``(x * std + mean) / 255 - m`` is per-channel affine,
+    so it is applied to the block sums (times 1/4); blocks in the zeroed padding are 0, and a
+    block straddling the image border (odd h or w) is recomputed by the plain method from its two
+    full-resolution rows / columns."""
     h, w = int(img_shape[0]), int(img_shape[1])
     dt = imgs.dtype
-    scale = net.img_norm_std.to(dt) / net.flow_img_norm_std.to(dt)
+    scale = net.img_norm_std.to(dt) / net.flow_img_norm_std.to(dt) * 0.25
     shift = net.img_norm_mean.to(dt) / net.flow_img_norm_std.to(dt) - net.flow_img_norm_mean.to(dt)
-    out = torch.addcmul(shift, F.avg_pool2d(imgs, 2), scale)
+    rows = imgs[:, :, 0::2] + imgs[:, :, 1::2]
+    torch.addcmul(shift, rows[..., 0::2] + rows[..., 1::2], scale, out=out)
     h2, w2 = h // 2, w // 2
     out[:, :, h2:] = 0.0
     out[:, :, :, w2:] = 0.0
@@ -248,21 +251,29 @@ def _half(net: nn.Module, imgs: torch.Tensor, img_shape: Tuple[int, int]) -> tor
         out[:, :, h2:h2 + 1] = plain(net, imgs[:, :, h - 1:h + 1], (1, w))
     if w % 2 and w < imgs.shape[3]:
         out[:, :, :, w2:w2 + 1] = plain(net, imgs[:, :, :, w - 1:w + 1], (h, 1))
-    return out
 
 
 def prepare_inputs(net: nn.Module, target_imgs: torch.Tensor, source_imgs: torch.Tensor,
                    img_shape: Tuple[int, int]) -> Optional[torch.Tensor]:
-    """``FlowNetSimple.prepare_inputs`` (same arguments, result and errors, up to float rounding:
-    the plain method checks and raises) with the renormalisation done at half resolution; None
-    where it does not apply (autograd on, scale not 0.5, odd padded sizes, bad input)."""
+    """``FlowNetSimple.prepare_inputs`` (same arguments and values up to float rounding; the plain
+    method checks the inputs and raises) renormalising at half resolution (:func:`_half_into`)
+    straight into a channels-last result, as the network wants it; None where it does not apply
+    (autograd on, scale not 0.5, odd padded sizes, bad input)."""
     if torch.is_grad_enabled() or net.img_scale_factor != 0.5 or target_imgs.dim() != 4 \
             or source_imgs.dim() != 4 or target_imgs.shape[1] != 3 or source_imgs.shape[1] != 3 \
             or target_imgs.shape[2:] != source_imgs.shape[2:] \
             or target_imgs.shape[0] not in (1, source_imgs.shape[0]) \
-            or target_imgs.shape[2] % 2 or target_imgs.shape[3] % 2:
+            or target_imgs.shape[2] % 2 or target_imgs.shape[3] % 2 \
+            or target_imgs.dtype != source_imgs.dtype or target_imgs.device != source_imgs.device:
         return None
-    n = source_imgs.shape[0]
-    tgt = _half(net, target_imgs, img_shape)
-    src = _half(net, source_imgs, img_shape)
-    return torch.cat((tgt.expand(n, -1, -1, -1), src), dim=1)
+    n, _, hp, wp = source_imgs.shape
+    x = torch.empty(n, hp // 2, wp // 2, 6, dtype=source_imgs.dtype,
+                    device=source_imgs.device).permute(0, 3, 1, 2)   # channels-last (N, 6, h, w)
+    if target_imgs.shape[0] == n:
+        _half_into(net, target_imgs, img_shape, x[:, :3])
+    else:
+        tgt = x.new_empty(1, 3, hp // 2, wp // 2)
+        _half_into(net, target_imgs, img_shape, tgt)
+        x[:, :3] = tgt
+    _half_into(net, source_imgs, img_shape, x[:, 3:])
+    return x
