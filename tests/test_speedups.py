@@ -134,16 +134,89 @@ def test_fused_channels_last_backbone_equals_plain_nchw():
     torch.testing.assert_close(again, plain(), atol=1e-5, rtol=1e-4)
 
 
-def test_fused_flownet_equals_plain():
-    from viddet.models.flownet import FlowNetSimple
+@pytest.mark.parametrize('size,crop,act', [((5, 8), (10, 16), True), ((4, 7), (7, 13), True),
+                                           ((3, 3), (5, 6), False), ((1, 2), (2, 3), False)])
+def test_packed_deconv_writes_the_cropped_conv_transpose(size, crop, act):
+    """FlowNet's ConvTranspose2d(k4, s2, p1) with a packed weight, written into a channel slice of
+    a larger NHWC buffer with the top-left crop, on even and odd sizes; other batch sizes reuse
+    or repack the weight."""
+    from viddet.models.layers import ConvAct
+    from viddet.speedups.flownet import TransposedDeconv
     torch.manual_seed(0)
-    net = speedups.enable(FlowNetSimple().eval())
-    x = torch.randn(2, 6, 64, 96)
-    with torch.enable_grad():
-        expected = net.forward_prepared(x).detach()
-    with torch.inference_mode():
-        got = net.forward_prepared(x)
+    m = ConvAct(5, 3, 4, stride=2, padding=1, bias=False, transposed=True,
+                act='leaky_relu' if act else None).eval()
+    fast = TransposedDeconv(m)
+    for n in (2, 1, 2):
+        x = torch.randn(n, 5, *size)
+        buf = torch.full((n, crop[0], crop[1], 7), 99.0)
+        with torch.no_grad():
+            expected = m(x)[:, :, :crop[0], :crop[1]]
+            fast.into(x.contiguous(memory_format=torch.channels_last), buf[..., 2:5])
+        torch.testing.assert_close(buf[..., 2:5].permute(0, 3, 1, 2), expected, atol=1e-5, rtol=1e-5)
+        assert bool((buf[..., :2] == 99).all()) and bool((buf[..., 5:] == 99).all())
+    assert len(fast.conv._by_shape) == 2
+
+
+@pytest.mark.parametrize('size', [(1, 1), (5, 8), (4, 7)])
+def test_tap_conv_equals_3x3_flow_conv(size):
+    from viddet.models.layers import ConvAct
+    from viddet.speedups.flownet import TapConv
+    torch.manual_seed(1)
+    m = ConvAct(6, 2, 3, stride=1, padding=1, bias=False).eval()
+    x = torch.randn(3, 6, *size)
+    with torch.no_grad():
+        got = TapConv(m)(x.contiguous(memory_format=torch.channels_last))
+        expected = m(x)
+    assert got.is_contiguous()
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('padded,img_shape', [((64, 96), (64, 96)), ((64, 96), (57, 83)),
+                                              ((100, 140), (89, 130)), ((36, 52), (36, 51))])
+def test_fast_flownet_equals_plain(padded, img_shape):
+    """FlowNetSimple with its fast path (packed oneDNN weights, tap-sum flow convs, in-place
+    concatenations, half-resolution renormalisation) equals the plain module (autograd on keeps the
+    fast path off), on odd inner sizes and odd image borders; it follows weight changes and
+    survives a deep copy."""
+    import copy
+    from viddet.models.flownet import FlowNetSimple
+    from viddet.speedups import flownet
+    torch.manual_seed(0)
+    net = FlowNetSimple().eval()
+    with torch.no_grad():   # larger weights than the default init: flows of a few pixels
+        for p in net.parameters():
+            p.mul_(2.0)
+    tgt = torch.randn(1, 3, *padded)
+    src = torch.randn(3, 3, *padded)
+    speedups.enable(net)
+
+    def plain():
+        with torch.enable_grad():
+            return net(tgt, src, img_shape).detach()
+
+    expected = plain()
+    with torch.inference_mode():
+        x = net.prepare_inputs(tgt, src, img_shape)
+        assert flownet.prepare_inputs(net, tgt, src, img_shape) is not None   # both fast paths run
+        assert flownet.flownet_forward_prepared(net, x) is not None
+        got = net(tgt, src, img_shape)
+        got_chunked = net(tgt, src, img_shape, chunk_size=2)
+    with torch.enable_grad():
+        torch.testing.assert_close(x, net.prepare_inputs(tgt, src, img_shape).detach(), atol=1e-6, rtol=1e-6)
+    assert got.shape == expected.shape and got.is_contiguous() and expected.abs().max() > 1
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(got_chunked, expected, atol=1e-4, rtol=1e-5)
+    with torch.no_grad():
+        net.deconv3.conv.weight.mul_(1.5)
+    with torch.inference_mode():
+        again = net(tgt, src, img_shape)
+    twin = copy.deepcopy(net)   # the copy builds its own packed weights
+    with torch.inference_mode():
+        from_twin = twin(tgt, src, img_shape)
+    assert '_fast_flownet' in vars(net) and '_fast_flownet' in vars(twin)
+    assert not torch.allclose(again, got, atol=1e-3)
+    torch.testing.assert_close(again, plain(), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(from_twin, again, atol=1e-6, rtol=1e-6)
 
 
 def test_selsa_head_reuses_the_first_fc_exactly():

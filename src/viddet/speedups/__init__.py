@@ -18,9 +18,11 @@ fast path                              replaces
 =====================================  ===================================================
 :func:`onednn.resnet_forward`          ``ResNetDC5.forward``: BN folded into the convs, ReLU
                                        and residual add as oneDNN post-ops, channels-last
-:func:`onednn.flownet_forward_prepared`  ``FlowNetSimple.forward_prepared``: channels-last,
-  + :func:`onednn.conv_act_forward`    each conv + LeakyReLU one oneDNN primitive (the neck's
-                                       conv + ReLU too)
+:func:`flownet.flownet_forward_prepared`  ``FlowNetSimple.forward_prepared``: packed oneDNN
+                                       weights, sub-pixel transposed convs, tap-sum flow convs
+:func:`flownet.prepare_inputs`         ``FlowNetSimple.prepare_inputs``: renormalised at half
+                                       resolution
+:func:`onednn.conv_act_forward`        the neck's conv + ReLU: one oneDNN primitive
 :func:`onednn.linear_forward`          the ``nn.Linear`` layers of the RoI head (box head,
                                        SELSA attention): one GEMM on the transposed weight
 :func:`roi_align.roi_align_forward`    ``SingleRoIExtractor.roi_align`` (and TemporalRoIAlign's):
@@ -45,7 +47,7 @@ from viddet.models.backbones import ResNetDC5
 from viddet.models.detector import ChannelMapper, RoIHead, RPNHead, SingleRoIExtractor
 from viddet.models.flownet import FlowNetSimple
 from viddet.models.layers import ConvAct
-from viddet.speedups import fgfa, nms, onednn, roi_align, troi
+from viddet.speedups import fgfa, flownet, nms, onednn, roi_align, troi
 
 
 class FastMethod:
@@ -76,10 +78,8 @@ def enable(model: nn.Module) -> nn.Module:
         if isinstance(m, ResNetDC5):
             _install(m, 'forward', onednn.resnet_forward)
         elif isinstance(m, FlowNetSimple):
-            _install(m, 'forward_prepared', onednn.flownet_forward_prepared)
-            for conv in m.modules():
-                if isinstance(conv, ConvAct):
-                    _install(conv, 'forward', onednn.conv_act_forward)
+            _install(m, 'forward_prepared', flownet.flownet_forward_prepared)
+            _install(m, 'prepare_inputs', flownet.prepare_inputs)
         elif isinstance(m, ChannelMapper):
             for conv in m.modules():
                 if isinstance(conv, ConvAct):

@@ -4,7 +4,8 @@ in one primitive; and the fully connected layers as one GEMM on their transposed
 PyTorch's eager CPU path runs a ResNet bottleneck as separate passes over memory (conv, BN, ReLU,
 add, ReLU). oneDNN can apply the BN (folded into the conv's weight and bias), the activation and the
 residual addition as post-ops of the convolution, which saves those passes: the R-50 DC5 backbone
-runs ~25% faster at 1000x600 on a 2-core AVX-512 CPU, FlowNet ~7% (benchmarks/RESULTS.md).
+runs ~25% faster at 1000x600 on a 2-core AVX-512 CPU (benchmarks/RESULTS.md; FlowNet's fast
+path, which also packs its weights, is in :mod:`viddet.speedups.flownet`).
 
 The kernels are PyTorch's own (``torch.ops.mkldnn._convolution_pointwise`` and its transposed /
 binary variants, what ``torch.compile`` uses on CPU). They are private, so every use is guarded:
@@ -158,7 +159,8 @@ def linear_forward(layer: nn.Linear, x: torch.Tensor) -> Optional[torch.Tensor]:
 
 
 def conv_act_forward(module: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """A :class:`viddet.models.layers.ConvAct` as one fused conv + activation primitive."""
+    """A :class:`viddet.models.layers.ConvAct` (the neck's conv + ReLU) as one fused conv +
+    activation primitive; None (the plain module runs) where the fast path does not apply."""
     if not fast_path(module, x):
         return None
     cache = module.__dict__.setdefault('_fused', FusedCache())
@@ -169,14 +171,6 @@ def conv_act_forward(module: nn.Module, x: torch.Tensor) -> Optional[torch.Tenso
     except RuntimeError as e:
         give_up(e)
         return None
-
-
-def flownet_forward_prepared(flownet: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """FlowNetSimple's network on a channels-last copy of its input (NHWC: ~40% faster oneDNN
-    convolutions on the CPU); its ConvAct layers then run fused (:func:`conv_act_forward`)."""
-    if x.device.type != 'cpu':
-        return None
-    return type(flownet).forward_prepared(flownet, x.contiguous(memory_format=torch.channels_last))
 
 
 def resnet_forward(backbone: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
