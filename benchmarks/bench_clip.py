@@ -122,6 +122,7 @@ def main():
         mm = fixture['seconds_per_frame'].get(key)
         row = {'method': method, 'threads': args.threads, 'viddet_here': here, 'viddet_normalised': normalised,
                'viddet_seconds_per_frame': [round(t, 3) for t in per_frame], 'run_spread': spread,
+               'runs_seconds_per_frame': [[round(t, 3) for t in r[0]] for r in runs],
                'reproduced': f'{runs[0][1]}/{runs[0][2]}'}
         if mm:
             row['mmtracking'] = summary(mm)

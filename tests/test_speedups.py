@@ -239,6 +239,32 @@ def test_selsa_head_reuses_the_first_fc_exactly():
     torch.testing.assert_close(reused[0], uncached[0], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize('n,m,c,g', [(7, 50, 64, 4), (300, 1200, 1024, 16)])
+def test_fused_selsa_attention_equals_the_attention_formula(n, m, c, g):
+    """speedups.selsa: the fused attention gives softmax(q k^T / sqrt(d)) v per head (computed
+    here in float64 from the formula of Wu et al. §3.2 / MMTracking SelsaAggregator), as the plain
+    bmm path does; under autograd the plain path runs."""
+    from viddet.models.aggregators import SelsaAggregator
+    from viddet.speedups.selsa import attention_forward
+    torch.manual_seed(0)
+    agg = SelsaAggregator(c, g).eval()
+    x, ref = torch.randn(n, c), torch.randn(m, c)
+    d = c // g
+    with torch.no_grad():
+        refs = agg.project_refs(ref)
+        q = agg.fc_embed(x).double().view(n, g, d)
+        k, v = refs.key.double().view(m, g, d), refs.value.double().view(m, g, d)
+        w = torch.softmax(torch.einsum('ngd,mgd->gnm', q, k) / d ** 0.5, dim=2)
+        expected = agg.fc.double()(torch.einsum('gnm,mgd->ngd', w, v).reshape(n, c)).float()
+        agg.fc.float()
+        fast = attention_forward(agg, x, refs)
+        plain = agg.forward_projected(x, refs)
+    assert fast is not None
+    torch.testing.assert_close(fast, expected, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(plain, expected, atol=2e-5, rtol=1e-4)
+    assert attention_forward(agg, x, refs) is None   # autograd records here: the plain path
+
+
 def test_flow_warp_taps_reproduce_grid_sample():
     from viddet.models.flownet import flow_warp_feats
     from viddet.speedups.fgfa import flow_warp_taps

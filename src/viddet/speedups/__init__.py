@@ -29,6 +29,8 @@ fast path                              replaces
                                        RoIAlign as bilinear taps gathered with ``embedding_bag``
 :func:`troi.temporal_roi_align_forward`  ``TemporalRoIAlign.forward``: re-associated (RoIAlign
                                        taps x a key/reference Gram matrix, tap projections)
+:func:`selsa.attention_forward`        ``SelsaAggregator.forward_projected``: fused
+                                       scaled-dot-product attention (no weight tensor)
 :func:`fgfa.fgfa_aggregate`            ``FGFA.aggregate``: the embedding conv of every warped
                                        map from per-frame tap projections
 :func:`nms.head_nms`                   ``RPNHead.nms``, ``RoIHead.nms``: greedy NMS that stops
@@ -42,12 +44,12 @@ from __future__ import annotations
 from torch import nn
 
 from viddet.methods.fgfa import FGFA
-from viddet.models.aggregators import TemporalRoIAlign
+from viddet.models.aggregators import SelsaAggregator, TemporalRoIAlign
 from viddet.models.backbones import ResNetDC5
 from viddet.models.detector import ChannelMapper, RoIHead, RPNHead, SingleRoIExtractor
 from viddet.models.flownet import FlowNetSimple
 from viddet.models.layers import ConvAct
-from viddet.speedups import fgfa, flownet, nms, onednn, roi_align, troi
+from viddet.speedups import fgfa, flownet, nms, onednn, roi_align, selsa, troi
 
 
 class FastMethod:
@@ -92,6 +94,8 @@ def enable(model: nn.Module) -> nn.Module:
             _install(m, 'roi_align', roi_align.roi_align_forward)
         if isinstance(m, TemporalRoIAlign):
             _install(m, 'forward', troi.temporal_roi_align_forward)
+        if isinstance(m, SelsaAggregator):
+            _install(m, 'forward_projected', selsa.attention_forward)
         if isinstance(m, FGFA):
             _install(m, 'aggregate', fgfa.fgfa_aggregate)
         if isinstance(m, (RPNHead, RoIHead)):

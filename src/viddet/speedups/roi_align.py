@@ -90,6 +90,8 @@ def roi_align_forward(extractor, feats: torch.Tensor, rois: torch.Tensor) -> Opt
         pos, wts = roi_align_taps(rois, h, w, s, extractor.spatial_scale, extractor.sampling_ratio)
         if b > 1:   # rows of image k start at k*H*W
             pos = pos + (rois[:, 0].long() * (h * w)).repeat_interleave(s * s)[:, None]
-        rows = feats.float().permute(0, 2, 3, 1).reshape(b * h * w, c)   # a view when channels-last
+        # location-major rows (a view when channels-last); an NCHW map (DFF's warped features)
+        # would give a column-major view, which embedding_bag gathers ~10x slower: copy it
+        rows = feats.float().permute(0, 2, 3, 1).reshape(b * h * w, c).contiguous()
         out = F.embedding_bag(pos, rows, per_sample_weights=wts, mode='sum')
     return out.view(n, s, s, c).permute(0, 3, 1, 2)
