@@ -19,19 +19,15 @@ parity clip), at the given thread count:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-SHARED = Path(__file__).resolve().parents[2] / 'shared' / 'parity'
-CHECKPOINT_KEYS = {'single': 'dff_r50', 'dff': 'dff_r50', 'fgfa': 'fgfa_r50', 'selsa': 'selsa_r50', 'troi': 'troi_r50'}
+from bench_clip import CHECKPOINT_KEYS, SHARED, checkpoint   # benchmarks/ is on the path of this script
 
 
 def peak_gflops(repeat: int = 5) -> dict:
@@ -50,15 +46,6 @@ def peak_gflops(repeat: int = 5) -> dict:
         x = torch.randn(1, 512, 64, 64)
         cv = 2 * 64 * 64 * 512 * 512 * 9 / best(lambda: conv(x)) / 1e9
     return {'matmul': round(mm, 1), 'conv3x3': round(cv, 1), 'peak': round(max(mm, cv), 1)}
-
-
-def checkpoint(method: str, ckpt_dir: Path) -> Path:
-    path = ckpt_dir / f'{CHECKPOINT_KEYS[method]}_seed0.pth'
-    if not path.exists():
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, str(SHARED / 'make_checkpoint.py'),
-                        str(SHARED / 'keys' / f'{CHECKPOINT_KEYS[method]}.txt'), str(path), '--seed', '0'], check=True)
-    return path
 
 
 def measure(method: str, ckpt: Path, count_frame: int) -> dict:
@@ -100,9 +87,9 @@ def main():
     rows = []
     for m in args.methods:
         # DFF: a non-key frame (its cost mix is reported by the median over the clip); others frame 3
-        r = measure(m, checkpoint(m, Path(args.ckpt_dir)), count_frame=3)
+        r = measure(m, checkpoint(m, Path(args.ckpt_dir), SHARED), count_frame=3)
         if m == 'dff':   # FLOPs per frame of its 1-in-10 mix: one key frame (as single) and nine warped ones
-            single = measure('single', checkpoint('single', Path(args.ckpt_dir)), count_frame=3)
+            single = measure('single', checkpoint('single', Path(args.ckpt_dir), SHARED), count_frame=3)
             r['gflop_per_frame_mix'] = round((single['gflop_per_frame'] + 9 * r['gflop_per_frame']) / 10, 1)
             r['mean_s'] = round(statistics.mean(r['seconds_per_frame'][1:]), 3)
             gflop, seconds = r['gflop_per_frame_mix'], r['mean_s']

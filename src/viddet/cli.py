@@ -27,7 +27,7 @@ def add_inference_options(p, mode_default=None):
                    help='backbone (default: what the checkpoint is)')
     p.add_argument('--device', default='auto', help='auto (CUDA if available), cpu, cuda, cuda:1 ...')
     p.add_argument('--threads', type=int, default=None,
-                   help='CPU threads (default: torch decides)')
+                   help='CPU threads (default: the cores this process is given)')
     p.add_argument('--set', action='append', default=[], metavar='test.KEY=VALUE', dest='overrides',
                    help='inference setting (repeatable): test.key_frame_interval (DFF, 10), test.num_left / '
                         'test.num_right (FGFA, 15), test.num_refs (SELSA/TRoI, 14), test.ref_cache, test.fast')
@@ -244,7 +244,8 @@ def add_train_parser(sub):
                    help='override a config value, e.g. --set schedule.epochs=3 --set data.scale=[600,360] (repeatable)')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
     p.add_argument('--threads', type=int, default=None,
-                   help='CPU threads per process (default: torch decides; 1 is much faster on a busy shared CPU)')
+                   help='CPU threads per process (default: the cores this process is given, divided between torchrun\'s '
+                        'processes; 1 is faster on a CPU busy with other jobs)')
 
     def run(args):
         from pathlib import Path
@@ -291,7 +292,7 @@ def add_benchmark_parser(sub):
     p.add_argument('--plain', action='store_true',
                    help='the plain modules, without the fast paths of viddet.speedups (same detections)')
     p.add_argument('--checkpoint', default=None, help='weights (path, URL or zoo name); default random')
-    p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch decides)')
+    p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: the cores this process is given)')
     p.add_argument('--seed', type=int, default=0, help='seed of the random weights and frames')
     p.add_argument('--json', default=None, metavar='FILE', help='write the results as JSON (atomically)')
 
