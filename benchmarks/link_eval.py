@@ -29,7 +29,7 @@ COLUMNS = [('coco_ap50', 'AP50'), ('vid_map', 'VID mAP'), ('vid_map_slow', 'slow
 
 
 def evaluate_modes(results, ann, modes=LINK_MODES, *, coco=True, motion_iou=None, allow_empty=False,
-                   frame_nms_iou=None, where='<results>') -> dict:
+                   frame_nms_iou=None, where='<results>', identity_min_score=IDENTITY_MIN_SCORE) -> dict:
     """{mode: {metric: value, 'link_s_per_frame', 'identity' (dict or None)}} for each link mode."""
     num_frames = sum(len(imgs) for _, imgs in load_videos(ann)[0])
     out = {}
@@ -39,7 +39,7 @@ def evaluate_modes(results, ann, modes=LINK_MODES, *, coco=True, motion_iou=None
         linked = link_results(results, ann, mode, where=where, allow_empty=allow_empty, **options)
         seconds = time.perf_counter() - t0
         metrics = evaluate_results(linked, ann, motion_iou=motion_iou, coco=coco)
-        identity = identity_of_results(linked, ann) if mode != 'none' else None
+        identity = identity_of_results(linked, ann, min_score=identity_min_score) if mode != 'none' else None
         out[mode] = {**{k: metrics[k] for k, _ in COLUMNS}, 'num_detections': metrics['num_detections'],
                      'link_s_per_frame': seconds / max(num_frames, 1),
                      'identity': None if identity is None else
@@ -47,7 +47,7 @@ def evaluate_modes(results, ann, modes=LINK_MODES, *, coco=True, motion_iou=None
     return out
 
 
-def format_table(table: dict) -> str:
+def format_table(table: dict, identity_min_score: float = IDENTITY_MIN_SCORE) -> str:
     def pct(v):
         return f'{"-":>8}' if v is None else f'{100 * v:8.2f}'
     head = f'{"link":<8}' + ''.join(f'{t:>8}' for _, t in COLUMNS) + f'{"dets":>9}{"s/frame":>10}' \
@@ -59,7 +59,7 @@ def format_table(table: dict) -> str:
                   else f'{"-":>7}{"-":>8}{"-":>8}')
         lines.append(f'{mode:<8}' + ''.join(pct(m[k]) for k, _ in COLUMNS) + f'{m["num_detections"]:>9d}'
                      + f'{m["link_s_per_frame"]:>10.5f}' + idcols)
-    lines.append(f'(AP in %; identity of the linked boxes scoring >= {IDENTITY_MIN_SCORE:g} against the '
+    lines.append(f'(AP in %; identity of the linked boxes scoring >= {identity_min_score:g} against the '
                  f'annotations\' instance ids)')
     return '\n'.join(lines)
 
@@ -75,19 +75,23 @@ def main(argv=None) -> int:
                     help="Seq-NMS: FGFA's per-frame NMS afterwards at this IoU (FGFA uses 0.3)")
     ap.add_argument('--allow-empty-frames', action='store_true',
                     help='annotated frames without detections are empty frames (else an error)')
+    ap.add_argument('--identity-min-score', type=float, default=IDENTITY_MIN_SCORE, metavar='S',
+                    help=f'identity metrics of the linked boxes scoring >= S (default {IDENTITY_MIN_SCORE:g})')
     ap.add_argument('--json', default=None, help='write the table as JSON here')
     args = ap.parse_args(argv)
     from viddet.errors import VidDetError
     try:
         table = evaluate_modes(load_results(args.results), args.ann, args.modes, coco=not args.no_coco,
                                motion_iou=args.motion_iou, allow_empty=args.allow_empty_frames,
-                               frame_nms_iou=args.frame_nms, where=args.results)
+                               frame_nms_iou=args.frame_nms, where=args.results,
+                               identity_min_score=args.identity_min_score)
     except VidDetError as e:
         print(f'link_eval: error: {e}', file=sys.stderr)
         return 2
-    print(format_table(table))
+    print(format_table(table, args.identity_min_score))
     if args.json:
-        atomic_write_json(args.json, {'results': args.results, 'annotations': args.ann, 'modes': table}, indent=2)
+        atomic_write_json(args.json, {'results': args.results, 'annotations': args.ann,
+                                      'identity_min_score': args.identity_min_score, 'modes': table}, indent=2)
     return 0
 
 
