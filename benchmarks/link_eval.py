@@ -29,12 +29,15 @@ COLUMNS = [('coco_ap50', 'AP50'), ('vid_map', 'VID mAP'), ('vid_map_slow', 'slow
 
 
 def evaluate_modes(results, ann, modes=LINK_MODES, *, coco=True, motion_iou=None, allow_empty=False,
-                   frame_nms_iou=None, where='<results>', identity_min_score=IDENTITY_MIN_SCORE) -> dict:
+                   frame_nms_iou=None, where='<results>', identity_min_score=IDENTITY_MIN_SCORE,
+                   tracker=None) -> dict:
     """{mode: {metric: value, 'link_s_per_frame', 'identity' (dict or None)}} for each link mode."""
     num_frames = sum(len(imgs) for _, imgs in load_videos(ann)[0])
     out = {}
     for mode in modes:
         options = {'frame_nms_iou': frame_nms_iou} if mode == 'seqnms' and frame_nms_iou is not None else {}
+        if mode == 'online' and tracker is not None:
+            options['tracker'] = tracker
         t0 = time.perf_counter()
         linked = link_results(results, ann, mode, where=where, allow_empty=allow_empty, **options)
         seconds = time.perf_counter() - t0
@@ -49,7 +52,7 @@ def evaluate_modes(results, ann, modes=LINK_MODES, *, coco=True, motion_iou=None
 
 def format_table(table: dict, identity_min_score: float = IDENTITY_MIN_SCORE) -> str:
     def pct(v):
-        return f'{"-":>8}' if v is None else f'{100 * v:8.2f}'
+        return f'{"-":>8}' if v is None else f' {100 * v:7.2f}'
     head = f'{"link":<8}' + ''.join(f'{t:>8}' for _, t in COLUMNS) + f'{"dets":>9}{"s/frame":>10}' \
            + f'{"IDsw":>7}{"MOTA":>8}{"IDF1":>8}'
     lines = [head, '-' * len(head)]
@@ -77,21 +80,33 @@ def main(argv=None) -> int:
                     help='annotated frames without detections are empty frames (else an error)')
     ap.add_argument('--identity-min-score', type=float, default=IDENTITY_MIN_SCORE, metavar='S',
                     help=f'identity metrics of the linked boxes scoring >= S (default {IDENTITY_MIN_SCORE:g})')
+    ap.add_argument('--track-start', type=float, default=None, metavar='S',
+                    help='online: an unmatched detection scoring >= S starts a track (IoUTracker default 0.5)')
+    ap.add_argument('--track-match', type=float, default=None, metavar='S',
+                    help='online: detections scoring < S are not tracked (IoUTracker default 0.1)')
     ap.add_argument('--json', default=None, help='write the table as JSON here')
     args = ap.parse_args(argv)
     from viddet.errors import VidDetError
+    from viddet.linking.tracker import IoUTracker
+    tracker = None
     try:
+        if args.track_start is not None or args.track_match is not None:
+            kw = {k: v for k, v in (('start_score', args.track_start), ('match_score', args.track_match)) if v is not None}
+            tracker = IoUTracker(**kw)
         table = evaluate_modes(load_results(args.results), args.ann, args.modes, coco=not args.no_coco,
                                motion_iou=args.motion_iou, allow_empty=args.allow_empty_frames,
                                frame_nms_iou=args.frame_nms, where=args.results,
-                               identity_min_score=args.identity_min_score)
+                               identity_min_score=args.identity_min_score, tracker=tracker)
     except VidDetError as e:
         print(f'link_eval: error: {e}', file=sys.stderr)
         return 2
     print(format_table(table, args.identity_min_score))
     if args.json:
         atomic_write_json(args.json, {'results': args.results, 'annotations': args.ann,
-                                      'identity_min_score': args.identity_min_score, 'modes': table}, indent=2)
+                                      'identity_min_score': args.identity_min_score,
+                                      'tracker': None if tracker is None else
+                                      {'start_score': tracker.start_score, 'match_score': tracker.match_score},
+                                      'modes': table}, indent=2)
     return 0
 
 
