@@ -122,19 +122,29 @@ def aggregate_embedded(x_embed: torch.Tensor, ref_embed: torch.Tensor,
                        ref_x: torch.Tensor) -> torch.Tensor:
     """``EmbedAggregator.forward`` from precomputed (un-normalised) embeddings.
 
+    The cosine similarity is computed as ``<a, b> / (|a| |b|)`` rather than as the dot product of
+    the normalised vectors (same value up to float rounding; no epsilon, as MMTracking: a zero
+    embedding gives NaN either way), with the product written into ``ref_embed``, and the maps are
+    summed one at a time: no (N, H*W, C) or (N, C, H, W) temporaries (0.30 -> 0.08 s for FGFA's
+    31 maps of 512 x 38 x 63 at one thread).
+
     Args:
         x_embed: (H*W, C) embedding of the current frame.
-        ref_embed: (N, H*W, C) embeddings of the N maps to aggregate.
+        ref_embed: (N, H*W, C) embeddings of the N maps to aggregate; **overwritten** (pass a
+            tensor of your own, e.g. a fresh ``torch.stack``).
         ref_x: (N, C, H, W) the maps themselves.
 
     Returns:
         (1, C, H, W), as ``EmbedAggregator.forward``.
     """
     n, c, h, w = ref_x.shape
-    x_embed = x_embed / x_embed.norm(p=2, dim=1, keepdim=True)
-    ref_embed = ref_embed / ref_embed.norm(p=2, dim=2, keepdim=True)
-    weights = torch.sum(ref_embed * x_embed, dim=2).softmax(dim=0)        # (N, HW)
-    return torch.sum(ref_x * weights.view(n, 1, h, w), dim=0, keepdim=True)
+    norms = ref_embed.norm(p=2, dim=2) * x_embed.norm(p=2, dim=1)          # (N, HW)
+    weights = (ref_embed.mul_(x_embed).sum(dim=2) / norms).softmax(dim=0)   # (N, HW)
+    weights = weights.view(n, 1, h, w)
+    out = ref_x[0] * weights[0]
+    for i in range(1, n):
+        out.addcmul_(ref_x[i], weights[i])
+    return out.unsqueeze(0)
 
 
 def fgfa_aggregate(method, t: int, window: List[int], center: int, feats: Dict[int, torch.Tensor],
