@@ -12,7 +12,7 @@ embedded from them by bilinear gathers (:func:`embed_sampled`, with the warp's t
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -118,32 +118,41 @@ def embed_sampled(aggregator, proj: torch.Tensor, size, pos: Optional[torch.Tens
     return out + conv.bias if conv.bias is not None else out
 
 
-def aggregate_embedded(x_embed: torch.Tensor, ref_embed: torch.Tensor,
-                       ref_x: torch.Tensor) -> torch.Tensor:
+def aggregate_embedded(x_embed: torch.Tensor, ref_embed: Sequence[torch.Tensor],
+                       ref_x: Sequence[torch.Tensor]) -> torch.Tensor:
     """``EmbedAggregator.forward`` from precomputed (un-normalised) embeddings.
 
     The cosine similarity is computed as ``<a, b> / (|a| |b|)`` rather than as the dot product of
     the normalised vectors (same value up to float rounding; no epsilon, as MMTracking: a zero
-    embedding gives NaN either way), with the product written into ``ref_embed``, and the maps are
-    summed one at a time: no (N, H*W, C) or (N, C, H, W) temporaries (0.30 -> 0.08 s for FGFA's
-    31 maps of 512 x 38 x 63 at one thread).
+    embedding gives NaN either way), once per distinct tensor (FGFA's window repeats the first and
+    last frames at a video's ends), and the maps are summed one at a time: nothing of the size of
+    the whole window is stacked (0.30 -> 0.08 s for FGFA's 31 maps of 512 x 38 x 63 at one
+    thread, plus the two ~150 MB concatenations the plain path needs).
 
     Args:
         x_embed: (H*W, C) embedding of the current frame.
-        ref_embed: (N, H*W, C) embeddings of the N maps to aggregate; **overwritten** (pass a
-            tensor of your own, e.g. a fresh ``torch.stack``).
-        ref_x: (N, C, H, W) the maps themselves.
+        ref_embed: the N slots' embeddings, each (H*W, C) (a sequence, or an (N, H*W, C) tensor).
+        ref_x: the N slots' maps, each (C, H, W) or (1, C, H, W) (a sequence, or an (N, C, H, W)
+            tensor), in the order of ``ref_embed``.
 
     Returns:
         (1, C, H, W), as ``EmbedAggregator.forward``.
     """
-    n, c, h, w = ref_x.shape
-    norms = ref_embed.norm(p=2, dim=2) * x_embed.norm(p=2, dim=1)          # (N, HW)
-    weights = (ref_embed.mul_(x_embed).sum(dim=2) / norms).softmax(dim=0)   # (N, HW)
-    weights = weights.view(n, 1, h, w)
-    out = ref_x[0] * weights[0]
-    for i in range(1, n):
-        out.addcmul_(ref_x[i], weights[i])
+    if len(ref_embed) != len(ref_x) or len(ref_x) == 0:
+        raise ValueError(f'aggregate_embedded: {len(ref_embed)} embeddings for {len(ref_x)} maps')
+    x_norm = x_embed.norm(p=2, dim=1)
+    cosine: Dict[int, torch.Tensor] = {}
+    logits = []
+    for e in ref_embed:
+        key = id(e)
+        if key not in cosine:
+            cosine[key] = (e * x_embed).sum(dim=1) / (e.norm(p=2, dim=1) * x_norm)   # (HW,)
+        logits.append(cosine[key])
+    h, w = ref_x[0].shape[-2:]
+    weights = torch.stack(logits).softmax(dim=0).view(len(logits), 1, h, w)
+    out = ref_x[0].reshape(-1, h, w) * weights[0]
+    for i in range(1, len(logits)):
+        out.addcmul_(ref_x[i].reshape(-1, h, w), weights[i])
     return out.unsqueeze(0)
 
 
@@ -165,6 +174,6 @@ def fgfa_aggregate(method, t: int, window: List[int], center: int, feats: Dict[i
         embeds = {i: embed_sampled(agg, projections_of(agg, feats[i]), size, pos[n], wts[n])
                   for n, i in enumerate(sources)}
     x_embed = embed_sampled(agg, projections_of(agg, x), size)
-    stack = torch.cat([x if j == center else warped[i] for j, i in enumerate(window)])
-    ref_embed = torch.stack([x_embed if j == center else embeds[i] for j, i in enumerate(window)])
-    return aggregate_embedded(x_embed, ref_embed, stack)
+    maps = [x if j == center else warped[i] for j, i in enumerate(window)]
+    embeddings = [x_embed if j == center else embeds[i] for j, i in enumerate(window)]
+    return aggregate_embedded(x_embed, embeddings, maps)
