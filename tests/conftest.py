@@ -1,6 +1,8 @@
 """Shared fixtures: paths to ../shared (real frames, parity fixtures), skipping when absent; torch's
 global state restored around every test; a local HTTP server and a $VIDDET_HOME for download tests."""
 import http.server
+import subprocess
+import sys
 import threading
 from functools import partial
 from pathlib import Path
@@ -39,6 +41,36 @@ def shared_path(*parts) -> Path:
 @pytest.fixture
 def shared():
     return shared_path
+
+
+@pytest.fixture(scope='session')
+def parity_checkpoint(tmp_path_factory):
+    """``get(keys, seed=0, parity_dir=None)``: the path of the MMTracking-format checkpoint that
+    ``../shared/parity/make_checkpoint.py keys/<keys> --seed <seed>`` writes (R-50: 280-410 MB each).
+
+    Each one is made once per session and shared by every module that needs it (the inference parity,
+    training parity and demo tests), so that the suite's disk use stays at one copy per checkpoint;
+    all are deleted when the session ends. Skips the test when the parity folder is absent.
+    """
+    out = tmp_path_factory.mktemp('parity_ckpt')
+    made = {}
+
+    def get(keys: str, seed: int = 0, parity_dir: Path = None) -> Path:
+        parity = Path(parity_dir) if parity_dir else SHARED / 'parity'
+        if not (parity / 'make_checkpoint.py').exists():
+            pytest.skip(f'{parity / "make_checkpoint.py"} is absent: this test needs the shared parity fixtures '
+                        'beside the repository')
+        key = (str(parity), keys, seed)
+        if key not in made:
+            path = out / f'{Path(keys).stem}_seed{seed}_{len(made)}.pth'
+            subprocess.run([sys.executable, str(parity / 'make_checkpoint.py'), str(parity / 'keys' / keys),
+                            str(path), '--seed', str(seed)], check=True)
+            made[key] = path
+        return made[key]
+
+    yield get
+    for path in made.values():
+        path.unlink(missing_ok=True)
 
 
 @pytest.fixture

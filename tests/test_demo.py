@@ -4,8 +4,6 @@ API, and bad inputs (message, exit status 2, nothing left behind)."""
 import errno
 import json
 import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -28,16 +26,9 @@ pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')
-def dff_checkpoint(tmp_path_factory):
+def dff_checkpoint(parity_checkpoint):
     """MMTracking-format DFF R-50 checkpoint (deterministic seed-0 weights, 400 MB), made once."""
-    parity = Path(__file__).resolve().parents[2] / 'shared' / 'parity'
-    if not parity.exists():
-        pytest.skip(f'{parity} is absent: this test needs the shared parity fixtures beside the repository')
-    path = tmp_path_factory.mktemp('ckpt') / 'dff_r50_seed0.pth'
-    subprocess.run([sys.executable, str(parity / 'make_checkpoint.py'), str(parity / 'keys' / 'dff_r50.txt'),
-                    str(path), '--seed', '0'], check=True)
-    yield path
-    path.unlink()
+    return parity_checkpoint('dff_r50.txt')
 
 
 def read_mp4(path):

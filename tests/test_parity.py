@@ -17,8 +17,6 @@ measured 99.25-99.75% over the 12 frames at 1 and 2 threads, with and without AV
 (``docs/CONTRIBUTING.md``, "Parity"). The other methods' selection steps have no such ties.
 """
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -83,18 +81,9 @@ def parity_dir(request):
 
 
 @pytest.fixture(scope='module')
-def checkpoints(parity_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp('ckpt')
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            path = out / f'{name}_seed0.pth'
-            subprocess.run([sys.executable, str(parity_dir / 'make_checkpoint.py'),
-                            str(parity_dir / 'keys' / f'{name}.txt'), str(path), '--seed', '0'], check=True)
-            cache[name] = path
-        return cache[name]
-    return get
+def checkpoints(parity_dir, parity_checkpoint):
+    """``get(name)``: the seed-0 checkpoint of ``keys/<name>.txt`` (shared with the other parity tests)."""
+    return lambda name: parity_checkpoint(f'{name}.txt', 0, parity_dir)
 
 
 @pytest.mark.parametrize('method', list(CASES))

@@ -37,9 +37,12 @@ def test_data_order_is_layout_independent():
 
 def test_overfit_two_frames_loss_decreases(tmp_path):
     paths = make_tiny_vid(tmp_path / 'data', num_videos=1, num_frames=2)
-    cfg = tiny_config(paths, epochs=12, lr=0.02, warmup_iters=1, steps=[100], log_interval=1)
+    cfg = tiny_config(paths, epochs=1, lr=0.02, warmup_iters=1, steps=[100], log_interval=1)
+    # the same two frames listed 12 times: 24 steps in one epoch, so one 260 MB checkpoint, not 12
+    cfg.data.train = cfg.data.train * 12
     cfg.data.flip_ratio = 0.0
     r = train(cfg, tmp_path / 'work', device='cpu', progress=False, evaluate=False, verbose=False)
+    assert sorted(p.name for p in (tmp_path / 'work').glob('*.pth')) == ['epoch_1.pth']
     losses = [rec['loss'] for rec in _log(tmp_path / 'work')]
     assert len(losses) == 24 and r.iters == 24
     first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4

@@ -32,8 +32,6 @@ above. Everything upstream of the RoI sampler (RPN losses, every gradient) is ch
 """
 import json
 import os
-import subprocess
-import sys
 from itertools import combinations
 from pathlib import Path
 
@@ -73,18 +71,9 @@ def _parity_dir() -> Path:
 
 
 @pytest.fixture(scope='module')
-def checkpoint(tmp_path_factory):
-    cache = {}
-
-    def get(keys: str, seed: int) -> Path:
-        if (keys, seed) not in cache:
-            parity = _parity_dir()
-            path = tmp_path_factory.mktemp('ckpt') / f'{Path(keys).stem}_seed{seed}.pth'
-            subprocess.run([sys.executable, str(parity / 'make_checkpoint.py'), str(parity / 'keys' / keys),
-                            str(path), '--seed', str(seed)], check=True)
-            cache[(keys, seed)] = path
-        return cache[(keys, seed)]
-    return get
+def checkpoint(parity_checkpoint):
+    """``get(keys, seed)``: the checkpoint the fixture names (made once per session, shared)."""
+    return lambda keys, seed: parity_checkpoint(keys, seed, _parity_dir())
 
 
 def _image(path: Path, checksum: dict):
