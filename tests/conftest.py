@@ -1,6 +1,7 @@
 """Shared fixtures: paths to ../shared (real frames, parity fixtures), skipping when absent; torch's
 global state restored around every test; a local HTTP server and a $VIDDET_HOME for download tests."""
 import http.server
+import shutil
 import subprocess
 import sys
 import threading
@@ -12,6 +13,29 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / 'shared'
+
+# the most the suite holds on disk at once (measured: 2.8 GB; the parity checkpoints and one training test)
+DISK_NEEDED_GB = 4
+
+
+def _disk_line(config) -> tuple:
+    where = Path(config._tmp_path_factory.getbasetemp()).parent
+    free = shutil.disk_usage(where).free / 2 ** 30
+    return free, f'{free:.1f} GiB free under {where} (the suite needs about {DISK_NEEDED_GB} GiB)'
+
+
+def pytest_report_header(config):
+    """States the free space where the tests write (shown without ``-q``)."""
+    return 'viddet: ' + _disk_line(config)[1]
+
+
+def pytest_sessionstart(session):
+    """On a disk too full for the suite, a warning in the summary (also under ``-q``) says why tests
+    fail with "No space left on device"."""
+    free, line = _disk_line(session.config)
+    if free < DISK_NEEDED_GB:
+        session.config.issue_config_time_warning(pytest.PytestWarning('viddet: only ' + line), stacklevel=2)
+
 
 # torch's thread count when the session starts (conftest is imported before any test module)
 DEFAULT_THREADS = torch.get_num_threads()
