@@ -174,12 +174,12 @@ def test_dff_key_frames_every_10(backbone_log, monkeypatch):
     model = get_model('dff')
     log = backbone_log(model)
     pairs = []
-    original = model.motion.forward
+    original = model.motion.feature_flow
 
-    def motion(target, source, img_shape, chunk_size=None):
+    def motion(target, source, img_shape, feat_size, chunk_size=None):
         pairs.append((frame_ids(target)[0], frame_ids(source)[0]))
-        return original(target, source, img_shape, chunk_size)
-    monkeypatch.setattr(model.motion, 'forward', motion)
+        return original(target, source, img_shape, feat_size, chunk_size)
+    monkeypatch.setattr(model.motion, 'feature_flow', motion)
     results = Video(23).run(model)
     assert len(results) == 23
     assert log == [0, 10, 20]
@@ -207,12 +207,18 @@ def test_fgfa_runs_each_backbone_once_and_aggregates_the_window(backbone_log, mo
     model = get_model('fgfa')
     log = backbone_log(model)
     sources, stacks = [], []
-    flow_fn, agg_fn = model.motion.forward, model.aggregator.forward
+    prepare_fn, flow_fn, agg_fn = model.motion.prepare_image, model.motion.feature_flow_prepared, model.aggregator.forward
+    prepared = {}   # id of a prepared FlowNet input -> its frame
 
-    def motion(target, source, img_shape, chunk_size=None):
-        assert set(frame_ids(target)) == {current[0]}
-        sources.append(frame_ids(source))
-        return flow_fn(target, source, img_shape, chunk_size)
+    def prepare(imgs, img_shape):
+        out = prepare_fn(imgs, img_shape)
+        prepared[id(out)] = frame_ids(imgs)[0]
+        return out
+
+    def motion(target, source, feat_size, chunk_size=None):
+        assert prepared[id(target)] == current[0]
+        sources.append([prepared[id(s)] for s in source])
+        return flow_fn(target, source, feat_size, chunk_size)
 
     def aggregate(x, ref_x):
         stacks.append((x, ref_x))
@@ -224,7 +230,8 @@ def test_fgfa_runs_each_backbone_once_and_aggregates_the_window(backbone_log, mo
     def tracked_predict(frame, ctx):
         current[0] = frame.index
         return predict(frame, ctx)
-    monkeypatch.setattr(model.motion, 'forward', motion)
+    monkeypatch.setattr(model.motion, 'prepare_image', prepare)
+    monkeypatch.setattr(model.motion, 'feature_flow_prepared', motion)
     monkeypatch.setattr(model.aggregator, 'forward', aggregate)
     monkeypatch.setattr(model, 'predict', tracked_predict)
     results = Video(5).run(model)
@@ -243,8 +250,8 @@ def test_fgfa_memory_is_bounded_on_a_long_video(backbone_log, monkeypatch):
     FlowNet is replaced by zero flow here (its cost is not the point)."""
     model = get_model('fgfa')
     log = backbone_log(model)
-    monkeypatch.setattr(model.motion, 'forward', lambda t, s, shape, chunk_size=None:
-                        torch.zeros(s.shape[0], 2, *s.shape[2:]))
+    monkeypatch.setattr(model.motion, 'feature_flow_prepared', lambda t, s, feat_size, chunk_size=None:
+                        torch.zeros(len(s), 2, *feat_size))
     sizes = []
     predict = model.predict
 

@@ -179,7 +179,7 @@ def test_fast_flownet_equals_plain(padded, img_shape):
     fast path off), on odd inner sizes and odd image borders; it follows weight changes and
     survives a deep copy."""
     import copy
-    from viddet.models.flownet import FlowNetSimple
+    from viddet.models.flownet import FlowNetSimple, resize_flow
     from viddet.speedups import flownet
     torch.manual_seed(0)
     net = FlowNetSimple().eval()
@@ -206,6 +206,34 @@ def test_fast_flownet_equals_plain(padded, img_shape):
     assert got.shape == expected.shape and got.is_contiguous() and expected.abs().max() > 1
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(got_chunked, expected, atol=1e-4, rtol=1e-5)
+    # the flow on a stride-16 feature grid: from the network's prediction by a 2x2 block mean where
+    # the grid is half the prediction's (64 x 96: 8 x 12 -> 4 x 6), else from the upsampled flow
+    feat_size = (expected.shape[-2] // 16, expected.shape[-1] // 16)
+    expected_feat = resize_flow(expected, feat_size)
+    with torch.inference_mode():
+        assert flownet.flownet_forward_features(net, x, feat_size) is not None
+        got_feat = net.feature_flow(tgt, src, img_shape, feat_size)
+        got_feat_chunked = net.feature_flow(tgt, src, img_shape, feat_size, chunk_size=2)
+    assert got_feat.shape == (3, 2) + feat_size and expected_feat.abs().max() > 0.1
+    torch.testing.assert_close(got_feat, expected_feat, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_feat_chunked, expected_feat, atol=1e-5, rtol=1e-5)
+    with torch.enable_grad():   # the plain feature_flow is resize_flow of forward
+        torch.testing.assert_close(net.feature_flow(tgt, src, img_shape, feat_size).detach(), expected_feat,
+                                   atol=1e-6, rtol=1e-6)
+        plain_halves = [net.prepare_image(i, img_shape).detach() for i in (tgt, *src.split(1))]
+    # from images prepared once each (FGFA's window), fast and plain, in chunks of 2 pairs
+    with torch.inference_mode():
+        halves = [net.prepare_image(i, img_shape) for i in (tgt, *src.split(1))]
+        assert flownet.prepare_image(net, tgt, img_shape) is not None
+        from_prepared = net.feature_flow_prepared(halves[0], halves[1:], feat_size, chunk_size=2)
+    for fast_half, plain_half in zip(halves, plain_halves):
+        torch.testing.assert_close(fast_half, plain_half, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(from_prepared, expected_feat, atol=1e-5, rtol=1e-5)
+    with torch.enable_grad():
+        torch.testing.assert_close(net.feature_flow_prepared(plain_halves[0], plain_halves[1:], feat_size).detach(),
+                                   expected_feat, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match='sources of its shape'):
+        net.feature_flow_prepared(halves[0], [halves[1][:, :, :-2]], feat_size)
     with torch.no_grad():
         net.deconv3.conv.weight.mul_(1.5)
     with torch.inference_mode():
@@ -217,6 +245,32 @@ def test_fast_flownet_equals_plain(padded, img_shape):
     assert not torch.allclose(again, got, atol=1e-3)
     torch.testing.assert_close(again, plain(), atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(from_twin, again, atol=1e-6, rtol=1e-6)
+
+
+def test_resized_upsampled_flow_is_the_block_mean():
+    """The identity behind ``flownet_forward_features``: FlowNet's x8 bilinear upsampling
+    (align_corners=False) followed by flow_warp_feats' x1/16 resize (scale 1/16, likewise) is the
+    2x2 block mean of the prediction times 8/16; by hand for one 2 x 2 block, then on random data."""
+    from viddet.models.flownet import resize_flow
+    p = torch.tensor([[[[1.0, 3.0], [5.0, 11.0]]]]).expand(1, 2, 2, 2)
+    up = F.interpolate(p, scale_factor=8, mode='bilinear', align_corners=False) * 8
+    assert torch.allclose(resize_flow(up, (1, 1)), torch.full((1, 2, 1, 1), (1 + 3 + 5 + 11) / 4 * 8 / 16))
+    torch.manual_seed(0)
+    p = torch.randn(3, 2, 12, 18) * 4
+    up = F.interpolate(p, scale_factor=8, mode='bilinear', align_corners=False) * 8
+    torch.testing.assert_close(resize_flow(up, (6, 9)), F.avg_pool2d(p, 2) * 0.5, atol=1e-6, rtol=1e-6)
+
+
+def test_warp_feats_on_the_feature_grid_equals_flow_warp_feats():
+    from viddet.models.flownet import flow_warp_feats, resize_flow, warp_feats
+    torch.manual_seed(0)
+    feats = torch.randn(2, 4, 6, 9)
+    flow = torch.randn(2, 2, 96, 144) * 20
+    assert torch.equal(warp_feats(feats, resize_flow(flow, (6, 9))), flow_warp_feats(feats, flow))
+    with pytest.raises(ValueError, match='on their grid'):
+        warp_feats(feats, flow)
+    with pytest.raises(ValueError, match='does not match the feature size'):
+        resize_flow(flow, (7, 9))
 
 
 def test_selsa_head_reuses_the_first_fc_exactly():
@@ -266,7 +320,7 @@ def test_fused_selsa_attention_equals_the_attention_formula(n, m, c, g):
 
 
 def test_flow_warp_taps_reproduce_grid_sample():
-    from viddet.models.flownet import flow_warp_feats
+    from viddet.models.flownet import flow_warp_feats, resize_flow
     from viddet.speedups.fgfa import flow_warp_taps
     torch.manual_seed(0)
     feats = torch.randn(3, 5, 9, 13)
@@ -274,7 +328,7 @@ def test_flow_warp_taps_reproduce_grid_sample():
     flow[0] = 0.0          # zero flow: the parity-trap contraction, not the identity
     flow[1] = 5000.0       # far outside: border clamping
     expected = flow_warp_feats(feats, flow)
-    pos, wts = flow_warp_taps(flow, (9, 13))
+    pos, wts = flow_warp_taps(resize_flow(flow, (9, 13)))
     assert pos.shape == wts.shape == (3, 9 * 13, 4)
     got = torch.stack([F.embedding_bag(pos[i], feats[i].reshape(5, -1).t(), per_sample_weights=wts[i],
                                        mode='sum') for i in range(3)])
@@ -284,7 +338,7 @@ def test_flow_warp_taps_reproduce_grid_sample():
 
 
 def test_embed_aggregator_from_tap_projections_equals_convs():
-    from viddet.models.flownet import flow_warp_feats
+    from viddet.models.flownet import flow_warp_feats, resize_flow
     from viddet.speedups.fgfa import aggregate_embedded, embed_sampled, flow_warp_taps, supports_taps, tap_projections
     torch.manual_seed(1)
     agg = EmbedAggregator(channels=16).eval()
@@ -295,7 +349,7 @@ def test_embed_aggregator_from_tap_projections_equals_convs():
         x = feats[:1]
         expected = agg(x, torch.cat([warped, x]))
         proj = [tap_projections(agg, f) for f in feats.split(1)]
-        pos, wts = flow_warp_taps(flow, (9, 13))
+        pos, wts = flow_warp_taps(resize_flow(flow, (9, 13)))
         embeds = [embed_sampled(agg, proj[i], (9, 13), pos[i], wts[i]) for i in range(4)]
         conv = agg.embed_convs[0](warped).permute(0, 2, 3, 1).reshape(4, -1, 16)
         torch.testing.assert_close(torch.stack(embeds), conv, atol=1e-5, rtol=1e-5)

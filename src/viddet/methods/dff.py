@@ -8,7 +8,7 @@ then RPN + RoI head on feats_t. Causal, so offline and online modes are the same
 from __future__ import annotations
 
 from viddet.methods.base import VIDMethod
-from viddet.models.flownet import FlowNetSimple, flow_warp_feats
+from viddet.models.flownet import FlowNetSimple, flow_warp_feats, warp_feats
 from viddet.models.losses import DetectorTrainConfig, SamplerConfig
 from viddet.structures import Detections
 
@@ -64,8 +64,9 @@ class DFF(VIDMethod):
         else:
             key_img, key_feats = self._key
             with ctx.timer('flow'):
-                flow = self.motion(frame.img, key_img, frame.meta.img_shape)
-                feats = flow_warp_feats(key_feats, flow)
+                # = flow_warp_feats(key_feats, motion(...)), the flow made on the feature grid
+                flow = self.motion.feature_flow(frame.img, key_img, frame.meta.img_shape, key_feats.shape[-2:])
+                feats = warp_feats(key_feats, flow)
         return self.detector.detect(feats, frame.meta, ctx.timer)
 
     def losses(self, sample, cfg) -> dict:

@@ -18,7 +18,7 @@ import torch
 
 from viddet.methods.base import VIDMethod
 from viddet.models.aggregators import EmbedAggregator
-from viddet.models.flownet import FlowNetSimple, flow_warp_feats
+from viddet.models.flownet import FlowNetSimple, flow_warp_feats, warp_feats
 from viddet.structures import Detections
 
 
@@ -59,9 +59,9 @@ class FGFA(VIDMethod):
                    num_left, num_right)
 
     def reset(self):
-        """Forgets the cached features and images of the sliding window."""
+        """Forgets the cached features and FlowNet inputs of the sliding window."""
         self._feats: Dict[int, torch.Tensor] = {}
-        self._imgs: Dict[int, torch.Tensor] = {}
+        self._imgs: Dict[int, torch.Tensor] = {}   # FlowNet's prepared half of each frame (prepare_image)
 
     def window(self, t: int, last: int, mode: str) -> List[int]:
         """Frame indices aggregated for frame ``t`` of a video whose last index is ``last``.
@@ -78,7 +78,7 @@ class FGFA(VIDMethod):
             frame = ctx.frame(index)
             with ctx.timer('backbone'):
                 self._feats[index] = self.detector.extract_feat(frame.img)
-            self._imgs[index] = frame.img
+            self._imgs[index] = self.motion.prepare_image(frame.img, frame.meta.img_shape)
         return self._feats[index]
 
     def predict(self, frame, ctx) -> Detections:
@@ -102,14 +102,15 @@ class FGFA(VIDMethod):
 
         # Each distinct source frame is warped once. The current frame's own slot stays unwarped;
         # its replicated copies at the video's edges are warped by the self-flow, as in MMTracking.
+        # FlowNet's input halves are prepared once per frame (MMTracking prepares the pairs anew
+        # for every target frame, with the target's img_shape: the same for all frames of a video).
         center = len(window) - 1 if ctx.mode == 'online' else self.num_left
         sources = sorted({i for j, i in enumerate(window) if j != center})
         flows = None
         if sources:
             with ctx.timer('flow'):
-                src_imgs = torch.cat([self._imgs[i] for i in sources])
-                flows = self.motion(frame.img.expand(len(sources), -1, -1, -1), src_imgs,
-                                    frame.meta.img_shape, chunk_size=self.flow_chunk)
+                flows = self.motion.feature_flow_prepared(self._imgs[t], [self._imgs[i] for i in sources],
+                                                          self._feats[t].shape[-2:], chunk_size=self.flow_chunk)
         with ctx.timer('aggregation'):
             feats = self.aggregate(t, window, center, self._feats, sources, flows)
         return self.detector.detect(feats, frame.meta, ctx.timer)
@@ -124,12 +125,13 @@ class FGFA(VIDMethod):
             center: the slot of the current frame itself (its features are used unwarped).
             feats: (1, C, h, w) features of every frame in the window, by index.
             sources: the S distinct frames warped to ``t`` (every window frame but the centre slot's).
-            flows: (S, 2, H, W) FlowNet flow from ``t`` to each source, in ``sources`` order (None
+            flows: (S, 2, h, w) FlowNet flow from ``t`` to each source on the feature grid, in
+                feature cells (:meth:`FlowNetSimple.feature_flow`), in ``sources`` order (None
                 when S = 0).
         """
         warped = {}
         if sources:
-            stacked = flow_warp_feats(torch.cat([feats[i] for i in sources]), flows)
+            stacked = warp_feats(torch.cat([feats[i] for i in sources]), flows)
             warped = dict(zip(sources, stacked.split(1)))
         stack = torch.cat([feats[t] if j == center else warped[i] for j, i in enumerate(window)])
         return self.aggregator(feats[t], stack)

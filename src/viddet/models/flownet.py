@@ -127,6 +127,25 @@ class FlowNetSimple(nn.Module):
         return F.interpolate(x, scale_factor=self.img_scale_factor, mode='bilinear',
                              align_corners=False)
 
+    def prepare_image(self, imgs: torch.Tensor, img_shape: Tuple[int, int]) -> torch.Tensor:
+        """One 3-channel half of :meth:`prepare_inputs`: FlowNet's renormalised, downsampled
+        input of frames, which depends on nothing else (a frame that is a source for many target
+        frames, as in FGFA's window, is prepared once: :meth:`feature_flow_prepared`).
+
+        Args:
+            imgs: (N, 3, Hp, Wp) detector-normalised images; img_shape: (h, w) as for
+                :meth:`prepare_inputs`.
+
+        Returns:
+            (N, 3, round(Hp*s), round(Wp*s)) float.
+
+        Raises:
+            ValueError: if ``imgs`` is not (N, 3, H, W).
+        """
+        if imgs.dim() != 4 or imgs.shape[1] != 3:
+            raise ValueError(f'FlowNetSimple.prepare_image expects (N, 3, H, W) images, got {tuple(imgs.shape)}')
+        return self._prepare_half(imgs, img_shape)
+
     def prepare_inputs(self, target_imgs: torch.Tensor, source_imgs: torch.Tensor,
                        img_shape: Tuple[int, int]) -> torch.Tensor:
         """Builds FlowNet's 6-channel input from detector-normalised image pairs.
@@ -228,6 +247,78 @@ class FlowNetSimple(nn.Module):
             raise ValueError(f'chunk_size must be >= 1, got {chunk_size}')
         return torch.cat([self.forward_prepared(c) for c in x.split(chunk_size, dim=0)], dim=0)
 
+    def forward_features(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
+        """:meth:`forward_prepared` resized to a feature grid: ``resize_flow(forward_prepared(x),
+        feat_size)``, what :func:`flow_warp_feats` computes first (its step 1).
+
+        Args:
+            x: (N, 6, h, w) prepared pairs (:meth:`prepare_inputs`).
+            feat_size: (H, W) of the feature maps to warp (Hp/16, Wp/16 in the pipeline).
+
+        Returns:
+            (N, 2, H, W) flow in feature cells, for :func:`warp_feats`.
+        """
+        return resize_flow(self.forward_prepared(x), feat_size)
+
+    def feature_flow(self, target_imgs: torch.Tensor, source_imgs: torch.Tensor, img_shape: Tuple[int, int],
+                     feat_size: Tuple[int, int], chunk_size: Optional[int] = None) -> torch.Tensor:
+        """:meth:`forward` resized to the feature grid, for :func:`warp_feats`: ``warp_feats(feats,
+        feature_flow(...)) == flow_warp_feats(feats, forward(...))``. Inference (DFF, FGFA) needs
+        nothing else of the flow, and the fast path (``viddet.speedups.flownet``) then never
+        makes the full-resolution flow.
+
+        Args:
+            target_imgs, source_imgs, img_shape, chunk_size: as for :meth:`forward`.
+            feat_size: (H, W) of the source frames' feature maps.
+
+        Returns:
+            (N, 2, H, W) flow in feature cells (channel 0 = x).
+        """
+        x = self.prepare_inputs(target_imgs, source_imgs, img_shape)
+        if chunk_size is None or chunk_size >= x.shape[0]:
+            return self.forward_features(x, feat_size)
+        if chunk_size < 1:
+            raise ValueError(f'chunk_size must be >= 1, got {chunk_size}')
+        return torch.cat([self.forward_features(c, feat_size) for c in x.split(chunk_size, dim=0)], dim=0)
+
+
+    def feature_flow_prepared(self, target: torch.Tensor, sources: Sequence[torch.Tensor],
+                              feat_size: Tuple[int, int], chunk_size: Optional[int] = None) -> torch.Tensor:
+        """:meth:`feature_flow` from prepared images (:meth:`prepare_image`): the flow from one
+        target frame to each source frame on the feature grid. The 6-channel pairs are assembled
+        chunk by chunk (channels-last), so at most ``chunk_size`` of them exist at once.
+
+        Args:
+            target: (1, 3, h, w) prepared target (current) frame.
+            sources: N prepared source frames, each (1, 3, h, w) (or an (N, 3, h, w) tensor).
+            feat_size: (H, W) of the source frames' feature maps.
+            chunk_size: at most this many pairs through the network at once (None: all).
+
+        Returns:
+            (N, 2, H, W) flow in feature cells, as :meth:`feature_flow` of the unprepared images.
+
+        Raises:
+            ValueError: on no sources, a size mismatch or a chunk size below 1.
+        """
+        sources = list(sources.split(1)) if isinstance(sources, torch.Tensor) else list(sources)
+        if not sources or target.dim() != 4 or target.shape[:2] != (1, 3) \
+                or any(s.shape != target.shape for s in sources):
+            raise ValueError('feature_flow_prepared expects a (1, 3, h, w) target and sources of its shape, got '
+                             f'{tuple(target.shape)} and {[tuple(s.shape) for s in sources[:3]]}')
+        chunk = len(sources) if chunk_size is None else chunk_size
+        if chunk < 1:
+            raise ValueError(f'chunk_size must be >= 1, got {chunk_size}')
+        h, w = target.shape[-2:]
+        flows = []
+        for lo in range(0, len(sources), chunk):
+            part = sources[lo:lo + chunk]
+            x = target.new_empty(len(part), h, w, 6).permute(0, 3, 1, 2)   # (n, 6, h, w) channels-last
+            x[:, :3] = target
+            for j, src in enumerate(part):
+                x[j, 3:] = src[0]
+            flows.append(self.forward_features(x, feat_size))
+        return flows[0] if len(flows) == 1 else torch.cat(flows)
+
 
 def flow_warp_feats(feats: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     """Warps feature maps with a full-resolution flow, exactly as MMTracking ``flow_warp_feats``.
@@ -261,14 +352,17 @@ def flow_warp_feats(feats: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
                          f'{tuple(feats.shape)} and {tuple(flow.shape)}')
     if feats.shape[0] != flow.shape[0]:
         raise ValueError(f'flow_warp_feats: {feats.shape[0]} feature maps for {flow.shape[0]} flows')
-    grid = warp_grid(flow, feats.shape[-2:])
-    return F.grid_sample(feats, grid.to(feats.dtype), mode='bilinear', padding_mode='border',
-                         align_corners=True)
+    return warp_feats(feats, resize_flow(flow, feats.shape[-2:]))
 
 
-def warp_grid(flow: torch.Tensor, feat_size) -> torch.Tensor:
-    """The normalised sampling grid (N, H, W, 2) of :func:`flow_warp_feats` (its steps 1-3):
-    ``grid_sample`` coordinates in [-1, 1], last dim (x, y)."""
+def resize_flow(flow: torch.Tensor, feat_size) -> torch.Tensor:
+    """Step 1 of :func:`flow_warp_feats`: (N, 2, H_f, W_f) flow in image pixels -> (N, 2, H, W)
+    flow in feature cells (``F.interpolate(scale_factor=s, bilinear, align_corners=False) * s``,
+    ``s = W / W_f``).
+
+    Raises:
+        ValueError: if the resized flow is not (H, W) = ``feat_size``.
+    """
     H, W = int(feat_size[0]), int(feat_size[1])
     scale = float(W) / flow.shape[-1]
     flow = F.interpolate(flow, scale_factor=scale, mode='bilinear', align_corners=False)
@@ -276,6 +370,37 @@ def warp_grid(flow: torch.Tensor, feat_size) -> torch.Tensor:
     if flow.shape[-2:] != (H, W):
         raise ValueError(f'flow of size {tuple(flow.shape[-2:])} after scaling by W ratio {scale} '
                          f'does not match the feature size {(H, W)}')
+    return flow
+
+
+def warp_feats(feats: torch.Tensor, feat_flow: torch.Tensor) -> torch.Tensor:
+    """Steps 2-3 of :func:`flow_warp_feats`: warps (N, C, H, W) feature maps with a flow already
+    on their grid, (N, 2, H, W) in feature cells (:func:`resize_flow`,
+    :meth:`FlowNetSimple.feature_flow`).
+
+    Raises:
+        ValueError: on wrong ranks or sizes, or mismatched batch sizes.
+    """
+    if feats.dim() != 4 or feat_flow.dim() != 4 or feat_flow.shape[1] != 2 \
+            or feat_flow.shape[-2:] != feats.shape[-2:] or feat_flow.shape[0] != feats.shape[0]:
+        raise ValueError(f'warp_feats expects feats (N, C, H, W) and a flow (N, 2, H, W) on their grid, '
+                         f'got {tuple(feats.shape)} and {tuple(feat_flow.shape)}')
+    grid = feature_grid(feat_flow)
+    return F.grid_sample(feats, grid.to(feats.dtype), mode='bilinear', padding_mode='border',
+                         align_corners=True)
+
+
+def warp_grid(flow: torch.Tensor, feat_size) -> torch.Tensor:
+    """The normalised sampling grid (N, H, W, 2) of :func:`flow_warp_feats` (its steps 1-3):
+    ``grid_sample`` coordinates in [-1, 1], last dim (x, y)."""
+    return feature_grid(resize_flow(flow, feat_size))
+
+
+def feature_grid(feat_flow: torch.Tensor) -> torch.Tensor:
+    """Steps 2-3 of :func:`flow_warp_feats` for a (N, 2, H, W) flow in feature cells: the
+    ``grid_sample`` grid (N, H, W, 2) in [-1, 1], last dim (x, y)."""
+    flow = feat_flow
+    H, W = flow.shape[-2:]
     ys = torch.arange(H, device=flow.device).to(flow.dtype).view(1, H, 1)
     xs = torch.arange(W, device=flow.device).to(flow.dtype).view(1, 1, W)
     gx = (xs + flow[:, 0]) / W * 2 - 1

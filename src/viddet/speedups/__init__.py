@@ -20,8 +20,11 @@ fast path                              replaces
                                        and residual add as oneDNN post-ops, channels-last
 :func:`flownet.flownet_forward_prepared`  ``FlowNetSimple.forward_prepared``: packed oneDNN
                                        weights, sub-pixel transposed convs, tap-sum flow convs
-:func:`flownet.prepare_inputs`         ``FlowNetSimple.prepare_inputs``: renormalised at half
-                                       resolution
+:func:`flownet.flownet_forward_features`  ``FlowNetSimple.forward_features``: the same layers,
+                                       the flow resized to the feature grid from the
+                                       network's prediction (no full-resolution flow)
+:func:`flownet.prepare_inputs`         ``FlowNetSimple.prepare_inputs`` and ``prepare_image``:
+:func:`flownet.prepare_image`          renormalised at half resolution
 :func:`onednn.conv_act_forward`        the neck's conv + ReLU: one oneDNN primitive
 :func:`onednn.linear_forward`          the ``nn.Linear`` layers of the RoI head (box head,
                                        SELSA attention): one GEMM on the transposed weight
@@ -81,7 +84,9 @@ def enable(model: nn.Module) -> nn.Module:
             _install(m, 'forward', onednn.resnet_forward)
         elif isinstance(m, FlowNetSimple):
             _install(m, 'forward_prepared', flownet.flownet_forward_prepared)
+            _install(m, 'forward_features', flownet.flownet_forward_features)
             _install(m, 'prepare_inputs', flownet.prepare_inputs)
+            _install(m, 'prepare_image', flownet.prepare_image)
         elif isinstance(m, ChannelMapper):
             for conv in m.modules():
                 if isinstance(conv, ConvAct):

@@ -12,12 +12,12 @@ embedded from them by bilinear gathers (:func:`embed_sampled`, with the warp's t
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from viddet.models.flownet import flow_warp_feats, warp_grid
+from viddet.models.flownet import feature_grid, warp_feats
 from viddet.speedups.memo import per_tensor
 from viddet.speedups.onednn import conv1x1_rows
 
@@ -45,8 +45,9 @@ def projections_of(aggregator, feats: torch.Tensor) -> torch.Tensor:
     return per_tensor(aggregator, '_tap_projections', feats, lambda: tap_projections(aggregator, feats))
 
 
-def flow_warp_taps(flow: torch.Tensor, feat_size: Tuple[int, int]):
-    """:func:`flow_warp_feats` as a sparse linear map: the bilinear taps of its ``grid_sample``.
+def flow_warp_taps(feat_flow: torch.Tensor):
+    """:func:`viddet.models.flownet.warp_feats` as a sparse linear map: the bilinear taps of its
+    ``grid_sample``.
 
     ``grid_sample(bilinear, padding_mode='border', align_corners=True)`` un-normalises
     ``ix = (gx + 1) / 2 * (W - 1)``, clamps it to [0, W - 1] (likewise y), and reads the 4 pixels
@@ -54,16 +55,16 @@ def flow_warp_taps(flow: torch.Tensor, feat_size: Tuple[int, int]):
     coordinate is exactly W - 1 or H - 1, where its weight is 0) reads nothing.
 
     Args:
-        flow: (N, 2, H_f, W_f) full-resolution flow as for :func:`flow_warp_feats`.
-        feat_size: (H, W) of the feature maps it warps.
+        feat_flow: (N, 2, H, W) flow on the grid of the feature maps it warps, in feature cells
+            (:meth:`FlowNetSimple.feature_flow`, or ``resize_flow`` of a full-resolution flow).
 
     Returns:
         (pos, weight): (N, H*W, 4) int64 pixel indices y*W + x into a source map and float32
-        weights, so that ``flow_warp_feats(feats, flow)[n, :, p] = sum_j weight[n, p, j] *
+        weights, so that ``warp_feats(feats, feat_flow)[n, :, p] = sum_j weight[n, p, j] *
         feats[n, :, pos[n, p, j]]`` (up to float summation order).
     """
-    h, w = int(feat_size[0]), int(feat_size[1])
-    grid = warp_grid(flow, (h, w))
+    h, w = int(feat_flow.shape[-2]), int(feat_flow.shape[-1])
+    grid = feature_grid(feat_flow)
     ix = ((grid[..., 0] + 1) / 2) * (w - 1)
     iy = ((grid[..., 1] + 1) / 2) * (h - 1)
     ix = ix.clamp(0, w - 1)
@@ -77,7 +78,7 @@ def flow_warp_taps(flow: torch.Tensor, feat_size: Tuple[int, int]):
     inside = (xs < w) & (ys < h)
     pos = torch.where(inside, ys * w + xs, torch.zeros_like(xs))
     wts = wts * inside.to(wts.dtype)
-    n = flow.shape[0]
+    n = feat_flow.shape[0]
     return pos.reshape(n, h * w, 4), wts.reshape(n, h * w, 4)
 
 
@@ -168,9 +169,9 @@ def fgfa_aggregate(method, t: int, window: List[int], center: int, feats: Dict[i
     warped: Dict[int, torch.Tensor] = {}
     embeds: Dict[int, torch.Tensor] = {}
     if sources:
-        stacked = flow_warp_feats(torch.cat([feats[i] for i in sources]), flows)
+        stacked = warp_feats(torch.cat([feats[i] for i in sources]), flows)
         warped = dict(zip(sources, stacked.split(1)))
-        pos, wts = flow_warp_taps(flows, size)
+        pos, wts = flow_warp_taps(flows)
         embeds = {i: embed_sampled(agg, projections_of(agg, feats[i]), size, pos[n], wts[n])
                   for n, i in enumerate(sources)}
     x_embed = embed_sampled(agg, projections_of(agg, x), size)

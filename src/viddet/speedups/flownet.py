@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from viddet.models.flownet import resize_flow
 from viddet.speedups.onednn import FusedCache, conv_act_spec, fast_path, give_up
 
-__all__ = ['flownet_forward_prepared', 'prepare_inputs', 'PackedConv', 'TransposedDeconv', 'TapConv']
+__all__ = ['flownet_forward_prepared', 'flownet_forward_features', 'prepare_image', 'prepare_inputs', 'PackedConv', 'TransposedDeconv', 'TapConv']
 
 
 def _layout(packed: torch.Tensor) -> Optional[bytes]:
@@ -189,16 +190,10 @@ def _supported(net: nn.Module) -> bool:
     return True
 
 
-def flownet_forward_prepared(net: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """``FlowNetSimple.forward_prepared(x)`` (same arguments and result, up to float rounding)
-    with the fast layers of this module; None where they do not apply.
-
-    Args:
-        x: (N, 6, h, w) prepared pairs.
-
-    Returns:
-        (N, 2, 8*ceil(h/4), 8*ceil(w/4)) contiguous flow, as the plain method.
-    """
+def _raw_flow(net: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """FlowNetSimple's prediction (N, 2, ceil(h/4), ceil(w/4)) of prepared pairs (N, 6, h, w),
+    before the upsampling and scaling of ``forward_prepared``; None where the fast layers do not
+    apply."""
     if not fast_path(net, x) or x.dim() != 4 or x.shape[0] == 0 or not _supported(net):
         return None
     try:
@@ -220,13 +215,54 @@ def flownet_forward_prepared(net: nn.Module, x: torch.Tensor) -> Optional[torch.
             flow = predict(concat).contiguous(memory_format=torch.channels_last)
             upsample.into(flow, buf[..., cs + cd:])
             concat = buf.permute(0, 3, 1, 2)                          # channels-last (N, C, H, W)
-        flow = plan.predict(concat)
-        up = 4 / net.img_scale_factor
-        flow = flow * (up * net.flow_scale_factor)
-        return F.interpolate(flow, scale_factor=up, mode='bilinear', align_corners=False)
+        return plan.predict(concat)
     except RuntimeError as e:
         give_up(e)
         return None
+
+
+def flownet_forward_prepared(net: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """``FlowNetSimple.forward_prepared(x)`` (same arguments and result, up to float rounding)
+    with the fast layers of this module; None where they do not apply.
+
+    Args:
+        x: (N, 6, h, w) prepared pairs.
+
+    Returns:
+        (N, 2, 8*ceil(h/4), 8*ceil(w/4)) contiguous flow, as the plain method.
+    """
+    flow = _raw_flow(net, x)
+    if flow is None:
+        return None
+    up = 4 / net.img_scale_factor
+    flow = flow * (up * net.flow_scale_factor)
+    return F.interpolate(flow, scale_factor=up, mode='bilinear', align_corners=False)
+
+
+def flownet_forward_features(net: nn.Module, x: torch.Tensor, feat_size: Sequence[int]) -> Optional[torch.Tensor]:
+    """``FlowNetSimple.forward_features(x, feat_size)`` (same arguments and result, up to float
+    rounding) without the full-resolution flow; None where the fast layers do not apply.
+
+    The plain method upsamples the prediction P (h4 x w4) by u = 8 (bilinear, ``align_corners=False``)
+    and resizes the result by s = W / (8 w4) (likewise). Where the feature grid is half the
+    prediction's (h4, w4 = 2H, 2W: s = 1/16, as for every padded size that is a multiple of 16), the
+    resize reads the upsampled flow at x_up = 16 x + 7.5, between pixels 16 x + 7 and 16 x + 8, whose
+    upsampled values are 0.5625 P[2x] + 0.4375 P[2x+1] and the mirror image: their mean is
+    (P[2x] + P[2x+1]) / 2, away from every border. The composition is therefore the 2x2 block mean of
+    P (times u s and the flow scale): 1/64 of the values, no (N, 2, Hp, Wp) temporary (46 MB for
+    FGFA's window at 1000x600). Other sizes take the upsampled flow.
+    """
+    flow = _raw_flow(net, x)
+    if flow is None:
+        return None
+    h, w = int(feat_size[0]), int(feat_size[1])
+    up = 4 / net.img_scale_factor
+    if up == 8 and tuple(flow.shape[-2:]) == (2 * h, 2 * w):
+        scale = float(w) / (up * flow.shape[-1])                     # 1/16, as resize_flow computes it
+        return F.avg_pool2d(flow, 2) * (up * net.flow_scale_factor * scale)
+    flow = F.interpolate(flow * (up * net.flow_scale_factor), scale_factor=up, mode='bilinear',
+                         align_corners=False)
+    return resize_flow(flow, (h, w))
 
 
 def _half_into(net: nn.Module, imgs: torch.Tensor, img_shape: Tuple[int, int],
@@ -251,6 +287,18 @@ def _half_into(net: nn.Module, imgs: torch.Tensor, img_shape: Tuple[int, int],
         out[:, :, h2:h2 + 1] = plain(net, imgs[:, :, h - 1:h + 1], (1, w))
     if w % 2 and w < imgs.shape[3]:
         out[:, :, :, w2:w2 + 1] = plain(net, imgs[:, :, :, w - 1:w + 1], (h, 1))
+
+
+def prepare_image(net: nn.Module, imgs: torch.Tensor, img_shape: Tuple[int, int]) -> Optional[torch.Tensor]:
+    """``FlowNetSimple.prepare_image`` (same values up to float rounding) at half resolution
+    (:func:`_half_into`); None where it does not apply (autograd on, scale not 0.5, odd padded
+    sizes, not (N, 3, H, W))."""
+    if torch.is_grad_enabled() or net.img_scale_factor != 0.5 or imgs.dim() != 4 or imgs.shape[1] != 3 \
+            or imgs.shape[2] % 2 or imgs.shape[3] % 2:
+        return None
+    out = imgs.new_empty(imgs.shape[0], 3, imgs.shape[2] // 2, imgs.shape[3] // 2)
+    _half_into(net, imgs, img_shape, out)
+    return out
 
 
 def prepare_inputs(net: nn.Module, target_imgs: torch.Tensor, source_imgs: torch.Tensor,
