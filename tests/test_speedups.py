@@ -8,8 +8,8 @@ from torchvision.ops import roi_align
 from viddet import speedups
 from viddet.models.aggregators import EmbedAggregator, TemporalRoIAlign
 from viddet.speedups import onednn
-from viddet.speedups.roi_align import roi_align_taps
-from viddet.speedups.troi import prepared
+from viddet.speedups.roi_align import merge_taps, roi_align_taps
+from viddet.speedups.troi import prepared, topk_blocked
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -64,15 +64,54 @@ def test_roi_align_fast_path_equals_torchvision_for_batches_and_layouts():
     assert roi_align_forward(ext, feats.requires_grad_(), rois) is None   # training: torchvision's kernel
 
 
+
+def test_merge_taps_by_hand_and_on_real_taps():
+    pos = torch.tensor([[3, 1, 3, 0], [2, 2, 2, 2], [5, 4, 4, 5]])
+    w = torch.tensor([[0.1, 0.2, 0.3, 0.0], [0.0, 0.0, 0.0, 0.0], [0.25, 0.5, -0.5, 0.125]])
+    flat_pos, flat_w, offsets = merge_taps(pos, w)
+    # row 0: 1 -> 0.2, 3 -> 0.1 + 0.3, 0 dropped (weight 0); row 1: nothing; row 2: 4 cancels out
+    assert flat_pos.tolist() == [1, 3, 5] and offsets.tolist() == [0, 2, 2, 3]
+    torch.testing.assert_close(flat_w, torch.tensor([0.2, 0.4, 0.375]))
+    # RoIAlign's taps on a real-sized map: the same gathers with ~a third of the taps
+    rois = _rois(50, 63 * 16, 38 * 16, seed=2)
+    pos, w = roi_align_taps(rois, 38, 63, 7, 1 / 16, 2)
+    flat_pos, flat_w, offsets = merge_taps(pos, w)
+    assert int(offsets[-1]) == flat_pos.numel() < pos.numel()
+    row = torch.arange(50 * 49).repeat_interleave(offsets.diff())
+    same_row = row[1:] == row[:-1]
+    assert bool((flat_pos[1:] > flat_pos[:-1])[same_row].all())     # distinct, increasing per row
+    assert bool((flat_w != 0).all())
+    rows = torch.randn(38 * 63, 24)
+    dense = F.embedding_bag(pos, rows, per_sample_weights=w, mode='sum')
+    merged = F.embedding_bag(flat_pos, rows, offsets[:-1], per_sample_weights=flat_w, mode='sum')
+    torch.testing.assert_close(merged, dense, atol=1e-6, rtol=1e-5)
+    assert int(offsets.view(50 * 49 + 1)[49 * 2] - offsets[49]) == 0   # RoI 1 lies outside the map
+
+
+@pytest.mark.parametrize('shape', [(37, 1000), (5, 384), (8, 300), (3, 1024)])
+@pytest.mark.parametrize('k', [1, 2, 3])
+def test_topk_blocked_equals_topk(shape, k):
+    g = torch.Generator().manual_seed(shape[1] + k)
+    sim = torch.randn(*shape, generator=g)
+    sim[0, 5:9] = 9.0          # a tie in the first row: the values still agree, indices point at them
+    values, indices = topk_blocked(sim, k)
+    ref_v, ref_i = torch.topk(sim, k, dim=1)
+    assert torch.equal(values, ref_v)
+    assert torch.equal(sim.gather(1, indices), values)
+    assert torch.equal(indices[1:], ref_i[1:])
+    assert bool((indices.sort(dim=1).values.diff(dim=1) > 0).all())   # k distinct columns per row
+
+
 @pytest.mark.parametrize('chunk', [None, 1])
-def test_factorized_temporal_roi_align_equals_direct(chunk):
+@pytest.mark.parametrize('size', [(9, 11), (20, 27)])    # 99 / 540 reference locations: the
+def test_factorized_temporal_roi_align_equals_direct(chunk, size):  # plain / blocked top-k
     torch.manual_seed(3)
     troi = TemporalRoIAlign(out_channels=16, num_temporal_attention_blocks=4)
-    feats = torch.relu(torch.randn(1, 16, 9, 11))
-    ref_feats = torch.relu(torch.randn(4, 16, 9, 11))
+    feats = torch.relu(torch.randn(1, 16, *size))
+    ref_feats = torch.relu(torch.randn(4, 16, *size))
     ref_feats[-1] = feats[0]                     # as SELSA: the current frame is the last reference
     g = torch.Generator().manual_seed(4)
-    xy = torch.rand(7, 2, generator=g) * torch.tensor([100.0, 80.0])
+    xy = torch.rand(7, 2, generator=g) * torch.tensor([size[1] * 16 - 60.0, size[0] * 16 - 60.0])
     rois = torch.cat([torch.zeros(7, 1), xy, xy + torch.rand(7, 2, generator=g) * 60 + 16], dim=1)
     with torch.no_grad():
         direct = troi(feats, rois, ref_feats, roi_chunk_size=chunk)
