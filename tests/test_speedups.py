@@ -9,6 +9,7 @@ from viddet import speedups
 from viddet.models.aggregators import EmbedAggregator, TemporalRoIAlign
 from viddet.speedups import onednn
 from viddet.speedups.roi_align import merge_taps, roi_align_taps
+from viddet.speedups import troi as troi_fast
 from viddet.speedups.troi import prepared, topk_blocked
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -130,6 +131,12 @@ def test_factorized_temporal_roi_align_equals_direct(chunk, size):  # plain / bl
         assert torch.equal(troi(feats, rois, ref_feats, roi_chunk_size=chunk), direct)
     assert fast.shape == (7, 16, 7, 7)
     torch.testing.assert_close(fast, direct, atol=1e-5, rtol=1e-5)
+    # the GPU's plan (whole RoI chunks, torch.topk), run here on the CPU tensors
+    with torch.no_grad():
+        roi_feats = troi.roi_align(feats, rois).float()
+        gpu_plan = troi_fast._forward(troi, feats, rois, roi_feats, list(ref_feats.split(1)),
+                                      chunk or 7, cache_sized=False)
+    torch.testing.assert_close(gpu_plan, direct, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fast_cl, direct, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(selsa_style, direct, atol=1e-5, rtol=1e-5)
 

@@ -137,13 +137,17 @@ def temporal_roi_align_forward(troi, feats: torch.Tensor, rois: torch.Tensor, re
     with torch.autocast(feats.device.type, enabled=False):
         feats = feats.float()
         maps = [m.float() for m in maps]
-        return _forward(troi, feats, rois, roi_feats.float(), maps, roi_chunk_size)
+        return _forward(troi, feats, rois, roi_feats.float(), maps, roi_chunk_size,
+                        cache_sized=feats.device.type == 'cpu')
 
 
 def _forward(troi, feats: torch.Tensor, rois: torch.Tensor, roi_feats: torch.Tensor,
-             maps: Sequence[torch.Tensor], roi_chunk_size: int) -> torch.Tensor:
+             maps: Sequence[torch.Tensor], roi_chunk_size: int, cache_sized: bool = True) -> torch.Tensor:
     """feats (1, C, H, W), rois (n, 5), roi_feats (n, C, S, S) = RoIAlign(feats, rois), maps: T
-    reference maps (1, C, H', W') -> (n, C, S, S)."""
+    reference maps (1, C, H', W') -> (n, C, S, S). ``cache_sized`` (CPU): similarity rows in
+    L2-sized chunks, ranked by :func:`topk_blocked`; otherwise (a GPU, where each chunk is a few
+    kernel launches and ``torch.topk`` is fast) ``roi_chunk_size`` RoIs at a time by ``torch.topk``;
+    the same values either way."""
     n, c, s, _ = roi_feats.shape
     t = len(maps)
     pts, k, g = s * s, troi.num_most_similar_points, troi.num_temporal_attention_blocks
@@ -160,7 +164,9 @@ def _forward(troi, feats: torch.Tensor, rois: torch.Tensor, roi_feats: torch.Ten
     starts = offsets.tolist()
     values = roi_feats.new_empty(t, num, k)
     indices = torch.empty(t, num, k, dtype=torch.int64, device=dev)
-    chunk = max(1, min(roi_chunk_size * pts, SIMILARITY_CHUNK_POINTS))
+    chunk = roi_chunk_size * pts
+    if cache_sized:
+        chunk = max(1, min(chunk, SIMILARITY_CHUNK_POINTS))
     for f in range(t):
         gram = conv1x1_rows(feats, refs[f].unit)                                 # (HW, H'W')
         for lo in range(0, num, chunk):
@@ -168,7 +174,8 @@ def _forward(troi, feats: torch.Tensor, rois: torch.Tensor, roi_feats: torch.Ten
             a, b = starts[lo], starts[hi]
             sim = F.embedding_bag(flat_pos[a:b], gram, offsets[lo:hi] - a,
                                   per_sample_weights=flat_w[a:b], mode='sum')  # (p, H'W') unnormalised
-            values[f, lo:hi], indices[f, lo:hi] = topk_blocked(sim, k)
+            values[f, lo:hi], indices[f, lo:hi] = topk_blocked(sim, k) if cache_sized else \
+                torch.topk(sim, k, dim=1)
             del sim
         del gram
     roi_norm = roi_pts.norm(p=2, dim=1, keepdim=True)                     # no epsilon
