@@ -105,7 +105,7 @@ def test_topk_blocked_equals_topk(shape, k):
 
 @pytest.mark.parametrize('chunk', [None, 1])
 @pytest.mark.parametrize('size', [(9, 11), (20, 27)])    # 99 / 540 reference locations: the
-def test_factorized_temporal_roi_align_equals_direct(chunk, size):  # plain / blocked top-k
+def test_factorized_temporal_roi_align_equals_direct(chunk, size, gemm):  # plain / blocked top-k
     torch.manual_seed(3)
     troi = TemporalRoIAlign(out_channels=16, num_temporal_attention_blocks=4)
     feats = torch.relu(torch.randn(1, 16, *size))
@@ -383,7 +383,7 @@ def test_flow_warp_taps_reproduce_grid_sample():
     assert set(pos[1].unique().tolist()) <= {0, 9 * 13 - 1}
 
 
-def test_embed_aggregator_from_tap_projections_equals_convs():
+def test_embed_aggregator_from_tap_projections_equals_convs(gemm):
     from viddet.models.flownet import flow_warp_feats, resize_flow
     from viddet.speedups.fgfa import aggregate_embedded, embed_sampled, flow_warp_taps, supports_taps, tap_projections
     torch.manual_seed(1)
@@ -405,8 +405,52 @@ def test_embed_aggregator_from_tap_projections_equals_convs():
     assert supports_taps(agg) and not supports_taps(EmbedAggregator(channels=4, num_convs=2))
 
 
+@pytest.fixture(params=['mkl', 'onednn'])
+def gemm(request, monkeypatch):
+    """Runs a test with each CPU GEMM library of ``onednn.gemm_backend`` (whichever this CPU would pick)."""
+    monkeypatch.setenv('VIDDET_CPU_GEMM', request.param)
+    onednn.gemm_backend.cache_clear()
+    yield request.param
+    onednn.gemm_backend.cache_clear()
+
+
+def test_gemm_backend_is_onednn_exactly_on_amd_cpus_with_avx512(monkeypatch):
+    monkeypatch.delenv('VIDDET_CPU_GEMM', raising=False)
+    cases = {('AuthenticAMD', 'AVX512'): 'onednn', ('AuthenticAMD', 'AVX2'): 'mkl',
+             ('GenuineIntel', 'AVX512'): 'mkl', ('GenuineIntel', 'AVX2'): 'mkl'}
+    try:
+        for (vendor, isa), expected in cases.items():
+            monkeypatch.setattr(onednn, '_cpu_vendor', lambda v=vendor: v)
+            monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda i=isa: i)
+            onednn.gemm_backend.cache_clear()
+            assert onednn.gemm_backend() == expected, (vendor, isa)
+        monkeypatch.setenv('VIDDET_CPU_GEMM', 'MKL ')   # the override wins, case and spaces aside
+        onednn.gemm_backend.cache_clear()
+        assert onednn.gemm_backend() == 'mkl'
+    finally:
+        onednn.gemm_backend.cache_clear()
+
+
+def test_matmul_nt_and_conv1x1_rows_equal_the_products(gemm):
+    torch.manual_seed(0)
+    x, w, b = torch.randn(37, 70), torch.randn(23, 70), torch.randn(23)
+    expected = (x.double() @ w.double().T + b.double()).float()
+    with torch.inference_mode():
+        torch.testing.assert_close(onednn.matmul_nt(x, w, b), expected, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(onednn.matmul_nt(x[::2], w), (x[::2].double() @ w.double().T).float(),
+                                   atol=1e-4, rtol=1e-5)   # a strided x
+        feats = torch.randn(1, 70, 5, 6)
+        conv = F.conv2d(feats.double(), w.double()[:, :, None, None])[0].permute(1, 2, 0).reshape(30, 23)
+        torch.testing.assert_close(onednn.conv1x1_rows(feats, w), conv.float(), atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(onednn.conv1x1_rows(feats.contiguous(memory_format=torch.channels_last), w),
+                                   conv.float(), atol=1e-4, rtol=1e-5)
+    xg = x.clone().requires_grad_()     # autograd on: torch.mm, gradients flow
+    onednn.matmul_nt(xg, w, b).sum().backward()
+    torch.testing.assert_close(xg.grad, w.sum(0).expand(37, 70))
+
+
 @pytest.mark.parametrize('method', ['dff', 'fgfa', 'troi'])
-def test_every_method_detects_the_same_with_and_without_fast_paths(method):
+def test_every_method_detects_the_same_with_and_without_fast_paths(method, gemm):
     """The whole model, plain vs ``speedups.enable`` (all fast paths that fit it), on a video."""
     from viddet.benchmark import SyntheticVideo
     from viddet.engine.video import run_video
@@ -431,7 +475,7 @@ def test_every_method_detects_the_same_with_and_without_fast_paths(method):
         torch.testing.assert_close(a.scores, b.scores, rtol=1e-4, atol=1e-5)
 
 
-def test_fused_linear_equals_nn_linear_and_respects_autograd():
+def test_fused_linear_equals_nn_linear_and_respects_autograd(gemm):
     from viddet.models.detector import BBoxHead, RoIHead
     torch.manual_seed(0)
     head = RoIHead(BBoxHead(in_channels=4, roi_size=2, fc_channels=24, num_classes=3)).eval()

@@ -21,6 +21,8 @@ tensors).
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -146,13 +148,16 @@ def conv_act_spec(act: Optional[nn.Module]) -> Tuple[str, List[float]]:
 # for the process (give_up) instead of failing the run.
 
 def linear_forward(layer: nn.Linear, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """``layer(x)`` for 2-D float32 CPU ``x`` as one ``addmm`` against the weight stored transposed
-    (in x out, cached per weight version): the GEMM then reads the weight in its natural row-major
-    order. For the box head's 25088 -> 1024 fc on 300 RoIs at one thread this is 129 ms against
-    146 ms (``F.linear``) and 141 ms (oneDNN's inner product) on AVX-512, 387 / 763 / 499 ms with
-    AVX2 only; same values up to summation order."""
+    """``layer(x)`` for 2-D float32 CPU ``x`` as one GEMM (:func:`matmul_nt`); with MKL against the
+    weight stored transposed (in x out, cached per weight version): the GEMM then reads the weight
+    in its natural row-major order. For the box head's 25088 -> 1024 fc on 300 RoIs at one thread
+    this is 129 ms against 146 ms (``F.linear``) and 141 ms (oneDNN's inner product) on an Intel
+    AVX-512 Xeon, 387 / 763 / 499 ms with AVX2 only; on an AMD AVX-512 EPYC (Zen 5) oneDNN's 77 ms
+    against MKL's 162 (:func:`gemm_backend`). Same values up to summation order."""
     if x.dim() != 2 or not fast_path(layer, x):
         return None
+    if gemm_backend() == 'onednn':
+        return matmul_nt(x, layer.weight, layer.bias)
     cache = layer.__dict__.setdefault('_fused', FusedCache())
     wt = cache.get(layer, lambda m: {'wt': m.weight.detach().t().contiguous()})['wt']
     return torch.addmm(layer.bias, x, wt) if layer.bias is not None else x.mm(wt)
@@ -207,14 +212,63 @@ def resnet_forward(backbone: nn.Module, x: torch.Tensor) -> Optional[torch.Tenso
         return None
 
 
+def _cpu_vendor() -> str:
+    """The CPU's vendor string on Linux (``/proc/cpuinfo``), else ``platform.processor()``."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('vendor_id'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor()
+
+
+@functools.lru_cache(maxsize=None)
+def gemm_backend() -> str:
+    """Which library runs viddet's large float32 CPU matrix products at inference: ``'mkl'``
+    (``torch.mm``, PyTorch's BLAS) or ``'onednn'`` (oneDNN's inner product,
+    ``torch.ops.mkldnn._linear_pointwise``).
+
+    PyTorch's x86 wheels do their fp32 GEMMs with MKL, which runs AVX-512 kernels on Intel CPUs
+    only: on an AMD CPU with AVX-512 (Zen 4, Zen 5) it takes its AVX2 kernels, and oneDNN, which
+    dispatches by instruction set, is ~2.1x faster (measured on a 2-core AMD EPYC Zen 5, 1 and 2
+    threads, every GEMM shape of the detectors: 300x25088x1024 94 vs 199 GFLOP/s at one thread;
+    ``benchmarks/RESULTS.md``). On Intel CPUs MKL is as fast or faster (129 vs 141 ms for the box
+    head's fc6 on AVX-512, 387 vs 499 ms on AVX2), so this is ``'onednn'`` exactly for AMD CPUs
+    with AVX-512, unless the environment variable ``VIDDET_CPU_GEMM`` says ``mkl`` or ``onednn``.
+    Both give the same values up to float summation order.
+    """
+    choice = os.environ.get('VIDDET_CPU_GEMM', '').strip().lower()
+    if choice in ('mkl', 'onednn'):
+        return choice
+    if getattr(torch.ops.mkldnn, '_linear_pointwise', None) is None or not torch.backends.mkldnn.is_available():
+        return 'mkl'
+    amd = 'amd' in _cpu_vendor().lower()
+    return 'onednn' if amd and torch.backends.cpu.get_cpu_capability().startswith('AVX512') else 'mkl'
+
+
+def matmul_nt(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ w.T (+ bias)`` for x (M, K), w (N, K), bias (N,) -> (M, N), with the library of
+    :func:`gemm_backend` for float32 CPU inference (no autograd), ``torch.mm`` otherwise."""
+    if (gemm_backend() == 'onednn' and not _BROKEN and not torch.is_grad_enabled()
+            and x.device.type == 'cpu' and x.dtype == w.dtype == torch.float32 and x.dim() == 2
+            and x.shape[0] > 0 and not torch.is_autocast_enabled('cpu')):
+        try:
+            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w.contiguous(), bias, 'none', [], '')
+        except RuntimeError as e:
+            give_up(e)
+    return torch.addmm(bias, x, w.t()) if bias is not None else x.mm(w.t())
+
+
 def conv1x1_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``rows(x) @ weight.T`` for x (1, C, H, W), weight (O, C): (H*W, O), row = y*W + x.
 
-    Computed as a channels-last 1x1 convolution, which runs on oneDNN (about twice the fp32 GEMM
-    throughput of ``torch.mm`` on AMD CPUs, same values up to summation order); float32 also under
-    autocast (the gathers that use it need one dtype).
+    One GEMM (:func:`matmul_nt`) on the location-major rows of ``x`` (a copy unless ``x`` is
+    channels-last); float32 also under autocast (the gathers that use it need one dtype). (PyTorch
+    runs a 1x1 ``conv2d`` of a batch under 16 at one thread as im2col + BLAS GEMM, not on oneDNN.)
     """
     with torch.autocast(x.device.type, enabled=False):
-        x = x.float().contiguous(memory_format=torch.channels_last)
-        out = torch.nn.functional.conv2d(x, weight.float()[:, :, None, None])
-    return out.permute(0, 2, 3, 1).reshape(-1, weight.shape[0])
+        rows = x.float().permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+        return matmul_nt(rows, weight.float())
