@@ -28,6 +28,8 @@ fast path                              replaces
 :func:`onednn.conv_act_forward`        the neck's conv + ReLU: one oneDNN primitive
 :func:`onednn.linear_forward`          the ``nn.Linear`` layers of the RoI head (box head,
                                        SELSA attention): one GEMM on the transposed weight
+                                       (MKL), or on oneDNN where MKL is slow (AMD CPUs with
+                                       AVX-512: ``onednn.gemm_backend``)
 :func:`roi_align.roi_align_forward`    ``SingleRoIExtractor.roi_align`` (and TemporalRoIAlign's):
                                        RoIAlign as bilinear taps gathered with ``embedding_bag``
 :func:`troi.temporal_roi_align_forward`  ``TemporalRoIAlign.forward``: re-associated (RoIAlign
