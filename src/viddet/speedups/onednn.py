@@ -251,8 +251,9 @@ def gemm_backend() -> str:
 
 def matmul_nt(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x @ w.T (+ bias)`` for x (M, K), w (N, K), bias (N,) -> (M, N), with the library of
-    :func:`gemm_backend` for float32 CPU inference (no autograd), ``torch.mm`` otherwise."""
-    if (gemm_backend() == 'onednn' and not _BROKEN and not torch.is_grad_enabled()
+    :func:`gemm_backend` for float32 CPU inference (no autograd), ``torch.mm`` otherwise (also
+    inside :func:`kernels_off`, so that the FLOP counter sees it)."""
+    if (gemm_backend() == 'onednn' and not _BROKEN and not _OFF and not torch.is_grad_enabled()
             and x.device.type == 'cpu' and x.dtype == w.dtype == torch.float32 and x.dim() == 2
             and x.shape[0] > 0 and not torch.is_autocast_enabled('cpu')):
         try:
