@@ -18,6 +18,13 @@ machine; a claim holds only if it holds under both:
 
 The ``clip_*.json`` files are ``bench_clip.py --out``; the ``clip_f37ccc7_*`` ones are the
 ``benchmarks/bench_clip.py`` of commit f37ccc7 run on that commit's code.
+
+Where MMTracking itself was timed on the same machine in the same session
+(``mmtracking_clip.py --out``), no carrying over is needed: ``--side-by-side`` prints viddet's
+times here next to MMTracking's here, and nothing else.
+
+    python benchmarks/clip_table.py benchmarks/results/clip_zen1_t{1,2}.json \\
+        --side-by-side benchmarks/results/mmtracking_zen1_*.json
 """
 from __future__ import annotations
 
@@ -45,14 +52,43 @@ def _by_method(paths):
     return out
 
 
+def side_by_side(now: dict, mm_paths) -> None:
+    """The direct table: viddet (``bench_clip.py``: decode + model, per-frame medians over its runs)
+    against MMTracking (``mmtracking_clip.py``: model time only) timed on one machine, minutes apart."""
+    mm = {}
+    for p in mm_paths:
+        d = json.loads(Path(p).read_text())
+        mm[(d['method'], d['threads'])] = d
+    print('| method | threads | MMTracking: median (mean), first frame | viddet: median (mean), first frame | '
+          'ratio: median (mean) | viddet run-to-run spread | reference detections: MMTracking / viddet |')
+    print('|---|---|---|---|---|---|---|')
+    for key in sorted(set(now) | set(mm), key=lambda k: (k[1], ORDER.index(k[0]) if k[0] in ORDER else 99)):
+        v, m = now.get(key), mm.get(key)
+        cells = [key[0], str(key[1])]
+        cells.append(f"{m['median']:.2f} ({m['mean']:.2f}), {m['seconds_per_frame'][0]:.2f}" if m else '–')
+        h = v['viddet_here'] if v else None
+        cells.append(f"{h['median']:.2f} ({h['mean']:.2f}), {h['first']:.2f}" if h else '–')
+        cells.append(f"{m['median'] / h['median']:.2f}× ({m['mean'] / h['mean']:.2f}×)" if m and h else '–')
+        spread = max(abs(s) for s in v['run_spread']) if v and v.get('run_spread') and len(v['run_spread']) > 1 else None
+        cells.append(f'±{100 * spread:.0f}%' if spread is not None else '–')
+        r = m['reference_detections_reproduced'] if m else None
+        cells.append(f"{f'{r[0]}/{r[1]}' if r else '–'} / {v['reproduced'] if v else '–'}")
+        print('| ' + ' | '.join(cells) + ' |')
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('runs', nargs='+', help='bench_clip.py --out files (native kernels)')
     ap.add_argument('--avx2', nargs='*', default=[], help='bench_clip.py --out files run with AVX2 kernels only')
     ap.add_argument('--old-avx2', nargs='*', default=[], help="f37ccc7's bench_clip.py files, AVX2 kernels only")
     ap.add_argument('--roofline', nargs='*', default=[], help='roofline.py --out files: also print their table')
+    ap.add_argument('--side-by-side', nargs='*', default=None,
+                    help='mmtracking_clip.py --out files timed beside the runs: print only the direct table')
     ap.add_argument('--fixture', default=str(FIXTURE))
     args = ap.parse_args(argv)
+    if args.side_by_side is not None:
+        side_by_side(_by_method(args.runs), args.side_by_side)
+        return
     fixture = json.loads(Path(args.fixture).read_text())
     mm, old_there = fixture['seconds_per_frame'], fixture['viddet_same_session']
     now, avx2, old = _by_method(args.runs), _by_method(args.avx2), _by_method(args.old_avx2)
