@@ -29,17 +29,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench_clip import CHECKPOINT_KEYS, SHARED, checkpoint   # benchmarks/ is on the path of this script
+from bench_gemm import best_seconds
 
 
 def peak_gflops(repeat: int = 5) -> dict:
     def best(fn):
-        fn()
-        times = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times)
+        return best_seconds(fn, repeat)
     with torch.inference_mode():
         a = torch.randn(4096, 4096)
         mm = 2 * 4096 ** 3 / best(lambda: a.mm(a)) / 1e9
