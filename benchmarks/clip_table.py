@@ -52,16 +52,20 @@ def _by_method(paths):
     return out
 
 
-def side_by_side(now: dict, mm_paths) -> None:
+def side_by_side(now: dict, mm_paths, runs_cal: dict) -> None:
     """The direct table: viddet (``bench_clip.py``: decode + model, per-frame medians over its runs)
-    against MMTracking (``mmtracking_clip.py``: model time only) timed on one machine, minutes apart."""
+    against MMTracking (``mmtracking_clip.py``: model time only) timed on one machine, minutes apart.
+    Where the MMTracking file holds ``calibration_before_s`` (the calibration workload timed just
+    before it), the ratio is also given with each time divided by its run's calibration time, which
+    takes out a VM's drift between the runs."""
     mm = {}
     for p in mm_paths:
         d = json.loads(Path(p).read_text())
         mm[(d['method'], d['threads'])] = d
     print('| method | threads | MMTracking: median (mean), first frame | viddet: median (mean), first frame | '
-          'ratio: median (mean) | viddet run-to-run spread | reference detections: MMTracking / viddet |')
-    print('|---|---|---|---|---|---|---|')
+          'ratio: median (mean) | ratio normalised by each run\'s calibration | viddet run-to-run spread | '
+          'reference detections: MMTracking / viddet |')
+    print('|---|---|---|---|---|---|---|---|')
     for key in sorted(set(now) | set(mm), key=lambda k: (k[1], ORDER.index(k[0]) if k[0] in ORDER else 99)):
         v, m = now.get(key), mm.get(key)
         cells = [key[0], str(key[1])]
@@ -69,6 +73,9 @@ def side_by_side(now: dict, mm_paths) -> None:
         h = v['viddet_here'] if v else None
         cells.append(f"{h['median']:.2f} ({h['mean']:.2f}), {h['first']:.2f}" if h else '–')
         cells.append(f"{m['median'] / h['median']:.2f}× ({m['mean'] / h['mean']:.2f}×)" if m and h else '–')
+        cal_v = runs_cal.get(key)
+        cells.append(f"{(m['median'] / m['calibration_before_s']) / (h['median'] / cal_v):.2f}×"
+                     if m and h and m.get('calibration_before_s') and cal_v else '–')
         spread = max(abs(s) for s in v['run_spread']) if v and v.get('run_spread') and len(v['run_spread']) > 1 else None
         cells.append(f'±{100 * spread:.0f}%' if spread is not None else '–')
         r = m['reference_detections_reproduced'] if m else None
@@ -87,7 +94,12 @@ def main(argv=None) -> None:
     ap.add_argument('--fixture', default=str(FIXTURE))
     args = ap.parse_args(argv)
     if args.side_by_side is not None:
-        side_by_side(_by_method(args.runs), args.side_by_side)
+        runs_cal = {}
+        for p in args.runs:
+            d = json.loads(Path(p).read_text())
+            for row in d['results']:
+                runs_cal[(row['method'], d['threads'])] = d['calibration_here_s']
+        side_by_side(_by_method(args.runs), args.side_by_side, runs_cal)
         return
     fixture = json.loads(Path(args.fixture).read_text())
     mm, old_there = fixture['seconds_per_frame'], fixture['viddet_same_session']
