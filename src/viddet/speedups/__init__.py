@@ -17,7 +17,9 @@ it does not cover). The state dict, the parameters and the module types stay the
 fast path                              replaces
 =====================================  ===================================================
 :func:`onednn.resnet_forward`          ``ResNetDC5.forward``: BN folded into the convs, ReLU
-                                       and residual add as oneDNN post-ops, channels-last
+                                       and residual add as oneDNN post-ops, channels-last;
+                                       wide 3x3 convs by Winograd F(2x2, 3x3)
+                                       (:mod:`winograd`)
 :func:`flownet.flownet_forward_prepared`  ``FlowNetSimple.forward_prepared``: packed oneDNN
                                        weights, sub-pixel transposed convs, tap-sum flow convs
 :func:`flownet.flownet_forward_features`  ``FlowNetSimple.forward_features``: the same layers,
@@ -25,7 +27,10 @@ fast path                              replaces
                                        network's prediction (no full-resolution flow)
 :func:`flownet.prepare_inputs`         ``FlowNetSimple.prepare_inputs`` and ``prepare_image``:
 :func:`flownet.prepare_image`          renormalised at half resolution
-:func:`onednn.conv_act_forward`        the neck's conv + ReLU: one oneDNN primitive
+:func:`onednn.conv_act_forward`        the neck's conv + ReLU: one oneDNN primitive, or
+                                       Winograd F(2x2, 3x3) for the DC5 neck's 3x3
+:func:`onednn.rpn_forward`             ``RPNHead.forward``: the 3x3 conv by Winograd, the
+                                       1x1 convs as oneDNN primitives
 :func:`onednn.linear_forward`          the ``nn.Linear`` layers of the RoI head (box head,
                                        SELSA attention): one GEMM on the transposed weight
                                        (MKL), or on oneDNN where MKL is slow (AMD CPUs with
@@ -54,7 +59,7 @@ from viddet.models.backbones import ResNetDC5
 from viddet.models.detector import ChannelMapper, RoIHead, RPNHead, SingleRoIExtractor
 from viddet.models.flownet import FlowNetSimple
 from viddet.models.layers import ConvAct
-from viddet.speedups import fgfa, flownet, nms, onednn, roi_align, selsa, troi
+from viddet.speedups import fgfa, flownet, nms, onednn, roi_align, selsa, troi, winograd  # noqa: F401
 
 
 class FastMethod:
@@ -107,6 +112,8 @@ def enable(model: nn.Module) -> nn.Module:
             _install(m, 'aggregate', fgfa.fgfa_aggregate)
         if isinstance(m, (RPNHead, RoIHead)):
             _install(m, 'nms', nms.head_nms)
+        if isinstance(m, RPNHead):
+            _install(m, 'forward', onednn.rpn_forward)
     return model
 
 

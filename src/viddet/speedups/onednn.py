@@ -28,6 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from viddet.speedups import winograd
 from viddet.speedups.memo import weights_version
 
 _BROKEN = []  # holds the first failure of the private kernels; they are not tried again after it
@@ -163,13 +164,41 @@ def linear_forward(layer: nn.Linear, x: torch.Tensor) -> Optional[torch.Tensor]:
     return torch.addmm(layer.bias, x, wt) if layer.bias is not None else x.mm(wt)
 
 
+def fused_or_winograd(conv: nn.Module, bn: Optional[nn.BatchNorm2d] = None):
+    """``conv`` (+ folded ``bn``) as a :class:`viddet.speedups.winograd.WinogradConv` where that
+    applies (wide 3x3 stride-1 convolutions), else as a :class:`FusedConv`; both are called as
+    ``f(x, act, scalars)``."""
+    fused = FusedConv(conv, bn)
+    if winograd.applies(conv):
+        return winograd.WinogradConv(fused.weight, fused.bias, conv.dilation[0])
+    return fused
+
+
+def rpn_forward(head: nn.Module, x: torch.Tensor):
+    """``RPNHead.forward``: its 3x3 conv + ReLU by :func:`fused_or_winograd` (Winograd for the
+    512-channel head), the two 1x1 convs as oneDNN primitives; None where the fast path does not
+    apply."""
+    if not fast_path(head, x):
+        return None
+    f = head.__dict__.setdefault('_fused', FusedCache()).get(head, lambda m: {
+        'conv': fused_or_winograd(m.rpn_conv), 'cls': FusedConv(m.rpn_cls), 'reg': FusedConv(m.rpn_reg)})
+    try:
+        x = f['conv'](x, 'relu')
+        return f['cls'](x), f['reg'](x)
+    except RuntimeError as e:
+        give_up(e)
+        return None
+
+
 def conv_act_forward(module: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     """A :class:`viddet.models.layers.ConvAct` (the neck's conv + ReLU) as one fused conv +
-    activation primitive; None (the plain module runs) where the fast path does not apply."""
+    activation primitive, or by Winograd's F(2x2, 3x3) where that applies (the DC5 neck's 3x3
+    2048 -> 512: :func:`fused_or_winograd`); None (the plain module runs) where the fast path does
+    not apply."""
     if not fast_path(module, x):
         return None
     cache = module.__dict__.setdefault('_fused', FusedCache())
-    conv = cache.get(module, lambda m: {'conv': FusedConv(m.conv)})['conv']
+    conv = cache.get(module, lambda m: {'conv': fused_or_winograd(m.conv)})['conv']
     act, scalars = conv_act_spec(module.act)
     try:
         return conv(x, act, scalars)
@@ -181,7 +210,9 @@ def conv_act_forward(module: nn.Module, x: torch.Tensor) -> Optional[torch.Tenso
 def resnet_forward(backbone: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     """:class:`viddet.models.backbones.ResNetDC5` with each conv's BN folded in and ReLU / residual
     add as post-ops, in channels-last memory format (~25% faster backbone at 1000x600; oneDNN's
-    convolutions are ~30% faster on NHWC than on NCHW); same values up to rounding."""
+    convolutions are ~30% faster on NHWC than on NCHW), and the wide stride-1 3x3 convolutions
+    (layers 2-4) by Winograd's F(2x2, 3x3) (:func:`fused_or_winograd`); same values up to
+    rounding."""
     if not fast_path(backbone, x):
         return None
     from viddet.models.backbones import Bottleneck
@@ -191,7 +222,7 @@ def resnet_forward(backbone: nn.Module, x: torch.Tensor) -> Optional[torch.Tenso
         for name, blk in m.named_modules():
             if isinstance(blk, Bottleneck):
                 convs[name + '.1'] = FusedConv(blk.conv1, blk.bn1)
-                convs[name + '.2'] = FusedConv(blk.conv2, blk.bn2)
+                convs[name + '.2'] = fused_or_winograd(blk.conv2, blk.bn2)
                 convs[name + '.3'] = FusedConv(blk.conv3, blk.bn3)
                 if blk.downsample is not None:
                     convs[name + '.ds'] = FusedConv(blk.downsample[0], blk.downsample[1])
