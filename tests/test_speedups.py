@@ -7,7 +7,7 @@ from torchvision.ops import roi_align
 
 from viddet import speedups
 from viddet.models.aggregators import EmbedAggregator, TemporalRoIAlign
-from viddet.speedups import onednn
+from viddet.speedups import onednn, winograd
 from viddet.speedups.roi_align import merge_taps, roi_align_taps
 from viddet.speedups import troi as troi_fast
 from viddet.speedups.troi import prepared, topk_blocked
@@ -151,15 +151,20 @@ def _randomise_bn(module, seed):
             m.bias.data.copy_(torch.rand(m.num_features, generator=g) * 0.2 - 0.1)
 
 
-def test_fused_channels_last_backbone_equals_plain_nchw():
-    """extract_feat at inference (NHWC, BN folded, ReLU/add fused) equals the plain NCHW modules
-    (run with autograd on, which keeps every speed-up off), and follows weight changes."""
+def test_fused_channels_last_backbone_equals_plain_nchw(monkeypatch):
+    """extract_feat at inference (NHWC, BN folded, ReLU/add fused, Winograd for the wide 3x3 convs)
+    equals the plain NCHW modules (run with autograd on, which keeps every speed-up off), and
+    follows weight changes."""
     from viddet.models.detector import build_faster_rcnn
     torch.manual_seed(0)
     det = build_faster_rcnn('r50').eval()
     _randomise_bn(det.backbone, 1)
-    img = torch.randn(1, 3, 64, 96)
+    img = torch.randn(1, 3, 160, 224)
     speedups.enable(det)
+    ran = []
+    call = winograd.WinogradConv.__call__
+    monkeypatch.setattr(winograd.WinogradConv, '__call__',
+                        lambda self, x, *a, **k: ran.append((x.shape[1], self.dilation)) or call(self, x, *a, **k))
 
     def plain():
         with torch.enable_grad():
@@ -168,7 +173,9 @@ def test_fused_channels_last_backbone_equals_plain_nchw():
     with torch.inference_mode():
         assert onednn.fast_path(det.backbone, img)
         got = det.extract_feat(img)
-    assert got.shape == (1, 512, 4, 6) and got.is_contiguous(memory_format=torch.channels_last)
+    assert got.shape == (1, 512, 10, 14) and got.is_contiguous(memory_format=torch.channels_last)
+    # layer2's three stride-1 3x3 convs, layer3's five, layer4's three (dilated), the neck's
+    assert ran == [(128, 1)] * 3 + [(256, 1)] * 5 + [(512, 2)] * 3 + [(2048, 1)]
     torch.testing.assert_close(got, plain(), atol=1e-5, rtol=1e-4)
     # the folded weights are rebuilt after an in-place change (e.g. loading a checkpoint)
     with torch.no_grad():
@@ -178,6 +185,98 @@ def test_fused_channels_last_backbone_equals_plain_nchw():
         again = det.extract_feat(img)
     assert not torch.allclose(again, got)
     torch.testing.assert_close(again, plain(), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize('n,c,o,h,w,dilation', [
+    (1, 8, 5, 7, 9, 1),      # odd sizes: partial tiles cropped
+    (1, 16, 16, 8, 8, 1),    # whole tiles: written in place
+    (3, 6, 4, 10, 11, 2),    # a batch, dilated (layer4 of DC5): 2x2 phases of tiles
+    (2, 5, 7, 5, 3, 3),      # dilation 3, image narrower than a tile block
+    (1, 4, 4, 1, 1, 2),      # one pixel: all but the centre tap in the padding
+])
+@pytest.mark.parametrize('act', ['none', 'relu', 'leaky_relu'])
+def test_winograd_conv_equals_the_direct_convolution(n, c, o, h, w, dilation, act):
+    """F(2x2, 3x3) against a float64 F.conv2d (same padding = dilation): rounding-level errors."""
+    g = torch.Generator().manual_seed(n * 100 + h)
+    x, weight, bias = torch.randn(n, c, h, w, generator=g), torch.randn(o, c, 3, 3, generator=g), torch.randn(o, generator=g)
+    ref = F.conv2d(x.double(), weight.double(), bias.double(), padding=dilation, dilation=dilation)
+    ref = {'none': ref, 'relu': F.relu(ref), 'leaky_relu': F.leaky_relu(ref, 0.1)}[act]
+    got = winograd.WinogradConv(weight, bias, dilation, act, [0.1])(x)
+    assert got.shape == ref.shape and got.dtype == torch.float32
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got.double(), ref, atol=2e-5, rtol=1e-5)
+    # a channels-last input, no bias
+    nobias = winograd.WinogradConv(weight, None, dilation)(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(nobias.double(), F.conv2d(x.double(), weight.double(), padding=dilation, dilation=dilation),
+                               atol=2e-5, rtol=1e-5)
+
+
+def test_winograd_in_chunks_of_the_batch_equals_at_once(monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    x, weight = torch.randn(5, 6, 9, 10, generator=g), torch.randn(4, 6, 3, 3, generator=g)
+    conv = winograd.WinogradConv(weight, None, 2)
+    whole = conv(x)
+    monkeypatch.setattr(winograd, '_MAX_TRANSFORM_BYTES', 1)   # one image per chunk
+    assert torch.equal(conv(x), whole)
+    torch.testing.assert_close(whole, F.conv2d(x, weight, padding=2, dilation=2), atol=2e-5, rtol=1e-5)
+
+
+def test_winograd_filter_transform_by_hand():
+    """G g G^T of a filter of ones: G's row sums r = (1, 3/2, 1/2, 1), so U = r r^T; and the
+    centre tap alone: G's middle column c = (0, 1/2, -1/2, 0), U = c c^T."""
+    ones = torch.ones(1, 1, 3, 3)
+    r = torch.tensor([1.0, 1.5, 0.5, 1.0])
+    assert torch.equal(winograd.filter_transform(ones).view(4, 4), torch.outer(r, r))
+    centre = torch.zeros(1, 1, 3, 3)
+    centre[0, 0, 1, 1] = 1
+    c = torch.tensor([0.0, 0.5, -0.5, 0.0])
+    assert torch.equal(winograd.filter_transform(centre).view(4, 4), torch.outer(c, c))
+    assert winograd.filter_transform(torch.ones(7, 5, 3, 3)).shape == (16, 5, 7)
+
+
+def test_winograd_applies_to_wide_same_padded_3x3_convs_only():
+    conv = torch.nn.Conv2d
+    assert winograd.applies(conv(128, 128, 3, padding=1))
+    assert winograd.applies(conv(512, 512, 3, padding=2, dilation=2))
+    assert winograd.applies(conv(2048, 512, 3, padding=1, bias=False))
+    assert not winograd.applies(conv(64, 64, 3, padding=1))                 # narrow
+    assert not winograd.applies(conv(256, 64, 3, padding=1))
+    assert not winograd.applies(conv(256, 256, 3, stride=2, padding=1))     # strided
+    assert not winograd.applies(conv(256, 256, 3, padding=2))               # padding != dilation
+    assert not winograd.applies(conv(256, 256, 3, padding=1, groups=2))
+    assert not winograd.applies(conv(256, 256, 1))
+    assert not winograd.applies(conv(256, 256, 3, padding=1, padding_mode='reflect'))
+    assert not winograd.applies(torch.nn.ConvTranspose2d(256, 256, 3, padding=1))
+    with pytest.raises(ValueError, match='3x3'):
+        winograd.WinogradConv(torch.ones(4, 4, 5, 5), None)
+
+
+def test_winograd_or_direct_takes_winograd_from_min_tiles():
+    calls = []
+    wino = winograd.WinogradConv(torch.ones(2, 2, 3, 3), None)
+    pick = winograd.OrDirect(wino, lambda x, *a: calls.append('direct') or x)
+    assert winograd.MIN_TILES == 32
+    assert wino.tiles(torch.zeros(1, 2, 8, 16)) == 32                      # 4 x 8 tiles of 2x2
+    assert pick(torch.zeros(1, 2, 8, 16)).shape == (1, 2, 8, 16) and calls == []
+    pick(torch.zeros(1, 2, 8, 14))                                          # 4 x 7
+    assert calls == ['direct']
+    assert wino.tiles(torch.zeros(3, 2, 5, 9)) == 3 * 3 * 5
+    assert winograd.WinogradConv(torch.ones(2, 2, 3, 3), None, 2).tiles(torch.zeros(1, 2, 5, 9)) == 2 * 3 * 4
+
+
+def test_rpn_head_fast_path_equals_plain():
+    from viddet.models.detector import RPNHead
+    torch.manual_seed(0)
+    head = RPNHead(channels=128).eval()
+    speedups.enable(head)
+    x = torch.randn(2, 128, 11, 14).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        cls, reg = head(x)
+    assert isinstance(head.__dict__['_fused']._convs['conv'], winograd.OrDirect)
+    with torch.enable_grad():
+        ref_cls, ref_reg = RPNHead.forward(head, x)
+    torch.testing.assert_close(cls, ref_cls.detach(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(reg, ref_reg.detach(), atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize('size,crop,act', [((5, 8), (10, 16), True), ((4, 7), (7, 13), True),

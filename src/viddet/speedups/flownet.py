@@ -17,6 +17,7 @@ faster per image pair at the DFF size (numbers in benchmarks/RESULTS.md).
   upsampling (on 1/64 of the values), and :func:`prepare_inputs` renormalises the 2x2 block means
   of the detector-normalised images (FlowNet's renormalisation is per-channel affine) instead of
   the full-resolution images.
+* **Winograd F(2x2, 3x3)** for the encoder's stride-1 3x3 convs (:mod:`viddet.speedups.winograd`).
 
 Every function takes the module and the plain method's arguments and returns None where it does
 not apply (autograd on, training mode, not a float32 CPU tensor, kernels missing), and
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from viddet.models.flownet import resize_flow
+from viddet.speedups import winograd
 from viddet.speedups.onednn import FusedCache, conv_act_spec, fast_path, give_up
 
 __all__ = ['flownet_forward_prepared', 'flownet_forward_features', 'prepare_image', 'prepare_inputs', 'PackedConv', 'TransposedDeconv', 'TapConv']
@@ -158,14 +160,25 @@ class _Plan:
     oneDNN tensors that cannot be copied: a deep copy of a model gets an empty plan."""
 
     def __init__(self, net: nn.Module):
-        self.encoder: List[List[PackedConv]] = [
-            [PackedConv.of(m) for m in group]
+        self.encoder: List[List] = [
+            [_encoder_conv(m) for m in group]
             for group in (net.conv1, net.conv2, net.conv3, net.conv4, net.conv5, net.conv6)]
         self.levels = [(level, TapConv(getattr(net, f'predict_flow{level + 1}')),
                         TransposedDeconv(getattr(net, f'upsample_flow{level}')),
                         TransposedDeconv(getattr(net, f'deconv{level}')))
                        for level in (5, 4, 3, 2)]
         self.predict = TapConv(net.predict_flow)
+
+
+def _encoder_conv(module: nn.Module):
+    """An encoder :class:`viddet.models.layers.ConvAct` as a :class:`PackedConv`, and by Winograd
+    F(2x2, 3x3) where that applies (the stride-1 3x3 convs ``conv3.1`` to ``conv6.1``, on inputs of
+    enough tiles: :mod:`viddet.speedups.winograd`)."""
+    packed = PackedConv.of(module)
+    if not winograd.applies(module.conv):
+        return packed
+    act, scalars = conv_act_spec(module.act)
+    return winograd.OrDirect(winograd.WinogradConv(module.conv.weight, module.conv.bias, 1, act, scalars), packed)
 
 
 class _PlanCache(FusedCache):

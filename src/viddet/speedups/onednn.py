@@ -165,12 +165,13 @@ def linear_forward(layer: nn.Linear, x: torch.Tensor) -> Optional[torch.Tensor]:
 
 
 def fused_or_winograd(conv: nn.Module, bn: Optional[nn.BatchNorm2d] = None):
-    """``conv`` (+ folded ``bn``) as a :class:`viddet.speedups.winograd.WinogradConv` where that
-    applies (wide 3x3 stride-1 convolutions), else as a :class:`FusedConv`; both are called as
-    ``f(x, act, scalars)``."""
+    """``conv`` (+ folded ``bn``) as a :class:`FusedConv`, and where Winograd applies (wide 3x3
+    stride-1 convolutions: :func:`viddet.speedups.winograd.applies`) as a
+    :class:`viddet.speedups.winograd.WinogradConv` for inputs of enough tiles
+    (:class:`viddet.speedups.winograd.OrDirect`); called as ``f(x, act, scalars)``."""
     fused = FusedConv(conv, bn)
     if winograd.applies(conv):
-        return winograd.WinogradConv(fused.weight, fused.bias, conv.dilation[0])
+        return winograd.OrDirect(winograd.WinogradConv(fused.weight, fused.bias, conv.dilation[0]), fused)
     return fused
 
 

@@ -34,11 +34,16 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-__all__ = ['WinogradConv', 'applies', 'filter_transform', 'MIN_CHANNELS']
+__all__ = ['WinogradConv', 'OrDirect', 'applies', 'filter_transform', 'MIN_CHANNELS', 'MIN_TILES']
 
 MIN_CHANNELS = 128
 """Narrowest convolution (in and out channels) :func:`applies` takes: at 128 channels (layer2 at
 1000x600) Winograd is 1.1-1.2x faster than oneDNN's direct kernel on AVX2, at 64 (layer1) 0.6x."""
+
+MIN_TILES = 32
+"""Fewest 2x2 output tiles (over the batch) :class:`OrDirect` runs by Winograd: below, the filter
+transform's 16/9 larger weight outweighs the saving (FlowNet's 1024-channel conv6.1 at 5x8, one
+pair: 0.9x; 40 tiles of 512 channels: 1.4x)."""
 
 _G = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]],
                   dtype=torch.float64)
@@ -88,6 +93,12 @@ class WinogradConv:
         self.dilation = int(dilation)
         self.act, self.scalars = act, list(scalars)
         self.in_channels, self.out_channels = weight.shape[1], weight.shape[0]
+
+    def tiles(self, x: torch.Tensor) -> int:
+        """Number of 2x2 output tiles the products of ``x`` (N, C, H, W) have."""
+        n, _, h, w = x.shape
+        dd = self.dilation
+        return n * -(-h // (2 * dd)) * -(-w // (2 * dd)) * dd * dd
 
     def __call__(self, x: torch.Tensor, act: Optional[str] = None, scalars: Optional[Sequence[float]] = None) -> torch.Tensor:
         """``x`` (N, C, H, W) -> (N, O, H, W) channels-last; ``act`` / ``scalars`` override the
@@ -151,3 +162,16 @@ class WinogradConv:
             torch.sub(s1, s2, out=yt[r, 1]).sub_(s3)
         if not exact:                                         # (n, rows, cols, O) of whole tiles
             out.copy_(y.view(n, 2 * dd * th, 2 * dd * tw, o)[:, :h, :w])
+
+
+class OrDirect:
+    """Runs ``winograd`` (a :class:`WinogradConv`) on inputs of at least :data:`MIN_TILES` output
+    tiles and ``direct`` (another implementation of the same convolution, called the same way)
+    on smaller ones."""
+
+    def __init__(self, winograd: WinogradConv, direct):
+        self.winograd, self.direct = winograd, direct
+
+    def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        conv = self.winograd if self.winograd.tiles(x) >= MIN_TILES else self.direct
+        return conv(x, *args, **kwargs)
