@@ -21,7 +21,8 @@ The ``clip_*.json`` files are ``bench_clip.py --out``; the ``clip_f37ccc7_*`` on
 
 Where MMTracking itself was timed on the same machine in the same session
 (``mmtracking_clip.py --out``), no carrying over is needed: ``--side-by-side`` prints viddet's
-times here next to MMTracking's here, and nothing else.
+times here next to MMTracking's here, and nothing else (with several runs of each, interleaved,
+the spread between runs and the ratio over every pairing).
 
     python benchmarks/clip_table.py benchmarks/results/clip_zen1_t{1,2}.json \\
         --side-by-side benchmarks/results/mmtracking_zen1_*.json
@@ -52,34 +53,51 @@ def _by_method(paths):
     return out
 
 
-def side_by_side(now: dict, mm_paths, runs_cal: dict) -> None:
-    """The direct table: viddet (``bench_clip.py``: decode + model, per-frame medians over its runs)
-    against MMTracking (``mmtracking_clip.py``: model time only) timed on one machine, minutes apart.
-    Where the MMTracking file holds ``calibration_before_s`` (the calibration workload timed just
-    before it), the ratio is also given with each time divided by its run's calibration time, which
-    takes out a VM's drift between the runs."""
-    mm = {}
+def side_by_side(run_paths, mm_paths) -> None:
+    """The direct table: viddet (``bench_clip.py``: decode + model) against MMTracking
+    (``mmtracking_clip.py``: model time only) timed on one machine, minutes apart.
+
+    Every file is one run (of each method it holds); several runs of the same method and thread
+    count, interleaved in time, measure the machine's run-to-run noise: each framework's runs are
+    listed with their spread (slowest / fastest median - 1), and the ratio MMTracking / viddet is
+    given over every pairing of a MMTracking run with a viddet run (min-max of the medians'
+    ratios). Where each run carries the calibration workload timed just before it
+    (``calibration_here_s``, ``calibration_before_s``), the ratio is also given with each median
+    divided by its calibration time, which takes out a VM's drift between runs."""
+    now, mm = {}, {}
+    for p in run_paths:
+        d = json.loads(Path(p).read_text())
+        for row in d['results']:
+            now.setdefault((row['method'], d['threads']), []).append((row, d.get('calibration_here_s')))
     for p in mm_paths:
         d = json.loads(Path(p).read_text())
-        mm[(d['method'], d['threads'])] = d
-    print('| method | threads | MMTracking: median (mean), first frame | viddet: median (mean), first frame | '
-          'ratio: median (mean) | ratio normalised by each run\'s calibration | viddet run-to-run spread | '
-          'reference detections: MMTracking / viddet |')
-    print('|---|---|---|---|---|---|---|---|')
+        mm.setdefault((d['method'], d['threads']), []).append(d)
+
+    def band(values, fmt='{:.2f}'):
+        lo, hi = min(values), max(values)
+        return fmt.format(lo) if len(values) == 1 or abs(hi - lo) < 5e-3 else f'{fmt.format(lo)}–{fmt.format(hi)}'
+
+    def spread(values):
+        return f'{100 * (max(values) / min(values) - 1):.0f}%' if len(values) > 1 else '–'
+
+    print('| method | threads | MMTracking runs: median s/frame | its spread | viddet runs: median s/frame | its spread | '
+          'ratio (every pairing) | ratio normalised by calibration | reference detections: MMTracking / viddet |')
+    print('|---|---|---|---|---|---|---|---|---|')
     for key in sorted(set(now) | set(mm), key=lambda k: (k[1], ORDER.index(k[0]) if k[0] in ORDER else 99)):
-        v, m = now.get(key), mm.get(key)
+        vs, ms = now.get(key, []), mm.get(key, [])
+        v_med = [r['viddet_here']['median'] for r, _ in vs]
+        m_med = [d['median'] for d in ms]
         cells = [key[0], str(key[1])]
-        cells.append(f"{m['median']:.2f} ({m['mean']:.2f}), {m['seconds_per_frame'][0]:.2f}" if m else '–')
-        h = v['viddet_here'] if v else None
-        cells.append(f"{h['median']:.2f} ({h['mean']:.2f}), {h['first']:.2f}" if h else '–')
-        cells.append(f"{m['median'] / h['median']:.2f}× ({m['mean'] / h['mean']:.2f}×)" if m and h else '–')
-        cal_v = runs_cal.get(key)
-        cells.append(f"{(m['median'] / m['calibration_before_s']) / (h['median'] / cal_v):.2f}×"
-                     if m and h and m.get('calibration_before_s') and cal_v else '–')
-        spread = max(abs(s) for s in v['run_spread']) if v and v.get('run_spread') and len(v['run_spread']) > 1 else None
-        cells.append(f'±{100 * spread:.0f}%' if spread is not None else '–')
-        r = m['reference_detections_reproduced'] if m else None
-        cells.append(f"{f'{r[0]}/{r[1]}' if r else '–'} / {v['reproduced'] if v else '–'}")
+        cells += [', '.join(f'{x:.2f}' for x in m_med) or '–', spread(m_med) if m_med else '–']
+        cells += [', '.join(f'{x:.2f}' for x in v_med) or '–', spread(v_med) if v_med else '–']
+        ratios = [m / v for m in m_med for v in v_med]
+        cells.append(band(ratios, '{:.2f}×') if ratios else '–')
+        norm = [(d['median'] / d['calibration_before_s']) / (r['viddet_here']['median'] / c)
+                for d in ms if d.get('calibration_before_s') for r, c in vs if c]
+        cells.append(band(norm, '{:.2f}×') if norm else '–')
+        hits = ', '.join(f"{d['reference_detections_reproduced'][0]}/{d['reference_detections_reproduced'][1]}"
+                         for d in ms if d.get('reference_detections_reproduced')) or '–'
+        cells.append(f"{hits} / {', '.join(r['reproduced'] for r, _ in vs) or '–'}")
         print('| ' + ' | '.join(cells) + ' |')
 
 
@@ -94,12 +112,7 @@ def main(argv=None) -> None:
     ap.add_argument('--fixture', default=str(FIXTURE))
     args = ap.parse_args(argv)
     if args.side_by_side is not None:
-        runs_cal = {}
-        for p in args.runs:
-            d = json.loads(Path(p).read_text())
-            for row in d['results']:
-                runs_cal[(row['method'], d['threads'])] = d['calibration_here_s']
-        side_by_side(_by_method(args.runs), args.side_by_side, runs_cal)
+        side_by_side(args.runs, args.side_by_side)
         return
     fixture = json.loads(Path(args.fixture).read_text())
     mm, old_there = fixture['seconds_per_frame'], fixture['viddet_same_session']

@@ -13,9 +13,10 @@ IoU >= 0.99, |score difference| <= 1e-3), which shows the run really is that tes
 
 This script needs an environment with MMTracking 0.14.0, mmdet 2.28.x and mmcv-full 1.7.x (with
 its CPU ops) that the user provides; viddet does not depend on any of them. Where no torchvision
-matching that environment's torch can be installed, a stand-in package that provides
-``torchvision.models`` and ``torchvision.transforms.functional`` as empty modules is enough: the
-VID test path imports them but uses neither.
+matching that environment's torch can be installed, a stand-in package is enough that provides
+``torchvision.models`` (empty) and ``torchvision.transforms.functional`` with a ``normalize``
+function (mmtrack's STARK tracker imports it when ``mmtrack.models`` loads): the VID test path
+imports them but uses neither.
 
     python benchmarks/mmtracking_clip.py fgfa --threads 1 --out mm_fgfa_t1.json
 """

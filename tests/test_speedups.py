@@ -156,6 +156,7 @@ def test_fused_channels_last_backbone_equals_plain_nchw(monkeypatch):
     equals the plain NCHW modules (run with autograd on, which keeps every speed-up off), and
     follows weight changes."""
     from viddet.models.detector import build_faster_rcnn
+    monkeypatch.setenv('VIDDET_WINOGRAD', '1')     # also where it is off by default (AVX-512)
     torch.manual_seed(0)
     det = build_faster_rcnn('r50').eval()
     _randomise_bn(det.backbone, 1)
@@ -234,7 +235,19 @@ def test_winograd_filter_transform_by_hand():
     assert winograd.filter_transform(torch.ones(7, 5, 3, 3)).shape == (16, 5, 7)
 
 
-def test_winograd_applies_to_wide_same_padded_3x3_convs_only():
+def test_winograd_is_enabled_without_avx512_or_as_the_environment_says(monkeypatch):
+    conv = torch.nn.Conv2d(256, 256, 3, padding=1)
+    monkeypatch.delenv('VIDDET_WINOGRAD', raising=False)
+    for capability, on in [('AVX2', True), ('DEFAULT', True), ('AVX512', False), ('AVX512_BF16', False)]:
+        monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda c=capability: c)
+        assert winograd.enabled() is on and winograd.applies(conv) is on
+        monkeypatch.setenv('VIDDET_WINOGRAD', '0' if on else '1')
+        assert winograd.enabled() is not on and winograd.applies(conv) is not on
+        monkeypatch.delenv('VIDDET_WINOGRAD')
+
+
+def test_winograd_applies_to_wide_same_padded_3x3_convs_only(monkeypatch):
+    monkeypatch.setenv('VIDDET_WINOGRAD', '1')
     conv = torch.nn.Conv2d
     assert winograd.applies(conv(128, 128, 3, padding=1))
     assert winograd.applies(conv(512, 512, 3, padding=2, dilation=2))
@@ -264,8 +277,9 @@ def test_winograd_or_direct_takes_winograd_from_min_tiles():
     assert winograd.WinogradConv(torch.ones(2, 2, 3, 3), None, 2).tiles(torch.zeros(1, 2, 5, 9)) == 2 * 3 * 4
 
 
-def test_rpn_head_fast_path_equals_plain():
+def test_rpn_head_fast_path_equals_plain(monkeypatch):
     from viddet.models.detector import RPNHead
+    monkeypatch.setenv('VIDDET_WINOGRAD', '1')
     torch.manual_seed(0)
     head = RPNHead(channels=128).eval()
     speedups.enable(head)
@@ -549,8 +563,10 @@ def test_matmul_nt_and_conv1x1_rows_equal_the_products(gemm):
 
 
 @pytest.mark.parametrize('method', ['dff', 'fgfa', 'troi'])
-def test_every_method_detects_the_same_with_and_without_fast_paths(method, gemm):
-    """The whole model, plain vs ``speedups.enable`` (all fast paths that fit it), on a video."""
+def test_every_method_detects_the_same_with_and_without_fast_paths(method, gemm, monkeypatch):
+    """The whole model, plain vs ``speedups.enable`` (all fast paths that fit it, Winograd's
+    included on every machine), on a video."""
+    monkeypatch.setenv('VIDDET_WINOGRAD', '1')
     from viddet.benchmark import SyntheticVideo
     from viddet.engine.video import run_video
     from viddet.methods import build_method
