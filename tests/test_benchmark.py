@@ -109,3 +109,46 @@ def test_benchmark_runs_under_bf16_autocast(method):
     r = benchmark(method=method, size=(64, 64), frames=1, warmup=1, amp='bf16')
     rec = r.as_dict()
     assert rec['amp'] == 'bf16' and rec['frames'] == 1 and rec['fps'] > 0
+
+
+def _roofline_module():
+    """``benchmarks/roofline.py`` (a script: benchmarks/ is its import path)."""
+    import importlib
+    import sys
+    from pathlib import Path
+    bench = str(Path(__file__).resolve().parents[1] / 'benchmarks')
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    return importlib.import_module('roofline')
+
+
+@pytest.mark.parametrize('use_winograd', ['0', '1'])
+def test_roofline_counts_the_flops_the_fast_path_executes(use_winograd, monkeypatch):
+    """``roofline.py``'s FLOP formulas for the fused oneDNN ops: with Winograd off the fast RPN
+    head executes exactly the plain head's FLOPs; with it on, its 3x3 conv counts as Winograd's 16
+    batched products over the 2x2 output tiles (2 * 16 * tiles * C * O) instead of the direct
+    2 * 9 * H * W * C * O."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from viddet import speedups
+    from viddet.models.detector import RPNHead
+    from viddet.speedups import onednn
+    roofline = _roofline_module()
+    monkeypatch.setenv('VIDDET_WINOGRAD', use_winograd)
+    torch.manual_seed(0)
+    c, h, w = 128, 12, 14                       # 6 x 7 = 42 output tiles: Winograd takes it
+    head = RPNHead(channels=c).eval()
+    speedups.enable(head)
+    x = torch.randn(1, c, h, w).contiguous(memory_format=torch.channels_last)
+    roofline._register_onednn_flop_formulas()
+    with torch.inference_mode():
+        head(x)   # builds the fast path (folded weights, Winograd's filter transform) once, uncounted
+        plain, executed = FlopCounterMode(display=False), FlopCounterMode(display=False)
+        with onednn.kernels_off(), plain:
+            head(x)
+        with executed:
+            head(x)
+    conv3x3 = 2 * 9 * h * w * c * c
+    winograd_products = 2 * 16 * (h // 2) * (w // 2) * c * c
+    assert plain.get_total_flops() > conv3x3
+    expected = plain.get_total_flops() - (conv3x3 - winograd_products if use_winograd == '1' else 0)
+    assert executed.get_total_flops() == expected
