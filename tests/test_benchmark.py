@@ -28,6 +28,9 @@ def test_benchmark_cli_writes_json(tmp_path, method, capsys):
     # fps is derived from the mean latency of the timed frames
     assert rec['fps'] == pytest.approx(1000 / np.mean(rec['latency_ms_per_frame']), rel=1e-2)
     assert rec['peak_memory_mb'] is not None and rec['peak_memory_mb'] >= 0
+    from viddet.speedups import onednn, winograd
+    assert rec['cpu_kernels'] == {'cpu_capability': torch.backends.cpu.get_cpu_capability(),
+                                  'gemm': onednn.gemm_backend(), 'winograd': winograd.enabled()}
     stages = rec['stages_ms']
     assert {'backbone', 'rpn', 'roi_head', 'nms'} <= set(stages)
     if method == 'selsa':
@@ -36,7 +39,8 @@ def test_benchmark_cli_writes_json(tmp_path, method, capsys):
     # the stages and the rest add up to the mean latency
     assert sum(stages.values()) == pytest.approx(rec['latency_ms_mean'], rel=1e-2, abs=0.5)
     assert not list(out.parent.glob('.*.tmp'))  # atomic write left no temporary file
-    assert 'fps' in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert 'fps' in printed and f"CPU kernels: {rec['cpu_kernels']['cpu_capability']}" in printed
 
 
 def test_benchmark_cli_bad_input_is_a_clear_error(capsys):

@@ -267,6 +267,11 @@ class BenchmarkResult:
                  '  stages (ms/frame): ' + ', '.join(f'{k} {v:.1f}' for k, v in self.stages_ms.items()),
                  f'  peak memory {self.peak_memory_mb if self.peak_memory_mb is None else round(self.peak_memory_mb, 1)} MB'
                  f' ({self.memory_kind})']
+        kernels = self.extra.get('cpu_kernels')
+        if self.device == 'cpu' and kernels:
+            lines.append(f"  CPU kernels: {kernels['cpu_capability']}, GEMM on {kernels['gemm']}, Winograd "
+                         f"{'on' if kernels['winograd'] else 'off'}; {self.extra.get('torch_threads')} thread(s), "
+                         f"torch {self.extra.get('torch')}")
         return '\n'.join(lines)
 
 
@@ -379,7 +384,8 @@ def benchmark(method: str = 'single', backbone: str = 'r50', size: Tuple[int, in
     name = getattr(model, 'name', method)
     extra = {'mode': mode, 'amp': amp or 'fp32', 'ref_cache': bool(getattr(model, 'ref_cache', ref_cache)),
              'weights': checkpoint or f'random (seed {seed})', 'fast_paths': speedups.is_enabled(model), 'torch_threads': torch.get_num_threads(),
-             'torch': torch.__version__, 'cpu_count': os.cpu_count(), 'video_length': length,
+             'torch': torch.__version__, 'cpu_count': os.cpu_count(), 'cpu_kernels': speedups.cpu_kernels(),
+             'video_length': length,
              'memory_baseline_mb': None if mem.baseline_mb is None else round(mem.baseline_mb, 3)}
     return BenchmarkResult(name, backbone, str(dev), (width, height), len(lat), len(warm), lat, warm,
                            stages, mem.peak_mb, mem.kind, mem_frames, extra)

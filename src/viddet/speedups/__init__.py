@@ -130,4 +130,16 @@ def is_enabled(model: nn.Module) -> bool:
     return any(isinstance(v, FastMethod) for m in model.modules() for v in vars(m).values())
 
 
-__all__ = ['enable', 'disable', 'is_enabled', 'FastMethod']
+def cpu_kernels() -> dict:
+    """The CPU kernels the fast paths choose on this machine, for benchmark records (a time is
+    only comparable with one taken on the same choice): ``{'cpu_capability': PyTorch's CPU kernel
+    level ('AVX2', 'AVX512', ...), 'gemm': 'mkl' or 'onednn' (:func:`onednn.gemm_backend`,
+    ``VIDDET_CPU_GEMM``), 'winograd': whether wide 3x3 convs run by Winograd
+    (:func:`winograd.enabled`, ``VIDDET_WINOGRAD``)}``."""
+    import torch
+    from viddet.speedups import onednn, winograd
+    return {'cpu_capability': torch.backends.cpu.get_cpu_capability(), 'gemm': onednn.gemm_backend(),
+            'winograd': winograd.enabled()}
+
+
+__all__ = ['enable', 'disable', 'is_enabled', 'cpu_kernels', 'FastMethod']
