@@ -156,3 +156,14 @@ def test_roofline_counts_the_flops_the_fast_path_executes(use_winograd, monkeypa
     assert plain.get_total_flops() > conv3x3
     expected = plain.get_total_flops() - (conv3x3 - winograd_products if use_winograd == '1' else 0)
     assert executed.get_total_flops() == expected
+
+
+def test_roofline_weights_dff_seconds_like_its_flops():
+    """DFF's 1-in-10 mix: one steady key frame (not the first) and the median of the non-key frames
+    after the first non-key one (FlowNet's warm-up), worked by hand."""
+    roofline = _roofline_module()
+    frames = [0, 1, 4, 5, 6, 7, 8, 9, 10, 11]
+    seconds = [6.4, 2.7, 1.3, 1.4, 1.2, 1.3, 1.5, 1.3, 5.1, 1.3]
+    assert roofline.dff_steady_seconds(frames, seconds, 10) == (5.1, 1.3)
+    with pytest.raises(SystemExit, match='no steady key frame'):
+        roofline.dff_steady_seconds(frames, seconds, 20)
