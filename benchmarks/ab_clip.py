@@ -23,8 +23,8 @@ import sys, time, json, torch
 sys.path.insert(0, sys.argv[1])
 import viddet
 assert viddet.__file__.startswith(sys.argv[1]), viddet.__file__
-from viddet.checkpoints import load_model
-from viddet.data.sources import FolderSource
+from viddet.checkpoints.loading import load_model
+from viddet.data.image_sources import FolderSource
 from viddet.engine.video import run_video
 torch.set_num_threads(int(sys.argv[4]))
 model = load_model(sys.argv[3], method=sys.argv[2]).model.eval()

@@ -70,8 +70,8 @@ def run_once(method: str, ckpt: Path, shared: Path):
     """Seconds per frame of one offline run over the clip, and the reference detections reproduced."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'tests'))
     from test_parity import match_detections
-    from viddet.checkpoints import load_model
-    from viddet.data.sources import FolderSource
+    from viddet.checkpoints.loading import load_model
+    from viddet.data.image_sources import FolderSource
     from viddet.engine.video import run_video
     model = load_model(str(ckpt), method=method).model
     ref = json.loads((shared / f'ref_{method}_vid7010_first12_seed0.json').read_text())

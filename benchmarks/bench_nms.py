@@ -34,8 +34,8 @@ CHECKPOINT_KEYS = {'single': 'dff_r50', 'dff': 'dff_r50', 'fgfa': 'fgfa_r50', 's
 def capture(method: str, ckpt_dir: Path) -> dict:
     """{'rpn': [...], 'rcnn': [...]}: the (boxes, scores, idxs, iou_threshold, max_keep) of every
     NMS call of one offline run over the parity clip, and 'frames': the number of frames."""
-    from viddet.checkpoints import load_model
-    from viddet.data.sources import FolderSource
+    from viddet.checkpoints.loading import load_model
+    from viddet.data.image_sources import FolderSource
     from viddet.engine.video import run_video
     model = load_model(str(ckpt_dir / f'{CHECKPOINT_KEYS[method]}_seed0.pth'), method=method).model
     sets = {'rpn': [], 'rcnn': []}

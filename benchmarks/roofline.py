@@ -84,8 +84,8 @@ def _register_onednn_flop_formulas() -> None:
 
 
 def measure(method: str, ckpt: Path, count_frame: int) -> dict:
-    from viddet.checkpoints import load_model
-    from viddet.data.sources import FolderSource
+    from viddet.checkpoints.loading import load_model
+    from viddet.data.image_sources import FolderSource
     from viddet.engine.video import run_video
     from viddet.speedups import onednn
     model = load_model(str(ckpt), method=method).model

@@ -8,7 +8,8 @@ import torch
 from viddet import VID_CLASSES, VidDetError
 from viddet.api import VideoDetector
 from viddet.runtime import resolve_device
-from viddet.data.sources import Frame, FrameSource, open_source
+from viddet.data.frames import Frame, FrameSource
+from viddet.data.sources import open_source
 from viddet.linking import IoUTracker, link_video
 from viddet.methods import build_method
 from viddet.models.detector import RPNConfig
@@ -145,7 +146,7 @@ def test_single_frame_model_from_a_troi_checkpoint(tmp_path):
 
 
 def test_test_scale_comes_from_a_viddet_training_config():
-    from viddet.checkpoints import inference_scale
+    from viddet.checkpoints.loading import inference_scale
     from viddet.data.transforms import DEFAULT_SCALE
     assert inference_scale({'config': {'data': {'scale': [320, 192]}}}) == (320, 192)
     assert inference_scale({'CLASSES': ('a',)}) == DEFAULT_SCALE          # MMTracking meta: (1000, 600)
@@ -155,15 +156,15 @@ def test_test_scale_comes_from_a_viddet_training_config():
 def test_checkpoint_test_settings_are_applied_unless_overridden(tmp_path):
     """A viddet training checkpoint records ``model.test`` (FGFA's window here); loading it builds the
     method with those settings, explicit keyword arguments win, and ``--method single`` ignores them."""
-    from viddet.checkpoints import checkpoint_test_settings
-    from viddet.config import TestConfig
+    from viddet.checkpoints.loading import checkpoint_test_settings
     torch.manual_seed(0)
     fgfa = build_method('fgfa', 'mobilenetv2')
     meta = {'CLASSES': VID_CLASSES, 'config': {'model': {'test': {'num_left': 5, 'num_right': 5}}}}
     path = tmp_path / 'fgfa.pth'
     torch.save({'state_dict': fgfa.state_dict(), 'meta': meta}, path)
-    assert checkpoint_test_settings(meta) == TestConfig(num_left=5, num_right=5)
-    assert checkpoint_test_settings({'config': 'mmcv config text'}) == TestConfig()
+    from viddet.methods import FGFA
+    assert checkpoint_test_settings(meta, FGFA) == FGFA.Settings(num_left=5, num_right=5)
+    assert checkpoint_test_settings({'config': 'mmcv config text'}, FGFA) == FGFA.Settings()
     det = VideoDetector.from_checkpoint(str(path), device='cpu')
     assert (det.model.num_left, det.model.num_right) == (5, 5)
     assert det.model.window(20, 99, 'offline') == list(range(15, 26))

@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from viddet import VID_CLASSES, VidDetError
-from viddet.checkpoints import (MODEL_ZOO, cache_dir, class_names, load_into, read_checkpoint,
-                                resolve_checkpoint, zoo_url)
+from viddet.checkpoints.download import cache_dir, resolve_checkpoint
+from viddet.checkpoints.loading import load_into
+from viddet.checkpoints.reading import class_names, read_checkpoint
+from viddet.checkpoints.zoo import MODEL_ZOO, zoo_url
 from viddet.methods import METHODS, build_method
 from conftest import read_keys
 

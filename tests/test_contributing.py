@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from viddet.data.sources import ArraySource
+from viddet.data.image_sources import ArraySource
 from viddet.engine.video import run_video
 from viddet.structures import ImageMeta, TrainSample
 

@@ -300,7 +300,7 @@ def test_unknown_link_mode_and_seqnms_on_a_stream(scripted, tmp_path, capsys, mo
         demo(frames, '--link', 'tubes')
     assert e.value.code == 2
     assert "viddet demo: error: argument --link: invalid choice: 'tubes' (choose from" in capsys.readouterr().err
-    from viddet.data.sources import ArraySource
+    from viddet.data.image_sources import ArraySource
     monkeypatch.setattr('viddet.data.sources.open_source',
                         lambda spec, max_frames=None: ArraySource(iter([]), path=spec))
     rc = demo('rtsp://camera/stream', '--link', 'seqnms', '--out', tmp_path / 'o.mp4')

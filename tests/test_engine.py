@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from viddet import VidDetError
-from viddet.data.sources import ArraySource, Frame, FrameSource
+from viddet.data.frames import Frame, FrameSource
+from viddet.data.image_sources import ArraySource
 from viddet.data.transforms import IMG_MEAN_RGB, IMG_STD_RGB
 from viddet.engine.video import VideoContext, run_video
 from viddet.methods import METHOD_NAMES, build_method

@@ -10,7 +10,7 @@ import torch
 
 from viddet import VID_CLASSES, VidDetError
 from viddet.cli import main
-from viddet.config import load_config
+from viddet.config.training import load_config
 from viddet.engine.initial_weights import build_train_model, init_plan, initialise, resolve_plan
 from viddet.methods import build_method
 from train_utils import make_tiny_vid, tiny_config

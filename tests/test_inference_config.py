@@ -1,33 +1,43 @@
-"""Inference settings: the typed TestConfig, ``--set test.KEY=VALUE`` on demo/test, a checkpoint's own
-settings, and YAML numbers in scientific notation."""
+"""Inference settings: each method's typed ``Settings``, ``--set test.KEY=VALUE`` on demo/test, a
+checkpoint's own settings, the CLI help derived from the settings, and YAML numbers in scientific
+notation."""
 import pytest
 import torch
 
-from viddet.checkpoints import load_model
+from viddet.checkpoints.loading import load_model
 from viddet.cli import main
-from viddet.config import TestConfig, parse_override, parse_test_settings, yaml_load
+from viddet.config.typed import method_settings
+from viddet.config.files import parse_override, parse_test_overrides, yaml_load
 from viddet.errors import VidDetError
-from viddet.methods import build_method
+from viddet.methods import DFF, FGFA, SELSA, build_method
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def test_parse_test_settings_are_typed_and_checked():
-    assert parse_test_settings(['test.num_refs=3', 'test.fast=false']) == {'num_refs': 3, 'fast': False}
-    with pytest.raises(VidDetError, match='unknown key test.num_ref .*did you mean test.num_refs'):
-        parse_test_settings(['test.num_ref=3'])
-    with pytest.raises(VidDetError, match='test.num_left must be an integer, got 1.5'):
-        parse_test_settings(['test.num_left=1.5'])
-    with pytest.raises(VidDetError, match=r'--set test.key_frame_interval must be >= 1, got 0'):
-        parse_test_settings(['test.key_frame_interval=0'])
+    assert parse_test_overrides(['test.num_refs=3', 'test.fast=false']) == {'num_refs': 3, 'fast': False}
     with pytest.raises(VidDetError, match="expected test.KEY=VALUE"):
-        parse_test_settings(['schedule.lr=0.1'])
+        parse_test_overrides(['schedule.lr=0.1'])
+    assert method_settings(SELSA, {'num_refs': 3, 'fast': False}, '--set') == SELSA.Settings(3, fast=False)
+    with pytest.raises(VidDetError, match='selsa has no setting test.num_ref .*did you mean test.num_refs'):
+        method_settings(SELSA, {'num_ref': 3}, '--set')
+    with pytest.raises(VidDetError, match='test.num_left must be an integer, got 1.5'):
+        method_settings(FGFA, {'num_left': 1.5}, '--set')
+    with pytest.raises(VidDetError, match=r'--set: test.key_frame_interval must be >= 1, got 0'):
+        method_settings(DFF, {'key_frame_interval': 0}, '--set')
 
 
-def test_ignored_settings_are_named():
-    cfg = TestConfig(num_refs=3, key_frame_interval=5)
-    assert cfg.ignored_by('dff') == ['num_refs'] and cfg.ignored_by('selsa') == ['key_frame_interval']
-    assert TestConfig().ignored_by('fgfa') == []
+def test_a_setting_of_another_method_is_refused_with_the_methods_own():
+    with pytest.raises(VidDetError, match=r'dff has no setting test.num_refs; its settings: fast, key_frame_interval'):
+        method_settings(DFF, {'num_refs': 3}, '--set')
+
+
+def test_the_cli_help_lists_every_methods_settings_from_their_dataclasses(capsys):
+    with pytest.raises(SystemExit):
+        main(['test', '--help'])
+    text = ' '.join(capsys.readouterr().out.split())
+    assert 'dff: key_frame_interval (10)' in text and 'fgfa: num_left (15), num_right (15)' in text
+    assert 'selsa: num_refs (14), ref_cache (True)' in text and 'every method: fast (True)' in text
 
 
 def test_settings_reach_the_model_and_override_the_checkpoint(tmp_path):
@@ -40,7 +50,8 @@ def test_settings_reach_the_model_and_override_the_checkpoint(tmp_path):
     loaded = load_model(str(path), fast=False)
     from viddet import speedups
     assert not speedups.is_enabled(loaded.model) and speedups.is_enabled(load_model(str(path)).model)
-    with pytest.raises(VidDetError, match='unknown inference setting.*num_reff'):
+    assert loaded.test == DFF.Settings(key_frame_interval=4, fast=False)
+    with pytest.raises(VidDetError, match='dff has no setting test.num_reff'):
         load_model(str(path), num_reff=2)
 
 
@@ -55,8 +66,10 @@ def test_cli_set_reaches_the_demo(tmp_path, capsys):
                '--set', 'test.key_frame_interval=1', '--set', 'test.num_refs=2', '--out', str(tmp_path / 'o.mp4'),
                '--threads', '1'])
     err = capsys.readouterr().err
-    assert rc == 0, err
-    assert 'DFF does not use test.num_refs' in err
+    assert rc == 2 and 'dff has no setting test.num_refs' in err
+    rc = main(['demo', str(frames), '--random-weights', '--method', 'dff', '--backbone', 'mobilenetv2',
+               '--set', 'test.key_frame_interval=1', '--out', str(tmp_path / 'o.mp4'), '--threads', '1'])
+    assert rc == 0, capsys.readouterr().err
     rc = main(['demo', str(frames), '--random-weights', '--set', 'test.num_refs=0', '--out', str(tmp_path / 'p.mp4')])
     assert rc == 2 and 'test.num_refs must be >= 1' in capsys.readouterr().err
 

@@ -10,7 +10,7 @@ import torch
 from viddet.errors import VidDetError
 from torch import nn
 
-from viddet.checkpoints import describe, describe_state_dict
+from viddet.checkpoints.reading import describe, describe_state_dict
 from viddet.methods import build_method
 from viddet.models.backbones import ResNetDC5, build_backbone
 from viddet.models.detector import RCNNConfig, RoIHead, BBoxHead, RPNConfig, RPNHead

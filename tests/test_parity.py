@@ -23,8 +23,8 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
-from viddet.checkpoints import load_model
-from viddet.data.sources import FolderSource
+from viddet.checkpoints.loading import load_model
+from viddet.data.image_sources import FolderSource
 from viddet.engine.video import run_video
 
 pytestmark = pytest.mark.slow

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from viddet import runtime
-from viddet.data.sources import ArraySource
+from viddet.data.image_sources import ArraySource
 from viddet.errors import VidDetError
 
 
@@ -45,7 +45,7 @@ def test_decoding_overlaps_the_model_only_on_a_spare_core(monkeypatch):
     frames = [np.zeros((4, 4, 3), np.uint8)] * 3
 
     def decode_threads(spare):
-        monkeypatch.setattr('viddet.data.sources.spare_cores', lambda: spare)
+        monkeypatch.setattr('viddet.data.frames.spare_cores', lambda: spare)
         release = threading.Event()
 
         def slow():   # the producer waits until the consumer has looked at the threads

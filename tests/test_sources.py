@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 
 from viddet import VidDetError
-from viddet.data.sources import Frame, FolderSource, LiveSource, VideoFileSource, open_source
+from viddet.data.frames import Frame
+from viddet.data.image_sources import FolderSource
+from viddet.data.sources import open_source
+from viddet.data.video_sources import LiveSource, VideoFileSource
 from viddet.data.writers import VideoWriter
 
 

@@ -4,7 +4,7 @@ import torch
 import torchvision
 
 from viddet import VidDetError
-from viddet.engine.initial_weights import init_weights_like_mmdet, load_backbone_weights, load_flownet_weights
+from viddet.engine.initial_weights import load_backbone_weights, load_flownet_weights
 from viddet.methods import build_method
 from viddet.models.mobilenet import MobileNetV2Lite, load_torchvision_features
 
@@ -82,7 +82,7 @@ def test_flownet_weights_with_or_without_motion_prefix(tmp_path):
 
 def test_mmdet_style_head_init():
     torch.manual_seed(0)
-    m = init_weights_like_mmdet(build_method('troi', 'mobilenetv2', 30))
+    m = build_method('troi', 'mobilenetv2', 30).init_weights()
     head = m.detector.roi_head.bbox_head
     assert abs(head.fc_cls.weight.std().item() - 0.01) < 0.001 and head.fc_cls.bias.abs().max() == 0
     assert abs(head.fc_reg.weight.std().item() - 0.001) < 0.0001

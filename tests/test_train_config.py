@@ -10,7 +10,8 @@ import yaml
 from train_utils import make_tiny_vid, tiny_config
 from viddet import VidDetError
 from viddet.cli import main
-from viddet.config import Config, apply_override, config_from_dict, load_config, parse_override
+from viddet.config.files import apply_override, parse_override
+from viddet.config.training import Config, config_from_dict, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,9 +11,10 @@ import torchvision
 
 from train_utils import make_tiny_vid, tiny_config
 from viddet import VidDetError
-from viddet.checkpoints import INIT_WEIGHTS, cache_dir, resolve_init_weights
+from viddet.checkpoints.download import cache_dir, resolve_init_weights
+from viddet.checkpoints.zoo import INIT_WEIGHTS
 from viddet.cli import main
-from viddet.config import config_from_dict, load_config
+from viddet.config.training import config_from_dict, load_config
 from viddet.engine.initial_weights import init_plan, load_backbone_weights, resolve_plan
 from viddet.engine.train import train
 from viddet.methods import build_method

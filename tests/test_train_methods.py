@@ -114,7 +114,7 @@ def test_forward_train_averages_samples():
 
 
 def test_zero_flownet_option_gives_zero_flow_and_frozen_flownet():
-    from viddet.config import config_from_dict
+    from viddet.config.training import config_from_dict
     from viddet.engine.train import build_train_model
     cfg = config_from_dict({'model': {'method': 'fgfa', 'backbone': 'mobilenetv2', 'flownet': 'zero'},
                             'data': {'train': [{'ann_file': 'a.json', 'img_prefix': 'b',

@@ -42,7 +42,8 @@ import torch
 
 import viddet.methods.selsa as selsa_module
 import viddet.methods.base as training_module  # where rpn_and_sample / single_frame_losses look them up
-from viddet.checkpoints import load_into, read_checkpoint
+from viddet.checkpoints.loading import load_into
+from viddet.checkpoints.reading import read_checkpoint
 from viddet.data.transforms import preprocess
 from viddet.methods import build_method
 from viddet.structures import TrainSample

@@ -12,7 +12,8 @@ import torch
 
 from viddet import VidDetError
 from viddet.data.sources import open_source
-from viddet.data.writers import JsonLinesWriter, VideoWriter, check_output_path, check_outputs, read_jsonl
+from viddet.data.output_paths import check_output_path, check_outputs
+from viddet.data.writers import JsonLinesWriter, VideoWriter, read_jsonl
 from viddet.structures import Detections
 
 

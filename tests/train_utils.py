@@ -11,7 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from viddet.config import config_from_dict
+from viddet.config.training import config_from_dict
 
 CLASSES = ['airplane', 'antelope', 'bear', 'bicycle', 'bird', 'bus', 'car', 'cattle', 'dog']
 

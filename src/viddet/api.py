@@ -17,12 +17,14 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence, Tuple, Unio
 import numpy as np
 import torch
 
-from viddet.checkpoints import load_model
-from viddet.config import TestConfig
-from viddet.data.sources import ArraySource, FrameSource, LimitedSource, open_source
+from viddet.checkpoints.loading import load_model
+from viddet.data.frames import FrameSource, LimitedSource
+from viddet.data.image_sources import ArraySource
+from viddet.data.sources import open_source
 from viddet.data.transforms import DEFAULT_SCALE
 from viddet.engine.video import FrameResult, VideoFrame, run_video
 from viddet.errors import VidDetError
+from viddet.methods.base import MethodSettings
 from viddet.linking import LINK_MODES, IoUTracker, link_video
 from viddet.runtime import resolve_device, set_threads
 from viddet.timing import NO_TIMER, StageTimer
@@ -36,18 +38,19 @@ class VideoDetector:
         class_names: names of the model's classes (label i -> class_names[i]).
         device: torch device the model is on.
         scale: resize limits (long, short) in pixels (1000, 600).
-        test: the inference settings the model was built with (recorded with the outputs).
+        test: the inference settings the model was built with (the method's ``Settings``;
+            recorded with the outputs); default the method's defaults.
         checkpoint: the file the weights came from (None: random or built in memory).
     """
 
     def __init__(self, model: torch.nn.Module, class_names: Sequence[str], device: torch.device,
-                 scale: Tuple[int, int] = DEFAULT_SCALE, test: Optional[TestConfig] = None,
+                 scale: Tuple[int, int] = DEFAULT_SCALE, test: Optional[MethodSettings] = None,
                  checkpoint: Optional[str] = None):
         self.model = model.eval().to(device)
         self.class_names = tuple(class_names)
         self.device = device
         self.scale = scale
-        self.test = test or TestConfig()
+        self.test = test or model.Settings()
         self.checkpoint = checkpoint
 
     @property
@@ -57,10 +60,10 @@ class VideoDetector:
     @classmethod
     def from_checkpoint(cls, checkpoint: Optional[str] = None, method: Optional[str] = None,
                         backbone: Optional[str] = None, device: str = 'auto', random_weights: bool = False,
-                        test: Optional[TestConfig] = None, threads: Optional[int] = None,
+                        test: Optional[MethodSettings] = None, threads: Optional[int] = None,
                         **settings) -> 'VideoDetector':
         """Loads an MMTracking / mmdet / viddet checkpoint into the right method
-        (:func:`viddet.checkpoints.load_model`).
+        (:func:`viddet.checkpoints.loading.load_model`).
 
         Args:
             checkpoint: local path, URL or model-zoo name (``dff_r50``, ``selsa_x101``...).
@@ -70,14 +73,16 @@ class VideoDetector:
             backbone: ``r50|r101|x101|mobilenetv2``; default: what the checkpoint is.
             device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``...
             random_weights: skip the checkpoint, random initialisation (pipeline tests only).
-            test: inference settings (:class:`viddet.config.TestConfig`); default the checkpoint's.
+            test: inference settings (the method's ``Settings``, e.g. ``SELSASettings``); default
+                the checkpoint's.
             threads: torch CPU threads; default torch's own, capped at the cores this process is
                 given (:func:`viddet.runtime.set_threads`).
-            settings: single inference settings overriding them, e.g. ``key_frame_interval=5``,
-                ``num_refs=7``, ``fast=False``.
+            settings: single inference settings overriding them (fields of the method's
+                ``Settings``), e.g. ``key_frame_interval=5`` (DFF), ``num_refs=7`` (SELSA),
+                ``fast=False``; ``viddet test --help`` lists every method's.
 
         Raises:
-            VidDetError: unknown method or setting, unreadable checkpoint, or one of another
+            VidDetError: unknown method, a setting the method does not have, unreadable checkpoint, or one of another
                 method/backbone (the message lists missing/unexpected keys and what the file is).
         """
         dev = resolve_device(device)
@@ -193,12 +198,8 @@ def detector_from_args(args) -> VideoDetector:
     Raises:
         VidDetError: as :meth:`VideoDetector.from_checkpoint`, bad ``--set`` / ``--threads``.
     """
-    from viddet.config import parse_test_settings
+    from viddet.config.files import parse_test_overrides
     detector = VideoDetector.from_checkpoint(args.checkpoint, method=args.method, backbone=args.backbone,
                                              device=args.device, random_weights=getattr(args, 'random_weights', False),
-                                             threads=args.threads, **parse_test_settings(args.overrides))
-    ignored = detector.test.ignored_by(detector.method)
-    if ignored:
-        import sys
-        print(f'viddet: note: {detector.model.title} does not use test.{", test.".join(ignored)}', file=sys.stderr)
+                                             threads=args.threads, **parse_test_overrides(args.overrides))
     return detector

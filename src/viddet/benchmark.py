@@ -52,8 +52,8 @@ import numpy as np
 import torch
 
 from viddet import speedups
-from viddet.checkpoints import load_model
-from viddet.data.sources import Frame, FrameSource
+from viddet.checkpoints.loading import load_model
+from viddet.data.frames import Frame, FrameSource
 from viddet.engine.video import MODES, run_video
 from viddet.errors import VidDetError
 from viddet.fileio import atomic_write_json
@@ -319,7 +319,7 @@ def benchmark(method: str = 'single', backbone: str = 'r50', size: Tuple[int, in
         checkpoint: optional weights (path, URL or model-zoo name).
         model: an already built method (then method/backbone/checkpoint/ref_cache/fast are not
             used to build one, only reported).
-        video: optional :class:`viddet.data.sources.FrameSource` (default: :class:`SyntheticVideo`).
+        video: optional :class:`viddet.data.frames.FrameSource` (default: :class:`SyntheticVideo`).
         video_length: frames in the synthetic video (>= warmup + frames). Default: warmup + frames,
             plus FGFA's look-ahead (15) offline, so that with ``warmup >= 15`` every timed FGFA
             frame has its full 31-frame window (near the video's ends the window repeats the end

@@ -6,11 +6,13 @@ are printed as one clear message without a traceback (exit status 2).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
 from viddet.errors import VidDetError
 from viddet.methods import METHOD_NAMES, METHODS
+from viddet.methods.base import MethodSettings
 from viddet.models.backbones import BACKBONE_NAMES
 from viddet.version import __version__
 
@@ -29,8 +31,20 @@ def add_inference_options(p, mode_default=None):
     p.add_argument('--threads', type=int, default=None,
                    help='CPU threads (default: the cores this process is given)')
     p.add_argument('--set', action='append', default=[], metavar='test.KEY=VALUE', dest='overrides',
-                   help='inference setting (repeatable): test.key_frame_interval (DFF, 10), test.num_left / '
-                        'test.num_right (FGFA, 15), test.num_refs (SELSA/TRoI, 14), test.ref_cache, test.fast')
+                   help=f'inference setting of the method (repeatable): {settings_help()}')
+
+
+def settings_help() -> str:
+    """Every method's inference settings with their defaults, read off its ``Settings`` dataclass
+    (:class:`viddet.methods.base.MethodSettings` and the fields the method adds)."""
+    common = set(MethodSettings.names())
+    parts = []
+    for m in METHODS:
+        own = [f'{f.name} ({f.default})' for f in dataclasses.fields(m.Settings) if f.name not in common]
+        if own:
+            parts.append(f'{m.name}: {", ".join(own)}')
+    parts.append('every method: ' + ', '.join(f'{f.name} ({f.default})' for f in dataclasses.fields(MethodSettings)))
+    return '; '.join(parts).replace('%', '%%')
 
 
 def add_link_option(p, what: str):
@@ -250,7 +264,7 @@ def add_train_parser(sub):
     def run(args):
         from pathlib import Path
 
-        from viddet.config import load_config
+        from viddet.config.training import load_config
         from viddet.engine.train import train
         overrides = list(args.overrides)
         if args.backbone_weights:

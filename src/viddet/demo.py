@@ -2,7 +2,7 @@
 
 What happens to the outputs:
 
-* Every output is checked before the model is loaded (:func:`viddet.data.writers.check_outputs`):
+* Every output is checked before the model is loaded (:func:`viddet.data.output_paths.check_outputs`):
   its folder exists and accepts new files, it is not a folder, and it is neither an input (the
   video file, a frame of the folder) nor the other output.
 * Both writers work under partial names (``<out>.partial.mp4``, ``<json>.partial.jsonl``) and
@@ -58,7 +58,7 @@ def check_demo_args(args) -> None:
 def input_files(spec: str) -> List[Path]:
     """The files a demo run reads and must not overwrite: the video file, every frame of a folder
     (not only the first ``--max-frames``), or the device file of a camera."""
-    from viddet.data.sources import IMAGE_SUFFIXES
+    from viddet.data.image_sources import IMAGE_SUFFIXES
     path = Path(spec)
     if path.is_dir():
         return sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -67,7 +67,7 @@ def input_files(spec: str) -> List[Path]:
 
 def _method_hint(args) -> Optional[str]:
     """The method the outputs' default names will carry, when it is known before loading the model."""
-    from viddet.checkpoints import MODEL_ZOO
+    from viddet.checkpoints.zoo import MODEL_ZOO
     if args.method or args.random_weights or args.checkpoint is None:
         return args.method or 'selsa'
     if args.checkpoint in MODEL_ZOO:
@@ -76,7 +76,7 @@ def _method_hint(args) -> Optional[str]:
 
 
 def _outputs(args, method: str, inputs: List[Path]) -> Tuple[Path, Path]:
-    from viddet.data.writers import check_outputs
+    from viddet.data.output_paths import check_outputs
     video, json_file = default_outputs(args.input, method, args.out, args.json)
     check_outputs([('--out', video), ('--json', json_file)], inputs)
     return video, json_file

@@ -20,7 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from viddet.data.sources import ImageListSource
+from viddet.data.image_sources import ImageListSource
 from viddet.errors import VidDetError
 from viddet.fileio import atomic_write_json, read_json
 from viddet.linking import LINK_MODES, link_video
@@ -135,7 +135,7 @@ def check_frames(videos: Sequence[Video], img_root) -> None:
 
 def _run_record(detector, ann_file, mode: str, link: str = 'none') -> dict:
     return {'method': detector.method, 'mode': mode, 'link': link, 'scale': list(detector.scale),
-            'test': dataclasses.asdict(detector.test), 'annotations': str(Path(ann_file).resolve()),
+            'test': detector.test.values(), 'annotations': str(Path(ann_file).resolve()),
             'classes': list(detector.class_names), 'checkpoint': getattr(detector, 'checkpoint', None)}
 
 

@@ -16,108 +16,27 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch import nn
 
-from viddet.checkpoints import (_with_detector_prefix, check_finite, class_names, describe, describe_state_dict,
-                                load_into, load_partial, read_checkpoint, resolve_checkpoint,
-                                resolve_init_weights)
-from viddet.config import RANDOM_INIT, Config
+from viddet.checkpoints.download import resolve_checkpoint, resolve_init_weights
+from viddet.checkpoints.loading import load_into, load_partial
+from viddet.checkpoints.reading import check_finite, class_names, describe, describe_state_dict, read_checkpoint, with_detector_prefix
+from viddet.config.training import Config, RANDOM_INIT
 from viddet.errors import VidDetError
 from viddet.methods import method_class
 from viddet.models.backbones import backbone_info
 from viddet.models.mobilenet import MobileNetV2Lite
 
-HEAD_PREFIXES = ('detector.roi_head.bbox_head.fc_cls.', 'detector.roi_head.bbox_head.fc_reg.')
-"""The tensors whose shape depends on the number of classes (mmdet ``BBoxHead``: ``fc_cls``
-(C + 1 outputs), class-specific ``fc_reg`` (4 C outputs)); re-initialised when fine-tuning on
-other classes."""
-
-
 # ===================================================================================== model + init
-def init_weights_like_mmdet(model: nn.Module) -> nn.Module:
-    """Initialises the parts that are trained from scratch as mmdet/mmcv 2.x/1.x ``init_cfg`` does.
-
-    * neck ``ChannelMapper``: Xavier uniform, bias 0 (``init_cfg=Xavier(layer='Conv2d')``);
-    * ``RPNHead`` convs: normal std 0.01, bias 0 (``init_cfg=Normal(layer='Conv2d', std=0.01)``);
-    * ``Shared2FCBBoxHead``: shared fcs Xavier uniform, ``fc_cls`` normal std 0.01, ``fc_reg``
-      normal std 0.001, biases 0 (``BBoxHead`` / ``ConvFCBBoxHead`` default ``init_cfg``);
-    * mmcv ``ConvModule`` convs (FGFA ``EmbedAggregator``, Temporal RoI Align ``embed_network``,
-      FlowNetSimple when no FlowNet weights are given): Kaiming normal, ``mode='fan_out'``,
-      nonlinearity relu (leaky_relu with slope 0.1 for FlowNet's activated convs), bias 0;
-    * ``SelsaAggregator`` linears keep PyTorch's default (MMTracking gives them no ``init_cfg``).
-
-    The backbone is left alone (it gets ImageNet weights, or stays at PyTorch's default init).
-    """
-    det = model.detector
-
-    def xavier(m):
-        nn.init.xavier_uniform_(m.weight)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-
-    def normal(m, std):
-        nn.init.normal_(m.weight, 0.0, std)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-
-    def kaiming(m, a=0.0, nonlinearity='relu'):
-        nn.init.kaiming_normal_(m.weight, a=a, mode='fan_out', nonlinearity=nonlinearity)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-
-    for m in det.neck.modules():
-        if isinstance(m, nn.Conv2d):
-            xavier(m)
-    for m in (det.rpn_head.rpn_conv, det.rpn_head.rpn_cls, det.rpn_head.rpn_reg):
-        normal(m, 0.01)
-    head = det.roi_head.bbox_head
-    for m in head.shared_fcs:
-        xavier(m)
-    normal(head.fc_cls, 0.01)
-    normal(head.fc_reg, 0.001)
-    extractor = det.roi_head.bbox_roi_extractor
-    if extractor is not None and getattr(extractor, 'embed_network', None) is not None:
-        kaiming(extractor.embed_network.conv)
-    if hasattr(model, 'aggregator'):
-        for m in model.aggregator.modules():
-            if isinstance(m, nn.Conv2d):
-                kaiming(m)
-    if hasattr(model, 'motion'):
-        for m in model.motion.modules():
-            if hasattr(m, 'conv') and isinstance(m.conv, (nn.Conv2d, nn.ConvTranspose2d)):
-                leaky = isinstance(getattr(m, 'act', None), nn.LeakyReLU)
-                kaiming(m.conv, a=0.1 if leaky else 0.0, nonlinearity='leaky_relu' if leaky else 'relu')
-    return model
-
-
 def build_train_model(cfg: Config) -> nn.Module:
-    """The method module of ``cfg.model`` with its training settings applied and the from-scratch
-    parts initialised like mmdet (:func:`init_weights_like_mmdet`); no weights are loaded."""
+    """The method module of ``cfg.model`` with its training settings applied
+    (:meth:`~viddet.methods.base.VIDMethod.configure_training`) and the parts trained from scratch
+    initialised as the reference implementation does
+    (:meth:`~viddet.methods.base.VIDMethod.init_weights`); no weights are loaded."""
     m = cfg.model
     cls = method_class(m.method)
-    model = cls.build(m.backbone, m.num_classes, **cls.settings_of(m.test))
-    tc = cls.train_config()
-    if m.rpn_train_proposals is not None:
-        tc.rpn_proposal_max_per_img = m.rpn_train_proposals
-    if m.rcnn_samples is not None:
-        tc.rcnn_sampler.num = m.rcnn_samples
-    model.train_cfg = tc
-    if m.backbone_frozen_stages is not None:
-        model.detector.backbone.frozen_stages = m.backbone_frozen_stages
-        model.detector.backbone.train(model.detector.backbone.training)  # applies the freezing
-    init_weights_like_mmdet(model)
-    if m.flownet != 'train':
-        configure_flownet(model, m.flownet)
+    model = cls.build(m.backbone, m.num_classes, **m.settings(cfg.source).build_kwargs())
+    model.configure_training(m)
+    model.init_weights()
     return model
-
-
-def configure_flownet(model: nn.Module, mode: str) -> None:
-    """``frozen``: FlowNet parameters get ``requires_grad=False``. ``zero``: additionally the final
-    ``predict_flow`` conv is zeroed, so the predicted flow is exactly 0 (features are warped by a
-    zero flow; with MMTracking's warp that is the identity up to its (W-1)/W contraction)."""
-    if mode == 'zero':
-        with torch.no_grad():
-            model.motion.predict_flow.conv.weight.zero_()
-    for p in model.motion.parameters():
-        p.requires_grad = False
 
 
 # ===================================================================================== what to load
@@ -189,7 +108,7 @@ def initialise(model: nn.Module, cfg: Config, plan: InitPlan, say: Callable[[str
         load_finetune_checkpoint(model, plan.checkpoint, cfg, backbone_given=plan.backbone is not None,
                                  flownet_given=plan.flownet is not None, say=say)
     if cfg.model.flownet == 'zero':
-        configure_flownet(model, 'zero')   # after loading: the flow stays exactly 0
+        model.freeze_flownet(zero=True)   # after loading: the flow stays exactly 0
 
 
 def _state_from_file(path: str, what: str):
@@ -210,7 +129,7 @@ def _quiet(_msg: str) -> None:
 
 def load_backbone_weights(model: nn.Module, path: str, say: Callable[[str], None] = _quiet
                           ) -> Tuple[List[str], List[str]]:
-    """Initialises ``model.detector.backbone`` from ImageNet weights.
+    """Initialises ``model.backbone`` from ImageNet weights.
 
     Accepted files: torchvision ResNet-50/101 or ResNeXt-101 64x4d state dicts (keys ``conv1.*``,
     ``layerK.*``; ``fc.*`` is ignored) — their keys are mmdet's ``ResNet``/``ResNeXt`` keys, so they
@@ -228,7 +147,7 @@ def load_backbone_weights(model: nn.Module, path: str, say: Callable[[str], None
         VidDetError: unreadable file, a shape mismatch (naming the file, the key and both shapes —
             e.g. ResNet-101 weights for a ResNet-50 backbone), or backbone tensors missing in it.
     """
-    backbone = model.detector.backbone
+    backbone = model.backbone
     state = _state_from_file(path, 'backbone weights')
     if isinstance(backbone, MobileNetV2Lite):
         def rename(k):   # torchvision's features.N (N < 18); features.18 and the classifier go unused
@@ -284,7 +203,7 @@ def load_finetune_checkpoint(model: nn.Module, path: str, cfg: Config, backbone_
                              flownet_given: bool = False, say: Callable[[str], None] = _quiet) -> FinetuneReport:
     """Starts training from a full MMTracking/viddet checkpoint (mmcv ``load_checkpoint`` with
     ``strict=False``, as ``load_from`` does): every tensor of the same name and shape is loaded;
-    the classifier ``fc_cls`` and box regressor ``fc_reg`` (:data:`HEAD_PREFIXES`) keep mmdet's
+    the classifier ``fc_cls`` and box regressor ``fc_reg`` (the method's ``class_specific_prefixes``) keep mmdet's
     initialisation when the checkpoint's classes (``meta['CLASSES']``, or its class count) differ
     from ``cfg.model.classes``.
 
@@ -298,7 +217,7 @@ def load_finetune_checkpoint(model: nn.Module, path: str, cfg: Config, backbone_
             are not given otherwise (naming the init key to set).
     """
     state, meta = read_checkpoint(path)
-    state = _with_detector_prefix(state)
+    state = with_detector_prefix(state)
     check_finite(state, path)
     kind = describe_state_dict(state)
     if kind[1] is not None and kind[1] != cfg.model.backbone:
@@ -306,7 +225,7 @@ def load_finetune_checkpoint(model: nn.Module, path: str, cfg: Config, backbone_
     own = model.state_dict()
     new_classes = list(cfg.model.classes)
     old_classes = list(class_names(meta)) if meta else None
-    reinit = [k for k in own if k.startswith(HEAD_PREFIXES) and k in state
+    reinit = [k for k in own if k.startswith(model.class_specific_prefixes) and k in state
               and (tuple(state[k].shape) != tuple(own[k].shape)
                    or (old_classes is not None and old_classes != new_classes))]
     missing, unused = load_partial(model, state, f'init.checkpoint {path}', lambda k: None if k in reinit else k)

@@ -66,7 +66,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from viddet.config import Config, save_config
+from viddet.config.files import save_config
+from viddet.config.training import Config
 from viddet.engine.initial_weights import build_train_model, init_plan, initialise, resolve_plan
 from viddet.engine.work_dir import (LOG_FILE, check_work_dir, checkpoint_candidates, config_changes,
                                     latest_checkpoint, read_training_checkpoint, remove_stale_temporaries,  # noqa: F401
@@ -295,9 +296,10 @@ def evaluate_model(model: nn.Module, cfg: Config, out_dir: Path, device: torch.d
     test_model = build_train_model(cfg)
     test_model.load_state_dict(model.state_dict())
     test_model.eval()
-    if cfg.model.test.fast:
+    settings = cfg.model.settings(cfg.source)
+    if settings.fast:
         speedups.enable(test_model)
-    detector = VideoDetector(test_model, cfg.model.classes, device, scale=tuple(cfg.data.scale), test=cfg.model.test)
+    detector = VideoDetector(test_model, cfg.model.classes, device, scale=tuple(cfg.data.scale), test=settings)
     # resume: a resumed training run re-evaluates the same weights; what an interrupted
     # evaluation saved is reused, a finished one just re-scored
     results = run_test(detector, v.ann_file, v.img_prefix, out_dir, mode=v.mode, max_videos=v.max_videos,

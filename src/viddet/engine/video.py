@@ -21,7 +21,7 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 import numpy as np
 import torch
 
-from viddet.data.sources import FrameSource
+from viddet.data.frames import FrameSource
 from viddet.data.transforms import DEFAULT_SCALE, preprocess
 from viddet.errors import VidDetError
 from viddet.structures import Detections, ImageMeta
@@ -58,7 +58,7 @@ class VideoContext:
     """What a method may know about the video around the current frame.
 
     Args:
-        source: the video (:class:`viddet.data.sources.FrameSource`): iterated in order, and read
+        source: the video (:class:`viddet.data.frames.FrameSource`): iterated in order, and read
             at random (``source.get``) for the frames a method wants that are no longer buffered
             (offline SELSA's references) unless it is live.
         mode: ``offline`` or ``online``.
@@ -176,8 +176,8 @@ def run_video(method, source: FrameSource, *, mode: str = 'offline', device='cpu
 
     Args:
         method: a :class:`viddet.methods.VIDMethod` (``reset()``, ``predict(frame, ctx)``).
-        source: the frames (:class:`viddet.data.sources.FrameSource`: a file, a folder, a stream,
-            or :class:`viddet.data.sources.ArraySource` for arrays in memory).
+        source: the frames (:class:`viddet.data.frames.FrameSource`: a file, a folder, a stream,
+            or :class:`viddet.data.image_sources.ArraySource` for arrays in memory).
         mode: ``offline`` (may read future frames; needs a source with random access and a known
             length for SELSA/TRoI) or ``online`` (causal).
         device: torch device of ``method``.

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from viddet.checkpoints import read_checkpoint_dict
-from viddet.config import Config
+from viddet.checkpoints.reading import read_checkpoint_dict
+from viddet.config.training import Config
 from viddet.errors import VidDetError
 from viddet.fileio import atomic_write_bytes, atomic_write_text
 from viddet.version import __version__

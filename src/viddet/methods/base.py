@@ -1,70 +1,113 @@
-"""The contract every VID method fulfils: the facts it declares and the two things it computes.
+"""The contract every VID method fulfils, whatever its detector family: the facts it declares, its
+settings, and the things it computes.
 
-A method is a class derived from :class:`VIDMethod`. It *has* a detector (``self.detector``, a
-:class:`viddet.models.detector.FasterRCNN` assembled from parts) and whatever temporal modules its
-paper adds (``motion`` = FlowNet, ``aggregator``), under the attribute names of MMTracking's
-models so that checkpoints load unchanged. It declares, as class attributes, everything the rest of
-viddet needs to know about it — the CLI, the checkpoint loader, the config checks, the trainer and
-the benchmark read these facts instead of comparing method names:
+A method is a class derived from :class:`VIDMethod` (the Faster R-CNN methods derive from
+:class:`viddet.methods.faster_rcnn.FasterRCNNMethod`, which fills in what they share). Its modules
+carry the attribute names of the reference implementation's model, so that published checkpoints
+load unchanged. It declares, as class attributes, everything the rest of viddet needs to know — the
+CLI, the checkpoint loader, the config checks, the trainer and the benchmark read these facts and
+call these methods; none of them compares method names or probes a model's attributes:
 
 ==========================  ================================================================
 ``name``                    short name in configs, the CLI and checkpoints (``dff``)
 ``title``                   display name (``DFF``)
 ``paper``                   the paper it implements
 ``default_checkpoint``      the model-zoo checkpoint ``--checkpoint`` defaults to
-``signature``               state-dict key prefixes (besides ``detector.``) that identify its
-                            checkpoints; the most specific matching method wins
-``num_shared_fcs``          shared fcs of its box head (the detector part of its checkpoints)
+``signature``               state-dict key prefixes that identify its checkpoints when their
+                            ``meta`` does not name the method (MMTracking files); the most
+                            specific matching method wins
+``Settings``                its inference settings: a dataclass derived from
+                            :class:`MethodSettings` (``--set test.KEY=VALUE``, the keyword
+                            arguments of ``VideoDetector.from_checkpoint``, ``model.test`` of a
+                            training config, ``run.json`` and the CLI help all come from it)
+``fast_modules``            ``{plain module class: fast module class}`` of its own modules
+                            (:mod:`viddet.speedups` swaps them in for inference)
 ``has_flownet``             whether it has a FlowNet (``motion``) to initialise / freeze
-``train_num_refs``          reference frames per training sample (MMTracking ``num_ref_imgs``)
-``train_ref_sampler``       the reference sampler of its MMTracking training config
-``test_settings``           the :class:`viddet.config.TestConfig` fields its inference reads
+``train_num_refs``          reference frames each training sample needs (0: none)
 ==========================  ================================================================
 
-and :meth:`VIDMethod.train_config` gives its MMTracking ``train_cfg``. It computes:
+It computes:
 
+* :meth:`VIDMethod.build` (a new model) and :meth:`VIDMethod.build_for_checkpoint` (the model a
+  checkpoint's tensors load into, with :meth:`VIDMethod.checkpoint_state` mapping them);
 * :meth:`VIDMethod.predict`: the detections of one frame of a video, given a context through which
   it may look at other frames (:class:`viddet.engine.video.VideoContext`); :meth:`reset` forgets
-  the per-video state.
-* :meth:`VIDMethod.losses`: the training losses of one :class:`TrainSample`
-  (MMTracking's ``forward_train``); :meth:`VIDMethod.forward_train` averages them over a batch.
+  the per-video state;
+* :meth:`VIDMethod.losses`: the training losses of one :class:`TrainSample`;
+  :meth:`VIDMethod.forward_train` averages them over a batch; :meth:`configure_training` applies
+  the ``model`` section of a training config; :meth:`init_weights` initialises the parts trained
+  from scratch; :attr:`backbone` and :attr:`class_specific_prefixes` tell the trainer where
+  ImageNet weights go and which tensors are re-initialised when fine-tuning on other classes.
 
 Adding a method is one new file in this folder and one entry in ``METHODS`` in
 ``viddet/methods/__init__.py`` (see ``docs/CONTRIBUTING.md``).
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Dict, Mapping, Optional, Sequence, Tuple, Union
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, Dict, List, Mapping, Sequence, Tuple, Type, Union
 
 import torch
 from torch import nn
 
-from viddet.models.detector import FasterRCNN, build_faster_rcnn, rois_from_proposals
-from viddet.models.losses import DetectorTrainConfig, rcnn_loss, rcnn_targets, rpn_forward_train, sample_rois
 from viddet.structures import Detections, TrainSample
 
 
-class VIDMethod(nn.Module):
-    """Base class of the VID methods (see the module docstring for the contract).
+@dataclass
+class MethodSettings:
+    """Inference settings every method has; a method's ``Settings`` derives from this class and adds
+    its own fields (each with a default and ``metadata={'help': ...}``, and range checks in
+    ``__post_init__`` raising ValueError).
 
-    Args:
-        detector: the method's Faster R-CNN (its box head / RoI extractor already the method's).
+    Attributes:
+        fast: run the fast paths of :mod:`viddet.speedups` (True) or the plain modules (False;
+            same detections up to float rounding).
     """
+    fast: bool = dataclasses.field(default=True, metadata={'help': 'run the fast paths (false: the '
+                                                                   'plain modules, same detections)'})
+
+    def values(self) -> Dict[str, Any]:
+        """The settings as a plain dict (``run.json``, checkpoints' ``model.test``)."""
+        return dataclasses.asdict(self)
+
+    def build_kwargs(self) -> Dict[str, Any]:
+        """The method's own settings (``fast`` aside): the keyword arguments of ``build``."""
+        return {k: v for k, v in self.values().items() if k != 'fast'}
+
+    @classmethod
+    def names(cls) -> List[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def help_lines(cls) -> List[str]:
+        """``KEY (default): help`` for each field, for the CLI help."""
+        return [f'{f.name} ({f.default}): {f.metadata.get("help", "")}' for f in dataclasses.fields(cls)]
+
+
+def at_least(settings: MethodSettings, minimum: int, *names: str) -> None:
+    """Raises ValueError when a field of ``settings`` named in ``names`` is below ``minimum``."""
+    for name in names:
+        if getattr(settings, name) < minimum:
+            raise ValueError(f'{name} must be >= {minimum}, got {getattr(settings, name)}')
+
+
+class VIDMethod(nn.Module):
+    """Base class of the VID methods (see the module docstring for the contract)."""
 
     name: ClassVar[str]
     title: ClassVar[str]
     paper: ClassVar[str] = ''
     default_checkpoint: ClassVar[str]
     signature: ClassVar[Tuple[str, ...]] = ()
-    num_shared_fcs: ClassVar[int] = 2
+    Settings: ClassVar[Type[MethodSettings]] = MethodSettings
+    fast_modules: ClassVar[Mapping[Type[nn.Module], Type[nn.Module]]] = {}
+    """``{plain module class: fast module class}`` for modules of this method's own (see
+    :mod:`viddet.speedups` for the protocol a fast module class follows)."""
     has_flownet: ClassVar[bool] = False
     train_num_refs: ClassVar[int] = 0
-    train_ref_sampler: ClassVar[Optional[Mapping[str, Any]]] = None
-    test_settings: ClassVar[Tuple[str, ...]] = ()
-
-    def __init__(self, detector: FasterRCNN):
-        super().__init__()
-        self.detector = detector
+    class_specific_prefixes: ClassVar[Tuple[str, ...]] = ()
+    """State-dict prefixes of the tensors whose shape depends on the number of classes."""
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -74,7 +117,7 @@ class VIDMethod(nn.Module):
         Args:
             backbone: a name of :data:`viddet.models.backbones.BACKBONES`.
             num_classes: object classes (30 for ImageNet VID).
-            settings: the method's test settings (the names in ``test_settings``), e.g.
+            settings: the method's own settings (fields of its ``Settings`` but ``fast``), e.g.
                 ``key_frame_interval=5`` for DFF.
 
         Raises:
@@ -84,23 +127,22 @@ class VIDMethod(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def detector_for(cls, backbone: str, num_classes: int) -> FasterRCNN:
-        """The plain Faster R-CNN most methods build on (Shared2FC box head, RoIAlign)."""
-        return build_faster_rcnn(backbone, num_classes=num_classes)
+    def build_for_checkpoint(cls, backbone: str, num_classes: int, state: Mapping[str, torch.Tensor],
+                             **settings) -> 'VIDMethod':
+        """The model that the tensors of a checkpoint (``state``, after :meth:`checkpoint_state`)
+        load into; by default :meth:`build`. A method whose shape depends on the file (the single-
+        frame detector of any VID checkpoint) reads it off ``state``."""
+        return cls.build(backbone, num_classes, **settings)
 
     @classmethod
-    def train_config(cls) -> DetectorTrainConfig:
-        """MMTracking's ``train_cfg`` of this method (600 training proposals, 256 sampled RoIs)."""
-        return DetectorTrainConfig()
-
-    @classmethod
-    def settings_of(cls, test_config) -> Dict[str, Any]:
-        """The keyword arguments of :meth:`build` taken from a :class:`viddet.config.TestConfig`."""
-        return {k: getattr(test_config, k) for k in cls.test_settings}
+    def checkpoint_state(cls, state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The tensors of a checkpoint that this method loads, under its own key names (default: all,
+        unchanged; a method may drop other methods' modules or rename keys)."""
+        return dict(state)
 
     @property
     def num_classes(self) -> int:
-        return self.detector.num_classes
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ inference
     def reset(self) -> None:
@@ -114,21 +156,45 @@ class VIDMethod(nn.Module):
 
     # ------------------------------------------------------------------ training
     @property
-    def train_cfg(self) -> DetectorTrainConfig:
-        """The training settings in use (default :meth:`train_config`; the trainer may set them)."""
+    def backbone(self) -> nn.Module:
+        """The module ImageNet weights load into and whose stages can be frozen."""
+        raise NotImplementedError
+
+    @property
+    def train_cfg(self):
+        """The training settings in use (default :meth:`train_config`; :meth:`configure_training`
+        or the trainer may set them)."""
         cfg = self.__dict__.get('_train_cfg')
         return cfg if cfg is not None else self.train_config()
 
     @train_cfg.setter
-    def train_cfg(self, cfg: DetectorTrainConfig):
+    def train_cfg(self, cfg):
         self.__dict__['_train_cfg'] = cfg
 
-    def losses(self, sample: TrainSample, cfg: DetectorTrainConfig) -> Dict[str, torch.Tensor]:
-        """Training losses of one sample (MMTracking ``forward_train`` of this method)."""
+    @classmethod
+    def train_config(cls):
+        """The method's default training settings (its reference config's ``train_cfg``)."""
+        return None
+
+    def configure_training(self, model_cfg) -> None:
+        """Applies the ``model`` section of a training config (:class:`viddet.config.ModelConfig`:
+        proposal / sample counts, frozen backbone stages, FlowNet mode) to this model.
+
+        Raises:
+            VidDetError: a setting this method cannot apply.
+        """
+
+    def init_weights(self) -> 'VIDMethod':
+        """Initialises the parts trained from scratch as the reference implementation does (the
+        backbone is left alone: it gets ImageNet weights). Returns self."""
+        return self
+
+    def losses(self, sample: TrainSample, cfg) -> Dict[str, torch.Tensor]:
+        """Training losses of one sample (the reference implementation's ``forward_train``)."""
         raise NotImplementedError
 
     def forward_train(self, batch: Union[TrainSample, Sequence[TrainSample]]) -> Dict[str, torch.Tensor]:
-        """Training losses of a batch, the mean over its samples of each sample's mmdet losses.
+        """Training losses of a batch, the mean over its samples of each sample's losses.
 
         MMTracking trains every VID method with one key image per GPU and lets DDP average the
         gradients; computing each sample's losses on its own and averaging keeps that unit, so a
@@ -138,8 +204,9 @@ class VIDMethod(nn.Module):
             batch: one :class:`TrainSample` or a list of them (each on the model's device).
 
         Returns:
-            {'loss_rpn_cls', 'loss_rpn_bbox', 'loss_cls', 'loss_bbox', 'acc'}: scalar tensors; the
-            total loss is :func:`viddet.models.losses.sum_losses` of it ('acc' excluded).
+            scalar tensors by name (Faster R-CNN methods: {'loss_rpn_cls', 'loss_rpn_bbox',
+            'loss_cls', 'loss_bbox', 'acc'}); the total loss is the sum of the terms whose name
+            contains ``loss`` (:func:`viddet.models.losses.sum_losses`).
 
         Raises:
             ValueError: empty batch or a sample without the reference frames the method needs.
@@ -156,19 +223,3 @@ class VIDMethod(nn.Module):
             for k, v in self.losses(s, cfg).items():
                 total[k] = total[k] + v if k in total else v
         return {k: v / len(samples) for k, v in total.items()}
-
-    def rpn_and_sample(self, x: torch.Tensor, sample: TrainSample, cfg: DetectorTrainConfig, gen):
-        """RPN losses on the key frame's features ``x`` (1, 512, h, w) and its sampled RoIs
-        (n, 5) with their R-CNN targets (mmdet ``TwoStageDetector.forward_train`` up to the RoI head)."""
-        losses, proposals = rpn_forward_train(self.detector, x, sample.img_shape, sample.gt_bboxes, cfg, gen)
-        res = sample_rois(proposals, sample.gt_bboxes, sample.gt_labels, cfg, gen)
-        return losses, rois_from_proposals([res.bboxes]), rcnn_targets(res, self.num_classes)
-
-    def single_frame_losses(self, sample: TrainSample, cfg: DetectorTrainConfig,
-                            x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """RPN + R-CNN losses of the plain Faster R-CNN head on final features ``x`` (1, 512, h, w)."""
-        losses, rois, targets = self.rpn_and_sample(x, sample, cfg, sample.generator())
-        head = self.detector.roi_head
-        cls_score, bbox_pred = head.bbox_head(head.roi_align(x, rois))
-        losses.update(rcnn_loss(cls_score, bbox_pred, targets))
-        return losses

@@ -7,13 +7,25 @@ then RPN + RoI head on feats_t. Causal, so offline and online modes are the same
 """
 from __future__ import annotations
 
-from viddet.methods.base import VIDMethod
+from dataclasses import dataclass, field
+
+from viddet.methods.base import MethodSettings, at_least
+from viddet.methods.faster_rcnn import FasterRCNNMethod
 from viddet.models.flownet import FlowNetSimple, flow_warp_feats, warp_feats
 from viddet.models.losses import DetectorTrainConfig, SamplerConfig
 from viddet.structures import Detections
 
 
-class DFF(VIDMethod):
+@dataclass
+class DFFSettings(MethodSettings):
+    """DFF's inference settings (MMTracking's ``test_cfg``)."""
+    key_frame_interval: int = field(default=10, metadata={'help': 'DFF: the backbone runs on every N-th frame'})
+
+    def __post_init__(self):
+        at_least(self, 1, 'key_frame_interval')
+
+
+class DFF(FasterRCNNMethod):
     """Attributes ``detector`` (:class:`FasterRCNN`) and ``motion`` (:class:`FlowNetSimple`).
 
     Args:
@@ -24,11 +36,10 @@ class DFF(VIDMethod):
     title = 'DFF'
     paper = 'Zhu et al., Deep Feature Flow for Video Recognition, CVPR 2017'
     default_checkpoint = 'dff_r50'
-    signature = ('motion.',)
+    signature = ('detector.backbone.', 'motion.')
     has_flownet = True
     train_num_refs = 1
-    train_ref_sampler = dict(num_ref_imgs=1, frame_range=9, filter_key_img=True, method='uniform')
-    test_settings = ('key_frame_interval',)
+    Settings = DFFSettings
 
     def __init__(self, detector, motion: FlowNetSimple, key_frame_interval: int = 10):
         super().__init__(detector)

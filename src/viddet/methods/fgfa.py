@@ -15,14 +15,28 @@ from __future__ import annotations
 from typing import Dict, List, Optional
 
 import torch
+from torch import nn
 
-from viddet.methods.base import VIDMethod
+from dataclasses import dataclass, field
+
+from viddet.methods.base import MethodSettings, at_least
+from viddet.methods.faster_rcnn import FasterRCNNMethod, kaiming_init
 from viddet.models.aggregators import EmbedAggregator
 from viddet.models.flownet import FlowNetSimple, flow_warp_feats, warp_feats
 from viddet.structures import Detections
 
 
-class FGFA(VIDMethod):
+@dataclass
+class FGFASettings(MethodSettings):
+    """FGFA's inference settings (MMTracking's test-time reference sampler)."""
+    num_left: int = field(default=15, metadata={'help': 'FGFA: frames before the current one in its window'})
+    num_right: int = field(default=15, metadata={'help': 'FGFA: frames after it (offline mode)'})
+
+    def __post_init__(self):
+        at_least(self, 0, 'num_left', 'num_right')
+
+
+class FGFA(FasterRCNNMethod):
     """Attributes ``detector``, ``motion`` (:class:`FlowNetSimple`), ``aggregator`` (:class:`EmbedAggregator`).
 
     Args:
@@ -36,11 +50,10 @@ class FGFA(VIDMethod):
     title = 'FGFA'
     paper = 'Zhu et al., Flow-Guided Feature Aggregation for Video Object Detection, ICCV 2017'
     default_checkpoint = 'fgfa_r50'
-    signature = ('motion.', 'aggregator.')
+    signature = ('detector.backbone.', 'motion.', 'aggregator.')
     has_flownet = True
     train_num_refs = 2
-    train_ref_sampler = dict(num_ref_imgs=2, frame_range=9, filter_key_img=True, method='bilateral_uniform')
-    test_settings = ('num_left', 'num_right')
+    Settings = FGFASettings
 
     def __init__(self, detector, motion: FlowNetSimple, aggregator: EmbedAggregator, num_left: int = 15,
                  num_right: int = 15, flow_chunk: int = 15):
@@ -57,6 +70,13 @@ class FGFA(VIDMethod):
               num_right: int = 15) -> 'FGFA':
         return cls(cls.detector_for(backbone, num_classes), FlowNetSimple(), EmbedAggregator(),
                    num_left, num_right)
+
+    def init_temporal_modules(self) -> None:
+        """The ``EmbedAggregator`` convs (mmcv ``ConvModule``: Kaiming normal), then FlowNet."""
+        for m in self.aggregator.modules():
+            if isinstance(m, nn.Conv2d):
+                kaiming_init(m)
+        super().init_temporal_modules()
 
     def reset(self):
         """Forgets the cached features and FlowNet inputs of the sliding window."""

@@ -18,13 +18,14 @@ no frame is ever processed twice.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
 
 from viddet.errors import VidDetError
-from viddet.methods.base import VIDMethod
+from viddet.methods.base import MethodSettings, at_least
+from viddet.methods.faster_rcnn import FasterRCNNMethod
 from viddet.models.aggregators import SelsaBBoxHead, SelsaRefProjections
 from viddet.models.detector import build_faster_rcnn, rois_from_proposals
 from viddet.models.losses import rcnn_loss
@@ -52,7 +53,19 @@ def adaptive_stride_refs(length: int, num_refs: int = 14) -> List[int]:
     return [round(i * stride) for i in range(num_refs)]
 
 
-class SELSA(VIDMethod):
+@dataclass
+class SELSASettings(MethodSettings):
+    """SELSA's (and TRoI's) inference settings (MMTracking's test-time reference sampler)."""
+    num_refs: int = field(default=14, metadata={
+        'help': 'SELSA/TRoI: reference frames (offline spread over the video, online the last ones)'})
+    ref_cache: bool = field(default=True, metadata={
+        'help': 'SELSA/TRoI: each reference frame computed once per video (false: every frame, as MMTracking)'})
+
+    def __post_init__(self):
+        at_least(self, 1, 'num_refs')
+
+
+class SELSA(FasterRCNNMethod):
     """Attribute ``detector`` (:class:`FasterRCNN` with a :class:`SelsaBBoxHead`).
 
     Args:
@@ -65,10 +78,9 @@ class SELSA(VIDMethod):
     title = 'SELSA'
     paper = 'Wu et al., Sequence Level Semantics Aggregation for Video Object Detection, ICCV 2019'
     default_checkpoint = 'selsa_r50'
-    signature = ('detector.roi_head.bbox_head.aggregator.',)
+    signature = ('detector.backbone.', 'detector.roi_head.bbox_head.aggregator.')
     train_num_refs = 2
-    train_ref_sampler = dict(num_ref_imgs=2, frame_range=9, filter_key_img=True, method='bilateral_uniform')
-    test_settings = ('num_refs', 'ref_cache')
+    Settings = SELSASettings
     keeps_reference_maps = False
     """Whether the reference frames' feature maps are needed after their proposals (TRoI: yes)."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from viddet.methods.faster_rcnn import kaiming_init
 from viddet.methods.selsa import SELSA
 from viddet.models.aggregators import SelsaBBoxHead, TemporalRoIAlign
 from viddet.models.detector import build_faster_rcnn
@@ -24,7 +25,8 @@ class TRoI(SELSA):
     title = 'SELSA + Temporal RoI Align'
     paper = 'Gong et al., Temporal ROI Align for Video Object Recognition, AAAI 2021'
     default_checkpoint = 'troi_r50'
-    signature = ('detector.roi_head.bbox_head.aggregator.', 'detector.roi_head.bbox_roi_extractor.')
+    signature = ('detector.backbone.', 'detector.roi_head.bbox_head.aggregator.',
+                 'detector.roi_head.bbox_roi_extractor.')
     num_shared_fcs = 3
     keeps_reference_maps = True
 
@@ -33,6 +35,10 @@ class TRoI(SELSA):
               ref_cache: bool = True) -> 'TRoI':
         detector = build_faster_rcnn(backbone, SelsaBBoxHead(num_classes, cls.num_shared_fcs), TemporalRoIAlign())
         return cls(detector, num_refs, ref_cache)
+
+    def init_temporal_modules(self) -> None:
+        """The Temporal RoI Align ``embed_network`` conv (mmcv ``ConvModule``: Kaiming normal)."""
+        kaiming_init(self.detector.roi_head.bbox_roi_extractor.embed_network.conv)
 
     def key_rois(self, x: torch.Tensor, rois: torch.Tensor, roi_feats: torch.Tensor, ref_maps) -> torch.Tensor:
         """Temporal RoI Align of the key proposals over ``ref_maps`` (at test time the reference

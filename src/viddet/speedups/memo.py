@@ -17,11 +17,11 @@ def weights_version(module: nn.Module) -> Tuple:
     return tuple((id(t), t._version) for t in list(module.parameters()) + list(module.buffers()))
 
 
-def per_tensor(owner: nn.Module, name: str, tensor: torch.Tensor, compute: Callable[[], T]) -> T:
-    """``compute()``, once per (``tensor``, weights of ``owner``): kept in a weak dictionary named
-    ``name`` on ``owner``, so the entry goes when ``tensor`` is freed (e.g. a reference frame
-    leaving SELSA's set, a frame leaving FGFA's window)."""
-    cache = owner.__dict__.setdefault(name, WeakIdKeyDictionary())
+def per_tensor(cache: WeakIdKeyDictionary, owner: nn.Module, tensor: torch.Tensor,
+               compute: Callable[[], T]) -> T:
+    """``compute()``, once per (``tensor``, weights of ``owner``): kept in ``cache`` (an attribute
+    of the fast module ``owner``), a weak dictionary, so that the entry goes when ``tensor`` is freed
+    (e.g. a reference frame leaving SELSA's set, a frame leaving FGFA's window)."""
     version = weights_version(owner)
     hit = cache.get(tensor)
     if hit is None or hit[0] != version:

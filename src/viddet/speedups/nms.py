@@ -133,10 +133,11 @@ def first_kept(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, io
     return order[torch.from_numpy(greedy_first_kept(visited, iou_threshold, max_keep))]
 
 
-def head_nms(head, boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, iou_threshold: float,
+def head_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, iou_threshold: float,
              max_keep: int) -> Optional[torch.Tensor]:
-    """``RPNHead.nms`` / ``RoIHead.nms`` (``viddet.models.detector``) by :func:`first_kept`; None
-    where that does not apply, or where the early stop cannot save much (fewer than
+    """``RPNHead.nms`` / ``RoIHead.nms`` (``viddet.models.detector``; the same arguments) by
+    :func:`first_kept`, for :class:`viddet.speedups.detector.FastRPNHead` and ``FastRoIHead``; None
+    (the plain NMS runs) where that does not apply, or where the early stop cannot save much (fewer than
     ``MIN_BOXES_PER_KEPT`` x ``max_keep`` boxes: torchvision's scalar loop is then as fast)."""
     if boxes.shape[0] < MIN_BOXES_PER_KEPT * max_keep:
         return None

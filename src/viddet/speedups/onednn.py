@@ -8,21 +8,18 @@ runs ~25% faster at 1000x600 on a 2-core AVX-512 CPU (benchmarks/RESULTS.md; Flo
 path, which also packs its weights, is in :mod:`viddet.speedups.flownet`).
 
 The kernels are PyTorch's own (``torch.ops.mkldnn._convolution_pointwise`` and its transposed /
-binary variants, what ``torch.compile`` uses on CPU). They are private, so every use is guarded:
-:func:`fast_path` is False when they are missing or fail once, and the plain modules run instead.
-They apply only to float32 CPU inference (no autograd, eval mode, no autocast), where the results
-equal the eager ones up to float rounding: folding BN into the weight changes the rounding
-of ``conv(x) * a + b`` to ``conv(x, w * a) + b`` (relative differences ~1e-7).
+binary variants, what ``torch.compile`` uses on CPU). They are private: :func:`viddet.runtime.cpu_kernels`
+probes them once and records whether they run (``CpuKernels.fused``); the fast modules use them
+only then (:func:`fused_applies`), for float32 CPU inference (no autograd, eval mode, no autocast),
+where the results equal the eager ones up to float rounding: folding BN into the weight changes the
+rounding of ``conv(x) * a + b`` to ``conv(x, w * a) + b`` (relative differences ~1e-7).
 
-Folded weights are cached per module and recomputed when any parameter or buffer changes (in-place
-updates bump a tensor's version counter: optimizer steps, ``load_state_dict``; ``.to()`` makes new
-tensors).
+Folded weights are cached per module (:class:`FusedCache`) and recomputed when any parameter or
+buffer changes (in-place updates bump a tensor's version counter: optimizer steps,
+``load_state_dict``; ``.to()`` makes new tensors) or the kernel choice does.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
-import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -31,45 +28,18 @@ from torch import nn
 from viddet.speedups import winograd
 from viddet.speedups.memo import weights_version
 
-_BROKEN = []  # holds the first failure of the private kernels; they are not tried again after it
-_OFF = []     # non-empty inside ``kernels_off()``
-
 
 def _ops():
-    mk = getattr(torch.ops, 'mkldnn', None)
-    return (getattr(mk, '_convolution_pointwise', None), getattr(mk, '_convolution_transpose_pointwise', None))
+    mk = torch.ops.mkldnn
+    return mk._convolution_pointwise, mk._convolution_transpose_pointwise
 
 
-def fast_path(module: nn.Module, x: torch.Tensor) -> bool:
-    """Whether the fused kernels may run ``module`` on ``x``: float32 CPU tensors, eval mode, no
-    gradient recording, no autocast, and the kernels available (and not failed before)."""
-    if _BROKEN or _OFF or module.training or torch.is_grad_enabled():
-        return False
-    if x.device.type != 'cpu' or x.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
-        return False
-    if torch.is_autocast_enabled('cpu'):
-        return False
-    return all(op is not None for op in _ops())
-
-
-@contextlib.contextmanager
-def kernels_off():
-    """Within the block the fused kernels of this module (and the transposed-weight GEMM) step
-    aside and the plain layers run, while the other fast paths stay on: for counting a fast
-    model's FLOPs with ``torch.utils.flop_counter`` (which knows the plain aten ops only)."""
-    _OFF.append(True)
-    try:
-        yield
-    finally:
-        _OFF.pop()
-
-
-def give_up(reason: Exception) -> None:
-    """Stops using the fused kernels for the rest of the process (after an unexpected failure)."""
-    import warnings
-    _BROKEN.append(reason)
-    warnings.warn(f'viddet: fused oneDNN kernels unavailable ({type(reason).__name__}: {reason}); '
-                  'using the plain PyTorch modules', RuntimeWarning, stacklevel=3)
+def fused_applies(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether the fused kernels may run the fast module ``module`` on ``x``: the kernels run here
+    (``module.kernels.fused``), float32 CPU tensors, eval mode, no gradient recording, no
+    autocast."""
+    return (module.kernels.fused and not module.training and not torch.is_grad_enabled()
+            and x.device.type == 'cpu' and x.dtype == torch.float32 and not torch.is_autocast_enabled('cpu'))
 
 
 class FusedConv:
@@ -115,15 +85,17 @@ class FusedConv:
 
 
 class FusedCache:
-    """Per-module cache of :class:`FusedConv` objects, rebuilt when the module's tensors change."""
+    """Per-module cache of :class:`FusedConv` objects, rebuilt when the module's tensors or its
+    kernel choice (``module.kernels``) change."""
 
     def __init__(self):
         self._key: Optional[Tuple] = None
         self._convs: Dict[str, FusedConv] = {}
 
     def get(self, module: nn.Module, build) -> Dict[str, FusedConv]:
-        """``build(module) -> {name: FusedConv}``, cached until a parameter/buffer changes."""
-        key = weights_version(module)
+        """``build(module) -> {name: FusedConv}``, cached until a parameter/buffer or the kernel
+        choice changes."""
+        key = (weights_version(module), module.kernels)
         if key != self._key:
             self._convs = build(module)
             self._key = key
@@ -142,166 +114,36 @@ def conv_act_spec(act: Optional[nn.Module]) -> Tuple[str, List[float]]:
 
 
 
-
-# ---------------------------------------------------------------------------------- fast forwards
-# Each takes the module and the plain forward's arguments and returns None where it does not apply
-# (viddet.speedups then runs the plain forward). A failure of the private kernels turns them off
-# for the process (give_up) instead of failing the run.
-
-def linear_forward(layer: nn.Linear, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """``layer(x)`` for 2-D float32 CPU ``x`` as one GEMM (:func:`matmul_nt`); with MKL against the
-    weight stored transposed (in x out, cached per weight version): the GEMM then reads the weight
-    in its natural row-major order. For the box head's 25088 -> 1024 fc on 300 RoIs at one thread
-    this is 129 ms against 146 ms (``F.linear``) and 141 ms (oneDNN's inner product) on an Intel
-    AVX-512 Xeon, 387 / 763 / 499 ms with AVX2 only; on an AMD AVX-512 EPYC (Zen 5) oneDNN's 77 ms
-    against MKL's 162 (:func:`gemm_backend`). Same values up to summation order."""
-    if x.dim() != 2 or not fast_path(layer, x):
-        return None
-    if gemm_backend() == 'onednn':
-        return matmul_nt(x, layer.weight, layer.bias)
-    cache = layer.__dict__.setdefault('_fused', FusedCache())
-    wt = cache.get(layer, lambda m: {'wt': m.weight.detach().t().contiguous()})['wt']
-    return torch.addmm(layer.bias, x, wt) if layer.bias is not None else x.mm(wt)
-
-
-def fused_or_winograd(conv: nn.Module, bn: Optional[nn.BatchNorm2d] = None):
-    """``conv`` (+ folded ``bn``) as a :class:`FusedConv`, and where Winograd applies (wide 3x3
-    stride-1 convolutions: :func:`viddet.speedups.winograd.applies`) as a
+def fused_or_winograd(conv: nn.Module, bn: Optional[nn.BatchNorm2d] = None, use_winograd: bool = False):
+    """``conv`` (+ folded ``bn``) as a :class:`FusedConv`, and with ``use_winograd`` where Winograd
+    applies (wide 3x3 stride-1 convolutions: :func:`viddet.speedups.winograd.applies`) as a
     :class:`viddet.speedups.winograd.WinogradConv` for inputs of enough tiles
     (:class:`viddet.speedups.winograd.OrDirect`); called as ``f(x, act, scalars)``."""
     fused = FusedConv(conv, bn)
-    if winograd.applies(conv):
+    if use_winograd and winograd.applies(conv):
         return winograd.OrDirect(winograd.WinogradConv(fused.weight, fused.bias, conv.dilation[0]), fused)
     return fused
 
 
-def rpn_forward(head: nn.Module, x: torch.Tensor):
-    """``RPNHead.forward``: its 3x3 conv + ReLU by :func:`fused_or_winograd` (Winograd for the
-    512-channel head), the two 1x1 convs as oneDNN primitives; None where the fast path does not
-    apply."""
-    if not fast_path(head, x):
-        return None
-    f = head.__dict__.setdefault('_fused', FusedCache()).get(head, lambda m: {
-        'conv': fused_or_winograd(m.rpn_conv), 'cls': FusedConv(m.rpn_cls), 'reg': FusedConv(m.rpn_reg)})
-    try:
-        x = f['conv'](x, 'relu')
-        return f['cls'](x), f['reg'](x)
-    except RuntimeError as e:
-        give_up(e)
-        return None
-
-
-def conv_act_forward(module: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """A :class:`viddet.models.layers.ConvAct` (the neck's conv + ReLU) as one fused conv +
-    activation primitive, or by Winograd's F(2x2, 3x3) where that applies (the DC5 neck's 3x3
-    2048 -> 512: :func:`fused_or_winograd`); None (the plain module runs) where the fast path does
-    not apply."""
-    if not fast_path(module, x):
-        return None
-    cache = module.__dict__.setdefault('_fused', FusedCache())
-    conv = cache.get(module, lambda m: {'conv': fused_or_winograd(m.conv)})['conv']
-    act, scalars = conv_act_spec(module.act)
-    try:
-        return conv(x, act, scalars)
-    except RuntimeError as e:
-        give_up(e)
-        return None
-
-
-def resnet_forward(backbone: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """:class:`viddet.models.backbones.ResNetDC5` with each conv's BN folded in and ReLU / residual
-    add as post-ops, in channels-last memory format (~25% faster backbone at 1000x600; oneDNN's
-    convolutions are ~30% faster on NHWC than on NCHW), and the wide stride-1 3x3 convolutions
-    (layers 2-4) by Winograd's F(2x2, 3x3) (:func:`fused_or_winograd`); same values up to
-    rounding."""
-    if not fast_path(backbone, x):
-        return None
-    from viddet.models.backbones import Bottleneck
-
-    def build(m):
-        convs = {'stem': FusedConv(m.conv1, m.bn1)}
-        for name, blk in m.named_modules():
-            if isinstance(blk, Bottleneck):
-                convs[name + '.1'] = FusedConv(blk.conv1, blk.bn1)
-                convs[name + '.2'] = fused_or_winograd(blk.conv2, blk.bn2)
-                convs[name + '.3'] = FusedConv(blk.conv3, blk.bn3)
-                if blk.downsample is not None:
-                    convs[name + '.ds'] = FusedConv(blk.downsample[0], blk.downsample[1])
-        return convs
-    try:
-        f = backbone.__dict__.setdefault('_fused', FusedCache()).get(backbone, build)
-        x = x.contiguous(memory_format=torch.channels_last)
-        x = backbone.maxpool(f['stem'](x, 'relu'))
-        for i in range(1, 5):
-            for j in range(len(getattr(backbone, f'layer{i}'))):
-                name = f'layer{i}.{j}'
-                identity = f[name + '.ds'](x) if name + '.ds' in f else x
-                out = f[name + '.2'](f[name + '.1'](x, 'relu'), 'relu')
-                x = f[name + '.3'](out, 'relu', add=identity)
-        return x
-    except RuntimeError as e:
-        give_up(e)
-        return None
-
-
-def _cpu_vendor() -> str:
-    """The CPU's vendor string on Linux (``/proc/cpuinfo``), else ``platform.processor()``."""
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('vendor_id'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor()
-
-
-@functools.lru_cache(maxsize=None)
-def gemm_backend() -> str:
-    """Which library runs viddet's large float32 CPU matrix products at inference: ``'mkl'``
-    (``torch.mm``, PyTorch's BLAS) or ``'onednn'`` (oneDNN's inner product,
-    ``torch.ops.mkldnn._linear_pointwise``).
-
-    PyTorch's x86 wheels do their fp32 GEMMs with MKL, which runs AVX-512 kernels on Intel CPUs
-    only: on an AMD CPU with AVX-512 (Zen 4, Zen 5) it takes its AVX2 kernels, and oneDNN, which
-    dispatches by instruction set, is ~2.1x faster (measured on a 2-core AMD EPYC Zen 5, 1 and 2
-    threads, every GEMM shape of the detectors: 300x25088x1024 94 vs 199 GFLOP/s at one thread;
-    ``benchmarks/RESULTS.md``). On Intel CPUs MKL is as fast or faster (129 vs 141 ms for the box
-    head's fc6 on AVX-512, 387 vs 499 ms on AVX2), so this is ``'onednn'`` exactly for AMD CPUs
-    with AVX-512, unless the environment variable ``VIDDET_CPU_GEMM`` says ``mkl`` or ``onednn``.
-    Both give the same values up to float summation order.
-    """
-    choice = os.environ.get('VIDDET_CPU_GEMM', '').strip().lower()
-    if choice in ('mkl', 'onednn'):
-        return choice
-    if getattr(torch.ops.mkldnn, '_linear_pointwise', None) is None or not torch.backends.mkldnn.is_available():
-        return 'mkl'
-    amd = 'amd' in _cpu_vendor().lower()
-    return 'onednn' if amd and torch.backends.cpu.get_cpu_capability().startswith('AVX512') else 'mkl'
-
-
-def matmul_nt(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``x @ w.T (+ bias)`` for x (M, K), w (N, K), bias (N,) -> (M, N), with the library of
-    :func:`gemm_backend` for float32 CPU inference (no autograd), ``torch.mm`` otherwise (also
-    inside :func:`kernels_off`, so that the FLOP counter sees it)."""
-    if (gemm_backend() == 'onednn' and not _BROKEN and not _OFF and not torch.is_grad_enabled()
+def matmul_nt(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None,
+              gemm: str = 'mkl') -> torch.Tensor:
+    """``x @ w.T (+ bias)`` for x (M, K), w (N, K), bias (N,) -> (M, N); with ``gemm='onednn'``
+    (:attr:`viddet.runtime.CpuKernels.gemm`) by oneDNN's inner product for float32 CPU inference
+    (no autograd, no autocast), else by ``torch.mm`` (PyTorch's BLAS)."""
+    if (gemm == 'onednn' and not torch.is_grad_enabled()
             and x.device.type == 'cpu' and x.dtype == w.dtype == torch.float32 and x.dim() == 2
             and x.shape[0] > 0 and not torch.is_autocast_enabled('cpu')):
-        try:
-            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w.contiguous(), bias, 'none', [], '')
-        except RuntimeError as e:
-            give_up(e)
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w.contiguous(), bias, 'none', [], '')
     return torch.addmm(bias, x, w.t()) if bias is not None else x.mm(w.t())
 
 
-def conv1x1_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def conv1x1_rows(x: torch.Tensor, weight: torch.Tensor, gemm: str = 'mkl') -> torch.Tensor:
     """``rows(x) @ weight.T`` for x (1, C, H, W), weight (O, C): (H*W, O), row = y*W + x.
 
-    One GEMM (:func:`matmul_nt`) on the location-major rows of ``x`` (a copy unless ``x`` is
+    One GEMM (:func:`matmul_nt` by ``gemm``) on the location-major rows of ``x`` (a copy unless ``x`` is
     channels-last); float32 also under autocast (the gathers that use it need one dtype). (PyTorch
     runs a 1x1 ``conv2d`` of a batch under 16 at one thread as im2col + BLAS GEMM, not on oneDNN.)
     """
     with torch.autocast(x.device.type, enabled=False):
         rows = x.float().permute(0, 2, 3, 1).reshape(-1, x.shape[1])
-        return matmul_nt(rows, weight.float())
+        return matmul_nt(rows, weight.float(), gemm=gemm)

@@ -3,14 +3,12 @@
 torchvision's CPU ``roi_align`` loops over RoIs, bins, samples and channels one channel at a time.
 The same numbers (up to float summation order) come from writing every output point as a weighted
 sum of at most 16 feature-map pixels (:func:`roi_align_taps`) and gathering those pixels' channel
-vectors from a location-major copy of the map with ``embedding_bag`` (:func:`roi_align_forward`):
+vectors from a location-major copy of the map with ``embedding_bag`` (:func:`roi_align_gathered`):
 ~4x faster for 300 RoIs on a 512 x 38 x 63 map at one thread. The taps also let the factorized
 Temporal RoI Align (:mod:`viddet.speedups.troi`) combine per-pixel quantities instead of RoI
 features.
 """
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -109,20 +107,19 @@ def merge_taps(pos: torch.Tensor, weight: torch.Tensor):
     return run_pos[keep], run_w[keep], offsets
 
 
-def roi_align_forward(extractor, feats: torch.Tensor, rois: torch.Tensor) -> Optional[torch.Tensor]:
-    """``SingleRoIExtractor.roi_align`` (mmcv ``RoIAlign(7, sampling_ratio=2, aligned=True)``, avg) from
-    the taps: feats (B, C, H, W), rois (n, 5) [batch index, x1, y1, x2, y2] -> (n, C, 7, 7) float32
-    (a permuted view of an (n, 7, 7, C) tensor). None where it does not apply (autograd on, no fixed
-    sampling ratio), and torchvision's kernel runs."""
-    if torch.is_grad_enabled() or extractor.sampling_ratio <= 0 or feats.dim() != 4 or rois.dim() != 2:
-        return None
-    s = extractor.output_size
+def roi_align_gathered(feats: torch.Tensor, rois: torch.Tensor, output_size: int = 7,
+                       spatial_scale: float = 1.0 / 16, sampling_ratio: int = 2) -> torch.Tensor:
+    """mmcv ``RoIAlign(output_size, sampling_ratio, aligned=True)`` (avg; what
+    ``SingleRoIExtractor.roi_align`` computes) from the taps (:func:`roi_align_taps`): feats (B, C,
+    H, W), rois (n, 5) [batch index, x1, y1, x2, y2] -> (n, C, S, S) float32 (a permuted view of an
+    (n, S, S, C) tensor). ``sampling_ratio`` > 0; no gradients to ``rois``."""
+    s = output_size
     b, c, h, w = feats.shape
     n = rois.shape[0]
     if n == 0:
         return feats.new_zeros((0, c, s, s), dtype=torch.float32)
     with torch.autocast(feats.device.type, enabled=False):
-        pos, wts = roi_align_taps(rois, h, w, s, extractor.spatial_scale, extractor.sampling_ratio)
+        pos, wts = roi_align_taps(rois, h, w, s, spatial_scale, sampling_ratio)
         if b > 1:   # rows of image k start at k*H*W
             pos = pos + (rois[:, 0].long() * (h * w)).repeat_interleave(s * s)[:, None]
         # location-major rows (a view when channels-last); an NCHW map (DFF's warped features)

@@ -12,29 +12,35 @@ plain path up to float32 rounding (a different summation order; ~1e-7 relative).
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from viddet.models.aggregators import SelsaAggregator, SelsaRefProjections
+from viddet.models.fast import FastModule
+
+__all__ = ['FastSelsaAggregator']
 
 
-def attention_forward(agg: nn.Module, x: torch.Tensor, refs) -> Optional[torch.Tensor]:
-    """``SelsaAggregator.forward_projected(x, refs)`` (x (n, C), reference key / value (m, C) ->
-    (n, C)) with fused attention; None (the plain method runs) while autograd records, for
-    non-float32 or non-CPU tensors, or for inputs of unexpected shape."""
-    if torch.is_grad_enabled() or x.dim() != 2 or x.dtype != torch.float32 or x.device.type != 'cpu' \
-            or refs.key.dim() != 2 or refs.key.shape != refs.value.shape \
-            or x.shape[1] != agg.in_channels or refs.key.shape[1] != agg.in_channels \
-            or refs.key.dtype != x.dtype or refs.key.shape[0] == 0:
-        return None
-    n, c = x.shape
-    m = refs.key.shape[0]
-    g = agg.num_attention_blocks
-    d = c // g
-    q = agg.fc_embed(x).view(n, g, d).transpose(0, 1).unsqueeze(0)           # (1, G, n, d)
-    k = refs.key.reshape(m, g, d).transpose(0, 1).unsqueeze(0)               # (1, G, m, d)
-    v = refs.value.reshape(m, g, d).transpose(0, 1).unsqueeze(0)             # (1, G, m, d)
-    out = F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous(),
-                                         scale=1.0 / d ** 0.5)               # (1, G, n, d)
-    return agg.fc(out[0].transpose(0, 1).reshape(n, c))
+class FastSelsaAggregator(FastModule, SelsaAggregator):
+    """:class:`viddet.models.aggregators.SelsaAggregator` whose :meth:`forward_projected` runs the
+    attention as one fused ``F.scaled_dot_product_attention`` (module docstring) for float32 CPU
+    inference; the plain bmm path while autograd records, for other dtypes or devices, or for
+    inputs of unexpected shape."""
+
+    def forward_projected(self, x: torch.Tensor, refs: SelsaRefProjections) -> torch.Tensor:
+        """x (n, C), reference key / value (m, C) -> (n, C), as the plain method."""
+        if torch.is_grad_enabled() or x.dim() != 2 or x.dtype != torch.float32 or x.device.type != 'cpu' \
+                or refs.key.dim() != 2 or refs.key.shape != refs.value.shape \
+                or x.shape[1] != self.in_channels or refs.key.shape[1] != self.in_channels \
+                or refs.key.dtype != x.dtype or refs.key.shape[0] == 0:
+            return super().forward_projected(x, refs)
+        n, c = x.shape
+        m = refs.key.shape[0]
+        g = self.num_attention_blocks
+        d = c // g
+        q = self.fc_embed(x).view(n, g, d).transpose(0, 1).unsqueeze(0)          # (1, G, n, d)
+        k = refs.key.reshape(m, g, d).transpose(0, 1).unsqueeze(0)               # (1, G, m, d)
+        v = refs.value.reshape(m, g, d).transpose(0, 1).unsqueeze(0)             # (1, G, m, d)
+        out = F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous(),
+                                             scale=1.0 / d ** 0.5)               # (1, G, n, d)
+        return self.fc(out[0].transpose(0, 1).reshape(n, c))

@@ -1,0 +1,80 @@
+"""The checks of a training config across its fields (run after the typed conversion)."""
+from __future__ import annotations
+
+from viddet.config.typed import method_settings
+from viddet.errors import VidDetError
+from viddet.methods import METHOD_NAMES, METHODS, method_class
+from viddet.models.backbones import BACKBONE_NAMES
+
+REF_METHODS = ('uniform', 'bilateral_uniform')
+
+
+def validate(cfg) -> None:
+    """Raises :class:`VidDetError` naming the file and the dotted key of the first bad value of
+    ``cfg`` (a :class:`viddet.config.training.Config`)."""
+    src = cfg.source
+
+    def err(msg):
+        return VidDetError(f'{src}: {msg}')
+    m = cfg.model
+    if m.method not in METHOD_NAMES:
+        raise err(f'model.method must be one of {", ".join(METHOD_NAMES)}, got {m.method!r}')
+    if m.backbone not in BACKBONE_NAMES:
+        raise err(f'model.backbone must be one of {", ".join(BACKBONE_NAMES)}, got {m.backbone!r}')
+    method = method_class(m.method)
+    method_settings(method, m.test, src, 'model.test')
+    if not m.classes:
+        raise err('model.classes is empty')
+    if len(set(m.classes)) != len(m.classes):
+        raise err('model.classes has duplicate names')
+    for k, v in (('model.rpn_train_proposals', m.rpn_train_proposals), ('model.rcnn_samples', m.rcnn_samples)):
+        if v is not None and v < 1:
+            raise err(f'{k} must be >= 1, got {v}')
+    if m.backbone_frozen_stages is not None and not 0 <= m.backbone_frozen_stages <= (18 if m.backbone == 'mobilenetv2' else 4):
+        raise err(f'model.backbone_frozen_stages must be in 0..{18 if m.backbone == "mobilenetv2" else 4} for '
+                  f'{m.backbone}, got {m.backbone_frozen_stages}')
+    if m.flownet not in ('train', 'frozen', 'zero'):
+        raise err(f'model.flownet must be train, frozen or zero, got {m.flownet!r}')
+    if m.flownet != 'train' and not method.has_flownet:
+        with_flownet = ', '.join(x.name for x in METHODS if x.has_flownet)
+        raise err(f'model.flownet={m.flownet} but method {m.method} has no FlowNet (only {with_flownet})')
+    needs_refs = 1 if method.train_num_refs else 0
+    for i, t in enumerate(cfg.data.train):
+        r = t.ref_sampler
+        if r is not None:
+            if r.method not in REF_METHODS:
+                raise err(f'data.train.{i}.ref_sampler.method must be one of {", ".join(REF_METHODS)}, got {r.method!r}')
+            if r.num_ref_imgs < 0 or r.frame_range < 0:
+                raise err(f'data.train.{i}.ref_sampler: num_ref_imgs and frame_range must be >= 0')
+        if needs_refs and (r is None or r.num_ref_imgs < needs_refs):
+            raise err(f'data.train.{i}.ref_sampler: method {m.method} needs reference frames '
+                      f'(e.g. ref_sampler: {{num_ref_imgs: {method.train_num_refs}, frame_range: 9}})')
+    d = cfg.data
+    if len(d.scale) != 2 or min(d.scale) < 16:
+        raise err(f'data.scale must be [long, short] pixels >= 16, got {list(d.scale)}')
+    if not 0.0 <= d.flip_ratio <= 1.0:
+        raise err(f'data.flip_ratio must be in [0, 1], got {d.flip_ratio}')
+    if d.samples_per_gpu < 1:
+        raise err(f'data.samples_per_gpu must be >= 1, got {d.samples_per_gpu}')
+    if d.workers < 0:
+        raise err(f'data.workers must be >= 0, got {d.workers}')
+    if d.val is not None and d.val.mode not in ('offline', 'online'):
+        raise err(f'data.val.mode must be offline or online, got {d.val.mode!r}')
+    s = cfg.schedule
+    if s.epochs < 1:
+        raise err(f'schedule.epochs must be >= 1, got {s.epochs}')
+    if s.lr <= 0:
+        raise err(f'schedule.lr must be > 0, got {s.lr}')
+    if s.lr_batch < 0 or s.warmup_iters < 0 or s.log_interval < 1:
+        raise err('schedule.lr_batch and schedule.warmup_iters must be >= 0, schedule.log_interval >= 1')
+    if not 0 < s.warmup_ratio <= 1:
+        raise err(f'schedule.warmup_ratio must be in (0, 1], got {s.warmup_ratio}')
+    if sorted(s.steps) != list(s.steps) or any(x < 1 for x in s.steps):
+        raise err(f'schedule.steps must be increasing epochs >= 1, got {s.steps}')
+    if s.max_nonfinite_steps < 1:
+        raise err(f'schedule.max_nonfinite_steps must be >= 1, got {s.max_nonfinite_steps}')
+    if s.grad_clip is not None and s.grad_clip <= 0:
+        raise err(f'schedule.grad_clip must be > 0 or null, got {s.grad_clip}')
+    if cfg.eval.interval < 0:
+        raise err(f'eval.interval must be >= 0, got {cfg.eval.interval}')
+
