@@ -137,9 +137,9 @@ def main():
               f"reproduced {row['reproduced']}; run spread {spread}", flush=True)
     if args.out:
         from viddet.fileio import atomic_write_json
-        from viddet.speedups import cpu_kernels
+        from viddet.runtime import cpu_kernels   # what load_model gives the fast modules
         atomic_write_json(args.out, {'threads': args.threads, 'torch': torch.__version__,
-                                     'cpu_kernels': cpu_kernels(), 'date': time.strftime('%Y-%m-%d %H:%M:%S %Z'), 'cpu_count': os.cpu_count(),
+                                     'cpu_kernels': cpu_kernels().as_dict(), 'date': time.strftime('%Y-%m-%d %H:%M:%S %Z'), 'cpu_count': os.cpu_count(),
                                      'calibration_here_s': round(cal_here, 3), 'calibration_there_s': cal_there,
                                      'mmtracking_file': str(shared / TIMING), 'loadavg_after': os.getloadavg(),
                                      'results': rows}, indent=1)

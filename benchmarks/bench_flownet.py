@@ -1,5 +1,6 @@
 """Speed of FlowNetSimple (DFF's non-key frames, FGFA's 30 pairs per frame) with the plain modules
-and with viddet's fast path (viddet.speedups.flownet), per image pair, at the DFF input size.
+and with viddet's fast module (viddet.speedups.flownet.FastFlowNetSimple), per image pair, at the DFF
+input size.
 
 Times ``prepare_inputs`` (the 2x downsampled 6-channel pair), the network (``forward_prepared``)
 and the whole ``forward`` (min over ``--reps``; the first call, which packs the weights, is not
@@ -20,7 +21,7 @@ import torch
 
 from viddet import speedups
 from viddet.models.flownet import FlowNetSimple
-from viddet.runtime import set_threads
+from viddet.runtime import cpu_kernels, set_threads
 
 
 def _min_time(fn, reps: int) -> float:
@@ -54,9 +55,9 @@ def main(argv=None) -> None:
     shape = (h - 8, w - 8)          # padded bottom/right, as a 1000x600 frame in 1008x608
     flows = {}
     print(f'FlowNetSimple {w}x{h} (network input {w // 2}x{h // 2}), {args.batch} pair(s) per call, '
-          f'{torch.get_num_threads()} thread(s); ms per pair (min of {args.reps})')
+          f'{torch.get_num_threads()} thread(s), CPU kernels: {cpu_kernels()}; ms per pair (min of {args.reps})')
     for mode in ('plain', 'fast'):
-        (speedups.enable if mode == 'fast' else speedups.disable)(net)
+        net = speedups.convert(net) if mode == 'fast' else speedups.revert(net)
         with torch.inference_mode():
             x = net.prepare_inputs(tgt, src, shape)
             prep = _min_time(lambda: net.prepare_inputs(tgt, src, shape), args.reps)

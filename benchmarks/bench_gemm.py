@@ -1,7 +1,7 @@
 """The detectors' float32 GEMM shapes on this CPU: PyTorch's BLAS (``torch.mm``, MKL on x86 wheels)
 against oneDNN's inner product (``torch.ops.mkldnn._linear_pointwise``), in GFLOP/s.
 
-This is the measurement behind ``viddet.speedups.onednn.gemm_backend()``: which library
+This is the measurement behind ``viddet.runtime.cpu_kernels().gemm``: which library
 ``matmul_nt`` uses for the RoI head's fully connected layers, TRoI's Gram matrices and the tap
 projections. Each shape is M x K x N (x is M x K, the weight N x K), best of ``--repeat`` after a
 warm-up, both libraries interleaved.
@@ -43,7 +43,7 @@ def main() -> None:
     p.add_argument('--out', help='write the table as JSON here (refuses to overwrite)')
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    from viddet.speedups.onednn import _cpu_vendor, gemm_backend
+    from viddet.runtime import _cpu_vendor, cpu_kernels
     rows = []
     with torch.inference_mode():
         for m, k, n, where in SHAPES:
@@ -55,7 +55,7 @@ def main() -> None:
                          'gflops_onednn': round(gflop / dnn, 1)})
             print(f'{m}x{k}x{n:<6} {where:<30} torch.mm {gflop / mkl:6.1f}  oneDNN {gflop / dnn:6.1f} GFLOP/s')
     info = {'threads': a.threads, 'torch': torch.__version__, 'vendor': _cpu_vendor(),
-            'capability': torch.backends.cpu.get_cpu_capability(), 'gemm_backend': gemm_backend(), 'rows': rows}
+            'capability': torch.backends.cpu.get_cpu_capability(), 'gemm_backend': cpu_kernels().gemm, 'rows': rows}
     print(f"vendor {info['vendor']}, capability {info['capability']}, viddet picks {info['gemm_backend']}")
     if a.out:
         with open(a.out, 'x') as f:

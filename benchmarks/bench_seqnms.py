@@ -108,9 +108,9 @@ def identity_check(lengths, rng, boxes_per_frame: int, score_thr: float = 0.5):
     import torch
 
     from viddet.evaluation.identity import IdentityMetrics, identity_metrics
-    from viddet.linking import link_video
+    from viddet.linking.link import link_video
     from viddet.structures import Detections
-    from viddet.linking import IoUTracker
+    from viddet.linking.tracker import IoUTracker
     res = {m: IdentityMetrics() for m in ('online', 'online+motion', 'seqnms', 'seqnms raw')}
     secs = {m: 0.0 for m in res}
     for length in lengths:

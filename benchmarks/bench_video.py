@@ -16,7 +16,7 @@ What it runs (all R-50, CPU, synthetic smooth frames, random weights: see viddet
 5. ``peak``: the machine's achievable fp32 GFLOP/s (a 4096^3 matmul through torch.mm, and a
    3x3 512->512 convolution at 64x64 through oneDNN), and each method's counted GFLOP per
    steady-state frame (``torch.utils.flop_counter``: convolutions and matrix products), giving
-   the achieved fraction (FLOPs counted on the plain modules, ``speedups.disable``: the same
+   the achieved fraction (FLOPs counted on the plain modules, ``speedups.revert``: the same
    arithmetic as the fast paths, in ops the counter knows; the gathers of the factorized TRoI / FGFA
    embedding (``embedding_bag``) are not counted).
 
@@ -147,7 +147,8 @@ def part_fgfa_floor(args):
     r = {'fgfa_s_per_frame': [round(f, 3) for f, _ in frames], 'floor_s': [round(f, 3) for f in floors],
          'fgfa_median_s': round(fgfa, 3), 'floor_median_s': round(floor, 3), 'ratio': round(fgfa / floor, 3),
          'stages_s': [{k: round(v, 3) for k, v in s.items()} for _, s in frames],
-         'flow_chunk': model.flow_chunk, 'fast_paths': speedups.is_enabled(model), 'loadavg_after': os.getloadavg()}
+         'flow_chunk': model.flow_chunk, 'fast_paths': speedups.is_converted(model),
+         'cpu_kernels': getattr(speedups.kernels_of(model), 'as_dict', dict)(), 'loadavg_after': os.getloadavg()}
     print(f"fgfa {fgfa:.2f} s/frame vs floor (backbone + 30 FlowNet) {floor:.2f} s: ratio {fgfa / floor:.2f}", flush=True)
     return [r]
 
@@ -184,13 +185,14 @@ def part_peak(args):
                 next(it)
             # count on the plain modules: FlopCounterMode knows the plain aten ops (convolution, mm,
             # addmm, bmm), not torch.ops.mkldnn.*; embedding_bag is not counted
-            speedups.disable(model)
+            kernels = speedups.kernels_of(model)
+            speedups.revert(model)
             counter = FlopCounterMode(display=False)
             try:
                 with counter:
                     next(it)
             finally:
-                speedups.enable(model)
+                speedups.convert(model, kernels)
             it.close()
         g = counter.get_total_flops() / 1e9
         r['methods'][m] = {'counted_gflop_per_frame': round(g, 1)}

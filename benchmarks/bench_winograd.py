@@ -10,8 +10,8 @@ the fast paths feed it, at the given thread count:
   input shape, in FlowNet, + LeakyReLU 0.1), best of ``--repeat``, bias and activation fused in both;
 * the speed-up (direct / Winograd), and both results' maximum absolute error against a float64
   ``F.conv2d`` of the same weights (He-initialised weights, unit-normal input);
-* whether the fast path takes Winograd for it (``winograd.applies`` on this machine and at least
-  ``winograd.MIN_TILES`` output tiles).
+* whether the fast path takes Winograd for it (``cpu_kernels().winograd`` on this machine,
+  ``winograd.applies`` and at least ``winograd.MIN_TILES`` output tiles).
 
     python benchmarks/bench_winograd.py --threads 1 --out benchmarks/results/winograd_t1.json
 """
@@ -44,6 +44,7 @@ SHAPES = [
 
 
 def measure(c: int, o: int, h: int, w: int, dilation: int, repeat: int, flownet: bool = False) -> dict:
+    from viddet.runtime import cpu_kernels
     from viddet.speedups import onednn, winograd
     from viddet.speedups.flownet import PackedConv
     g = torch.Generator().manual_seed(0)
@@ -72,7 +73,8 @@ def measure(c: int, o: int, h: int, w: int, dilation: int, repeat: int, flownet:
             'max_abs_err_direct': float(f'{(out_direct.double() - ref).abs().max():.2e}'),
             'max_abs_err_winograd': float(f'{(out_wino.double() - ref).abs().max():.2e}'),
             'output_max': round(float(ref.abs().max()), 2),
-            'fast_path_takes_winograd': bool(winograd.applies(conv) and wino.tiles(x) >= winograd.MIN_TILES)}
+            'fast_path_takes_winograd': bool(cpu_kernels().winograd and winograd.applies(conv)
+                                             and wino.tiles(x) >= winograd.MIN_TILES)}
 
 
 def main():

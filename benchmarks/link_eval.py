@@ -22,7 +22,7 @@ from viddet.engine.link_results import IDENTITY_MIN_SCORE, identity_of_results, 
 from viddet.evaluation.io import load_results
 from viddet.evaluation.report import evaluate_results
 from viddet.fileio import atomic_write_json
-from viddet.linking import LINK_MODES
+from viddet.linking.link import LINK_MODES
 
 COLUMNS = [('coco_ap50', 'AP50'), ('vid_map', 'VID mAP'), ('vid_map_slow', 'slow'), ('vid_map_medium', 'medium'),
            ('vid_map_fast', 'fast')]

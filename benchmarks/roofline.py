@@ -9,8 +9,8 @@ parity clip), at the given thread count:
 * **FLOPs per frame**: counted with ``torch.utils.flop_counter`` on a steady-state frame of the
   model as it runs (every fast path on, whose algorithms may do fewer FLOPs than the plain
   modules: FGFA's tap embeddings, TRoI's Gram matrices), with only the fused oneDNN kernels
-  swapped for the plain layers they equal (``speedups.onednn.kernels_off``) so that the counter
-  sees them; gathers (``embedding_bag``) and NMS count no FLOPs;
+  swapped for the plain layers they equal (the fast modules given :func:`plain_layer_kernels`) so
+  that the counter sees them; gathers (``embedding_bag``) and NMS count no FLOPs;
 * **executed FLOPs per frame**: the same frame counted again with every fast path on, the fused
   oneDNN kernels included (their FLOP formulas registered below: a convolution's or linear layer's
   multiply-adds on its shapes): where the Winograd path runs (``viddet.speedups.winograd``) the
@@ -28,6 +28,7 @@ parity clip), at the given thread count:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import time
@@ -83,12 +84,21 @@ def _register_onednn_flop_formulas() -> None:
         return 2 * rows * w[0] * w[1]
 
 
+def plain_layer_kernels(kernels):
+    """The CPU kernel choice ``kernels`` (:class:`viddet.runtime.CpuKernels`) with the fused
+    oneDNN kernels, Winograd and the oneDNN GEMM off: the fast modules then run the plain layers
+    (convolutions, ``F.linear``, ``torch.mm``) that ``FlopCounterMode`` counts, while their other
+    algorithms (tap embeddings, Gram matrices, caches) stay."""
+    return dataclasses.replace(kernels, fused=False, winograd=False, gemm='mkl')
+
+
 def measure(method: str, ckpt: Path, count_frame: int) -> dict:
+    from viddet import speedups
     from viddet.checkpoints.loading import load_model
     from viddet.data.image_sources import FolderSource
     from viddet.engine.video import run_video
-    from viddet.speedups import onednn
     model = load_model(str(ckpt), method=method).model
+    kernels = speedups.kernels_of(model)
     times, flops, executed = [], None, None
     with FolderSource(str(SHARED / 'clips' / 'vid7010_first12')) as source:
         it = run_video(model, source, mode='offline')
@@ -96,8 +106,10 @@ def measure(method: str, ckpt: Path, count_frame: int) -> dict:
         for i in range(12):
             if i == count_frame:   # the FLOPs of one steady-state frame (not timed)
                 counter = FlopCounterMode(display=False)
-                with onednn.kernels_off(), counter:
+                speedups.convert(model, plain_layer_kernels(kernels))   # keeps the fast modules' caches
+                with counter:
                     next(it)
+                speedups.convert(model, kernels)
                 flops = counter.get_total_flops()
                 t0 = time.perf_counter()
                 continue
@@ -117,7 +129,7 @@ def measure(method: str, ckpt: Path, count_frame: int) -> dict:
     return {'seconds_per_frame': [round(t, 3) for t in times], 'frames': frames,
             'gflop_per_frame': round(flops / 1e9, 1),
             'executed_gflop_per_frame': round(executed / 1e9, 1),
-            'key_frame_interval': getattr(model, 'key_frame_interval', None),
+            'key_frame_interval': getattr(model, 'key_frame_interval', None), 'cpu_kernels': kernels.as_dict(),
             'steady_median_s': round(statistics.median(times[1:]), 3), 'first_s': round(times[0], 3)}
 
 

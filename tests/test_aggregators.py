@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from viddet.models.aggregators import (EmbedAggregator, SelsaAggregator, SelsaRefProjections,
-                                       TemporalRoIAlign)
+from viddet.models.aggregators import EmbedAggregator, SelsaAggregator, SelsaRefProjections
+from viddet.models.temporal_roi_align import TemporalRoIAlign
 
 
 def _np_conv3x3(x, w, b):

@@ -10,7 +10,8 @@ from viddet.api import VideoDetector
 from viddet.runtime import resolve_device
 from viddet.data.frames import Frame, FrameSource
 from viddet.data.sources import open_source
-from viddet.linking import IoUTracker, link_video
+from viddet.linking.link import link_video
+from viddet.linking.tracker import IoUTracker
 from viddet.methods import build_method
 from viddet.models.detector import RPNConfig
 from scripted_method import ONLINE_IDS, SEQNMS_IDS, scripted_detector
@@ -137,7 +138,9 @@ def test_single_frame_model_from_a_troi_checkpoint(tmp_path):
     head = det.model.detector.roi_head.bbox_head
     from viddet.models.detector import BBoxHead, SingleRoIExtractor
     assert len(head.shared_fcs) == 3 and type(head) is BBoxHead
-    assert type(det.model.detector.roi_head.bbox_roi_extractor) is SingleRoIExtractor
+    from viddet.models.temporal_roi_align import TemporalRoIAlign
+    extractor = det.model.detector.roi_head.bbox_roi_extractor
+    assert isinstance(extractor, SingleRoIExtractor) and not isinstance(extractor, TemporalRoIAlign)
     assert torch.equal(head.shared_fcs[2].weight, troi.detector.roi_head.bbox_head.shared_fcs[2].weight)
     assert torch.equal(det.model.detector.backbone.layer4[2].conv3.weight,
                        troi.detector.backbone.layer4[2].conv3.weight)

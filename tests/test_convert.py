@@ -9,7 +9,8 @@ import pytest
 
 from viddet import VID_CLASSES, VID_SYNSETS, VidDetError
 from viddet.data.check import check_data
-from viddet.data.imagenet_vid import convert_imagenet_vid, convert_vid_split, parse_ilsvrc_xml, parse_train_list
+from viddet.data.ilsvrc import parse_ilsvrc_xml, parse_train_list
+from viddet.data.imagenet_vid import convert_imagenet_vid, convert_vid_split
 
 
 # ----------------------------------------------------------------------------- synthetic tree

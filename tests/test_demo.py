@@ -56,7 +56,7 @@ def test_demo_end_to_end_matches_the_api(source, method, size, fps, names, link,
                                          capsys):
     from viddet.api import VideoDetector
     from viddet.data.sources import open_source
-    from viddet.linking import IoUTracker
+    from viddet.linking.tracker import IoUTracker
     src = shared('data', source)
     out = tmp_path / 'out.mp4'
     rc = demo(src, '--method', method, '--checkpoint', dff_checkpoint, '--max-frames', 2, '--out', out, '--link', link)

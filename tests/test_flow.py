@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from viddet.data.transforms import IMG_MEAN_RGB, IMG_STD_RGB
-from viddet.models.flownet import FlowNetSimple, flow_warp_feats
+from viddet.models.flownet import FlowNetSimple
+from viddet.models.warp import flow_warp_feats
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ def test_parse_test_settings_are_typed_and_checked():
     assert parse_test_overrides(['test.num_refs=3', 'test.fast=false']) == {'num_refs': 3, 'fast': False}
     with pytest.raises(VidDetError, match="expected test.KEY=VALUE"):
         parse_test_overrides(['schedule.lr=0.1'])
-    assert method_settings(SELSA, {'num_refs': 3, 'fast': False}, '--set') == SELSA.Settings(3, fast=False)
+    assert method_settings(SELSA, {'num_refs': 3, 'fast': False}, '--set') == SELSA.Settings(num_refs=3, fast=False)
     with pytest.raises(VidDetError, match='selsa has no setting test.num_ref .*did you mean test.num_refs'):
         method_settings(SELSA, {'num_ref': 3}, '--set')
     with pytest.raises(VidDetError, match='test.num_left must be an integer, got 1.5'):
@@ -49,7 +49,7 @@ def test_settings_reach_the_model_and_override_the_checkpoint(tmp_path):
     assert load_model(str(path), key_frame_interval=2).model.key_frame_interval == 2
     loaded = load_model(str(path), fast=False)
     from viddet import speedups
-    assert not speedups.is_enabled(loaded.model) and speedups.is_enabled(load_model(str(path)).model)
+    assert not speedups.is_converted(loaded.model) and speedups.is_converted(load_model(str(path)).model)
     assert loaded.test == DFF.Settings(key_frame_interval=4, fast=False)
     with pytest.raises(VidDetError, match='dff has no setting test.num_reff'):
         load_model(str(path), num_reff=2)

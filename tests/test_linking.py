@@ -5,7 +5,8 @@ import torch
 
 from viddet import VidDetError
 from viddet.evaluation.identity import IdentityMetrics, identity_metrics
-from viddet.linking import IoUTracker, link_video
+from viddet.linking.link import link_video
+from viddet.linking.tracker import IoUTracker
 from viddet.structures import Detections
 
 

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from viddet.linking import link_video
-from viddet.linking.seqnms import iou_plus1, seq_nms, seq_nms_class
+from viddet.linking.link import link_video
+from viddet.linking.iou import iou_plus1
+from viddet.linking.seqnms import seq_nms, seq_nms_class
 from viddet.structures import Detections
 
 from conftest import SHARED
@@ -105,7 +106,7 @@ def test_matches_plain_implementation_on_random_videos(rescore):
 
 def test_small_chunks_give_the_same_links(monkeypatch):
     """The vectorised IoU runs over chunks of frames; one frame per chunk must not change anything."""
-    import viddet.linking.seqnms as mod
+    import viddet.linking.seqnms_paths as mod
     rng = np.random.default_rng(1)
     cases = [random_video(rng, max_frames=10, max_boxes=8) for _ in range(40)]
     ref = [seq_nms_class(b, s) for b, s, _ in cases]
@@ -278,7 +279,7 @@ def test_single_frame_and_empty_video():
 
 
 def test_nms_plus1_hand_computed():
-    from viddet.linking.seqnms import nms_plus1
+    from viddet.linking.iou import nms_plus1
     # A-B and B-C overlap (IoU 50/150 = 0.33 > 0.3 with the +1 convention), A-C do not: B goes, C stays
     boxes = np.array([[0., 0., 9., 9.], [5., 0., 14., 9.], [10., 0., 19., 9.]])
     assert nms_plus1(boxes, np.array([0.9, 0.8, 0.7]), 0.3).tolist() == [0, 2]

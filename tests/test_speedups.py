@@ -1,19 +1,32 @@
-"""Every fast path of ``viddet.speedups`` computes what the plain module it replaces computes, and
-``speedups.enable`` / ``disable`` switch between them."""
+"""Every fast module of ``viddet.speedups`` computes what the plain module it stands in for
+computes, ``speedups.convert`` / ``revert`` swap between them (types, state dict, outputs), and the
+CPU kernel choice is made once, explicitly."""
+import copy
+import inspect
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
 from viddet import speedups
-from viddet.models.aggregators import EmbedAggregator, TemporalRoIAlign
+from viddet.errors import VidDetError
+from viddet.models.aggregators import EmbedAggregator
+from viddet.models.temporal_roi_align import TemporalRoIAlign
+from viddet.runtime import cpu_kernels
 from viddet.speedups import onednn, winograd
 from viddet.speedups.roi_align import merge_taps, roi_align_taps
-from viddet.speedups import troi as troi_fast
-from viddet.speedups.troi import prepared, topk_blocked
+from viddet.speedups.troi import topk_blocked
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
+
+@pytest.fixture(params=['mkl', 'onednn'])
+def kernels(request):
+    """This CPU's kernels with each GEMM library (whichever it would pick) and Winograd on (also
+    where it is off by default: AVX-512)."""
+    return cpu_kernels(gemm=request.param, winograd=True)
 
 def _rois(n, width, height, seed):
     g = torch.Generator().manual_seed(seed)
@@ -45,26 +58,25 @@ def test_roi_align_taps_reproduce_roi_align(size):
     torch.testing.assert_close(wts.view(60, 49, 4, 4)[2].sum(-1), torch.full((49, 4), 0.25))
 
 
-def test_roi_align_fast_path_equals_torchvision_for_batches_and_layouts():
+def test_roi_align_fast_path_equals_torchvision_for_batches_and_layouts(kernels):
     from viddet.models.detector import SingleRoIExtractor
-    from viddet.speedups.roi_align import roi_align_forward
+    from viddet.speedups.detector import FastSingleRoIExtractor
     torch.manual_seed(0)
-    ext = SingleRoIExtractor()
+    ext = speedups.convert(SingleRoIExtractor(), kernels)
+    assert type(ext) is FastSingleRoIExtractor
     feats = torch.randn(3, 16, 9, 13)
     rois = _rois(40, 13 * 16, 9 * 16, seed=5)
     rois[:, 0] = torch.arange(40) % 3                        # RoIs of all three images
     expected = roi_align(feats, rois, 7, spatial_scale=1 / 16, sampling_ratio=2, aligned=True)
     with torch.no_grad():
         for f in (feats, feats.contiguous(memory_format=torch.channels_last)):
-            got = roi_align_forward(ext, f, rois)
-            assert got.shape == (40, 16, 7, 7)
+            got = ext(f, rois)
+            assert got.shape == (40, 16, 7, 7) and not got.is_contiguous()   # the gathers' layout
             torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
-        speedups.enable(ext)
-        torch.testing.assert_close(ext(feats, rois), expected, atol=1e-6, rtol=1e-5)
-        assert roi_align_forward(ext, feats, rois[:0]).shape == (0, 16, 7, 7)
-    assert roi_align_forward(ext, feats.requires_grad_(), rois) is None   # training: torchvision's kernel
-
-
+        assert ext(feats, rois[:0]).shape == (0, 16, 7, 7)
+    trained = ext(feats.requires_grad_(), rois)    # training: torchvision's kernel, gradients flow
+    assert trained.is_contiguous() and trained.requires_grad
+    torch.testing.assert_close(trained.detach(), expected)
 
 def test_merge_taps_by_hand_and_on_real_taps():
     pos = torch.tensor([[3, 1, 3, 0], [2, 2, 2, 2], [5, 4, 4, 5]])
@@ -105,7 +117,8 @@ def test_topk_blocked_equals_topk(shape, k):
 
 @pytest.mark.parametrize('chunk', [None, 1])
 @pytest.mark.parametrize('size', [(9, 11), (20, 27)])    # 99 / 540 reference locations: the
-def test_factorized_temporal_roi_align_equals_direct(chunk, size, gemm):  # plain / blocked top-k
+def test_factorized_temporal_roi_align_equals_direct(chunk, size, kernels):  # plain / blocked top-k
+    from viddet.speedups.troi import FastTemporalRoIAlign
     torch.manual_seed(3)
     troi = TemporalRoIAlign(out_channels=16, num_temporal_attention_blocks=4)
     feats = torch.relu(torch.randn(1, 16, *size))
@@ -116,30 +129,25 @@ def test_factorized_temporal_roi_align_equals_direct(chunk, size, gemm):  # plai
     rois = torch.cat([torch.zeros(7, 1), xy, xy + torch.rand(7, 2, generator=g) * 60 + 16], dim=1)
     with torch.no_grad():
         direct = troi(feats, rois, ref_feats, roi_chunk_size=chunk)
-        speedups.enable(troi)
-        fast = troi(feats, rois, ref_feats, roi_chunk_size=chunk)
-        fast_cl = troi(feats.contiguous(memory_format=torch.channels_last), rois,
-                       ref_feats.contiguous(memory_format=torch.channels_last), roi_chunk_size=chunk)
+        fast = speedups.convert(troi, kernels)
+        assert type(fast) is FastTemporalRoIAlign and type(troi) is TemporalRoIAlign
+        got = fast(feats, rois, ref_feats, roi_chunk_size=chunk)
+        got_cl = fast(feats.contiguous(memory_format=torch.channels_last), rois,
+                      ref_feats.contiguous(memory_format=torch.channels_last), roi_chunk_size=chunk)
         # SELSA's call: a list of maps whose last one is the key map itself; each map's
         # key-frame-independent data is prepared once and reused while the map lives
         maps = list(ref_feats[:-1].split(1)) + [feats]
-        selsa_style = troi(feats, rois, maps, roi_chunk_size=chunk)
-        kept = prepared(troi, maps[0])
-        again = troi(feats, rois, maps, roi_chunk_size=chunk)
-        assert prepared(troi, maps[0]) is kept and torch.equal(again, selsa_style)
-        speedups.disable(troi)
-        assert torch.equal(troi(feats, rois, ref_feats, roi_chunk_size=chunk), direct)
-    assert fast.shape == (7, 16, 7, 7)
-    torch.testing.assert_close(fast, direct, atol=1e-5, rtol=1e-5)
-    # the GPU's plan (whole RoI chunks, torch.topk), run here on the CPU tensors
-    with torch.no_grad():
+        selsa_style = fast(feats, rois, maps, roi_chunk_size=chunk)
+        kept = fast.reference(maps[0])
+        again = fast(feats, rois, maps, roi_chunk_size=chunk)
+        assert fast.reference(maps[0]) is kept and torch.equal(again, selsa_style)
+        assert torch.equal(speedups.revert(fast)(feats, rois, ref_feats, roi_chunk_size=chunk), direct)
+        # the GPU's plan (whole RoI chunks, torch.topk), run here on the CPU tensors
         roi_feats = troi.roi_align(feats, rois).float()
-        gpu_plan = troi_fast._forward(troi, feats, rois, roi_feats, list(ref_feats.split(1)),
-                                      chunk or 7, cache_sized=False)
-    torch.testing.assert_close(gpu_plan, direct, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(fast_cl, direct, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(selsa_style, direct, atol=1e-5, rtol=1e-5)
-
+        gpu_plan = fast.aligned(feats, rois, roi_feats, list(ref_feats.split(1)), chunk or 7, cache_sized=False)
+    assert got.shape == (7, 16, 7, 7)
+    for result in (got, gpu_plan, got_cl, selsa_style):
+        torch.testing.assert_close(result, direct, atol=1e-5, rtol=1e-5)
 
 def _randomise_bn(module, seed):
     g = torch.Generator().manual_seed(seed)
@@ -153,15 +161,14 @@ def _randomise_bn(module, seed):
 
 def test_fused_channels_last_backbone_equals_plain_nchw(monkeypatch):
     """extract_feat at inference (NHWC, BN folded, ReLU/add fused, Winograd for the wide 3x3 convs)
-    equals the plain NCHW modules (run with autograd on, which keeps every speed-up off), and
+    equals the plain NCHW modules (run with autograd on, which keeps every fast path off), and
     follows weight changes."""
     from viddet.models.detector import build_faster_rcnn
-    monkeypatch.setenv('VIDDET_WINOGRAD', '1')     # also where it is off by default (AVX-512)
     torch.manual_seed(0)
     det = build_faster_rcnn('r50').eval()
     _randomise_bn(det.backbone, 1)
     img = torch.randn(1, 3, 160, 224)
-    speedups.enable(det)
+    speedups.convert(det, cpu_kernels(winograd=True))     # also where it is off by default (AVX-512)
     ran = []
     call = winograd.WinogradConv.__call__
     monkeypatch.setattr(winograd.WinogradConv, '__call__',
@@ -172,7 +179,7 @@ def test_fused_channels_last_backbone_equals_plain_nchw(monkeypatch):
             return det.neck(det.backbone(img.contiguous())).detach()
 
     with torch.inference_mode():
-        assert onednn.fast_path(det.backbone, img)
+        assert onednn.fused_applies(det.backbone, img)
         got = det.extract_feat(img)
     assert got.shape == (1, 512, 10, 14) and got.is_contiguous(memory_format=torch.channels_last)
     # layer2's three stride-1 3x3 convs, layer3's five, layer4's three (dilated), the neck's
@@ -186,7 +193,12 @@ def test_fused_channels_last_backbone_equals_plain_nchw(monkeypatch):
         again = det.extract_feat(img)
     assert not torch.allclose(again, got)
     torch.testing.assert_close(again, plain(), atol=1e-5, rtol=1e-4)
-
+    # and after a change of the kernel choice: no Winograd now
+    ran.clear()
+    speedups.convert(det, cpu_kernels(winograd=False))
+    with torch.inference_mode():
+        torch.testing.assert_close(det.extract_feat(img), again, atol=1e-5, rtol=1e-4)
+    assert ran == []
 
 @pytest.mark.parametrize('n,c,o,h,w,dilation', [
     (1, 8, 5, 7, 9, 1),      # odd sizes: partial tiles cropped
@@ -235,19 +247,7 @@ def test_winograd_filter_transform_by_hand():
     assert winograd.filter_transform(torch.ones(7, 5, 3, 3)).shape == (16, 5, 7)
 
 
-def test_winograd_is_enabled_without_avx512_or_as_the_environment_says(monkeypatch):
-    conv = torch.nn.Conv2d(256, 256, 3, padding=1)
-    monkeypatch.delenv('VIDDET_WINOGRAD', raising=False)
-    for capability, on in [('AVX2', True), ('DEFAULT', True), ('AVX512', False), ('AVX512_BF16', False)]:
-        monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda c=capability: c)
-        assert winograd.enabled() is on and winograd.applies(conv) is on
-        monkeypatch.setenv('VIDDET_WINOGRAD', '0' if on else '1')
-        assert winograd.enabled() is not on and winograd.applies(conv) is not on
-        monkeypatch.delenv('VIDDET_WINOGRAD')
-
-
-def test_winograd_applies_to_wide_same_padded_3x3_convs_only(monkeypatch):
-    monkeypatch.setenv('VIDDET_WINOGRAD', '1')
+def test_winograd_applies_to_wide_same_padded_3x3_convs_only():
     conv = torch.nn.Conv2d
     assert winograd.applies(conv(128, 128, 3, padding=1))
     assert winograd.applies(conv(512, 512, 3, padding=2, dilation=2))
@@ -263,7 +263,6 @@ def test_winograd_applies_to_wide_same_padded_3x3_convs_only(monkeypatch):
     with pytest.raises(ValueError, match='3x3'):
         winograd.WinogradConv(torch.ones(4, 4, 5, 5), None)
 
-
 def test_winograd_or_direct_takes_winograd_from_min_tiles():
     calls = []
     wino = winograd.WinogradConv(torch.ones(2, 2, 3, 3), None)
@@ -277,21 +276,19 @@ def test_winograd_or_direct_takes_winograd_from_min_tiles():
     assert winograd.WinogradConv(torch.ones(2, 2, 3, 3), None, 2).tiles(torch.zeros(1, 2, 5, 9)) == 2 * 3 * 4
 
 
-def test_rpn_head_fast_path_equals_plain(monkeypatch):
+@pytest.mark.parametrize('use_winograd', [True, False])
+def test_rpn_head_fast_path_equals_plain(use_winograd):
     from viddet.models.detector import RPNHead
-    monkeypatch.setenv('VIDDET_WINOGRAD', '1')
     torch.manual_seed(0)
     head = RPNHead(channels=128).eval()
-    speedups.enable(head)
+    fast = speedups.convert(head, cpu_kernels(winograd=use_winograd))
     x = torch.randn(2, 128, 11, 14).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        cls, reg = head(x)
-    assert isinstance(head.__dict__['_fused']._convs['conv'], winograd.OrDirect)
-    with torch.enable_grad():
-        ref_cls, ref_reg = RPNHead.forward(head, x)
-    torch.testing.assert_close(cls, ref_cls.detach(), atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(reg, ref_reg.detach(), atol=1e-5, rtol=1e-4)
-
+        cls, reg = fast(x)
+        ref_cls, ref_reg = head(x)
+    assert isinstance(fast.fused._convs['conv'], winograd.OrDirect) is use_winograd
+    torch.testing.assert_close(cls, ref_cls, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(reg, ref_reg, atol=1e-5, rtol=1e-4)
 
 @pytest.mark.parametrize('size,crop,act', [((5, 8), (10, 16), True), ((4, 7), (7, 13), True),
                                            ((3, 3), (5, 6), False), ((1, 2), (2, 3), False)])
@@ -333,13 +330,12 @@ def test_tap_conv_equals_3x3_flow_conv(size):
 @pytest.mark.parametrize('padded,img_shape', [((64, 96), (64, 96)), ((64, 96), (57, 83)),
                                               ((100, 140), (89, 130)), ((36, 52), (36, 51))])
 def test_fast_flownet_equals_plain(padded, img_shape):
-    """FlowNetSimple with its fast path (packed oneDNN weights, tap-sum flow convs, in-place
-    concatenations, half-resolution renormalisation) equals the plain module (autograd on keeps the
-    fast path off), on odd inner sizes and odd image borders; it follows weight changes and
-    survives a deep copy."""
-    import copy
-    from viddet.models.flownet import FlowNetSimple, resize_flow
-    from viddet.speedups import flownet
+    """FlowNetSimple with its fast module (packed oneDNN weights, tap-sum flow convs, in-place
+    concatenations, half-resolution renormalisation) equals the plain module, on odd inner sizes
+    and odd image borders; it follows weight changes and survives a deep copy."""
+    from viddet.models.flownet import FlowNetSimple
+    from viddet.models.warp import resize_flow
+    from viddet.speedups.flownet import FastFlowNetSimple
     torch.manual_seed(0)
     net = FlowNetSimple().eval()
     with torch.no_grad():   # larger weights than the default init: flows of a few pixels
@@ -347,70 +343,58 @@ def test_fast_flownet_equals_plain(padded, img_shape):
             p.mul_(2.0)
     tgt = torch.randn(1, 3, *padded)
     src = torch.randn(3, 3, *padded)
-    speedups.enable(net)
-
-    def plain():
-        with torch.enable_grad():
-            return net(tgt, src, img_shape).detach()
-
-    expected = plain()
+    fast = speedups.convert(net, cpu_kernels(winograd=True))
+    assert type(fast) is FastFlowNetSimple and type(net) is FlowNetSimple    # sharing the weights
     with torch.inference_mode():
-        x = net.prepare_inputs(tgt, src, img_shape)
-        assert flownet.prepare_inputs(net, tgt, src, img_shape) is not None   # both fast paths run
-        assert flownet.flownet_forward_prepared(net, x) is not None
-        got = net(tgt, src, img_shape)
-        got_chunked = net(tgt, src, img_shape, chunk_size=2)
-    with torch.enable_grad():
-        torch.testing.assert_close(x, net.prepare_inputs(tgt, src, img_shape).detach(), atol=1e-6, rtol=1e-6)
+        expected = net(tgt, src, img_shape)
+        x = fast.prepare_inputs(tgt, src, img_shape)
+        got = fast(tgt, src, img_shape)
+        got_chunked = fast(tgt, src, img_shape, chunk_size=2)
+        assert fast.plan._key is not None   # the packed layers ran
+        feat_size = (expected.shape[-2] // 16, expected.shape[-1] // 16)
+        expected_feat = net.feature_flow(tgt, src, img_shape, feat_size)
+        got_feat = fast.feature_flow(tgt, src, img_shape, feat_size)
+        got_feat_chunked = fast.feature_flow(tgt, src, img_shape, feat_size, chunk_size=2)
+        # from images prepared once each (FGFA's window), fast and plain, in chunks of 2 pairs
+        plain_halves = [net.prepare_image(i, img_shape) for i in (tgt, *src.split(1))]
+        halves = [fast.prepare_image(i, img_shape) for i in (tgt, *src.split(1))]
+        from_prepared = fast.feature_flow_prepared(halves[0], halves[1:], feat_size, chunk_size=2)
+        plain_from_prepared = net.feature_flow_prepared(plain_halves[0], plain_halves[1:], feat_size)
+    # the fast input is channels-last (renormalised at half resolution), the plain one concatenated
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    torch.testing.assert_close(x, net.prepare_inputs(tgt, src, img_shape), atol=1e-6, rtol=1e-6)
     assert got.shape == expected.shape and got.is_contiguous() and expected.abs().max() > 1
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(got_chunked, expected, atol=1e-4, rtol=1e-5)
     # the flow on a stride-16 feature grid: from the network's prediction by a 2x2 block mean where
     # the grid is half the prediction's (64 x 96: 8 x 12 -> 4 x 6), else from the upsampled flow
-    feat_size = (expected.shape[-2] // 16, expected.shape[-1] // 16)
-    expected_feat = resize_flow(expected, feat_size)
-    with torch.inference_mode():
-        assert flownet.flownet_forward_features(net, x, feat_size) is not None
-        got_feat = net.feature_flow(tgt, src, img_shape, feat_size)
-        got_feat_chunked = net.feature_flow(tgt, src, img_shape, feat_size, chunk_size=2)
     assert got_feat.shape == (3, 2) + feat_size and expected_feat.abs().max() > 0.1
+    torch.testing.assert_close(expected_feat, resize_flow(expected, feat_size))
     torch.testing.assert_close(got_feat, expected_feat, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_feat_chunked, expected_feat, atol=1e-5, rtol=1e-5)
-    with torch.enable_grad():   # the plain feature_flow is resize_flow of forward
-        torch.testing.assert_close(net.feature_flow(tgt, src, img_shape, feat_size).detach(), expected_feat,
-                                   atol=1e-6, rtol=1e-6)
-        plain_halves = [net.prepare_image(i, img_shape).detach() for i in (tgt, *src.split(1))]
-    # from images prepared once each (FGFA's window), fast and plain, in chunks of 2 pairs
-    with torch.inference_mode():
-        halves = [net.prepare_image(i, img_shape) for i in (tgt, *src.split(1))]
-        assert flownet.prepare_image(net, tgt, img_shape) is not None
-        from_prepared = net.feature_flow_prepared(halves[0], halves[1:], feat_size, chunk_size=2)
     for fast_half, plain_half in zip(halves, plain_halves):
         torch.testing.assert_close(fast_half, plain_half, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(from_prepared, expected_feat, atol=1e-5, rtol=1e-5)
-    with torch.enable_grad():
-        torch.testing.assert_close(net.feature_flow_prepared(plain_halves[0], plain_halves[1:], feat_size).detach(),
-                                   expected_feat, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(plain_from_prepared, expected_feat, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match='sources of its shape'):
-        net.feature_flow_prepared(halves[0], [halves[1][:, :, :-2]], feat_size)
+        fast.feature_flow_prepared(halves[0], [halves[1][:, :, :-2]], feat_size)
     with torch.no_grad():
-        net.deconv3.conv.weight.mul_(1.5)
+        net.deconv3.conv.weight.mul_(1.5)   # the plain module's weight is the fast one's
     with torch.inference_mode():
-        again = net(tgt, src, img_shape)
-    twin = copy.deepcopy(net)   # the copy builds its own packed weights
+        again, plain_again = fast(tgt, src, img_shape), net(tgt, src, img_shape)
+    twin = copy.deepcopy(fast)   # the copy builds its own packed weights
     with torch.inference_mode():
         from_twin = twin(tgt, src, img_shape)
-    assert '_fast_flownet' in vars(net) and '_fast_flownet' in vars(twin)
+    assert twin.plan is not fast.plan and twin.plan._key is not None
     assert not torch.allclose(again, got, atol=1e-3)
-    torch.testing.assert_close(again, plain(), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(again, plain_again, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(from_twin, again, atol=1e-6, rtol=1e-6)
-
 
 def test_resized_upsampled_flow_is_the_block_mean():
     """The identity behind ``flownet_forward_features``: FlowNet's x8 bilinear upsampling
     (align_corners=False) followed by flow_warp_feats' x1/16 resize (scale 1/16, likewise) is the
     2x2 block mean of the prediction times 8/16; by hand for one 2 x 2 block, then on random data."""
-    from viddet.models.flownet import resize_flow
+    from viddet.models.warp import resize_flow
     p = torch.tensor([[[[1.0, 3.0], [5.0, 11.0]]]]).expand(1, 2, 2, 2)
     up = F.interpolate(p, scale_factor=8, mode='bilinear', align_corners=False) * 8
     assert torch.allclose(resize_flow(up, (1, 1)), torch.full((1, 2, 1, 1), (1 + 3 + 5 + 11) / 4 * 8 / 16))
@@ -421,7 +405,7 @@ def test_resized_upsampled_flow_is_the_block_mean():
 
 
 def test_warp_feats_on_the_feature_grid_equals_flow_warp_feats():
-    from viddet.models.flownet import flow_warp_feats, resize_flow, warp_feats
+    from viddet.models.warp import flow_warp_feats, resize_flow, warp_feats
     torch.manual_seed(0)
     feats = torch.randn(2, 4, 6, 9)
     flow = torch.randn(2, 2, 96, 144) * 20
@@ -453,14 +437,17 @@ def test_selsa_head_reuses_the_first_fc_exactly():
 
 
 @pytest.mark.parametrize('n,m,c,g', [(7, 50, 64, 4), (300, 1200, 1024, 16)])
-def test_fused_selsa_attention_equals_the_attention_formula(n, m, c, g):
-    """speedups.selsa: the fused attention gives softmax(q k^T / sqrt(d)) v per head (computed
+def test_fused_selsa_attention_equals_the_attention_formula(n, m, c, g, monkeypatch):
+    """FastSelsaAggregator: the fused attention gives softmax(q k^T / sqrt(d)) v per head (computed
     here in float64 from the formula of Wu et al. §3.2 / MMTracking SelsaAggregator), as the plain
     bmm path does; under autograd the plain path runs."""
     from viddet.models.aggregators import SelsaAggregator
-    from viddet.speedups.selsa import attention_forward
     torch.manual_seed(0)
     agg = SelsaAggregator(c, g).eval()
+    fast = speedups.convert(agg, cpu_kernels())
+    fused = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', lambda *a, **k: fused.append(1) or sdpa(*a, **k))
     x, ref = torch.randn(n, c), torch.randn(m, c)
     d = c // g
     with torch.no_grad():
@@ -468,18 +455,19 @@ def test_fused_selsa_attention_equals_the_attention_formula(n, m, c, g):
         q = agg.fc_embed(x).double().view(n, g, d)
         k, v = refs.key.double().view(m, g, d), refs.value.double().view(m, g, d)
         w = torch.softmax(torch.einsum('ngd,mgd->gnm', q, k) / d ** 0.5, dim=2)
-        expected = agg.fc.double()(torch.einsum('gnm,mgd->ngd', w, v).reshape(n, c)).float()
-        agg.fc.float()
-        fast = attention_forward(agg, x, refs)
+        expected = (torch.einsum('gnm,mgd->ngd', w, v).reshape(n, c) @ agg.fc.weight.double().T
+                    + agg.fc.bias.double()).float()
+        got = fast.forward_projected(x, refs)
         plain = agg.forward_projected(x, refs)
-    assert fast is not None
-    torch.testing.assert_close(fast, expected, atol=2e-5, rtol=1e-4)
+    assert fused == [1]
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(plain, expected, atol=2e-5, rtol=1e-4)
-    assert attention_forward(agg, x, refs) is None   # autograd records here: the plain path
-
+    trained = fast.forward_projected(x, refs)   # autograd records here: the plain path
+    assert fused == [1] and trained.requires_grad
+    torch.testing.assert_close(trained.detach(), expected, atol=2e-5, rtol=1e-4)
 
 def test_flow_warp_taps_reproduce_grid_sample():
-    from viddet.models.flownet import flow_warp_feats, resize_flow
+    from viddet.models.warp import flow_warp_feats, resize_flow
     from viddet.speedups.fgfa import flow_warp_taps
     torch.manual_seed(0)
     feats = torch.randn(3, 5, 9, 13)
@@ -496,8 +484,8 @@ def test_flow_warp_taps_reproduce_grid_sample():
     assert set(pos[1].unique().tolist()) <= {0, 9 * 13 - 1}
 
 
-def test_embed_aggregator_from_tap_projections_equals_convs(gemm):
-    from viddet.models.flownet import flow_warp_feats, resize_flow
+def test_embed_aggregator_from_tap_projections_equals_convs(kernels):
+    from viddet.models.warp import flow_warp_feats, resize_flow
     from viddet.speedups.fgfa import aggregate_embedded, embed_sampled, flow_warp_taps, supports_taps, tap_projections
     torch.manual_seed(1)
     agg = EmbedAggregator(channels=16).eval()
@@ -507,7 +495,7 @@ def test_embed_aggregator_from_tap_projections_equals_convs(gemm):
         warped = flow_warp_feats(feats, flow)
         x = feats[:1]
         expected = agg(x, torch.cat([warped, x]))
-        proj = [tap_projections(agg, f) for f in feats.split(1)]
+        proj = [tap_projections(agg, f, kernels.gemm) for f in feats.split(1)]
         pos, wts = flow_warp_taps(resize_flow(flow, (9, 13)))
         embeds = [embed_sampled(agg, proj[i], (9, 13), pos[i], wts[i]) for i in range(4)]
         conv = agg.embed_convs[0](warped).permute(0, 2, 3, 1).reshape(4, -1, 16)
@@ -518,55 +506,53 @@ def test_embed_aggregator_from_tap_projections_equals_convs(gemm):
     assert supports_taps(agg) and not supports_taps(EmbedAggregator(channels=4, num_convs=2))
 
 
-@pytest.fixture(params=['mkl', 'onednn'])
-def gemm(request, monkeypatch):
-    """Runs a test with each CPU GEMM library of ``onednn.gemm_backend`` (whichever this CPU would pick)."""
-    monkeypatch.setenv('VIDDET_CPU_GEMM', request.param)
-    onednn.gemm_backend.cache_clear()
-    yield request.param
-    onednn.gemm_backend.cache_clear()
+@pytest.mark.parametrize('num_convs', [1, 2])
+def test_fast_embed_aggregator_aggregates_the_window_as_the_plain_one(num_convs, kernels):
+    """FGFA's window (the current frame unwarped in the centre slot, the edge frames repeated):
+    the factorized embedding where it applies (one conv), the plain warping and convolutions where
+    it does not (two convs, autograd on); each frame's projections computed once."""
+    from viddet.speedups.fgfa import FastEmbedAggregator
+    torch.manual_seed(2)
+    agg = EmbedAggregator(channels=8, num_convs=num_convs).eval()
+    fast = speedups.convert(agg, kernels)
+    assert type(fast) is FastEmbedAggregator and fast.embed_convs is agg.embed_convs
+    feats = {i: torch.relu(torch.randn(1, 8, 6, 10)) for i in range(4)}
+    window, center, t = [0, 0, 1, 2, 3], 2, 1
+    sources = [0, 2, 3]
+    flows = torch.randn(3, 2, 6, 10) * 2
+    with torch.no_grad():
+        expected = agg.aggregate_window(t, window, center, feats, sources, flows)
+        got = fast.aggregate_window(t, window, center, feats, sources, flows)
+        alone = fast.aggregate_window(t, [1], 0, feats, [], None)     # a one-frame window
+    assert len(fast.projections) == (4 if num_convs == 1 else 0)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(alone, feats[1], atol=1e-6, rtol=1e-6)   # its own weight is 1
+    trained = fast.aggregate_window(t, window, center, feats, sources, flows)
+    assert trained.requires_grad                                       # the plain path
+    torch.testing.assert_close(trained.detach(), expected, atol=1e-5, rtol=1e-5)
 
-
-def test_gemm_backend_is_onednn_exactly_on_amd_cpus_with_avx512(monkeypatch):
-    monkeypatch.delenv('VIDDET_CPU_GEMM', raising=False)
-    cases = {('AuthenticAMD', 'AVX512'): 'onednn', ('AuthenticAMD', 'AVX2'): 'mkl',
-             ('GenuineIntel', 'AVX512'): 'mkl', ('GenuineIntel', 'AVX2'): 'mkl'}
-    try:
-        for (vendor, isa), expected in cases.items():
-            monkeypatch.setattr(onednn, '_cpu_vendor', lambda v=vendor: v)
-            monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda i=isa: i)
-            onednn.gemm_backend.cache_clear()
-            assert onednn.gemm_backend() == expected, (vendor, isa)
-        monkeypatch.setenv('VIDDET_CPU_GEMM', 'MKL ')   # the override wins, case and spaces aside
-        onednn.gemm_backend.cache_clear()
-        assert onednn.gemm_backend() == 'mkl'
-    finally:
-        onednn.gemm_backend.cache_clear()
-
-
-def test_matmul_nt_and_conv1x1_rows_equal_the_products(gemm):
+def test_matmul_nt_and_conv1x1_rows_equal_the_products(kernels):
     torch.manual_seed(0)
+    gemm = kernels.gemm
     x, w, b = torch.randn(37, 70), torch.randn(23, 70), torch.randn(23)
     expected = (x.double() @ w.double().T + b.double()).float()
     with torch.inference_mode():
-        torch.testing.assert_close(onednn.matmul_nt(x, w, b), expected, atol=1e-4, rtol=1e-5)
-        torch.testing.assert_close(onednn.matmul_nt(x[::2], w), (x[::2].double() @ w.double().T).float(),
+        torch.testing.assert_close(onednn.matmul_nt(x, w, b, gemm), expected, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(onednn.matmul_nt(x[::2], w, gemm=gemm), (x[::2].double() @ w.double().T).float(),
                                    atol=1e-4, rtol=1e-5)   # a strided x
         feats = torch.randn(1, 70, 5, 6)
         conv = F.conv2d(feats.double(), w.double()[:, :, None, None])[0].permute(1, 2, 0).reshape(30, 23)
-        torch.testing.assert_close(onednn.conv1x1_rows(feats, w), conv.float(), atol=1e-4, rtol=1e-5)
-        torch.testing.assert_close(onednn.conv1x1_rows(feats.contiguous(memory_format=torch.channels_last), w),
+        torch.testing.assert_close(onednn.conv1x1_rows(feats, w, gemm), conv.float(), atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(onednn.conv1x1_rows(feats.contiguous(memory_format=torch.channels_last), w, gemm),
                                    conv.float(), atol=1e-4, rtol=1e-5)
     xg = x.clone().requires_grad_()     # autograd on: torch.mm, gradients flow
-    onednn.matmul_nt(xg, w, b).sum().backward()
+    onednn.matmul_nt(xg, w, b, gemm).sum().backward()
     torch.testing.assert_close(xg.grad, w.sum(0).expand(37, 70))
 
-
 @pytest.mark.parametrize('method', ['dff', 'fgfa', 'troi'])
-def test_every_method_detects_the_same_with_and_without_fast_paths(method, gemm, monkeypatch):
-    """The whole model, plain vs ``speedups.enable`` (all fast paths that fit it, Winograd's
+def test_every_method_detects_the_same_with_and_without_fast_paths(method, kernels):
+    """The whole model, plain vs ``speedups.convert`` (all fast modules that fit it, Winograd's
     included on every machine), on a video."""
-    monkeypatch.setenv('VIDDET_WINOGRAD', '1')
     from viddet.benchmark import SyntheticVideo
     from viddet.engine.video import run_video
     from viddet.methods import build_method
@@ -578,55 +564,166 @@ def test_every_method_detects_the_same_with_and_without_fast_paths(method, gemm,
     with torch.no_grad():
         for m in (plain, fast):
             m.detector.roi_head.bbox_head.fc_cls.weight.mul_(50)
-    speedups.enable(fast)
-    assert speedups.is_enabled(fast) and not speedups.is_enabled(plain)
+    assert speedups.convert(fast, kernels) is fast
+    assert speedups.is_converted(fast) and not speedups.is_converted(plain)
+    assert speedups.kernels_of(fast) == kernels and speedups.kernels_of(plain) is None
     video = SyntheticVideo(96, 64, 6, seed=2)
     runs = [[r.detections for r in run_video(m, video, scale=(96, 64))] for m in (plain, fast)]
     if method == 'fgfa':   # the per-frame tap projections went with the frames
-        assert len(fast.aggregator.__dict__['_tap_projections']) == 0
+        assert len(fast.aggregator.projections) == 0
     for a, b in zip(*runs):
         assert torch.equal(a.labels, b.labels)
         torch.testing.assert_close(a.boxes, b.boxes, rtol=1e-4, atol=1e-3)
         torch.testing.assert_close(a.scores, b.scores, rtol=1e-4, atol=1e-5)
 
-
-def test_fused_linear_equals_nn_linear_and_respects_autograd(gemm):
+def test_fused_linear_equals_nn_linear_and_respects_autograd(kernels):
     from viddet.models.detector import BBoxHead, RoIHead
+    from viddet.speedups.detector import FastLinear, FastRoIHead
     torch.manual_seed(0)
     head = RoIHead(BBoxHead(in_channels=4, roi_size=2, fc_channels=24, num_classes=3)).eval()
-    layer = head.bbox_head.shared_fcs[0]
     x = torch.randn(7, 16)
-    expected = layer(x).detach()
-    speedups.enable(head)
+    expected = head.bbox_head.shared_fcs[0](x).detach()
+    head = speedups.convert(head, kernels)
+    layer = head.bbox_head.shared_fcs[0]
+    assert type(head) is FastRoIHead and type(layer) is FastLinear
     with torch.inference_mode():
-        assert onednn.linear_forward(layer, x) is not None   # the fused kernel runs here
         torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+    assert (layer.transposed._key is not None) is (kernels.gemm == 'mkl')   # the MKL path ran
     y = layer(x.requires_grad_())  # autograd on: the plain path, gradients flow
     y.sum().backward()
     assert x.grad is not None and layer.weight.grad is not None
 
 
-def test_enable_disable_round_trip_keeps_the_state_dict_and_copies():
-    import copy
+def test_linears_and_convs_are_converted_inside_their_containers_only():
+    """``FastLinear`` inside the RoI head, ``FastConvAct`` inside the neck: FlowNet's and the
+    aggregators' ConvActs stay plain (their own fast modules do not call them)."""
     from viddet.methods import build_method
-    model = build_method('fgfa', 'r50').eval()
-    keys = list(model.state_dict())
-    speedups.enable(model)
-    assert list(model.state_dict()) == keys
-    assert isinstance(model.__dict__['aggregate'], speedups.FastMethod)
-    twin = copy.deepcopy(model)   # a copy's fast paths act on the copy, not on the original
-    assert twin.__dict__['aggregate'].module is twin
-    assert twin.detector.backbone.__dict__['forward'].module is twin.detector.backbone
-    speedups.disable(model)
-    assert not speedups.is_enabled(model) and speedups.is_enabled(twin)
+    from viddet.models.layers import ConvAct
+    from viddet.speedups.detector import FastConvAct, FastLinear
+    model = speedups.convert(build_method('fgfa', 'r50').eval(), cpu_kernels())
+    fast = {name for name, m in model.named_modules() if type(m) in (FastConvAct, FastLinear)}
+    linears = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert fast == linears | {'detector.neck.convs.0'} and linears
+    assert all(name.startswith('detector.roi_head.') for name in linears)
+    assert type(model.aggregator.embed_convs[0]) is ConvAct and type(model.motion.conv3[1]) is ConvAct
 
+def _fast_module_types():
+    return set(speedups.FAST_MODULES.values()) | {f for t in speedups.FAST_MODULES_INSIDE.values() for f in t.values()}
+
+
+@pytest.mark.parametrize('method', ['fgfa', 'troi'])    # between them, every fast module
+def test_convert_revert_round_trip_keeps_types_state_and_outputs(method):
+    from viddet.benchmark import SyntheticVideo
+    from viddet.engine.video import run_video
+    from viddet.methods import build_method
+    from viddet.models.fast import FastModule
+    torch.manual_seed(0)
+    model = build_method(method, 'r50', **({'num_left': 1, 'num_right': 1} if method == 'fgfa' else {'num_refs': 2}))
+    model.eval()
+    video = SyntheticVideo(64, 48, 3, seed=1)
+
+    def detections():
+        return [r.detections for r in run_video(model, video, scale=(64, 48))]
+
+    plain_types = [(name, type(m)) for name, m in model.named_modules()]
+    state = model.state_dict(keep_vars=True)
+    before = detections()
+    plain_attrs = {name: set(vars(m)) for name, m in model.named_modules()}
+    kernels = cpu_kernels()
+    assert speedups.convert(model, kernels) is model and speedups.convert(model, kernels) is model   # idempotent
+    converted = {type(m) for m in model.modules() if isinstance(m, FastModule)}
+    assert converted <= _fast_module_types() and len(converted) == (8 if method == 'fgfa' else 7)
+    for m in model.modules():
+        if isinstance(m, FastModule):   # a subclass of the plain module it stands in for, sharing its state
+            assert isinstance(m, m.plain_class()) and m.kernels is kernels
+        for value in vars(m).values():  # no patched methods: every method is the class's
+            assert not inspect.ismethod(value) and not isinstance(value, (types.MethodType, types.FunctionType))
+    assert [name for name, _ in model.named_modules()] == [name for name, _ in plain_types]
+    fast_state = model.state_dict(keep_vars=True)
+    assert list(fast_state) == list(state) and all(fast_state[k] is state[k] for k in state)
+    twin = copy.deepcopy(model)     # a copy's fast modules are the copy's own
+    fast_run = detections()
+    assert speedups.revert(model) is model and not speedups.is_converted(model) and speedups.is_converted(twin)
+    assert [(name, type(m)) for name, m in model.named_modules()] == plain_types
+    assert {name: set(vars(m)) for name, m in model.named_modules()} == plain_attrs   # no cache left behind
+    assert all(model.state_dict(keep_vars=True)[k] is state[k] for k in state)
+    after = detections()
+    for a, b, f in zip(before, after, fast_run):
+        assert torch.equal(a.boxes, b.boxes) and torch.equal(a.scores, b.scores) and torch.equal(a.labels, b.labels)
+        torch.testing.assert_close(f.boxes, a.boxes, rtol=1e-4, atol=1e-3)
+
+
+def test_a_method_declares_fast_modules_of_its_own():
+    """A method's ``fast_modules`` (written against ``viddet.models.fast`` in its own file) are
+    swapped in and out with the built-in ones, and a fast module is built from and back to its
+    plain module with the protocol of ``viddet.models.fast``."""
+    from viddet.methods.base import VIDMethod
+    from viddet.models.fast import FastModule
+
+    class Double(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.tensor(2.0))
+
+        def forward(self, x):
+            return x * self.scale
+
+    class FastDouble(FastModule, Double):
+        fast_attributes = ('calls',)
+
+        def __init__(self, plain, kernels):
+            super().__init__(plain, kernels)
+            self.calls = 0
+
+        def forward(self, x):
+            if torch.is_grad_enabled():
+                return super().forward(x)
+            self.calls += 1
+            return x + x * (self.scale - 1)
+
+    class Toy(VIDMethod):
+        name = 'toy'
+        fast_modules = {Double: FastDouble}
+
+        def __init__(self):
+            super().__init__()
+            self.block = Double()
+            self.head = torch.nn.Sequential(Double())
+
+    toy = Toy()
+    assert FastDouble.plain_class() is Double
+    with pytest.raises(TypeError, match='built from a plain Double'):
+        FastDouble(toy, cpu_kernels())
+    speedups.convert(toy, cpu_kernels())
+    assert type(toy.block) is FastDouble and type(toy.head[0]) is FastDouble
+    assert toy.block.scale is toy.state_dict(keep_vars=True)['block.scale']
+    with torch.no_grad():
+        assert float(toy.head[0](toy.block(torch.tensor(3.0)))) == 12.0
+    assert toy.block.calls == 1 and float(toy.block(torch.tensor(1.0)).detach()) == 2.0   # autograd: plain
+    assert toy.block.calls == 1
+    speedups.revert(toy)
+    assert type(toy.block) is Double and 'calls' not in vars(toy.block) and 'kernels' not in vars(toy.block)
+    assert list(toy.state_dict()) == ['block.scale', 'head.0.scale']
+
+
+@pytest.mark.parametrize('variable,value,valid', [('VIDDET_WINOGRAD', 'yes', '1 or 0'),
+                                                  ('VIDDET_CPU_GEMM', 'blas', 'mkl or onednn'),
+                                                  ('VIDDET_WINOGRAD', '2', '1 or 0')])
+def test_invalid_kernel_settings_are_refused_clearly(variable, value, valid, monkeypatch):
+    from viddet.models.detector import RPNHead
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(VidDetError) as e:
+        speedups.convert(RPNHead(channels=4))
+    assert str(e.value).startswith(f"{variable}='{value}' is not valid: use {valid}")
+    monkeypatch.setenv(variable, f' {value.upper()} ' if value == 'blas' else value)
+    with pytest.raises(VidDetError, match=variable):
+        cpu_kernels()
 
 def test_temporal_roi_align_trains_through_the_direct_path():
     """With autograd on (training), TemporalRoIAlign must give gradients to its embedding conv and the
     key features, and equal the inference-mode (factorized) result."""
-    from viddet.models.aggregators import TemporalRoIAlign
     torch.manual_seed(0)
-    troi = TemporalRoIAlign(out_channels=16)
+    troi = speedups.convert(TemporalRoIAlign(out_channels=16), cpu_kernels())
     feats = torch.randn(1, 16, 6, 8, requires_grad=True)
     refs = torch.randn(3, 16, 6, 8)
     rois = torch.tensor([[0, 8.0, 8.0, 90.0, 70.0], [0, 20.0, 4.0, 60.0, 50.0]])
@@ -634,15 +731,12 @@ def test_temporal_roi_align_trains_through_the_direct_path():
     out.square().sum().backward()
     assert feats.grad is not None and feats.grad.abs().sum() > 0
     assert troi.embed_network.conv.weight.grad.abs().sum() > 0
-    speedups.enable(troi)
+    maps = list(refs.split(1))
     with torch.no_grad():
-        fast = troi(feats, rois, refs)
+        fast = troi(feats, rois, maps)
+    assert len(troi.prepared) == 4      # the 3 reference maps and the key map: the fast path ran
     torch.testing.assert_close(fast, out.detach(), rtol=1e-4, atol=1e-5)
-    out2 = troi(feats, rois, refs)   # autograd on again: the plain path despite enable()
-    assert out2.requires_grad
 
-
-# ---------------------------------------------------------------------------------------- NMS
 def _nms_case(seed, n, num_classes, levels):
     """n boxes in clusters of near-duplicates (so that NMS suppresses), a tenth of zero width, a
     tenth exact copies of other boxes; scores with ``levels`` distinct values (many exact ties;
@@ -729,15 +823,15 @@ def test_early_stopping_nms_falls_back_where_it_does_not_apply():
     assert first_kept(bad, scores, idxs, 0.5, 10) is None
     many = _nms_case(1, 10000, 3, 0)   # mmcv's class-by-class branch
     assert first_kept(*many, 0.5, 10) is None
-    assert head_nms(None, boxes, scores, idxs, 0.5, 301) is None    # < 4 boxes per box kept
-    assert head_nms(None, boxes, scores, idxs, 0.5, 300) is not None
+    assert head_nms(boxes, scores, idxs, 0.5, 301) is None    # < 4 boxes per box kept
+    assert head_nms(boxes, scores, idxs, 0.5, 300) is not None
     assert first_kept(boxes[:0], scores[:0], idxs[:0], 0.5, 10).shape == (0,)
 
-
-def test_heads_propose_and_detect_the_same_with_early_stopping_nms():
+def test_heads_propose_and_detect_the_same_with_early_stopping_nms(monkeypatch):
     """RPN proposals (6000 of 28800 anchors, many sigmoid scores tied at 1.0) and post-processed
-    detections (~9000 (box, class) pairs) with ``speedups.enable`` equal the plain ones exactly."""
+    detections (~9000 (box, class) pairs) with ``speedups.convert`` equal the plain ones exactly."""
     from viddet.models.detector import BBoxHead, RCNNConfig, RoIHead, RPNConfig, RPNHead
+    from viddet.speedups import detector as fast_detector
     from viddet.structures import ImageMeta
     import numpy as np
     torch.manual_seed(0)
@@ -748,17 +842,16 @@ def test_heads_propose_and_detect_the_same_with_early_stopping_nms():
     rois = torch.cat([torch.zeros(300, 1), torch.rand(300, 2) * 800, torch.rand(300, 2) * 200 + 820], 1)
     cls_score, bbox_pred = torch.randn(300, 31), torch.randn(300, 120)
     meta = ImageMeta((480, 1000), (600, 1250), (608, 1264), np.full(4, 1.25, dtype=np.float32))
+    early = []
+    head_nms = fast_detector.head_nms
+    monkeypatch.setattr(fast_detector, 'head_nms', lambda *a: early.append(a[4]) or head_nms(*a))
     outs = []
-    for fast in (False, True):
-        if fast:
-            speedups.enable(rpn)
-            speedups.enable(roi)
-            assert isinstance(rpn.__dict__['nms'], speedups.FastMethod)
-            assert isinstance(roi.__dict__['nms'], speedups.FastMethod)
+    for heads in ((rpn, roi), (speedups.convert(rpn, cpu_kernels()), speedups.convert(roi, cpu_kernels()))):
         with torch.no_grad():
-            props = rpn.proposals_from_outputs(cls, reg, [(600, 1000)], RPNConfig())[0]
-            dets = roi.postprocess(rois, cls_score, bbox_pred, meta, RCNNConfig())
+            props = heads[0].proposals_from_outputs(cls, reg, [(600, 1000)], RPNConfig())[0]
+            dets = heads[1].postprocess(rois, cls_score, bbox_pred, meta, RCNNConfig())
         outs.append((props, dets))
+    assert early == [300, 100]                 # the fast heads ran the early-stopping NMS
     (p0, d0), (p1, d1) = outs
     assert p0.shape == (300, 5) and len(d0) == 100
     assert int((p0[:, 4] == 1.0).sum()) > 10

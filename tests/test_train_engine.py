@@ -9,7 +9,9 @@ import torch
 
 from train_utils import make_tiny_vid, tiny_config
 from viddet import VidDetError
-from viddet.engine.train import epoch_order, latest_checkpoint, sample_seed, step_indices, train
+from viddet.engine.train import train
+from viddet.engine.train_set import epoch_order, sample_seed, step_indices
+from viddet.engine.work_dir import latest_checkpoint
 
 # Tiny tensors: one thread avoids OpenMP spin-waiting on the shared cores (40x faster here).
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -223,13 +225,15 @@ class StubScaler:
 
 def test_fp16_overflow_is_a_skipped_step_not_an_error(tmp_path):
     from viddet.engine.train import Trainer
+    from viddet.engine.train_options import TrainOptions
     data = make_tiny_vid(tmp_path / 'data', num_videos=1, num_frames=5)
     work = tmp_path / 'w'
     cfg = tiny_config(data, max_nonfinite_steps=1)     # a non-finite *loss* would stop at once
-    t = Trainer(cfg, work, max_iters=4, save_interval=1, keep_checkpoints=0, device='cpu', progress=False,
-                evaluate=False, verbose=False)
+    options = TrainOptions(max_iters=4, save_interval=1, keep_checkpoints=0, device='cpu', progress=False,
+                           evaluate=False, verbose=False)
+    t = Trainer(cfg, work, options)
     t.setup()
-    t.scaler = StubScaler(overflow_at={2, 3})
+    t.updater.scaler = StubScaler(overflow_at={2, 3})
     assert t.run().iters == 4
     ckpt = {i: torch.load(work / f'iter_{i}.pth', weights_only=True) for i in (1, 2, 3, 4)}
     for a, b, same in ((1, 2, True), (2, 3, True), (3, 4, False)):
@@ -248,7 +252,9 @@ def test_host_syncs_do_not_grow_with_micro_steps(tmp_path, monkeypatch):
     """Losses stay on the device between log lines: the trainer's own transfers to the host
     (``.item()``, ``float()``, ``.tolist()``) are as many with 3 micro-batches per step as with 1."""
     import sys
-    import viddet.engine.train as engine
+
+    from viddet.engine import checkpointer, optim, train as engine, train_eval, train_log, train_set
+    trainer_files = {m.__file__ for m in (engine, checkpointer, optim, train_eval, train_log, train_set)}
     data = make_tiny_vid(tmp_path / 'data', num_videos=1, num_frames=3)
     counts = []
 
@@ -256,7 +262,7 @@ def test_host_syncs_do_not_grow_with_micro_steps(tmp_path, monkeypatch):
         original = getattr(torch.Tensor, name)
 
         def wrapper(self, *a):
-            if sys._getframe(1).f_code.co_filename == engine.__file__:
+            if sys._getframe(1).f_code.co_filename in trainer_files:
                 counts[-1] += 1
             return original(self, *a)
         monkeypatch.setattr(torch.Tensor, name, wrapper)

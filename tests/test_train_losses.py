@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from viddet.models.boxes import encode_boxes
-from viddet.models.losses import (AssignerConfig, DetectorTrainConfig, SamplerConfig, anchor_inside_flags,
-                                  max_iou_assign, random_sample, rcnn_loss, rcnn_targets,
-                                  rpn_loss, rpn_targets, smooth_l1, sum_losses)
+from viddet.models.losses import (DetectorTrainConfig, anchor_inside_flags, rcnn_loss, rcnn_targets, rpn_loss,
+                                  rpn_targets, smooth_l1, sum_losses)
+from viddet.models.sampling import AssignerConfig, SamplerConfig, max_iou_assign, random_sample
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 

@@ -115,7 +115,7 @@ def test_forward_train_averages_samples():
 
 def test_zero_flownet_option_gives_zero_flow_and_frozen_flownet():
     from viddet.config.training import config_from_dict
-    from viddet.engine.train import build_train_model
+    from viddet.engine.initial_weights import build_train_model
     cfg = config_from_dict({'model': {'method': 'fgfa', 'backbone': 'mobilenetv2', 'flownet': 'zero'},
                             'data': {'train': [{'ann_file': 'a.json', 'img_prefix': 'b',
                                                 'ref_sampler': {'num_ref_imgs': 2}}]}})

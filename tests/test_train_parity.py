@@ -1,82 +1,149 @@
-"""One training step against MMTracking 0.14's own (``../shared/parity/README.md``, section ``train/``).
+"""One training step against MMTracking 0.14's own, compared stage by stage.
 
-For every fixture ``train/<case>.json`` (or ``$VIDDET_TRAIN_PARITY_DIR/*.json``, frames under
-``$VIDDET_TRAIN_PARITY_DATA``): the fixture's checkpoint is regenerated with ``make_checkpoint.py``,
-the viddet method is loaded and put in MMTracking's train mode (stem + layer1 frozen, BatchNorm in
-eval mode), the sample is built from the real frames with viddet's preprocessing (input checksums
-checked), its sampling generator is seeded with ``rng_seed`` (RPN sampler first, then the R-CNN
-sampler, as MMTracking's global RNG is consumed), and ``forward_train`` + ``backward`` of the total
-loss (mmdet ``_parse_losses``) must give:
+A fixture is MMTracking's own ``forward_train`` + ``backward`` on one real sample
+(``../shared/parity/README.md``, section ``train/``), made by ``tools/parity/train_stages.py``, which
+also records MMTracking's intermediate values (``tools/parity/README.md`` lists the fields).
 
-* every loss term (and ``acc``, and the total) within 1e-4 relative or 1e-6 absolute;
-* the total gradient norm within 1e-3 relative;
-* >= 99 % of the parameters' gradient norms within 1e-3 relative (frozen parameters: no gradient;
-  parameters whose norm is below 1e-6 of the total are exempt).
+Which fixtures: ``$VIDDET_TRAIN_PARITY_DIR/*.json`` when that is set (frames under
+``$VIDDET_TRAIN_PARITY_DATA``, default ``../shared/data/mini_vid``); otherwise the shared
+``../shared/parity/train/*.json`` plus ``CI_SUBSET`` of ``tests/fixtures/train_parity/``. The whole
+committed set: ``VIDDET_TRAIN_PARITY_DIR=tests/fixtures/train_parity``.
+
+A fixture without the intermediate fields (the shared ones) takes them from the committed fixture
+made from the same inputs (method, frames, checkpoint and RNG seeds, still or video), provided that
+one records the same losses and gradient norm (MMTracking computed the same step both times);
+otherwise the stages that need them are skipped, saying why.
+
+Each fixture's step runs once (viddet's method, loaded from the fixture's checkpoint, in
+MMTracking's train mode: stem + layer1 frozen, BatchNorm in eval mode; its sampling generator
+seeded with ``rng_seed``), with MMTracking's sampled RoIs (and SELSA's reference proposals) given to
+it through :class:`viddet.methods.faster_rcnn.RoITrace`, which also records what viddet computed
+itself. Then, each a test of its own:
+
+* ``rpn_anchors``: viddet's RPN assigner + sampler draw exactly MMTracking's anchors (positives and
+  negatives), regression targets within ``TARGET_ATOL``;
+* ``proposals`` (a): viddet's own proposal lists (the key frame's training proposals; SELSA / TRoI:
+  each reference frame's test proposals) equal MMTracking's: the same boxes (``BOX_ATOL`` pixels)
+  with the same scores (``SCORE_ATOL``) in the same order, except where the order is float-tied
+  (below), and every such place is named in the output;
+* ``rcnn_targets``: viddet's R-CNN assigner on MMTracking's proposals gives MMTracking's assignment,
+  and viddet's targets of MMTracking's sampled RoIs are MMTracking's (labels exact, the rest within
+  ``TARGET_ATOL``);
+* ``losses_and_gradients`` (b): computed from MMTracking's own sampled RoIs: every loss term (and
+  ``acc``, and the total) within 1e-4 relative or 1e-6 absolute, the total gradient norm within 1e-3
+  relative, >= 99 % of the parameters' gradient norms within 1e-3 relative (parameters whose norm is
+  below 1e-6 of the total are exempt: their true gradient is zero), and no gradient where
+  MMTracking has none. No tie is forgiven here. Where MMTracking's own gradient norms moved by more
+  than 1e-3 between 1 and 2 threads (``thread_spread``, same RoIs), that spread is the bar instead;
+* ``drawn_rois`` (c): the RoIs viddet draws itself from its own proposals equal MMTracking's, except
+  at the named float ties (the generator and every gallery size being the same, both draws pick the
+  same gallery positions; a gallery position may hold another proposal only where the two lists are
+  float-tied). When a tie moves a proposal between the positive and negative galleries the two draws
+  are different random permutations and cannot be compared: the test is skipped, naming the tie.
+
+Float ties. The RPN scores of these untrained checkpoints are saturated (0.87-0.9996 over the top
+6000), so adjacent proposals are often a few float32 ulps apart; two correct implementations
+(oneDNN kernels, memory format, thread count) differ by ~1e-5 on the RPN logits, which may reorder
+such a pair or make NMS keep the other of two overlapping boxes (and then what that box suppresses
+changes too). Two proposals are float-tied when their float32 scores are at most ``TIE_ULPS`` ulps
+apart or their logits at most ``LOGIT_TIE`` apart. A proposal present in one list only is accepted
+when it belongs to a group of such proposals that overlap (IoU > the NMS threshold) across the two
+lists and that contains a float-tied pair (NMS kept the other one), or when it sits at the end of a
+full list within a tie of the other list's last score (the count limit). Nothing is searched: a
+mismatch that is none of these fails.
 
 Gradient norms are taken as the fixtures take them (float32 ``torch.linalg.vector_norm`` per
-parameter, as gradient clipping does; on this CPU its rounding reaches 1e-3 for the 25M-element
-fc weight, so a float64 norm would not be comparable).
-
-Float-ambiguous proposal order. The R-CNN sampler draws proposals by their *position* in the
-score-sorted proposal list. With these untrained checkpoints the RPN scores are saturated
-(0.87-0.9996 over the top 6000), so adjacent proposals are often 0-10 float32 ulps apart, and the
-float rounding of two correct implementations (oneDNN AVX2 vs AVX-512 kernels, memory format,
-thread count: ~4e-6 on the RPN logits, up to ~4e-5) can swap such a pair; when exactly one of the
-two is drawn, one of the sampled RoIs changes and loss_cls moves by ~1e-3. If the plain step misses
-the bar, the test therefore looks for the ordering that MMTracking's own rounding produced: it
-tries every swap of at most ``MAX_SWAPS`` adjacent proposals whose RPN logits differ by at most
-``LOGIT_TIE`` and which changes the drawn RoIs, evaluating each from the per-RoI R-CNN outputs of
-one extra forward over all candidate RoIs (each key RoI's outputs depend on that RoI alone in every
-method), takes the best, and then runs the real step with that ordering; all bars then apply as
-above. Everything upstream of the RoI sampler (RPN losses, every gradient) is checked as is.
+parameter, as gradient clipping does).
 """
 import json
 import os
-from itertools import combinations
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Dict, List, Optional
 
 import cv2
 import numpy as np
 import pytest
 import torch
+from torchvision.ops import box_iou
 
-import viddet.methods.selsa as selsa_module
-import viddet.methods.base as training_module  # where rpn_and_sample / single_frame_losses look them up
 from viddet.checkpoints.loading import load_into
 from viddet.checkpoints.reading import read_checkpoint
 from viddet.data.transforms import preprocess
-from viddet.methods import build_method
+from viddet.methods import build_method, method_class
+from viddet.methods.faster_rcnn import RoITrace
+from viddet.models.losses import rcnn_targets, rpn_targets, sum_losses
+from viddet.models.sampling import SamplingResult, max_iou_assign
 from viddet.structures import TrainSample
-from viddet.models.losses import RCNNTargets, SamplerConfig, max_iou_assign, random_sample, sum_losses
 
 pytestmark = pytest.mark.slow
 
-SHARED = Path(__file__).resolve().parents[2] / 'shared'
-TRAIN_DIR = Path(os.environ.get('VIDDET_TRAIN_PARITY_DIR', SHARED / 'parity' / 'train'))
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / 'shared'
+OWN_DIR = REPO / 'tests' / 'fixtures' / 'train_parity'
+TRAIN_DIR = Path(os.environ['VIDDET_TRAIN_PARITY_DIR']) if os.environ.get('VIDDET_TRAIN_PARITY_DIR') else None
 DATA_DIR = Path(os.environ.get('VIDDET_TRAIN_PARITY_DATA', SHARED / 'data' / 'mini_vid'))
-FIXTURES = sorted(TRAIN_DIR.glob('*.json')) if TRAIN_DIR.is_dir() else []
+CI_SUBSET = ('dff_libby_k8_still_c1_r3', 'fgfa_dog_k20_c1_r5', 'selsa_cows_k12_c1_r5', 'troi_dog_k14_c2_r5')
+"""The committed fixtures that run by default besides the shared ones: one per method, a still one."""
 
 LOSS_RTOL, LOSS_ATOL = 1e-4, 1e-6
 GRAD_RTOL, GRAD_FRACTION, GRAD_EXEMPT = 1e-3, 0.99, 1e-6
 CHECKSUM_RTOL = 1e-6   # float64 sums of the same float32 tensor in another order
-LOGIT_TIE = 5e-5       # RPN logit gap below which two implementations may order proposals either way
-MAX_SWAPS = 2
+BOX_ATOL = 1e-2        # pixels: a proposal's box in both lists (decoded from deltas that differ by ~1e-6)
+SCORE_ATOL = 1e-5      # a proposal's score in both lists
+TARGET_ATOL = 1e-5     # regression targets (deltas / stds) of the same boxes
+TIE_ULPS = 2           # float32 scores this close may be ordered either way ...
+LOGIT_TIE = 1e-4       # ... and so may logits this close (implementations differ by ~1e-5)
+SAME_RUN_RTOL = 1e-6   # a remake records the same MMTracking step as the shared fixture
 
 
-def _parity_dir() -> Path:
-    """The folder with make_checkpoint.py and keys/: beside the fixtures, else ../shared/parity."""
-    for d in (TRAIN_DIR.parent, SHARED / 'parity'):
-        if (d / 'make_checkpoint.py').exists():
-            return d
-    pytest.skip(f'make_checkpoint.py not found beside {TRAIN_DIR} or in {SHARED / "parity"}')
+# ------------------------------------------------------------------------------ fixtures and their stages
+def _fixture_files() -> List[Path]:
+    if TRAIN_DIR is not None:
+        files = sorted(TRAIN_DIR.glob('*.json')) if TRAIN_DIR.is_dir() else []
+    else:
+        shared = SHARED / 'parity' / 'train'
+        files = sorted(shared.glob('*.json')) if shared.is_dir() else []
+        files += [f for f in (OWN_DIR / f'{n}.json' for n in CI_SUBSET) if f.exists()]
+    head = {f: json.loads(f.read_text()) for f in files}
+    # one checkpoint after the other (each is made once, see _Checkpoints)
+    return sorted(files, key=lambda f: (head[f]['checkpoint_keys'], head[f]['checkpoint_seed'], str(f)))
 
 
-@pytest.fixture(scope='module')
-def checkpoint(parity_checkpoint):
-    """``get(keys, seed)``: the checkpoint the fixture names (made once per session, shared)."""
-    return lambda keys, seed: parity_checkpoint(keys, seed, _parity_dir())
+FIXTURES = _fixture_files()
+IDS = [f'{f.parent.name}/{f.stem}' for f in FIXTURES]
+STAGE_FIELDS = ('rpn_targets', 'proposals', 'rcnn_assigned_gt_inds', 'rcnn_sampling', 'rcnn_targets')
 
 
+def _provenance(fx: dict) -> tuple:
+    return (fx['method'], fx['frames_dir'], fx['key_file'], tuple(fx['ref_files']), fx['checkpoint_keys'],
+            fx['checkpoint_seed'], fx['rng_seed'], bool(fx['is_video_data']))
+
+
+def _same_run(a: dict, b: dict) -> bool:
+    close = lambda x, y: abs(x - y) <= SAME_RUN_RTOL * max(abs(x), abs(y), 1e-12)  # noqa: E731
+    return set(a['losses']) == set(b['losses']) and all(close(a['losses'][k], b['losses'][k]) for k in a['losses']) \
+        and close(a['total_grad_norm'], b['total_grad_norm'])
+
+
+def _stages(fx: dict):
+    """(the fixture holding the intermediate fields, or None; why there is none)."""
+    if all(k in fx for k in STAGE_FIELDS):
+        return fx, ''
+    for f in sorted(OWN_DIR.glob('*.json')) if OWN_DIR.is_dir() else []:
+        other = json.loads(f.read_text())
+        if all(k in other for k in STAGE_FIELDS) and _provenance(other) == _provenance(fx):
+            if _same_run(other, fx):
+                return other, ''
+            return None, (f'{f.name} was made from the same inputs but MMTracking gave other losses there, so '
+                          'its intermediate values are not this fixture\'s')
+    return None, ('the fixture has no intermediate values and no committed fixture was made from the same inputs '
+                  '(remake it with tools/parity/train_stages.py)')
+
+
+# ------------------------------------------------------------------------------ inputs
 def _image(path: Path, checksum: dict):
     """Preprocessed (3, Hp, Wp) tensor and meta of one frame; checks the fixture's checksums."""
     if not path.exists():
@@ -102,115 +169,305 @@ def _sample(fx: dict) -> TrainSample:
                        is_video_data=bool(fx['is_video_data']), seed=int(fx['rng_seed']))
 
 
-REAL_SAMPLE_ROIS = training_module.sample_rois
-REAL_RCNN_LOSS = training_module.rcnn_loss
+def _proposals(rec: dict) -> torch.Tensor:
+    """(k, 5) float32 proposals of a fixture's proposal record."""
+    boxes = torch.tensor(rec['boxes'], dtype=torch.float32).view(-1, 4)
+    return torch.cat([boxes, torch.tensor(rec['scores'], dtype=torch.float32).view(-1, 1)], 1)
 
 
-def _swap(n: int, swaps) -> torch.Tensor:
-    """Index permutation of n proposals exchanging positions i and i + 1, for each i in ``swaps``
-    in turn (``proposals[perm]`` is the swapped list)."""
-    perm = torch.arange(n)
-    for i in swaps:
-        perm[[i, i + 1]] = perm[[i + 1, i]]
-    return perm
+def _mmt_sampling(st: dict, gt_bboxes: torch.Tensor) -> SamplingResult:
+    """MMTracking's sampled RoIs (indices into [gt boxes; proposals]) as a viddet SamplingResult."""
+    cand = torch.cat([gt_bboxes, _proposals(st['proposals'])[:, :4]])
+    s = st['rcnn_sampling']
+    pos, neg = torch.tensor(s['pos_inds'], dtype=torch.int64), torch.tensor(s['neg_inds'], dtype=torch.int64)
+    assigned = torch.tensor(s['pos_assigned_gt_inds'], dtype=torch.int64)
+    return SamplingResult(pos, neg, cand[pos], cand[neg], gt_bboxes[assigned],
+                          torch.tensor(s['pos_gt_labels'], dtype=torch.int64),
+                          torch.tensor(s['pos_is_gt'], dtype=torch.bool), int(s['num_gts']))
 
 
-def _all_candidates(proposals, gt_bboxes, gt_labels, cfg):
-    """Every R-CNN candidate (gt boxes, positives, negatives; ignored ones excluded), no draw."""
-    assign = max_iou_assign(proposals, gt_bboxes, cfg.rcnn_assigner, gt_labels)
-    everything = SamplerConfig(10 ** 9, 0.5, cfg.rcnn_sampler.add_gt_as_proposals)
-    return random_sample(assign, proposals, gt_bboxes, everything, gt_labels)
+# ------------------------------------------------------------------------------ the step (once per fixture)
+class _Checkpoints:
+    """The fixture's checkpoint: seed 0 from the session's shared cache (the inference parity tests
+    use the same files); other seeds made here, one at a time (fixtures come sorted by checkpoint)."""
+
+    def __init__(self, parity_checkpoint, tmp: Path):
+        self.shared, self.tmp, self.current = parity_checkpoint, tmp, None
+
+    def get(self, keys: str, seed: int) -> Path:
+        parity = SHARED / 'parity'
+        if seed == 0:
+            return self.shared(keys, 0, parity)
+        if self.current and self.current[0] == (keys, seed):
+            return self.current[1]
+        self.drop()
+        if not (parity / 'make_checkpoint.py').exists():
+            pytest.skip(f'{parity / "make_checkpoint.py"} is absent')
+        out = self.tmp / f'{Path(keys).stem}_seed{seed}.pth'
+        subprocess.run([sys.executable, str(parity / 'make_checkpoint.py'), str(parity / 'keys' / keys), str(out),
+                        '--seed', str(seed)], check=True)
+        self.current = ((keys, seed), out)
+        return out
+
+    def drop(self):
+        if self.current:
+            self.current[1].unlink(missing_ok=True)
+            self.current = None
 
 
-class RoISampling:
-    """Stands in for ``viddet.methods.base.sample_rois`` (the R-CNN assignment + sampling that
-    every method's ``forward_train`` calls once): applies ``swaps`` (adjacent positions) to the
-    proposal list first and records what it saw. With ``all_rois`` it returns every candidate
-    instead of a random draw, for the per-RoI evaluation."""
-
-    def __init__(self, swaps=(), all_rois=False):
-        self.swaps, self.all_rois = tuple(swaps), all_rois
-        self.seen = None  # (proposals, gt_bboxes, gt_labels, cfg, generator state)
-
-    def __call__(self, proposals, gt_bboxes, gt_labels, cfg, generator=None):
-        assert generator is not None and self.seen is None
-        self.seen = (proposals, gt_bboxes, gt_labels, cfg, generator.get_state())
-        if self.all_rois:
-            return _all_candidates(proposals, gt_bboxes, gt_labels, cfg)
-        return REAL_SAMPLE_ROIS(proposals[_swap(len(proposals), self.swaps)], gt_bboxes, gt_labels, cfg, generator)
+@pytest.fixture(scope='module')
+def checkpoints(parity_checkpoint, tmp_path_factory):
+    c = _Checkpoints(parity_checkpoint, tmp_path_factory.mktemp('train_parity_ckpt'))
+    yield c
+    c.drop()
 
 
-def _forward(model, sample, monkeypatch, hook):
-    monkeypatch.setattr(training_module, 'sample_rois', hook)
-    try:
-        return model.forward_train(sample)
-    finally:
-        monkeypatch.undo()
+@dataclass
+class Step:
+    """What viddet's step computed, kept per fixture (small: no model, no gradients)."""
+    losses: Dict[str, float]
+    grad_norms: Dict[str, Optional[float]]
+    total_grad_norm: float
+    proposals: torch.Tensor
+    drawn: SamplingResult
+    ref_proposals: Optional[List[torch.Tensor]]
+    rpn: object                   # viddet's RPNTargets of the key frame (same generator, first draw)
+    injected: bool                # the step used MMTracking's sampled RoIs
+    train_cfg: object
 
 
-def _loss_errors(losses: dict, expected: dict) -> dict:
-    """{term: relative error} for every term of the fixture (``loss`` is the total); a term within
-    the absolute tolerance counts as 0."""
-    out = {}
-    for k, ref in expected.items():
-        err = abs(float((sum_losses(losses) if k == 'loss' else losses[k]).detach()) - ref)
-        out[k] = 0.0 if err <= LOSS_ATOL else err / abs(ref)
-    return out
+_STEPS: Dict[Path, Step] = {}
 
 
-def _resolve_order(model, sample, expected, monkeypatch):
-    """The swaps (<= MAX_SWAPS float-tied adjacent proposals) under which the losses come closest
-    to MMTracking's, from one no-grad forward over all candidate RoIs.
-
-    Returns (swaps, the positions of the float-tied pairs whose swap changes the drawn RoIs)."""
-    captured = []
-
-    def capture(cls_score, bbox_pred, targets):
-        captured.append((cls_score.detach(), bbox_pred.detach(), targets))
-        return REAL_RCNN_LOSS(cls_score, bbox_pred, targets)
-    hook = RoISampling(all_rois=True)
-    monkeypatch.setattr(training_module, 'rcnn_loss', capture)
-    monkeypatch.setattr(selsa_module, 'rcnn_loss', capture)
-    with torch.no_grad():
-        rpn = {k: v for k, v in _forward(model, sample, monkeypatch, hook).items() if 'rpn' in k}
-    (proposals, gt_bboxes, gt_labels, cfg, state), (cls_score, bbox_pred, t) = hook.seen, captured[0]
-    everything = _all_candidates(proposals, gt_bboxes, gt_labels, cfg)
-    row = {i: r for r, i in enumerate(torch.cat([everything.pos_inds, everything.neg_inds]).tolist())}
-    num_gts = everything.num_gts
-
-    def draw(swaps):
-        """(losses, drawn candidates as indices into [gt boxes, unswapped proposals])."""
-        perm = _swap(len(proposals), swaps)
-        gen = torch.Generator()
-        gen.set_state(state)
-        res = REAL_SAMPLE_ROIS(proposals[perm], gt_bboxes, gt_labels, cfg, gen)
-        idx = torch.cat([res.pos_inds, res.neg_inds])
-        orig = torch.where(idx < num_gts, idx, num_gts + perm[(idx - num_gts).clamp(min=0)])
-        rows = torch.tensor([row[i] for i in orig.tolist()])
-        losses = REAL_RCNN_LOSS(cls_score[rows], bbox_pred[rows], RCNNTargets(
-            t.labels[rows], t.label_weights[rows], t.bbox_targets[rows], t.bbox_weights[rows]))
-        return dict(losses, **rpn), frozenset(orig.tolist())
-
-    drawn = draw(())[1]
-    logits = torch.logit(proposals[:, 4].double())
-    tied = [i for i in range(len(proposals) - 1)
-            if float(logits[i] - logits[i + 1]) <= LOGIT_TIE and draw((i,))[1] != drawn]
-    candidates = [c for r in range(MAX_SWAPS + 1) for c in combinations(tied, r)]
-    worst = np.array([max(_loss_errors(draw(c)[0], expected).values()) for c in candidates])
-    order = np.argsort(worst)
-    print(f'  {len(candidates)} orderings tried; best {candidates[order[0]]} (worst term rel. error '
-          f'{worst[order[0]]:.1e}), runner-up {worst[order[1]] if len(order) > 1 else float("nan"):.1e}')
-    return candidates[order[0]], tied
-
-
-def _grad_report(model, fx):
+def _step(fixture: Path, checkpoints: _Checkpoints) -> Step:
+    if fixture in _STEPS:
+        return _STEPS[fixture]
+    fx = json.loads(fixture.read_text())
+    st, _ = _stages(fx)
+    sample = _sample(fx)
+    state, _ = read_checkpoint(checkpoints.get(fx['checkpoint_keys'], int(fx['checkpoint_seed'])))
+    model = build_method(fx['method'], fx['backbone'])
+    load_into(model, state, fixture.name)
+    del state
+    model.train()
+    cfg = model.train_cfg
+    trace = RoITrace()
+    if st is not None:
+        trace.given_sampling = _mmt_sampling(st, sample.gt_bboxes)
+        if 'ref_proposals' in st:
+            trace.given_ref_proposals = [_proposals(r) for r in st['ref_proposals']]
+    with model.tracing(trace):
+        losses = model.forward_train(sample)
+    sum_losses(losses).backward()
     norms = {n: (None if p.grad is None else float(torch.linalg.vector_norm(p.grad)))
              for n, p in model.named_parameters()}
-    assert set(norms) == set(fx['grad_norms']), 'parameter names differ from the fixture'
-    total = float(np.sqrt(sum(v * v for v in norms.values() if v is not None)))
-    checked, close, wrong_frozen = 0, 0, []
+    head = model.detector.rpn_head
+    feat = (sample.img.shape[1] // head.stride, sample.img.shape[2] // head.stride)
+    rpn = rpn_targets(head.anchors(feat, 'cpu'), sample.gt_bboxes, sample.img_shape, cfg, sample.generator())
+    step = Step({k: float(v.detach()) for k, v in losses.items()}, norms,
+                float(np.sqrt(sum(v * v for v in norms.values() if v is not None))),
+                trace.proposals, trace.drawn, trace.ref_proposals, rpn, st is not None, cfg)
+    print(f'{fixture.stem}: losses {dict((k, round(v, 7)) for k, v in step.losses.items())}'
+          f'{" (MMTracking RoIs given)" if step.injected else ""}')
+    _STEPS[fixture] = step
+    return step
+
+
+def _need_stages(fx: dict) -> dict:
+    st, why = _stages(fx)
+    if st is None:
+        pytest.skip(why)
+    return st
+
+
+# ------------------------------------------------------------------------------ proposal lists
+def _ulps(a: float, b: float) -> int:
+    ia, ib = (int(np.array(v, np.float32).view(np.int32)) for v in (a, b))
+    return abs(ia - ib)
+
+
+def _tied(sa: float, sb: float, la: Optional[float] = None, lb: Optional[float] = None) -> bool:
+    """Float-tied: scores within TIE_ULPS float32 ulps, or logits (given, else from the scores) within LOGIT_TIE."""
+    if _ulps(sa, sb) <= TIE_ULPS:
+        return True
+    if la is None or lb is None:
+        la, lb = (float(np.log(s) - np.log1p(-s)) if 0 < s < 1 else float('inf') for s in (sa, sb))
+    return abs(la - lb) <= LOGIT_TIE
+
+
+@dataclass
+class ListComparison:
+    """viddet's proposal list against MMTracking's. ``to_mmt[i]``: MMTracking's index of viddet's
+    proposal i (-1: not in MMTracking's list); ``ties``: named float ties; ``problems``: the rest."""
+    to_mmt: List[int]
+    ties: List[str]
+    problems: List[str]
+    tied_mmt: set       # MMTracking positions involved in a tie
+    tied_vd: set        # viddet positions involved in a tie
+
+
+def compare_lists(mmt: dict, vd: torch.Tensor, max_per_img: int, nms_iou: float) -> ListComparison:
+    """Matches viddet's proposals (k, 5) to MMTracking's record (boxes, scores, logits), see the module
+    docstring for what is accepted."""
+    m = _proposals(mmt)
+    m_logits = mmt.get('logits')
+    vd = vd.detach().float().cpu()
+    nm, nv = len(m), len(vd)
+    dist = (vd[:, None, :4] - m[None, :, :4]).abs().amax(-1) if nm and nv else torch.zeros(nv, nm)
+    to_mmt, taken = [-1] * nv, set()
+    for i in range(nv):
+        cands = [j for j in (dist[i] <= BOX_ATOL).nonzero().view(-1).tolist() if j not in taken]
+        if cands:
+            j = min(cands, key=lambda c: (abs(c - i), c))
+            to_mmt[i] = j
+            taken.add(j)
+    problems, ties, tied_m, tied_v = [], [], set(), set()
+    for i, j in enumerate(to_mmt):
+        if j >= 0 and abs(float(vd[i, 4]) - float(m[j, 4])) > SCORE_ATOL:
+            problems.append(f'proposal {j}: score {float(vd[i, 4]):.8g} vs {float(m[j, 4]):.8g}')
+    # order of the proposals in both lists: any pair ordered differently must be float-tied
+    pairs = [(i, j) for i, j in enumerate(to_mmt) if j >= 0]
+    ms = np.array([j for _, j in pairs])
+    for a in range(len(pairs)):
+        later = np.nonzero(ms[a + 1:] < ms[a])[0]
+        for b in later + a + 1:
+            (iv, jm), (iv2, jm2) = pairs[a], pairs[b]
+            la, lb = (m_logits[jm], m_logits[jm2]) if m_logits else (None, None)
+            sa, sb = float(m[jm, 4]), float(m[jm2, 4])
+            tied_m.update((jm, jm2))
+            tied_v.update((iv, iv2))
+            if _tied(sa, sb, la, lb):
+                ties.append(f'MMTracking {jm2} before {jm}, viddet after (scores {sb:.9g} / {sa:.9g})')
+            else:
+                problems.append(f'order of MMTracking proposals {jm2} and {jm} (scores {sb:.9g} / {sa:.9g}) '
+                                f'differs and is not a float tie')
+    # proposals in one list only
+    only_m = [j for j in range(nm) if j not in taken]
+    only_v = [i for i in range(nv) if to_mmt[i] < 0]
+    if only_m or only_v:
+        boxes = torch.cat([m[only_m, :4], vd[only_v, :4]])
+        scores = [float(m[j, 4]) for j in only_m] + [float(vd[i, 4]) for i in only_v]
+        side = ['m'] * len(only_m) + ['v'] * len(only_v)
+        iou = box_iou(boxes, boxes)
+        parent = list(range(len(side)))
+
+        def root(k):
+            while parent[k] != k:
+                parent[k] = parent[parent[k]]
+                k = parent[k]
+            return k
+        cross = [(a, b) for a in range(len(side)) for b in range(len(side))
+                 if side[a] == 'm' and side[b] == 'v' and float(iou[a, b]) > nms_iou]
+        for a, b in cross:
+            parent[root(a)] = root(b)
+        tied_groups = {root(a) for a, b in cross if _tied(scores[a], scores[b])}
+        last_m, last_v = (float(m[-1, 4]) if nm else 0.0), (float(vd[-1, 4]) if nv else 0.0)
+        for k, (s, sc) in enumerate(zip(side, scores)):
+            idx = only_m[k] if s == 'm' else only_v[k - len(only_m)]
+            who = f'MMTracking\'s proposal {idx}' if s == 'm' else f'viddet\'s proposal {idx}'
+            (tied_m if s == 'm' else tied_v).add(idx)
+            other_full, other_last = (nv >= max_per_img, last_v) if s == 'm' else (nm >= max_per_img, last_m)
+            if root(k) in tied_groups:
+                ties.append(f'{who} (score {sc:.9g}) is in the other list\'s place of an overlapping float-tied '
+                            'proposal: NMS kept the other one')
+            elif other_full and (sc <= other_last or _tied(sc, other_last)):
+                ties.append(f'{who} (score {sc:.9g}) is cut by the count limit in the other list '
+                            f'(its last score {other_last:.9g})')
+            else:
+                problems.append(f'{who} (score {sc:.9g}, box {boxes[k].tolist()}) is not in the other list '
+                                'and no float tie explains it')
+    return ListComparison(to_mmt, ties, problems, tied_m, tied_v)
+
+
+# ------------------------------------------------------------------------------ the tests
+def _params():
+    return pytest.mark.parametrize('fixture', FIXTURES, ids=IDS)
+
+
+needs_fixtures = pytest.mark.skipif(not FIXTURES, reason='no training parity fixtures (the shared data folder '
+                                                         'must sit beside the repository, or set VIDDET_TRAIN_PARITY_DIR)')
+
+
+@needs_fixtures
+@_params()
+def test_rpn_anchors(fixture, checkpoints):
+    fx = json.loads(fixture.read_text())
+    st = _need_stages(fx)
+    step = _step(fixture, checkpoints)
+    t, ref = step.rpn, st['rpn_targets']
+    sampled = t.label_weights > 0
+    pos = (sampled & (t.labels == 1)).nonzero().view(-1).tolist()
+    neg = (sampled & (t.labels == 0)).nonzero().view(-1).tolist()
+    assert pos == ref['pos_anchors'], 'positive anchors differ'
+    assert neg == ref['neg_anchors'], 'negative anchors differ'
+    np.testing.assert_allclose(t.bbox_targets[pos].numpy(), np.array(ref['pos_bbox_targets']).reshape(-1, 4),
+                               atol=TARGET_ATOL, rtol=0)
+
+
+@needs_fixtures
+@_params()
+def test_proposals(fixture, checkpoints):
+    """(a) viddet's proposal lists equal MMTracking's up to BOX_ATOL / SCORE_ATOL; ties named."""
+    fx = json.loads(fixture.read_text())
+    st = _need_stages(fx)
+    step = _step(fixture, checkpoints)
+    cfg = step.train_cfg
+    lists = [('key frame', st['proposals'], step.proposals, cfg.rpn_proposal_max_per_img)]
+    for r, (mmt, own) in enumerate(zip(st.get('ref_proposals', []), step.ref_proposals or [])):
+        lists.append((f'reference {r}', mmt, own, 300))
+    assert len(lists) == 1 + len(st.get('ref_proposals', [])), 'viddet made no reference proposals'
+    problems = []
+    for name, mmt, own, max_per_img in lists:
+        c = compare_lists(mmt, own, max_per_img, cfg.rpn_proposal_nms_iou)
+        print(f'{fixture.stem} {name}: {len(own)} proposals, {len(c.ties)} float ties'
+              + ''.join(f'\n    tie: {t}' for t in c.ties))
+        assert len(own) <= max_per_img
+        problems += [f'{name}: {p}' for p in c.problems]
+    assert not problems, f'{fixture.stem}: ' + '; '.join(problems[:10])
+
+
+@needs_fixtures
+@_params()
+def test_rcnn_targets(fixture):
+    """viddet's R-CNN assignment of MMTracking's proposals and the targets of MMTracking's RoIs."""
+    fx = json.loads(fixture.read_text())
+    st = _need_stages(fx)
+    gt_b = torch.tensor(fx['gt_bboxes'], dtype=torch.float32)
+    gt_l = torch.tensor(fx['gt_labels'], dtype=torch.int64)
+    cfg = method_class(fx['method']).train_config()
+    assign = max_iou_assign(_proposals(st['proposals']), gt_b, cfg.rcnn_assigner, gt_l)
+    assert assign.gt_inds.tolist() == st['rcnn_assigned_gt_inds']
+    t = rcnn_targets(_mmt_sampling(st, gt_b), 30)
+    ref = st['rcnn_targets']
+    assert t.labels.tolist() == ref['labels']
+    np.testing.assert_allclose(t.label_weights.numpy(), ref['label_weights'], atol=0)
+    npos = len(st['rcnn_sampling']['pos_inds'])
+    np.testing.assert_allclose(t.bbox_targets[:npos].numpy(), np.array(ref['pos_bbox_targets']).reshape(-1, 4),
+                               atol=TARGET_ATOL, rtol=0)
+    assert bool((t.bbox_targets[npos:] == 0).all()) and bool((t.bbox_weights[:npos] == 1).all()) \
+        and bool((t.bbox_weights[npos:] == 0).all())
+
+
+@needs_fixtures
+@_params()
+def test_losses_and_gradients(fixture, checkpoints):
+    """(b) losses and gradients from MMTracking's own sampled RoIs: 1e-4 / 1e-3, no tie forgiven."""
+    fx = json.loads(fixture.read_text())
+    step = _step(fixture, checkpoints)
+    how = 'from MMTracking\'s sampled RoIs' if step.injected else \
+        f'from viddet\'s own RoIs ({_stages(fx)[1]}: a float tie in the proposal order cannot be told from a real difference)'
+    bad = {}
+    for k, ref in fx['losses'].items():
+        mine = float(sum(v for n, v in step.losses.items() if 'loss' in n)) if k == 'loss' else step.losses[k]
+        if abs(mine - ref) > max(LOSS_ATOL, LOSS_RTOL * abs(ref)):
+            bad[k] = f'{mine:.7g} vs {ref:.7g}'
+    assert not bad, f'{fixture.stem}: loss terms off, {how}: {bad}'
+    assert set(step.grad_norms) == set(fx['grad_norms']), 'parameter names differ from the fixture'
+    spread = fx.get('thread_spread') or {}
+    spread_rtol = spread.get('grad_norm_spread', {}) if not spread.get('stages_that_differ') else {}
+    checked, off, wrong_frozen = 0, [], []
     for name, ref in fx['grad_norms'].items():
-        mine = norms[name]
+        mine = step.grad_norms[name]
         if ref is None:
             if mine is not None and mine != 0:
                 wrong_frozen.append(name)
@@ -218,38 +475,57 @@ def _grad_report(model, fx):
         if ref < GRAD_EXEMPT * fx['total_grad_norm']:
             continue
         checked += 1
-        close += mine is not None and abs(mine - ref) <= GRAD_RTOL * ref
-    return total, checked, close, wrong_frozen
-
-
-@pytest.mark.skipif(not FIXTURES, reason=f'{TRAIN_DIR} holds no training parity fixtures (the shared '
-                                         'data folder must sit beside the repository)')
-@pytest.mark.parametrize('fixture', FIXTURES, ids=[f.stem for f in FIXTURES])
-def test_training_step_matches_mmtracking(fixture, checkpoint, monkeypatch):
-    fx = json.loads(fixture.read_text())
-    sample = _sample(fx)
-    state, _ = read_checkpoint(checkpoint(fx['checkpoint_keys'], int(fx['checkpoint_seed'])))
-    model = build_method(fx['method'], fx['backbone'])
-    load_into(model, state, fixture.name)
-    model.train()
-    expected = fx['losses']
-
-    losses = _forward(model, sample, monkeypatch, RoISampling())
-    swaps, tied = (), []
-    if max(_loss_errors(losses, expected).values()) > LOSS_RTOL:
-        del losses
-        swaps, tied = _resolve_order(model, sample, expected, monkeypatch)
-        losses = _forward(model, sample, monkeypatch, RoISampling(swaps))
-    sum_losses(losses).backward()
-
-    note = f' (proposal order: swapped {list(swaps)} of the float-tied pairs {tied})' if swaps else ''
-    print(f'{fixture.stem}: losses {dict((k, round(float(v.detach()), 7)) for k, v in losses.items())}{note}')
-    errors = _loss_errors(losses, expected)
-    bad = {k: f'{float(sum_losses(losses) if k == "loss" else losses[k]):.7g} vs {v:.7g}'
-           for k, v in expected.items() if errors[k] > LOSS_RTOL}
-    assert not bad, f'{fixture.stem}: loss terms off{note}: {bad}'
-    total, checked, close, wrong_frozen = _grad_report(model, fx)
+        if mine is None or abs(mine - ref) > max(GRAD_RTOL, spread_rtol.get(name, 0.0)) * ref:
+            off.append(f'{name} {mine} vs {ref}')
     assert not wrong_frozen, f'{fixture.stem}: gradients of parameters frozen in MMTracking: {wrong_frozen[:5]}'
-    assert total == pytest.approx(fx['total_grad_norm'], rel=GRAD_RTOL), f'{fixture.stem}{note}'
-    assert checked > 100 and close >= GRAD_FRACTION * checked, \
-        f'{fixture.stem}: {close}/{checked} gradient norms within {GRAD_RTOL}{note}'
+    assert step.total_grad_norm == pytest.approx(fx['total_grad_norm'], rel=GRAD_RTOL), f'{fixture.stem}, {how}'
+    assert checked > 100 and len(off) <= (1 - GRAD_FRACTION) * checked, \
+        f'{fixture.stem}: {checked - len(off)}/{checked} gradient norms within {GRAD_RTOL}, {how}; off: {off[:5]}'
+
+
+def _galleries(gt_inds: torch.Tensor, num_gts: int):
+    """(positive, negative) candidate indices of [gt boxes; proposals], in index order."""
+    inds = torch.cat([torch.arange(1, num_gts + 1), gt_inds])
+    return (inds > 0).nonzero().view(-1).tolist(), (inds == 0).nonzero().view(-1).tolist()
+
+
+@needs_fixtures
+@_params()
+def test_drawn_rois(fixture, checkpoints):
+    """(c) the RoIs viddet draws itself equal MMTracking's wherever the proposal order is not float-tied."""
+    fx = json.loads(fixture.read_text())
+    st = _need_stages(fx)
+    step = _step(fixture, checkpoints)
+    cfg = step.train_cfg
+    g = len(fx['gt_bboxes'])
+    c = compare_lists(st['proposals'], step.proposals, cfg.rpn_proposal_max_per_img, cfg.rpn_proposal_nms_iou)
+    gt_b = torch.tensor(fx['gt_bboxes'], dtype=torch.float32)
+    gt_l = torch.tensor(fx['gt_labels'], dtype=torch.int64)
+    mine = max_iou_assign(step.proposals, gt_b, cfg.rcnn_assigner, gt_l)
+    gal_m = _galleries(torch.tensor(st['rcnn_assigned_gt_inds']), g)
+    gal_v = _galleries(mine.gt_inds, g)
+    ident = lambda k: k if k < g else (g + c.to_mmt[k - g] if c.to_mmt[k - g] >= 0 else ('viddet', k - g))  # noqa
+    tied = {g + j for j in c.tied_mmt}
+    drawn_m = (st['rcnn_sampling']['pos_inds'], st['rcnn_sampling']['neg_inds'])
+    drawn_v = (step.drawn.pos_inds.tolist(), step.drawn.neg_inds.tolist())
+    notes = []
+    for kind, gm, gv, dm, dv in zip(('positive', 'negative'), gal_m, gal_v, drawn_m, drawn_v):
+        if len(gm) != len(gv):
+            moved = sorted(set(gm) ^ {ident(k) for k in gv if not isinstance(ident(k), tuple)})
+            assert c.problems == [] and set(moved) <= tied | {('viddet',)}, \
+                f'{fixture.stem}: the {kind} galleries differ ({len(gm)} vs {len(gv)}) at untied proposals {moved}'
+            pytest.skip(f'{fixture.stem}: a float tie moves proposals {moved} (MMTracking indices into '
+                        f'[gt; proposals]) between the galleries ({kind}: {len(gm)} vs {len(gv)}), so the two draws '
+                        'are different permutations; stage (b) checks the losses from MMTracking\'s RoIs')
+        rank_m = {k: r for r, k in enumerate(gm)}
+        rank_v = {k: r for r, k in enumerate(gv)}
+        pm, pv = sorted(rank_m[k] for k in dm), sorted(rank_v[k] for k in dv)
+        assert pm == pv, f'{fixture.stem}: viddet draws other {kind} gallery positions than MMTracking'
+        for r in pm:
+            if gm[r] != ident(gv[r]):
+                assert gm[r] in tied or isinstance(ident(gv[r]), tuple) or ident(gv[r]) in tied, \
+                    f'{fixture.stem}: {kind} RoI at gallery position {r} differs at an untied proposal'
+                notes.append(f'{kind} gallery position {r}: MMTracking drew candidate {gm[r]}, viddet {ident(gv[r])} '
+                             '(float tie)')
+    print(f'{fixture.stem}: drawn RoIs equal' + (' except at named float ties:' if notes else '')
+          + ''.join(f'\n    {n}' for n in notes))

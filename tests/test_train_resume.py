@@ -17,7 +17,8 @@ import yaml
 from train_utils import make_tiny_vid, tiny_config
 from viddet import VidDetError
 from viddet.cli import main
-from viddet.engine.train import checkpoint_candidates, latest_checkpoint, train
+from viddet.engine.train import train
+from viddet.engine.work_dir import checkpoint_candidates, latest_checkpoint
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 

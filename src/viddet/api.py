@@ -25,7 +25,8 @@ from viddet.data.transforms import DEFAULT_SCALE
 from viddet.engine.video import FrameResult, VideoFrame, run_video
 from viddet.errors import VidDetError
 from viddet.methods.base import MethodSettings
-from viddet.linking import LINK_MODES, IoUTracker, link_video
+from viddet.linking.link import LINK_MODES, link_video
+from viddet.linking.tracker import IoUTracker
 from viddet.runtime import resolve_device, set_threads
 from viddet.timing import NO_TIMER, StageTimer
 
@@ -39,7 +40,7 @@ class VideoDetector:
         device: torch device the model is on.
         scale: resize limits (long, short) in pixels (1000, 600).
         test: the inference settings the model was built with (the method's ``Settings``;
-            recorded with the outputs); default the method's defaults.
+            recorded with the outputs); default: only the settings every method has.
         checkpoint: the file the weights came from (None: random or built in memory).
     """
 
@@ -50,7 +51,7 @@ class VideoDetector:
         self.class_names = tuple(class_names)
         self.device = device
         self.scale = scale
-        self.test = test or model.Settings()
+        self.test = test or MethodSettings()
         self.checkpoint = checkpoint
 
     @property
@@ -111,7 +112,7 @@ class VideoDetector:
                 ``track_ids``, unique in the video):
 
                 * ``'none'`` (default): no linking, ``track_ids`` is None.
-                * ``'online'``: the causal :class:`~viddet.linking.IoUTracker` (``tracker``, or one
+                * ``'online'``: the causal :class:`~viddet.linking.tracker.IoUTracker` (``tracker``, or one
                   with the default thresholds; reset first), fed each frame as it is detected: every
                   box kept, ids -1 for untracked boxes, results yielded as they come, nothing read
                   ahead; works on streams. A new call starts again from id 0, so the same frames give

@@ -15,15 +15,12 @@ What is measured (issue #6):
 * **Per-stage breakdown** (``stages_ms``): the mean milliseconds per timed frame in each stage of
   the :class:`~viddet.engine.video.StageTimer` (backbone, flow, rpn, roi_head, aggregation, nms);
   ``other`` is the rest of the latency (preprocessing, Python overhead).
-* **Peak memory**: on CUDA ``torch.cuda.max_memory_allocated`` over the whole video (warm-up
-  included; weights included). On the CPU the peak resident set size of the process during the
-  video minus its resident size just before it (so the weights, loaded before, are excluded): the
-  kernel's high-water mark ``VmHWM`` of ``/proc/self/status`` is reset through
-  ``/proc/self/clear_refs`` before the video, or, where that is not allowed, ``VmRSS`` is sampled
-  every 2 ms by a thread. (Python's ``tracemalloc`` does not see torch's allocations.) It covers
-  everything the process allocates while running: activations, caches, buffered frames. Free
-  memory the C allocator still holds is returned to the OS first (glibc ``malloc_trim``), so the
-  baseline holds only live data; memory the allocator keeps *during* the run counts as used.
+* **Peak memory** over the whole video (:class:`viddet.peak_memory.PeakMemory`): on CUDA the
+  allocated bytes (weights included), on the CPU the peak resident set size minus the size just
+  before the video (the weights, loaded before, excluded).
+* **CPU kernels** (``cpu_kernels``): the choice the fast modules run
+  (:class:`viddet.runtime.CpuKernels`; None with the plain modules): a time is only comparable with
+  one taken on the same choice.
 
 Synthetic frames: smooth random images (bilinear up-sampled low-resolution noise, like blurry
 natural images) drifting by a few pixels per frame, generated on demand from one base image so
@@ -41,7 +38,6 @@ from __future__ import annotations
 import os
 import re
 import statistics
-import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -57,7 +53,8 @@ from viddet.data.frames import Frame, FrameSource
 from viddet.engine.video import MODES, run_video
 from viddet.errors import VidDetError
 from viddet.fileio import atomic_write_json
-from viddet.runtime import resolve_device, set_threads
+from viddet.peak_memory import PeakMemory
+from viddet.runtime import CpuKernels, resolve_device, set_threads
 from viddet.timing import StageTimer
 
 AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -118,93 +115,6 @@ class SyntheticVideo(FrameSource):
         frame = Frame(index, f'{index:06d}', self.frame(index))
         self.seconds += time.perf_counter() - t0
         return frame
-
-
-def _release_free_heap() -> None:
-    """Returns the C allocator's free memory to the OS (glibc ``malloc_trim``; a no-op elsewhere),
-    so that memory freed before a measurement but still resident cannot hide a later peak."""
-    try:
-        import ctypes
-        ctypes.CDLL('libc.so.6').malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _proc_status_mb(key: str) -> Optional[float]:
-    try:
-        with open('/proc/self/status') as f:
-            m = re.search(rf'^{key}:\s+(\d+)\s+kB', f.read(), re.M)
-    except OSError:
-        return None
-    return int(m.group(1)) / 1024.0 if m else None
-
-
-class PeakMemory:
-    """Peak memory over a ``with`` block (see the module docstring for what is counted).
-
-    After the block: ``peak_mb`` (CPU: peak RSS minus RSS at entry; CUDA: max allocated bytes),
-    ``baseline_mb`` (RSS or allocated bytes at entry), ``kind`` (how it was measured), and
-    :meth:`current_mb` samples the current value (RSS minus baseline, or allocated bytes).
-    """
-
-    def __init__(self, device: torch.device):
-        self.device = torch.device(device)
-        self.cuda = self.device.type == 'cuda'
-        self.peak_mb: Optional[float] = None
-        self.baseline_mb: Optional[float] = None
-        self.kind = ''
-        self._sampler: Optional[threading.Thread] = None
-        self._stop = threading.Event()
-        self._sampled = 0.0
-
-    def current_mb(self) -> Optional[float]:
-        if self.cuda:
-            return torch.cuda.memory_allocated(self.device) / 2 ** 20
-        rss = _proc_status_mb('VmRSS')
-        return None if rss is None or self.baseline_mb is None else rss - self.baseline_mb
-
-    def _sample(self):
-        while not self._stop.wait(0.002):
-            rss = _proc_status_mb('VmRSS')
-            if rss is not None:
-                self._sampled = max(self._sampled, rss)
-
-    def __enter__(self):
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.baseline_mb = torch.cuda.memory_allocated(self.device) / 2 ** 20
-            self.kind = 'torch.cuda.max_memory_allocated (weights included)'
-            return self
-        import gc
-        gc.collect()
-        _release_free_heap()
-        self.baseline_mb = _proc_status_mb('VmRSS')
-        try:
-            with open('/proc/self/clear_refs', 'w') as f:
-                f.write('5')  # resets VmHWM to the current RSS (Linux >= 4.0)
-            self.kind = 'peak RSS delta (VmHWM after reset via /proc/self/clear_refs)'
-        except OSError:
-            self._sampled = self.baseline_mb or 0.0
-            self._sampler = threading.Thread(target=self._sample, name='viddet-rss-sampler', daemon=True)
-            self._sampler.start()
-            self.kind = 'peak RSS delta (VmRSS sampled every 2 ms)'
-        return self
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
-            return False
-        if self._sampler is not None:
-            self._stop.set()
-            self._sampler.join()
-            peak = max(self._sampled, _proc_status_mb('VmRSS') or 0.0)
-        else:
-            peak = _proc_status_mb('VmHWM')
-        if peak is not None and self.baseline_mb is not None:
-            self.peak_mb = max(0.0, peak - self.baseline_mb)
-        return False
 
 
 # ---------------------------------------------------------------------------------- benchmark
@@ -268,10 +178,9 @@ class BenchmarkResult:
                  f'  peak memory {self.peak_memory_mb if self.peak_memory_mb is None else round(self.peak_memory_mb, 1)} MB'
                  f' ({self.memory_kind})']
         kernels = self.extra.get('cpu_kernels')
-        if self.device == 'cpu' and kernels:
-            lines.append(f"  CPU kernels: {kernels['cpu_capability']}, GEMM on {kernels['gemm']}, Winograd "
-                         f"{'on' if kernels['winograd'] else 'off'}; {self.extra.get('torch_threads')} thread(s), "
-                         f"torch {self.extra.get('torch')}")
+        if self.device == 'cpu':
+            lines.append(f"  {'CPU kernels: ' + str(CpuKernels(**kernels)) if kernels else 'plain modules'}; "
+                         f"{self.extra.get('torch_threads')} thread(s), torch {self.extra.get('torch')}")
         return '\n'.join(lines)
 
 
@@ -324,10 +233,11 @@ def benchmark(method: str = 'single', backbone: str = 'r50', size: Tuple[int, in
             plus FGFA's look-ahead (15) offline, so that with ``warmup >= 15`` every timed FGFA
             frame has its full 31-frame window (near the video's ends the window repeats the end
             frames and FGFA runs fewer FlowNet passes).
-        fast: the fast paths of :mod:`viddet.speedups` (False: the plain modules).
+        fast: the fast modules of :mod:`viddet.speedups` (False: the plain modules).
 
     Returns:
-        a :class:`BenchmarkResult`.
+        a :class:`BenchmarkResult`; its record says which CPU kernels ran (``cpu_kernels``: the
+        :class:`viddet.runtime.CpuKernels` of the fast modules, None for the plain modules).
 
     Raises:
         VidDetError: bad arguments (sizes, counts, device, AMP type, checkpoint).
@@ -349,15 +259,30 @@ def benchmark(method: str = 'single', backbone: str = 'r50', size: Tuple[int, in
     if video_length < total:
         raise VidDetError(f'video length {video_length} < warm-up + timed frames ({total})')
     source = video if video is not None else SyntheticVideo(width, height, video_length, seed=seed)
-    length = source.length
-    scale = (max(width, height), min(width, height))
-    timer = StageTimer(True, dev)
     autocast = torch.autocast(dev.type, dtype=AMP_DTYPES[amp]) if amp else nullcontext()
+    with autocast:
+        lat, warm, stages, mem, mem_frames = _timed_run(model, source, dev, mode, size, warmup, frames)
+    kernels = speedups.kernels_of(model)
+    extra = {'mode': mode, 'amp': amp or 'fp32', 'ref_cache': bool(getattr(model, 'ref_cache', ref_cache)),
+             'weights': checkpoint or f'random (seed {seed})', 'fast_paths': speedups.is_converted(model),
+             'torch_threads': torch.get_num_threads(), 'torch': torch.__version__, 'cpu_count': os.cpu_count(),
+             'cpu_kernels': None if kernels is None else kernels.as_dict(), 'video_length': source.length,
+             'memory_baseline_mb': None if mem.baseline_mb is None else round(mem.baseline_mb, 3)}
+    return BenchmarkResult(getattr(model, 'name', method), backbone, str(dev), (width, height), len(lat), len(warm),
+                           lat, warm, stages, mem.peak_mb, mem.kind, mem_frames, extra)
+
+
+def _timed_run(model, source: FrameSource, dev: torch.device, mode: str, size: Tuple[int, int], warmup: int,
+               frames: int):
+    """Runs ``model`` over ``source`` until ``frames`` frames after ``warmup`` are timed (module
+    docstring). Returns (timed latencies ms, warm-up latencies ms, mean ms per timed frame in each
+    stage and ``other``, the :class:`PeakMemory`, memory after each frame)."""
+    timer = StageTimer(True, dev)
     lat, warm, mem_frames = [], [], []
     stage_sum: Dict[str, float] = {k: 0.0 for k in STAGES}
     mem = PeakMemory(dev)
-    with mem, autocast:
-        results = run_video(model, source, mode=mode, device=dev, scale=scale, timer=timer)
+    with mem:
+        results = run_video(model, source, mode=mode, device=dev, scale=(max(size), min(size)), timer=timer)
         seconds = lambda: getattr(source, 'seconds', 0.0)  # noqa: E731
         t_prev, src_prev = time.perf_counter(), seconds()
         for res in results:
@@ -378,17 +303,9 @@ def benchmark(method: str = 'single', backbone: str = 'r50', size: Tuple[int, in
             t_prev, src_prev = time.perf_counter(), seconds()
     if len(lat) < 1:
         raise VidDetError(f'the video ended after {len(warm)} frames, before any timed frame')
-    stages = {k: v / len(lat) for k, v in stage_sum.items() if v > 0 or k in STAGES}
-    stages = {k: v for k, v in stages.items() if v > 0}
+    stages = {k: v / len(lat) for k, v in stage_sum.items() if v > 0}
     stages['other'] = max(0.0, float(np.mean(lat)) - sum(stages.values()))
-    name = getattr(model, 'name', method)
-    extra = {'mode': mode, 'amp': amp or 'fp32', 'ref_cache': bool(getattr(model, 'ref_cache', ref_cache)),
-             'weights': checkpoint or f'random (seed {seed})', 'fast_paths': speedups.is_enabled(model), 'torch_threads': torch.get_num_threads(),
-             'torch': torch.__version__, 'cpu_count': os.cpu_count(), 'cpu_kernels': speedups.cpu_kernels(),
-             'video_length': length,
-             'memory_baseline_mb': None if mem.baseline_mb is None else round(mem.baseline_mb, 3)}
-    return BenchmarkResult(name, backbone, str(dev), (width, height), len(lat), len(warm), lat, warm,
-                           stages, mem.peak_mb, mem.kind, mem_frames, extra)
+    return lat, warm, stages, mem, mem_frames
 
 
 def run_cli(args) -> int:

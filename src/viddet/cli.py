@@ -49,7 +49,7 @@ def settings_help() -> str:
 
 def add_link_option(p, what: str):
     """``--link seqnms|online|none`` (:mod:`viddet.linking`), shared by ``demo``, ``test`` and ``eval``."""
-    from viddet.linking import LINK_MODES
+    from viddet.linking.link import LINK_MODES
     p.add_argument('--link', choices=LINK_MODES, default='none',
                    help='link the detections into objects with track ids: seqnms (Seq-NMS over the whole video: '
                         'rescored tubes, duplicates removed), online (causal IoU tracker, frame by frame; for '
@@ -64,7 +64,7 @@ def add_demo_parser(sub):
                     '"names"}, plus "track_ids" with --link). Every output is checked before the model loads; '
                     'a stopped run keeps what it finished under .partial names. Default checkpoints per method '
                     '(MMTracking model zoo, downloaded once into $VIDDET_HOME, default ~/.cache/viddet): '
-                    + ', '.join(f'{m.name}: {m.default_checkpoint}' for m in METHODS) + '.')
+                    + ', '.join(f'{m.name}: {m.default_checkpoint}' for m in METHODS if m.default_checkpoint) + '.')
     p.add_argument('input', help='video file, folder of frames (sorted by numeric name), camera (0, /dev/video0) '
                                  'or rtsp/http stream URL')
     add_inference_options(p)
@@ -266,6 +266,7 @@ def add_train_parser(sub):
 
         from viddet.config.training import load_config
         from viddet.engine.train import train
+        from viddet.engine.train_options import TrainOptions
         overrides = list(args.overrides)
         if args.backbone_weights:
             overrides.append(f'init.backbone_weights={args.backbone_weights}')
@@ -273,10 +274,7 @@ def add_train_parser(sub):
             overrides.append(f'init.flownet_weights={args.flownet_weights}')
         cfg = load_config(args.config, overrides)
         work_dir = args.work_dir or str(Path('work_dirs') / Path(args.config).stem)
-        train(cfg, work_dir, resume=args.resume, amp=args.amp, accumulate=args.accumulate, max_iters=args.max_iters,
-              val_interval=args.val_interval, device=args.device, progress=not args.no_progress,
-              evaluate=not args.no_eval, threads=args.threads, save_interval=args.save_interval,
-              keep_checkpoints=args.keep_checkpoints, overwrite=args.overwrite)
+        train(cfg, work_dir, TrainOptions.from_args(args))
         return 0
 
     p.set_defaults(func=run)

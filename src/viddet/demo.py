@@ -117,6 +117,7 @@ def run_demo(args) -> int:
 def _run(args, source) -> int:
     from tqdm import tqdm
 
+    from viddet import speedups
     from viddet.api import detector_from_args
     from viddet.data.writers import JsonLinesWriter, VideoWriter
     from viddet.engine.video import TruncatedVideoWarning
@@ -141,6 +142,7 @@ def _run(args, source) -> int:
     print(f'viddet demo: {detector.method} on {args.input} '
           f'({plural(source.length) if source.length is not None else "? frames"}, {mode} mode{linking}, '
           f'{detector.device})', file=sys.stderr)
+    print(f'viddet demo: {speedups.describe(detector.model)}', file=sys.stderr)
     writers = [VideoWriter(video_path, fps=fps), JsonLinesWriter(json_path, detector.class_names)]
     video, records = writers
     done, tracks, shown, t0 = 0, set(), set(), time.perf_counter()

@@ -113,6 +113,9 @@ class _RecordingRoIHead:
     def forward_train(self, *args, **kwargs):
         a = inspect.signature(super().forward_train).bind(*args, **kwargs).arguments
         RECORD['proposal_list'] = [p.detach().clone() for p in a['proposal_list']]
+        # the assigner is deterministic: asking it again gives what the sampler drew from
+        RECORD['assigned'] = self.bbox_assigner.assign(a['proposal_list'][0], a['gt_bboxes'][0], None,
+                                                       a['gt_labels'][0]).gt_inds.clone()
         if 'ref_proposal_list' in a:
             RECORD['ref_proposal_list'] = [p.detach().clone() for p in a['ref_proposal_list']]
         return super().forward_train(*args, **kwargs)
@@ -243,9 +246,9 @@ def step(model, kwargs, rng_seed, threads):
     losses = model(return_loss=True, **kwargs)
     loss, log_vars = model._parse_losses(losses)
     loss.backward()
-    grads = {k: (None if v.grad is None else float(v.grad.norm())) for k, v in model.named_parameters()}
+    grads = {k: (None if v.grad is None else f32(v.grad.norm())) for k, v in model.named_parameters()}
     with_grad = [v for v in model.parameters() if v.requires_grad and v.grad is not None]
-    total_grad_norm = float(torch.nn.utils.clip_grad_norm_(with_grad, max_norm=1e30, norm_type=2))
+    total_grad_norm = f32(torch.nn.utils.clip_grad_norm_(with_grad, max_norm=1e30, norm_type=2))
     return log_vars, float(loss), grads, total_grad_norm, dict(RECORD)
 
 
@@ -272,6 +275,7 @@ def stages(rec, gt_b):
     cand = torch.cat([gt_b, key[:, :4]])
     assert res.num_gts == len(gt_b) and torch.equal(res.pos_bboxes, cand[res.pos_inds]) \
         and torch.equal(res.neg_bboxes, cand[res.neg_inds])
+    out['rcnn_assigned_gt_inds'] = rec['assigned'].tolist()
     out['rcnn_sampling'] = dict(pos_inds=res.pos_inds.tolist(), neg_inds=res.neg_inds.tolist(), num_gts=res.num_gts,
                                 pos_assigned_gt_inds=res.pos_assigned_gt_inds.tolist(),
                                 pos_gt_labels=res.pos_gt_labels.tolist(), pos_is_gt=res.pos_is_gt.int().tolist())
@@ -292,7 +296,8 @@ def stages(rec, gt_b):
 def differences(a, b):
     """Where two records of the same step differ (empty: identical)."""
     out = []
-    for k in ('proposals', 'rpn_targets', 'rcnn_sampling', 'rcnn_targets', 'ref_proposals'):
+    for k in ('proposals', 'rpn_targets', 'rcnn_assigned_gt_inds', 'rcnn_sampling', 'rcnn_targets',
+              'ref_proposals'):
         if a.get(k) != b.get(k):
             out.append(k)
     return out
@@ -330,8 +335,8 @@ def main():
         method=a.method, backbone='r50',
         checkpoint=f'make_checkpoint.py keys/{a.method}_r50.txt --seed {a.ckpt_seed}',
         checkpoint_keys=f'{a.method}_r50.txt', checkpoint_seed=a.ckpt_seed, rng_seed=a.rng_seed, **info,
-        losses={k: float(np.float32(v)) for k, v in log_vars.items()},
-        total_loss=float(np.float32(total)),
+        losses={k: f32(v) for k, v in log_vars.items()},
+        total_loss=f32(total),
         grad_norms=grads, total_grad_norm=total_grad_norm,
         threads=a.threads, **recorded)
     if a.spread_threads:
@@ -340,9 +345,11 @@ def main():
         rel = [abs(grads2[k] - v) / v for k, v in grads.items() if v and grads2[k] is not None]
         out['thread_spread'] = dict(
             threads=a.spread_threads,
-            losses={k: float(np.float32(v)) for k, v in log2.items()},
+            losses={k: f32(v) for k, v in log2.items()},
             total_grad_norm=tgn2,
             grad_norm_max_rel_diff=max(rel),
+            grad_norm_spread={k: float(f'{abs(grads2[k] - v) / v:.3g}') for k, v in grads.items()
+                              if v and grads2[k] is not None and abs(grads2[k] - v) > 1e-4 * v},
             loss_max_rel_diff=max(abs(log2[k] - v) / max(abs(v), 1e-12) for k, v in log_vars.items()),
             stages_that_differ=differences(recorded, other),
             proposals=other['proposals'] if 'proposals' in differences(recorded, other) else None,

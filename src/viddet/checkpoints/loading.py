@@ -21,6 +21,7 @@ from viddet.errors import VidDetError
 from viddet.methods import VIDMethod, method_class, method_of_checkpoint
 from viddet.methods.base import MethodSettings
 from viddet.models.backbones import backbone_of_state_dict
+from viddet.runtime import cpu_kernels
 
 
 def load_into(model: torch.nn.Module, state: Dict[str, torch.Tensor], source: str,
@@ -153,7 +154,12 @@ def load_model(checkpoint: Optional[str] = None, method: Optional[str] = None, b
         cfg = _with(cls, test or cls.Settings(), settings)
         model = cls.build(backbone or 'r50', len(VID_CLASSES), **cfg.build_kwargs())
         return LoadedModel(_ready(model, cfg), VID_CLASSES, {}, None, DEFAULT_SCALE, cfg)
-    path = resolve_checkpoint(checkpoint or (cls or method_class('selsa')).default_checkpoint, progress)
+    if checkpoint is None:
+        checkpoint = (cls or method_class('selsa')).default_checkpoint
+        if checkpoint is None:
+            raise VidDetError(f'method {cls.name} has no published checkpoint to default to: '
+                              f'pass --checkpoint (a file of a training run, or a URL)')
+    path = resolve_checkpoint(checkpoint, progress)
     state, meta = read_checkpoint(path)
     file_cls = method_of_checkpoint(state, meta)
     if file_cls is None:   # a plain mmdet Faster R-CNN file: its keys without the detector. prefix
@@ -181,4 +187,4 @@ def _with(method, cfg: MethodSettings, settings: dict) -> MethodSettings:
 
 def _ready(model: VIDMethod, cfg: MethodSettings) -> VIDMethod:
     model.eval()
-    return speedups.enable(model) if cfg.fast else speedups.disable(model)
+    return speedups.convert(model, cpu_kernels()) if cfg.fast else speedups.revert(model)

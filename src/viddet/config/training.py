@@ -265,7 +265,7 @@ def _names_a_file(spec: str) -> bool:
     return '://' not in spec and (Path(spec).suffix != '' or '/' in spec or '\\' in spec)
 
 
-def configfrom_dict(raw: dict, source: str = '<config>', overrides: Sequence[str] = ()) -> Config:
+def config_from_dict(raw: dict, source: str = '<config>', overrides: Sequence[str] = ()) -> Config:
     """A validated :class:`Config` from a plain dict plus ``KEY=VALUE`` overrides.
 
     Raises:
@@ -283,7 +283,6 @@ def configfrom_dict(raw: dict, source: str = '<config>', overrides: Sequence[str
     return cfg
 
 
-
 def load_config(path, overrides: Sequence[str] = ()) -> Config:
     """Reads a YAML config file and applies ``--set`` overrides (see module docstring).
 
@@ -295,5 +294,5 @@ def load_config(path, overrides: Sequence[str] = ()) -> Config:
         VidDetError: missing/unparsable file (or base file), a cycle of bases, unknown keys, wrong
             types or values.
     """
-    return configfrom_dict(read_with_bases(Path(path), ()), str(path), overrides)
+    return config_from_dict(read_with_bases(Path(path), ()), str(path), overrides)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List
+from typing import Callable, Dict, Iterable, List, Optional
 
 from viddet.classes import VID_CLASSES
 from viddet.fileio import read_json
@@ -114,47 +114,70 @@ def check_data(ann_file, root=None, check_files: bool = True, known_classes: Ite
     ann_file = Path(ann_file)
     report = CheckReport(ann_file=str(ann_file))
     add = lambda kind, msg, error=True: report._add(kind, msg, error, max_listed)  # noqa: E731
-    data = read_json(ann_file, 'annotation file')
-    if not isinstance(data, dict):
-        add('structure', f'top level is a {type(data).__name__}, expected an object with images/annotations/categories')
+    parts = _top_level(read_json(ann_file, 'annotation file'), add)
+    if parts is None:
         return report
-    for key in ('images', 'annotations', 'categories'):
-        if not isinstance(data.get(key), list):
-            add('structure', f'missing or non-list "{key}"')
-    if report.error_counts:
-        return report
-    videos = data.get('videos', None)
-    if videos is not None and not isinstance(videos, list):
-        add('structure', '"videos" is not a list')
-        videos = None
-    images, anns, cats = data['images'], data['annotations'], data['categories']
+    videos, images, anns, cats = parts
     report.num_videos, report.num_images, report.num_annotations = len(videos or []), len(images), len(anns)
-
-    def ids_of(items, what):
-        seen = {}
-        for i, it in enumerate(items):
-            if not isinstance(it, dict) or 'id' not in it:
-                add('structure', f'{what}[{i}] is not an object with an "id"')
-                continue
-            if it['id'] in seen:
-                add('duplicate id', f'{what} id {it["id"]!r} appears at index {seen[it["id"]]} and {i}')
-            else:
-                seen[it['id']] = i
-        return seen
-
-    cat_ids = ids_of(cats, 'categories')
+    cat_ids = _ids_of(cats, 'categories', add)
     known = set(known_classes)
     for c in cats:
         if isinstance(c, dict) and c.get('name') not in known:
             add('unknown category', f'category id {c.get("id")!r} name {c.get("name")!r} is not one of the '
                 f'{len(known)} known classes', error=False)
-    vid_ids = ids_of(videos or [], 'videos')
-    img_ids = ids_of(images, 'images')
-    ids_of(anns, 'annotations')
+    vid_ids = _ids_of(videos or [], 'videos', add)
+    img_ids = _ids_of(images, 'images', add)
+    _ids_of(anns, 'annotations', add)
+    img_by_id = _check_images(images, vid_ids if videos is not None else None, add)
+    for a in anns:
+        if isinstance(a, dict):
+            _check_annotation(a, img_by_id.get(a.get('image_id')), img_ids, cat_ids,
+                              vid_ids if videos is not None else None, add)
+    if root is not None and check_files:
+        report.image_root = _check_files(root, images, add)
+    return report
 
+
+# The steps of check_data; ``add(kind, message, error=True)`` records a problem in the report.
+def _top_level(data, add: Callable) -> Optional[tuple]:
+    """(videos or None, images, annotations, categories) of a well-formed file, else None."""
+    if not isinstance(data, dict):
+        add('structure', f'top level is a {type(data).__name__}, expected an object with images/annotations/categories')
+        return None
+    missing = False
+    for key in ('images', 'annotations', 'categories'):
+        if not isinstance(data.get(key), list):
+            add('structure', f'missing or non-list "{key}"')
+            missing = True
+    if missing:
+        return None
+    videos = data.get('videos', None)
+    if videos is not None and not isinstance(videos, list):
+        add('structure', '"videos" is not a list')
+        videos = None
+    return videos, data['images'], data['annotations'], data['categories']
+
+
+def _ids_of(items: list, what: str, add: Callable) -> Dict[object, int]:
+    """id -> index of the first item with it; reports items without an id and duplicate ids."""
+    seen = {}
+    for i, it in enumerate(items):
+        if not isinstance(it, dict) or 'id' not in it:
+            add('structure', f'{what}[{i}] is not an object with an "id"')
+            continue
+        if it['id'] in seen:
+            add('duplicate id', f'{what} id {it["id"]!r} appears at index {seen[it["id"]]} and {i}')
+        else:
+            seen[it['id']] = i
+    return seen
+
+
+def _check_images(images: list, vid_ids: Optional[Dict[object, int]], add: Callable) -> dict:
+    """Checks every image (file name, size and, when the file has videos (``vid_ids`` not None),
+    its video and ``frame_id``, which must be 0..n-1 per video); returns image id -> first image."""
     img_by_id = {}
     frames_per_video: Dict[object, List[int]] = {}
-    for i, im in enumerate(images):
+    for im in images:
         if not isinstance(im, dict):
             continue
         img_by_id.setdefault(im.get('id'), im)
@@ -163,7 +186,7 @@ def check_data(ann_file, root=None, check_files: bool = True, known_classes: Ite
         w, h = im.get('width'), im.get('height')
         if not (_is_number(w) and _is_number(h) and w > 0 and h > 0):
             add('bad image size', f'image id {im.get("id")!r} ({im.get("file_name")}) has width {w!r}, height {h!r}')
-        if videos is not None:
+        if vid_ids is not None:
             if im.get('video_id') not in vid_ids:
                 add('unknown video', f'image id {im.get("id")!r} has unknown video_id {im.get("video_id")!r}')
             elif not isinstance(im.get('frame_id'), int) or isinstance(im.get('frame_id'), bool):
@@ -175,53 +198,56 @@ def check_data(ann_file, root=None, check_files: bool = True, known_classes: Ite
             fs = sorted(fids)
             add('bad frame_id', f'video id {vid!r}: frame_ids are not 0..{len(fids) - 1} '
                 f'(first {fs[:5]}, last {fs[-3:]})')
+    return img_by_id
 
-    for i, a in enumerate(anns):
-        if not isinstance(a, dict):
-            continue
-        aid = a.get('id')
-        im = img_by_id.get(a.get('image_id'))
-        if a.get('image_id') not in img_ids:
-            add('unknown image', f'annotation id {aid!r} has unknown image_id {a.get("image_id")!r}')
-        if a.get('category_id') not in cat_ids:
-            add('unknown category', f'annotation id {aid!r} has category_id {a.get("category_id")!r} '
-                'not in "categories"')
-        if videos is not None and 'video_id' in a and a['video_id'] not in vid_ids:
-            add('unknown video', f'annotation id {aid!r} has unknown video_id {a["video_id"]!r}')
-        if im is not None and 'video_id' in a and 'video_id' in im and a['video_id'] != im['video_id']:
-            add('unknown video', f'annotation id {aid!r} has video_id {a["video_id"]!r} but its image is in '
-                f'video {im["video_id"]!r}')
-        box = a.get('bbox')
-        if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) and math.isfinite(v) for v in box)):
-            add('bad box', f'annotation id {aid!r}: bbox {box!r} is not 4 finite numbers [x, y, w, h]')
-            continue
-        x, y, w, h = box
-        where = f'annotation id {aid!r} (image {a.get("image_id")!r}'
-        where += f', {im.get("file_name")})' if isinstance(im, dict) else ')'
-        if w <= 0 or h <= 0:
-            add('bad box', f'{where}: bbox {box} has non-positive width or height')
-            continue
-        if not _is_number(a.get('area')):
-            add('missing area', f'{where}: no numeric "area" (pycocotools needs it)', error=False)
-        if w < 1 or h < 1:
-            add('tiny box', f'{where}: bbox {box} is under 1 pixel wide or high (dropped when loading)', error=False)
-        if isinstance(im, dict) and _is_number(im.get('width')) and _is_number(im.get('height')):
-            iw = min(x + w, im['width']) - max(x, 0)
-            ih = min(y + h, im['height']) - max(y, 0)
-            if iw <= 0 or ih <= 0:
-                add('bad box', f'{where}: bbox {box} lies outside the {im["width"]}x{im["height"]} image')
-            elif x < 0 or y < 0 or x + w > im['width'] or y + h > im['height']:
-                add('box outside image', f'{where}: bbox {box} extends past the {im["width"]}x{im["height"]} '
-                    'image (clipped when loading)', error=False)
 
-    if root is not None and check_files:
-        base = _resolve_image_root(Path(root), images)
-        report.image_root = str(base)
-        if not Path(root).is_dir():
-            add('missing frame', f'image root {root} does not exist')
-        else:
-            for im in images:
-                if isinstance(im, dict) and isinstance(im.get('file_name'), str):
-                    if not (base / im['file_name']).is_file():
-                        add('missing frame', f'image id {im.get("id")!r}: {base / im["file_name"]} not found')
-    return report
+def _check_annotation(a: dict, im, img_ids, cat_ids, vid_ids, add: Callable) -> None:
+    """Checks one annotation's references (image ``im`` or None, category, video when ``vid_ids`` is
+    not None) and its box."""
+    aid = a.get('id')
+    if a.get('image_id') not in img_ids:
+        add('unknown image', f'annotation id {aid!r} has unknown image_id {a.get("image_id")!r}')
+    if a.get('category_id') not in cat_ids:
+        add('unknown category', f'annotation id {aid!r} has category_id {a.get("category_id")!r} '
+            'not in "categories"')
+    if vid_ids is not None and 'video_id' in a and a['video_id'] not in vid_ids:
+        add('unknown video', f'annotation id {aid!r} has unknown video_id {a["video_id"]!r}')
+    if im is not None and 'video_id' in a and 'video_id' in im and a['video_id'] != im['video_id']:
+        add('unknown video', f'annotation id {aid!r} has video_id {a["video_id"]!r} but its image is in '
+            f'video {im["video_id"]!r}')
+    box = a.get('bbox')
+    if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) and math.isfinite(v) for v in box)):
+        add('bad box', f'annotation id {aid!r}: bbox {box!r} is not 4 finite numbers [x, y, w, h]')
+        return
+    x, y, w, h = box
+    where = f'annotation id {aid!r} (image {a.get("image_id")!r}'
+    where += f', {im.get("file_name")})' if isinstance(im, dict) else ')'
+    if w <= 0 or h <= 0:
+        add('bad box', f'{where}: bbox {box} has non-positive width or height')
+        return
+    if not _is_number(a.get('area')):
+        add('missing area', f'{where}: no numeric "area" (pycocotools needs it)', error=False)
+    if w < 1 or h < 1:
+        add('tiny box', f'{where}: bbox {box} is under 1 pixel wide or high (dropped when loading)', error=False)
+    if isinstance(im, dict) and _is_number(im.get('width')) and _is_number(im.get('height')):
+        iw = min(x + w, im['width']) - max(x, 0)
+        ih = min(y + h, im['height']) - max(y, 0)
+        if iw <= 0 or ih <= 0:
+            add('bad box', f'{where}: bbox {box} lies outside the {im["width"]}x{im["height"]} image')
+        elif x < 0 or y < 0 or x + w > im['width'] or y + h > im['height']:
+            add('box outside image', f'{where}: bbox {box} extends past the {im["width"]}x{im["height"]} '
+                'image (clipped when loading)', error=False)
+
+
+def _check_files(root, images: list, add: Callable) -> str:
+    """Reports frame files missing under ``root`` (see :func:`_resolve_image_root`); returns the
+    folder the file names were resolved against."""
+    base = _resolve_image_root(Path(root), images)
+    if not Path(root).is_dir():
+        add('missing frame', f'image root {root} does not exist')
+    else:
+        for im in images:
+            if isinstance(im, dict) and isinstance(im.get('file_name'), str):
+                if not (base / im['file_name']).is_file():
+                    add('missing frame', f'image id {im.get("id")!r}: {base / im["file_name"]} not found')
+    return str(base)

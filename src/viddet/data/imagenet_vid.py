@@ -111,6 +111,8 @@ class ConvertSummary:
                 lines.append(f'  ... and {len(self.bad_files) - max_listed} more')
         return '\n'.join(lines)
 
+
+# ------------------------------------------------------------------------------------ helpers
 def _read_xml(path, video: bool, skip_bad: bool, summary: ConvertSummary) -> Optional[dict]:
     """:func:`parse_ilsvrc_xml`; with ``skip_bad`` a bad file gives None and is listed in
     ``summary.bad_files`` instead of raising."""
@@ -161,71 +163,94 @@ def convert_vid_split(root, mode: str = 'train', mmtracking_compat: bool = False
         vid_infos = parse_train_list(lists / 'VID_train_15frames.txt', mmtracking_compat)
     else:
         vid_infos = parse_val_list(lists / 'VID_val_videos.txt')
-    xml_dir = root / 'Annotations' / 'VID'
-    img_dir = root / 'Data' / 'VID'
     summary = ConvertSummary(split=mode)
     counts = {c['id']: 0 for c in vid_categories()}
     out = OrderedDict(categories=vid_categories(), videos=[], images=[], annotations=[])
-    img_id = ann_id = instance_id = 1
+    ids = _NextIds()
     for vid_id, (name, info) in enumerate(tqdm(vid_infos.items(), desc=f'ImageNet VID {mode}',
                                                unit='video', disable=not progress), 1):
         train_frames = info.get('vid_train_frames', [])
-        train_set = set(train_frames)
         out['videos'].append(dict(id=vid_id, name=name, vid_train_frames=list(train_frames)))
-        if mode == 'val' and info['start'] != img_id:
+        if mode == 'val' and info['start'] != ids.image:
             summary.warnings.append(f'{name}: list start id {info["start"]} differs from its first image id '
-                                    f'{img_id}; image ids will not be the global frame ids')
-        track_to_instance: Dict[str, int] = {}
-        sizeless = []  # images whose size must be filled in from another frame
-        known_size = None
-        for frame_id in range(info['num_frames']):
-            prefix = f'{name}/{frame_id:06d}'
-            xml_path = xml_dir / f'{prefix}.xml'
-            rec = _read_xml(xml_path, True, skip_bad, summary)
-            image = OrderedDict(file_name=f'{prefix}.JPEG', height=0, width=0, id=img_id,
-                                frame_id=frame_id, video_id=vid_id, is_vid_train_frame=frame_id in train_set)
-            out['images'].append(image)
-            if rec is None:
-                wh = _image_size_from_file(img_dir / f'{prefix}.JPEG')
-                if wh is None:
-                    sizeless.append(image)
-                else:
-                    image['width'], image['height'] = wh
-                img_id += 1
-                continue
-            image['height'], image['width'] = rec['height'], rec['width']
-            known_size = known_size or (rec['width'], rec['height'])
-            if not rec['objects']:
-                summary.num_no_objects += 1
-            for obj in rec['objects']:
-                cat = SYNSET_TO_CAT_ID.get(obj['name'])
-                if cat is None:
-                    summary.num_unknown_synsets += 1
-                    continue
-                w, h = obj['xmax'] - obj['xmin'], obj['ymax'] - obj['ymin']
-                inst = track_to_instance.get(obj['trackid'])
-                if inst is None:
-                    inst = track_to_instance[obj['trackid']] = instance_id
-                    instance_id += 1
-                out['annotations'].append(OrderedDict(
-                    id=ann_id, video_id=vid_id, image_id=img_id, category_id=cat, instance_id=inst,
-                    bbox=[obj['xmin'], obj['ymin'], w, h], area=w * h, iscrowd=False,
-                    occluded=obj['occluded'], generated=obj['generated']))
-                counts[cat] += 1
-                ann_id += 1
-            img_id += 1
-        for image in sizeless:
-            if known_size is None:
-                summary.warnings.append(f'{image["file_name"]}: size unknown (no readable XML or JPEG in '
-                                        'its video); width/height set to 0')
-            else:
-                image['width'], image['height'] = known_size
+                                    f'{ids.image}; image ids will not be the global frame ids')
+        _convert_video(root, name, vid_id, info['num_frames'], set(train_frames), skip_bad,
+                       out, counts, summary, ids)
     summary.num_videos = len(out['videos'])
     summary.num_images = len(out['images'])
     summary.num_train_frames = sum(1 for im in out['images'] if im['is_vid_train_frame'])
     summary.num_annotations = len(out['annotations'])
     summary.class_counts = {VID_CLASSES[k - 1]: v for k, v in counts.items()}
     return out, summary
+
+
+@dataclass
+class _NextIds:
+    """The next image, annotation and instance ids of a VID split (global, 1-based, consecutive)."""
+
+    image: int = 1
+    annotation: int = 1
+    instance: int = 1
+
+
+def _convert_video(root: Path, name: str, vid_id: int, num_frames: int, train_set: set, skip_bad: bool,
+                   out: dict, counts: Dict[int, int], summary: ConvertSummary, ids: _NextIds) -> None:
+    """Appends the images and annotations of video ``name`` to ``out`` (ids from ``ids``, which it
+    advances), counting objects per category in ``counts`` and problems in ``summary``."""
+    xml_dir = root / 'Annotations' / 'VID'
+    img_dir = root / 'Data' / 'VID'
+    track_to_instance: Dict[str, int] = {}
+    sizeless = []  # images whose size must be filled in from another frame
+    known_size = None
+    for frame_id in range(num_frames):
+        prefix = f'{name}/{frame_id:06d}'
+        xml_path = xml_dir / f'{prefix}.xml'
+        rec = _read_xml(xml_path, True, skip_bad, summary)
+        image = OrderedDict(file_name=f'{prefix}.JPEG', height=0, width=0, id=ids.image,
+                            frame_id=frame_id, video_id=vid_id, is_vid_train_frame=frame_id in train_set)
+        out['images'].append(image)
+        if rec is None:
+            wh = _image_size_from_file(img_dir / f'{prefix}.JPEG')
+            if wh is None:
+                sizeless.append(image)
+            else:
+                image['width'], image['height'] = wh
+            ids.image += 1
+            continue
+        image['height'], image['width'] = rec['height'], rec['width']
+        known_size = known_size or (rec['width'], rec['height'])
+        if not rec['objects']:
+            summary.num_no_objects += 1
+        _add_vid_objects(rec['objects'], vid_id, out, counts, summary, ids, track_to_instance)
+        ids.image += 1
+    for image in sizeless:
+        if known_size is None:
+            summary.warnings.append(f'{image["file_name"]}: size unknown (no readable XML or JPEG in '
+                                    'its video); width/height set to 0')
+        else:
+            image['width'], image['height'] = known_size
+
+
+def _add_vid_objects(objects: List[dict], vid_id: int, out: dict, counts: Dict[int, int],
+                     summary: ConvertSummary, ids: _NextIds, track_to_instance: Dict[str, int]) -> None:
+    """Appends one frame's objects (:func:`parse_ilsvrc_xml` records) as annotations of image
+    ``ids.image``; a new track id of the video gets the next instance id."""
+    for obj in objects:
+        cat = SYNSET_TO_CAT_ID.get(obj['name'])
+        if cat is None:
+            summary.num_unknown_synsets += 1
+            continue
+        w, h = obj['xmax'] - obj['xmin'], obj['ymax'] - obj['ymin']
+        inst = track_to_instance.get(obj['trackid'])
+        if inst is None:
+            inst = track_to_instance[obj['trackid']] = ids.instance
+            ids.instance += 1
+        out['annotations'].append(OrderedDict(
+            id=ids.annotation, video_id=vid_id, image_id=ids.image, category_id=cat, instance_id=inst,
+            bbox=[obj['xmin'], obj['ymin'], w, h], area=w * h, iscrowd=False,
+            occluded=obj['occluded'], generated=obj['generated']))
+        counts[cat] += 1
+        ids.annotation += 1
 
 
 # ------------------------------------------------------------------------------------ DET

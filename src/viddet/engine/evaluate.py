@@ -6,7 +6,8 @@ Nothing is lost when a run stops part-way: every video's detections are saved as
 is done (``<out_dir>/videos/<n>.json``), and ``resume=True`` (``viddet test --resume``) skips the
 videos already saved. The complete result, ``<out_dir>/results.json`` (a COCO results file,
 re-scorable with ``viddet eval``), is written only when every video is in; ``<out_dir>/run.json``
-records what produced it (checkpoint, method, inference settings), and a resumed run must match it.
+records what produced it (checkpoint, method, inference settings, the CPU kernels of the fast
+paths), and a resumed run must match it (the kernels aside: they change only float rounding).
 
 Under ``torchrun`` the videos are sharded over the ranks (longest first, balanced by frame count);
 every rank saves its own videos and rank 0 merges them.
@@ -20,10 +21,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from viddet import speedups
 from viddet.data.image_sources import ImageListSource
 from viddet.errors import VidDetError
 from viddet.fileio import atomic_write_json, read_json
-from viddet.linking import LINK_MODES, link_video
+from viddet.linking.link import LINK_MODES, link_video
 from viddet.runtime import init_distributed
 from viddet.version import __version__
 
@@ -134,9 +136,11 @@ def check_frames(videos: Sequence[Video], img_root) -> None:
 
 
 def _run_record(detector, ann_file, mode: str, link: str = 'none') -> dict:
+    kernels = speedups.kernels_of(detector.model)   # None: the plain modules ran
     return {'method': detector.method, 'mode': mode, 'link': link, 'scale': list(detector.scale),
             'test': detector.test.values(), 'annotations': str(Path(ann_file).resolve()),
-            'classes': list(detector.class_names), 'checkpoint': getattr(detector, 'checkpoint', None)}
+            'classes': list(detector.class_names), 'checkpoint': getattr(detector, 'checkpoint', None),
+            'cpu_kernels': None if kernels is None else kernels.as_dict()}
 
 
 def check_out_dir(out_dir, resume: bool = False) -> None:
@@ -200,7 +204,7 @@ def run_test(detector, ann_file, img_root, out_dir, mode: str = 'offline', max_v
         progress: a progress bar (frames of all ranks) on rank 0.
         resume: skip the videos an earlier run with the same settings saved in ``out_dir``.
         link: ``none``, ``online`` or ``seqnms``: each video's detections are linked
-            (:func:`viddet.linking.link_video`) when the video is done, and saved and scored linked,
+            (:func:`viddet.linking.link.link_video`) when the video is done, and saved and scored linked,
             with a ``track_id`` per result; recorded in ``run.json``.
 
     Raises:
@@ -241,26 +245,11 @@ def run_test(detector, ann_file, img_root, out_dir, mode: str = 'offline', max_v
     total = sum(len(v[1]) for v in videos)
     bar = tqdm(total=total, unit='frame', desc=f'testing {detector.method}', disable=not progress or rank != 0,
                dynamic_ncols=True, initial=sum(len(videos[i][1]) for i in mine if i not in todo) * world)
-    progress_file = out_dir / 'videos' / f'.progress{rank}'
-    last_poll, done = 0.0, 0
+    frames = _FrameProgress(bar, out_dir, world, rank)
     try:
         for i in todo:
             name, imgs = videos[i]
-            dets = []
-            source = ImageListSource([Path(img_root) / im['file_name'] for im in imgs], path=name)
-            try:
-                for result, im in zip(detector.predict(source, mode=mode, strict_length=True), imgs):
-                    dets.append(result.detections)
-                    done += 1
-                    if world == 1:
-                        bar.update(1)
-                    elif time.monotonic() - last_poll > 2:
-                        last_poll = time.monotonic()
-                        _report_progress(progress_file, done, bar, out_dir, world, rank)
-            finally:
-                source.close()
-            results = [r for d, im in zip(link_video(dets, link, where=f'video {name}'), imgs)
-                       for r in coco_results(d, im['id'], cat_ids)]
+            results = _test_video(detector, name, imgs, img_root, mode, link, cat_ids, frames)
             atomic_write_json(part(i), {'video': name, 'frames': len(imgs), 'results': results})
     except (VidDetError, KeyboardInterrupt) as e:
         bar.close()
@@ -269,16 +258,51 @@ def run_test(detector, ann_file, img_root, out_dir, mode: str = 'offline', max_v
         raise VidDetError(f'{what}\n  {saved} finished video(s) of this run are saved in {out_dir / "videos"}; '
                           f'run the same command with --resume to continue') from None
     if dist is not None:
-        _report_progress(progress_file, done, bar, out_dir, world, rank)
+        frames.report()
         dist.barrier()
     bar.close()
     if rank != 0:
         return None
-    merged = []
-    for i in range(len(videos)):
-        merged.extend(read_json(part(i), 'saved video detections')['results'])
+    merged = [r for i in range(len(videos)) for r in read_json(part(i), 'saved video detections')['results']]
     atomic_write_json(out_dir / 'results.json', merged)
     return merged
+
+
+def _test_video(detector, name: str, imgs: List[dict], img_root, mode: str, link: str,
+                cat_ids: Sequence[int], frames: '_FrameProgress') -> List[dict]:
+    """The COCO results of one video (its images ``imgs``, frames read from ``img_root``), linked
+    with ``link``; ``frames`` counts each frame as it is done."""
+    dets = []
+    source = ImageListSource([Path(img_root) / im['file_name'] for im in imgs], path=name)
+    try:
+        for result, im in zip(detector.predict(source, mode=mode, strict_length=True), imgs):
+            dets.append(result.detections)
+            frames.tick()
+    finally:
+        source.close()
+    return [r for d, im in zip(link_video(dets, link, where=f'video {name}'), imgs)
+            for r in coco_results(d, im['id'], cat_ids)]
+
+
+class _FrameProgress:
+    """The frames this rank has done, shown in the progress bar: directly in a single process,
+    else every 2 s through a file per rank that rank 0 sums (:func:`_report_progress`)."""
+
+    def __init__(self, bar, out_dir: Path, world: int, rank: int):
+        self.bar, self.out_dir, self.world, self.rank = bar, out_dir, world, rank
+        self.file = out_dir / 'videos' / f'.progress{rank}'
+        self.last_poll, self.done = 0.0, 0
+
+    def tick(self) -> None:
+        self.done += 1
+        if self.world == 1:
+            self.bar.update(1)
+        elif time.monotonic() - self.last_poll > 2:
+            self.last_poll = time.monotonic()
+            self.report()
+
+    def report(self) -> None:
+        _report_progress(self.file, self.done, self.bar, self.out_dir, self.world, self.rank)
 
 
 def coco_results(detections, image_id: int, cat_ids: Sequence[int]) -> List[dict]:

@@ -1,5 +1,5 @@
 """Linking saved detections: a COCO results file (``viddet test``'s ``results.json``) grouped into
-videos by its annotation file, linked video by video (:func:`viddet.linking.link_video`), and the
+videos by its annotation file, linked video by video (:func:`viddet.linking.link.link_video`), and the
 identity quality of linked results against the annotations' instance ids
 (:mod:`viddet.evaluation.identity`). What ``viddet eval --link``, ``viddet test --link`` and
 ``benchmarks/link_eval.py`` run.
@@ -28,7 +28,7 @@ from viddet.errors import VidDetError
 from viddet.evaluation.identity import IdentityMetrics, identity_metrics
 from viddet.evaluation.io import load_ground_truth
 from viddet.fileio import atomic_write_json, read_json
-from viddet.linking import LINK_MODES, link_video
+from viddet.linking.link import LINK_MODES, link_video
 from viddet.structures import Detections
 
 IDENTITY_MIN_SCORE = 0.5
@@ -57,7 +57,7 @@ def link_results(results: List[dict], ann_file, mode: str, *, where: str = '<res
         mode: ``seqnms``, ``online`` or ``none`` (returns ``results`` unchanged).
         where: the results file's name, for messages.
         allow_empty: frames without any entry are empty frames (module docstring); default: an error.
-        link_options: passed to :func:`viddet.linking.link_video` (``rescore``, ``frame_nms_iou``, ...).
+        link_options: passed to :func:`viddet.linking.link.link_video` (``rescore``, ``frame_nms_iou``, ...).
 
     Returns:
         The linked results, video by video in annotation order, each with a ``track_id``.

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from viddet.config import ScheduleConfig
+from viddet.config.training import ScheduleConfig
 from viddet.errors import VidDetError
 
 

@@ -39,7 +39,7 @@ def evaluate_model(model: nn.Module, cfg: Config, out_dir: Path, device: torch.d
     test_model.eval()
     settings = cfg.model.settings(cfg.source)
     if settings.fast:
-        speedups.enable(test_model)
+        test_model = speedups.convert(test_model)
     detector = VideoDetector(test_model, cfg.model.classes, device, scale=tuple(cfg.data.scale), test=settings)
     # resume: a resumed training run re-evaluates the same weights; what an interrupted
     # evaluation saved is reused, a finished one just re-scored

@@ -28,7 +28,7 @@ from typing import Iterator, List, Sequence
 import numpy as np
 import torch
 
-from viddet.config import Config
+from viddet.config.training import Config
 from viddet.errors import VidDetError
 from viddet.structures import TrainSample
 

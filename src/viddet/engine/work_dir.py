@@ -1,8 +1,9 @@
 """What a training run keeps in its work dir, and how a run finds its way back into it: training
 checkpoints (model, optimizer, scaler, RNG states, position; written atomically), the
 ``last_checkpoint`` pointer, the newest intact checkpoint to resume from, the outputs that mark a
-work dir as used, the temporaries a kill leaves, the JSONL log cut back to a checkpoint, and the
-config changes a resumed run should mention. Used by :mod:`viddet.engine.train`.
+work dir as used, the temporaries a kill leaves, the JSONL log cut back to a checkpoint, the work
+dir made ready for a run, and the config changes a resumed run should mention. Used by
+:mod:`viddet.engine.train` and :mod:`viddet.engine.checkpointer`.
 """
 from __future__ import annotations
 
@@ -10,14 +11,16 @@ import io
 import json
 import random
 import re
+import shutil
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
 from viddet.checkpoints.reading import read_checkpoint_dict
+from viddet.config.files import save_config
 from viddet.config.training import Config
 from viddet.errors import VidDetError
 from viddet.fileio import atomic_write_bytes, atomic_write_text
@@ -177,6 +180,30 @@ def truncate_log(path: Path, it: int) -> int:
     if removed:
         atomic_write_text(path, ''.join(line + '\n' for line in kept))
     return removed
+
+
+def prepare_work_dir(work_dir: Path, cfg: Config, overwrite: bool, resumed_at: Optional[int],
+                     say: Callable[[str], None]) -> None:
+    """Rank 0, once the run is set up: the work dir, with an overwritten run's outputs deleted
+    (``overwrite``), stale temporaries of an interrupted save deleted, the log cut back to the
+    iteration a resumed run continues from (``resumed_at``; None: a new run), and the config
+    saved as ``config.yaml``; ``say`` gets a line for each deletion."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        old = run_outputs(work_dir)
+        for p in old:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        if old:
+            say(f'--overwrite: deleted the earlier run in {work_dir} ({len(old)} entries)')
+    stale = remove_stale_temporaries(work_dir)
+    if stale:
+        say(f'deleted {len(stale)} temporary file(s) of an interrupted save: '
+            f'{", ".join(str(p.relative_to(work_dir)) for p in stale[:3])}')
+    if resumed_at is not None:
+        removed = truncate_log(work_dir / LOG_FILE, resumed_at)
+        if removed:
+            say(f'{LOG_FILE}: removed {removed} line(s) logged after iteration {resumed_at} (they are replayed)')
+    save_config(cfg, work_dir / 'config.yaml')
 
 
 def _flat(d, prefix: str = '') -> Dict[str, object]:

@@ -12,7 +12,7 @@ call these methods; none of them compares method names or probes a model's attri
 ``name``                    short name in configs, the CLI and checkpoints (``dff``)
 ``title``                   display name (``DFF``)
 ``paper``                   the paper it implements
-``default_checkpoint``      the model-zoo checkpoint ``--checkpoint`` defaults to
+``default_checkpoint``      the model-zoo checkpoint ``--checkpoint`` defaults to (None: none)
 ``signature``               state-dict key prefixes that identify its checkpoints when their
                             ``meta`` does not name the method (MMTracking files); the most
                             specific matching method wins
@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, List, Mapping, Sequence, Tuple, Type, Union
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import nn
@@ -98,12 +98,13 @@ class VIDMethod(nn.Module):
     name: ClassVar[str]
     title: ClassVar[str]
     paper: ClassVar[str] = ''
-    default_checkpoint: ClassVar[str]
+    default_checkpoint: ClassVar[Optional[str]] = None
     signature: ClassVar[Tuple[str, ...]] = ()
     Settings: ClassVar[Type[MethodSettings]] = MethodSettings
     fast_modules: ClassVar[Mapping[Type[nn.Module], Type[nn.Module]]] = {}
-    """``{plain module class: fast module class}`` for modules of this method's own (see
-    :mod:`viddet.speedups` for the protocol a fast module class follows)."""
+    """``{plain module class: fast module class}`` for modules of this method's own, which
+    :func:`viddet.speedups.convert` swaps in for inference (the protocol a fast module class
+    follows: :mod:`viddet.models.fast`)."""
     has_flownet: ClassVar[bool] = False
     train_num_refs: ClassVar[int] = 0
     class_specific_prefixes: ClassVar[Tuple[str, ...]] = ()

@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 
 from viddet.methods.base import MethodSettings, at_least
 from viddet.methods.faster_rcnn import FasterRCNNMethod
-from viddet.models.flownet import FlowNetSimple, flow_warp_feats, warp_feats
-from viddet.models.losses import DetectorTrainConfig, SamplerConfig
+from viddet.models.flownet import FlowNetSimple
+from viddet.models.warp import flow_warp_feats, warp_feats
+from viddet.models.losses import DetectorTrainConfig
+from viddet.models.sampling import SamplerConfig
 from viddet.structures import Detections
 
 

@@ -6,7 +6,9 @@ A one-stage detector family derives from :class:`viddet.methods.base.VIDMethod` 
 """
 from __future__ import annotations
 
-from typing import ClassVar, Dict
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import ClassVar, Dict, Iterator, List, Optional
 
 import torch
 from torch import nn
@@ -14,8 +16,33 @@ from torch import nn
 from viddet.errors import VidDetError
 from viddet.methods.base import VIDMethod
 from viddet.models.detector import FasterRCNN, build_faster_rcnn, rois_from_proposals
-from viddet.models.losses import DetectorTrainConfig, rcnn_loss, rcnn_targets, rpn_forward_train, sample_rois
+from viddet.models.losses import (DetectorTrainConfig, rcnn_loss, rcnn_targets, rpn_forward_train,
+                                  sample_rois)
+from viddet.models.sampling import SamplingResult
 from viddet.structures import TrainSample
+
+
+@dataclass
+class RoITrace:
+    """What one training step's R-CNN stage was fed, recorded, and optionally decided from outside:
+    the seam through which the training-parity test gives a step MMTracking's own sampled RoIs
+    (``tests/test_train_parity.py``). Used with :meth:`FasterRCNNMethod.tracing`, one sample at a time.
+
+    Attributes:
+        given_sampling: RoIs (with their assigned gt) to train the R-CNN head on instead of the ones
+            the step draws itself; None: the step's own draw.
+        given_ref_proposals: SELSA / Temporal RoI Align: each reference frame's proposals, (k, 5)
+            tensors (x1, y1, x2, y2, score) in resized pixels, to use instead of the step's own.
+        proposals: recorded: (k, 5) the key frame's training proposals, as they enter the sampler.
+        drawn: recorded: the RoIs the step drew from ``proposals`` (drawn even when given ones are
+            used, so that the generator is consumed as in an ordinary step).
+        ref_proposals: recorded: each reference frame's own test-RPN proposals (k, 5).
+    """
+    given_sampling: Optional[SamplingResult] = None
+    given_ref_proposals: Optional[List[torch.Tensor]] = None
+    proposals: Optional[torch.Tensor] = None
+    drawn: Optional[SamplingResult] = None
+    ref_proposals: Optional[List[torch.Tensor]] = None
 
 
 def xavier_init(m: nn.Module) -> None:
@@ -57,6 +84,7 @@ class FasterRCNNMethod(VIDMethod):
 
     num_shared_fcs: ClassVar[int] = 2
     """Shared fcs of its box head (the detector part of its checkpoints)."""
+    _trace: Optional[RoITrace] = None  # set by :meth:`tracing` only
     class_specific_prefixes = ('detector.roi_head.bbox_head.fc_cls.', 'detector.roi_head.bbox_head.fc_reg.')
     # mmdet ``BBoxHead``: ``fc_cls`` (C + 1 outputs), class-specific ``fc_reg`` (4 C outputs)
 
@@ -156,7 +184,30 @@ class FasterRCNNMethod(VIDMethod):
         (n, 5) with their R-CNN targets (mmdet ``TwoStageDetector.forward_train`` up to the RoI head)."""
         losses, proposals = rpn_forward_train(self.detector, x, sample.img_shape, sample.gt_bboxes, cfg, gen)
         res = sample_rois(proposals, sample.gt_bboxes, sample.gt_labels, cfg, gen)
+        if self._trace is not None:
+            self._trace.proposals, self._trace.drawn = proposals, res
+            if self._trace.given_sampling is not None:
+                res = self._trace.given_sampling
         return losses, rois_from_proposals([res.bboxes]), rcnn_targets(res, self.num_classes)
+
+    def traced_ref_proposals(self, own: List[torch.Tensor]) -> List[torch.Tensor]:
+        """The reference frames' proposals a training step uses: ``own`` (recorded in the active
+        :class:`RoITrace`), or the trace's ``given_ref_proposals``."""
+        if self._trace is None:
+            return own
+        self._trace.ref_proposals = own
+        given = self._trace.given_ref_proposals
+        return own if given is None else given
+
+    @contextmanager
+    def tracing(self, trace: RoITrace) -> Iterator[RoITrace]:
+        """Within the block, each training step records its proposals and RoIs into ``trace`` and
+        uses the RoIs ``trace`` gives (see :class:`RoITrace`); one sample per step."""
+        self._trace = trace
+        try:
+            yield trace
+        finally:
+            self._trace = None
 
     def single_frame_losses(self, sample: TrainSample, cfg: DetectorTrainConfig,
                             x: torch.Tensor) -> Dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ Online (causal), the window is the last 15 frames and the current one, without r
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from torch import nn
@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from viddet.methods.base import MethodSettings, at_least
 from viddet.methods.faster_rcnn import FasterRCNNMethod, kaiming_init
 from viddet.models.aggregators import EmbedAggregator
-from viddet.models.flownet import FlowNetSimple, flow_warp_feats, warp_feats
+from viddet.models.flownet import FlowNetSimple
+from viddet.models.warp import flow_warp_feats
 from viddet.structures import Detections
 
 
@@ -132,29 +133,8 @@ class FGFA(FasterRCNNMethod):
                 flows = self.motion.feature_flow_prepared(self._imgs[t], [self._imgs[i] for i in sources],
                                                           self._feats[t].shape[-2:], chunk_size=self.flow_chunk)
         with ctx.timer('aggregation'):
-            feats = self.aggregate(t, window, center, self._feats, sources, flows)
+            feats = self.aggregator.aggregate_window(t, window, center, self._feats, sources, flows)
         return self.detector.detect(feats, frame.meta, ctx.timer)
-
-    def aggregate(self, t: int, window: List[int], center: int, feats: Dict[int, torch.Tensor],
-                  sources: List[int], flows: Optional[torch.Tensor]) -> torch.Tensor:
-        """The aggregated features (1, C, h, w) of frame ``t`` (FGFA §3.2, eq. 1-2).
-
-        Args:
-            t: the current frame's index.
-            window: frame index of each of the N window slots (:meth:`window`).
-            center: the slot of the current frame itself (its features are used unwarped).
-            feats: (1, C, h, w) features of every frame in the window, by index.
-            sources: the S distinct frames warped to ``t`` (every window frame but the centre slot's).
-            flows: (S, 2, h, w) FlowNet flow from ``t`` to each source on the feature grid, in
-                feature cells (:meth:`FlowNetSimple.feature_flow`), in ``sources`` order (None
-                when S = 0).
-        """
-        warped = {}
-        if sources:
-            stacked = warp_feats(torch.cat([feats[i] for i in sources]), flows)
-            warped = dict(zip(sources, stacked.split(1)))
-        stack = torch.cat([feats[t] if j == center else warped[i] for j, i in enumerate(window)])
-        return self.aggregator(feats[t], stack)
 
     def losses(self, sample, cfg) -> dict:
         """MMTracking ``FGFA.forward_train``: key and R references (2, or 1 at a video boundary) go

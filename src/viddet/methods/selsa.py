@@ -210,7 +210,7 @@ class SELSA(FasterRCNNMethod):
         with torch.no_grad():
             ref_props = det.rpn_head.proposals(ref_x, sample.ref_img_shapes(),
                                                det.rpn_test_cfg)
-        ref_rois = rois_from_proposals(ref_props)
+        ref_rois = rois_from_proposals(self.traced_ref_proposals(ref_props))
         bbox_feats = self.key_rois(x, rois, head.roi_align(x, rois), ref_x)
         ref_bbox_feats = head.roi_align(ref_x, ref_rois)
         cls_score, bbox_pred = head.bbox_head(bbox_feats, ref_bbox_feats)

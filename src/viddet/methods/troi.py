@@ -4,7 +4,7 @@ AAAI 2021, §3); MMTracking ``configs/vid/temporal_roi_align/selsa_troialign_fas
 SELSA's per-frame algorithm (:mod:`viddet.methods.selsa`: the same reference frames, the same
 proposal attention in a box head with 3 shared fcs) with one change: the key frame's RoI features
 are not its plain RoIAlign features but their Temporal RoI Align over the reference frames' feature
-maps and its own (:class:`viddet.models.aggregators.TemporalRoIAlign`: for every RoI point, the
+maps and its own (:class:`viddet.models.temporal_roi_align.TemporalRoIAlign`: for every RoI point, the
 2 most similar locations of each map, then attention over the frames).
 """
 from __future__ import annotations
@@ -13,8 +13,9 @@ import torch
 
 from viddet.methods.faster_rcnn import kaiming_init
 from viddet.methods.selsa import SELSA
-from viddet.models.aggregators import SelsaBBoxHead, TemporalRoIAlign
+from viddet.models.aggregators import SelsaBBoxHead
 from viddet.models.detector import build_faster_rcnn
+from viddet.models.temporal_roi_align import TemporalRoIAlign
 
 
 class TRoI(SELSA):

@@ -1,145 +1,173 @@
 """Fast paths: faster ways to compute exactly what the plain modules compute, for inference.
 
 The modules in :mod:`viddet.models` and :mod:`viddet.methods` are the readable reference
-implementation of the papers (and what training uses). This package holds every equivalent fast
-path, each in the file of its idea, and installs them on a model with one call::
+implementation of the papers (and what training uses). This package holds an equivalent *fast
+module* for each of them that can be computed faster, each in the file of its idea, and swaps them
+into a model with one call::
 
-    speedups.enable(model)    # what viddet's inference does by default
-    speedups.disable(model)   # back to the plain modules (export, FLOP counting, debugging)
+    model = speedups.convert(model, kernels)   # what viddet's inference does by default
+    model = speedups.revert(model)             # the plain modules again (export, FLOP counting, debugging)
 
 (or ``VideoDetector.from_checkpoint(..., fast=False)``, ``--set test.fast=false`` on the command
-line). ``enable`` replaces the method of a module *instance* (``module.forward``, FGFA's
-``aggregate``) by a dispatcher that runs the fast function and falls back to the class's plain
-method wherever the fast one does not apply (autograd on, another device or dtype, a configuration
-it does not cover). The state dict, the parameters and the module types stay the same.
+line). A fast module ``FastX`` is a subclass of the plain module ``X`` (so ``isinstance`` checks
+hold), built from the plain instance with its parameters, buffers and submodules (the same
+tensors: the state dict keys and values do not change, checkpoints load unchanged); it overrides
+the methods it speeds up and calls the plain ones (``super()``) wherever the fast computation does
+not apply (autograd on, another device or dtype, a configuration it does not cover). Its caches are
+ordinary attributes. The protocol is :class:`viddet.models.fast.FastModule`'s:
 
-=====================================  ===================================================
-fast path                              replaces
-=====================================  ===================================================
-:func:`onednn.resnet_forward`          ``ResNetDC5.forward``: BN folded into the convs, ReLU
-                                       and residual add as oneDNN post-ops, channels-last;
-                                       wide 3x3 convs by Winograd F(2x2, 3x3)
-                                       (:mod:`winograd`)
-:func:`flownet.flownet_forward_prepared`  ``FlowNetSimple.forward_prepared``: packed oneDNN
-                                       weights, sub-pixel transposed convs, tap-sum flow convs
-:func:`flownet.flownet_forward_features`  ``FlowNetSimple.forward_features``: the same layers,
-                                       the flow resized to the feature grid from the
-                                       network's prediction (no full-resolution flow)
-:func:`flownet.prepare_inputs`         ``FlowNetSimple.prepare_inputs`` and ``prepare_image``:
-:func:`flownet.prepare_image`          renormalised at half resolution
-:func:`onednn.conv_act_forward`        the neck's conv + ReLU: one oneDNN primitive, or
-                                       Winograd F(2x2, 3x3) for the DC5 neck's 3x3
-:func:`onednn.rpn_forward`             ``RPNHead.forward``: the 3x3 conv by Winograd, the
-                                       1x1 convs as oneDNN primitives
-:func:`onednn.linear_forward`          the ``nn.Linear`` layers of the RoI head (box head,
-                                       SELSA attention): one GEMM on the transposed weight
-                                       (MKL), or on oneDNN where MKL is slow (AMD CPUs with
-                                       AVX-512: ``onednn.gemm_backend``)
-:func:`roi_align.roi_align_forward`    ``SingleRoIExtractor.roi_align`` (and TemporalRoIAlign's):
-                                       RoIAlign as bilinear taps gathered with ``embedding_bag``
-:func:`troi.temporal_roi_align_forward`  ``TemporalRoIAlign.forward``: re-associated (RoIAlign
-                                       taps x a key/reference Gram matrix, tap projections)
-:func:`selsa.attention_forward`        ``SelsaAggregator.forward_projected``: fused
-                                       scaled-dot-product attention (no weight tensor)
-:func:`fgfa.fgfa_aggregate`            ``FGFA.aggregate``: the embedding conv of every warped
-                                       map from per-frame tap projections
-:func:`nms.head_nms`                   ``RPNHead.nms``, ``RoIHead.nms``: greedy NMS that stops
-                                       at the last box used (300 proposals, 100 detections)
-=====================================  ===================================================
+* ``FastX(plain, kernels)`` builds the fast module from a plain ``X`` instance (which is left as it
+  was); ``kernels`` is the CPU kernel choice (:class:`viddet.runtime.CpuKernels`, decided by
+  :func:`viddet.runtime.cpu_kernels` from the CPU and ``VIDDET_CPU_GEMM`` / ``VIDDET_WINOGRAD``),
+  kept as ``fast.kernels``;
+* ``fast.to_plain()`` gives back the plain ``X`` (without the fast module's ``fast_attributes``).
+
+:func:`convert` swaps in the fast module of every module whose exact type is in
+:data:`FAST_MODULES` (or, inside a module of a :data:`FAST_MODULES_INSIDE` type, in its table),
+plus those the model's method declares: a VID method with a module of its own declares its fast
+version in its own file, ``fast_modules = {PlainModule: FastModule}``
+(:attr:`viddet.methods.base.VIDMethod.fast_modules`, written against :mod:`viddet.models.fast`
+without importing this package). :func:`revert` swaps every fast module back.
+
+==========================================  ==================================================
+fast module                                 speeds up
+==========================================  ==================================================
+:class:`detector.FastResNetDC5`             ``ResNetDC5.forward``: BN folded into the convs, ReLU
+                                            and residual add as oneDNN post-ops, channels-last;
+                                            wide 3x3 convs by Winograd F(2x2, 3x3) (:mod:`winograd`)
+:class:`flownet.FastFlowNetSimple`          ``forward_prepared``, ``forward_features``: packed oneDNN
+                                            weights, sub-pixel transposed convs, tap-sum flow convs,
+                                            the flow resized to the feature grid from the
+                                            prediction; ``prepare_inputs``, ``prepare_image``:
+                                            renormalised at half resolution
+:class:`detector.FastConvAct`               the neck's conv + ReLU (in ``ChannelMapper``): one
+                                            oneDNN primitive, or Winograd for the DC5 neck's 3x3
+:class:`detector.FastRPNHead`               ``RPNHead.forward``: the 3x3 conv by Winograd, the 1x1
+                                            convs as oneDNN primitives; ``nms`` as below
+:class:`detector.FastLinear`                the ``nn.Linear`` layers of the RoI head (box head,
+                                            SELSA attention): one GEMM on the transposed weight
+                                            (MKL), or on oneDNN where MKL is slow (``kernels.gemm``)
+:class:`detector.FastSingleRoIExtractor`    ``roi_align``: RoIAlign as bilinear taps gathered with
+                                            ``embedding_bag`` (:mod:`roi_align`)
+:class:`troi.FastTemporalRoIAlign`          ``TemporalRoIAlign.forward``: re-associated (RoIAlign
+                                            taps x a key/reference Gram matrix, tap projections)
+:class:`selsa.FastSelsaAggregator`          ``SelsaAggregator.forward_projected``: fused
+                                            scaled-dot-product attention (no weight tensor)
+:class:`fgfa.FastEmbedAggregator`           ``EmbedAggregator.aggregate_window`` (FGFA): the
+                                            embedding conv of every warped map from per-frame tap
+                                            projections
+:class:`detector.FastRPNHead`,              ``nms``: greedy NMS that stops at the last box used
+:class:`detector.FastRoIHead`               (300 proposals, 100 detections; :mod:`nms`)
+==========================================  ==================================================
 
 ``tests/test_speedups.py`` proves fast == plain for each of them.
 """
 from __future__ import annotations
 
+from typing import Dict, Optional
+
 from torch import nn
 
-from viddet.methods.fgfa import FGFA
-from viddet.models.aggregators import SelsaAggregator, TemporalRoIAlign
+from viddet.methods.base import VIDMethod
+from viddet.models.aggregators import EmbedAggregator, SelsaAggregator
 from viddet.models.backbones import ResNetDC5
 from viddet.models.detector import ChannelMapper, RoIHead, RPNHead, SingleRoIExtractor
+from viddet.models.fast import FastModule
 from viddet.models.flownet import FlowNetSimple
 from viddet.models.layers import ConvAct
-from viddet.speedups import fgfa, flownet, nms, onednn, roi_align, selsa, troi, winograd  # noqa: F401
+from viddet.models.temporal_roi_align import TemporalRoIAlign
+from viddet.runtime import CpuKernels, cpu_kernels
+from viddet.speedups.detector import (FastConvAct, FastLinear, FastResNetDC5, FastRoIHead, FastRPNHead,
+                                      FastSingleRoIExtractor)
+from viddet.speedups.fgfa import FastEmbedAggregator
+from viddet.speedups.flownet import FastFlowNetSimple
+from viddet.speedups.selsa import FastSelsaAggregator
+from viddet.speedups.troi import FastTemporalRoIAlign
+
+FAST_MODULES: Dict[type, type] = {
+    ResNetDC5: FastResNetDC5,
+    FlowNetSimple: FastFlowNetSimple,
+    RPNHead: FastRPNHead,
+    RoIHead: FastRoIHead,
+    SingleRoIExtractor: FastSingleRoIExtractor,
+    TemporalRoIAlign: FastTemporalRoIAlign,
+    SelsaAggregator: FastSelsaAggregator,
+    EmbedAggregator: FastEmbedAggregator,
+}
+"""Plain module type -> its fast module, wherever it is in a model (exact types: a subclass of a
+plain module needs an entry of its own)."""
+
+FAST_MODULES_INSIDE: Dict[type, Dict[type, type]] = {
+    ChannelMapper: {ConvAct: FastConvAct},     # the neck's convs (not FlowNet's or an aggregator's)
+    RoIHead: {nn.Linear: FastLinear},          # the box head's and SELSA's fully connected layers
+}
+"""Container type -> {plain type: fast module} for modules inside a container of that type."""
 
 
-class FastMethod:
-    """Stands in for the method ``name`` of one module instance: runs ``fast(module, *args)`` and,
-    when that returns None (does not apply), the class's plain method."""
+def convert(model: nn.Module, kernels: Optional[CpuKernels] = None) -> nn.Module:
+    """Swaps every fast module that fits into ``model`` (module docstring) and returns the model.
 
-    def __init__(self, module: nn.Module, name: str, fast):
-        self.module, self.name, self.fast = module, name, fast
+    The swap is in place (the parent's child is replaced) except for ``model`` itself when it is a
+    plain module of the table: then the fast module is returned, so use the result. Fast modules
+    already in the model take ``kernels`` (a second call with other kernels switches them, keeping
+    their caches); so ``convert`` is idempotent. The state dict is unchanged.
 
-    def __call__(self, *args, **kwargs):
-        out = self.fast(self.module, *args, **kwargs)
-        if out is None:
-            out = getattr(type(self.module), self.name)(self.module, *args, **kwargs)
-        return out
+    Args:
+        model: a VID method (its ``fast_modules`` are swapped in too) or any module.
+        kernels: the CPU kernels to run; None: :func:`viddet.runtime.cpu_kernels` (the CPU, and the
+            ``VIDDET_CPU_GEMM`` / ``VIDDET_WINOGRAD`` settings).
 
-    def __repr__(self) -> str:
-        return f'<fast {type(self.module).__name__}.{self.name}: {self.fast.__module__}.{self.fast.__name__}>'
+    Raises:
+        VidDetError: ``kernels`` None and an invalid ``VIDDET_*`` setting.
+    """
+    kernels = cpu_kernels() if kernels is None else kernels
+    table = {**FAST_MODULES, **(model.fast_modules if isinstance(model, VIDMethod) else {})}
+    return _convert(model, table, kernels)
 
 
-def _install(module: nn.Module, name: str, fast) -> None:
-    module.__dict__[name] = FastMethod(module, name, fast)
+def _convert(module: nn.Module, table: Dict[type, type], kernels: CpuKernels) -> nn.Module:
+    if isinstance(module, FastModule):
+        module.kernels = kernels
+    elif type(module) in table:
+        module = table[type(module)](module, kernels)
+    inside = {k: v for container, t in FAST_MODULES_INSIDE.items() if isinstance(module, container)
+              for k, v in t.items()}
+    for name, child in list(module.named_children()):
+        fast = _convert(child, {**table, **inside}, kernels)
+        if fast is not child:
+            module.add_module(name, fast)
+    return module
 
 
-def enable(model: nn.Module) -> nn.Module:
-    """Installs every fast path that fits a module of ``model`` (see the module docstring) and
-    returns ``model``. Idempotent."""
-    for m in model.modules():
-        if isinstance(m, ResNetDC5):
-            _install(m, 'forward', onednn.resnet_forward)
-        elif isinstance(m, FlowNetSimple):
-            _install(m, 'forward_prepared', flownet.flownet_forward_prepared)
-            _install(m, 'forward_features', flownet.flownet_forward_features)
-            _install(m, 'prepare_inputs', flownet.prepare_inputs)
-            _install(m, 'prepare_image', flownet.prepare_image)
-        elif isinstance(m, ChannelMapper):
-            for conv in m.modules():
-                if isinstance(conv, ConvAct):
-                    _install(conv, 'forward', onednn.conv_act_forward)
-        elif isinstance(m, RoIHead):
-            for layer in m.modules():
-                if isinstance(layer, nn.Linear):
-                    _install(layer, 'forward', onednn.linear_forward)
-        if isinstance(m, SingleRoIExtractor):   # TemporalRoIAlign too: its plain RoIAlign step
-            _install(m, 'roi_align', roi_align.roi_align_forward)
-        if isinstance(m, TemporalRoIAlign):
-            _install(m, 'forward', troi.temporal_roi_align_forward)
-        if isinstance(m, SelsaAggregator):
-            _install(m, 'forward_projected', selsa.attention_forward)
-        if isinstance(m, FGFA):
-            _install(m, 'aggregate', fgfa.fgfa_aggregate)
-        if isinstance(m, (RPNHead, RoIHead)):
-            _install(m, 'nms', nms.head_nms)
-        if isinstance(m, RPNHead):
-            _install(m, 'forward', onednn.rpn_forward)
+def revert(model: nn.Module) -> nn.Module:
+    """Swaps every fast module of ``model`` back to its plain module (:meth:`FastModule.to_plain`)
+    and returns the model (a new object when ``model`` itself is a fast module). The state dict is
+    unchanged."""
+    if isinstance(model, FastModule):
+        model = model.to_plain()
+    for name, child in list(model.named_children()):
+        plain = revert(child)
+        if plain is not child:
+            model.add_module(name, plain)
     return model
 
 
-def disable(model: nn.Module) -> nn.Module:
-    """Removes every fast path from ``model`` (the plain modules run again) and returns it."""
-    for m in model.modules():
-        for name in [k for k, v in vars(m).items() if isinstance(v, FastMethod)]:
-            del m.__dict__[name]
-    return model
+def is_converted(model: nn.Module) -> bool:
+    """Whether ``model`` holds any fast module."""
+    return any(isinstance(m, FastModule) for m in model.modules())
 
 
-def is_enabled(model: nn.Module) -> bool:
-    """Whether any fast path is installed on ``model``."""
-    return any(isinstance(v, FastMethod) for m in model.modules() for v in vars(m).values())
+def kernels_of(model: nn.Module) -> Optional[CpuKernels]:
+    """The CPU kernels the fast modules of ``model`` run (what :func:`convert` was given), or None
+    when it holds none (the plain modules run)."""
+    return next((m.kernels for m in model.modules() if isinstance(m, FastModule)), None)
 
 
-def cpu_kernels() -> dict:
-    """The CPU kernels the fast paths choose on this machine, for benchmark records (a time is
-    only comparable with one taken on the same choice): ``{'cpu_capability': PyTorch's CPU kernel
-    level ('AVX2', 'AVX512', ...), 'gemm': 'mkl' or 'onednn' (:func:`onednn.gemm_backend`,
-    ``VIDDET_CPU_GEMM``), 'winograd': whether wide 3x3 convs run by Winograd
-    (:func:`winograd.enabled`, ``VIDDET_WINOGRAD``)}``."""
-    import torch
-    from viddet.speedups import onednn, winograd
-    return {'cpu_capability': torch.backends.cpu.get_cpu_capability(), 'gemm': onednn.gemm_backend(),
-            'winograd': winograd.enabled()}
+def describe(model: nn.Module) -> str:
+    """One line for the records of a run: ``'fast paths, CPU kernels: AVX2, GEMM on mkl, ...'`` or
+    ``'plain modules'``."""
+    kernels = kernels_of(model)
+    return 'plain modules (no fast paths)' if kernels is None else f'fast paths, CPU kernels: {kernels}'
 
 
-__all__ = ['enable', 'disable', 'is_enabled', 'cpu_kernels', 'FastMethod']
+__all__ = ['convert', 'revert', 'is_converted', 'kernels_of', 'describe', 'FAST_MODULES', 'FAST_MODULES_INSIDE']

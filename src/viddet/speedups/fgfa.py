@@ -1,5 +1,6 @@
-"""FGFA's aggregation with the embedding conv factorized: the same numbers as
-``FGFA.aggregate`` (up to float summation order) with ~30x fewer embedding FLOPs per frame.
+"""FGFA's aggregation with the embedding conv factorized (:class:`FastEmbedAggregator`): the same
+numbers as ``EmbedAggregator.aggregate_window`` (up to float summation order) with ~30x fewer
+embedding FLOPs per frame.
 
 FGFA embeds every warped copy of every window frame with a 3x3 conv (31 convs per frame, MMTracking
 ``EmbedAggregator``). With a single (linear) embedding conv, the embedding of a bilinearly warped map
@@ -12,14 +13,21 @@ embedded from them by bilinear gathers (:func:`embed_sampled`, with the warp's t
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
-from viddet.models.flownet import feature_grid, warp_feats
+from viddet.models.aggregators import EmbedAggregator
+from viddet.models.fast import FastModule
+from viddet.models.warp import feature_grid, warp_feats
+from viddet.runtime import CpuKernels
 from viddet.speedups.memo import per_tensor
 from viddet.speedups.onednn import conv1x1_rows
+
+__all__ = ['FastEmbedAggregator', 'tap_projections', 'flow_warp_taps', 'embed_sampled', 'aggregate_embedded',
+           'supports_taps']
 
 
 def supports_taps(aggregator) -> bool:
@@ -30,23 +38,18 @@ def supports_taps(aggregator) -> bool:
         and conv.stride == (1, 1) and conv.dilation == (1, 1)
 
 
-def tap_projections(aggregator, feats: torch.Tensor) -> torch.Tensor:
+def tap_projections(aggregator, feats: torch.Tensor, gemm: str = 'mkl') -> torch.Tensor:
     """(1, C, H, W) features -> (H*W*k*k, C): row ``p*k*k + o`` is ``W_o @ feats[:, p]``, with
-    ``W_o`` the embedding conv's weight at kernel offset o = dy*k + dx (no bias)."""
+    ``W_o`` the embedding conv's weight at kernel offset o = dy*k + dx (no bias); one GEMM by
+    ``gemm`` (:func:`viddet.speedups.onednn.conv1x1_rows`)."""
     conv = aggregator.embed_convs[0].conv
     k, c = conv.kernel_size[0], conv.out_channels
     w = conv.weight.permute(2, 3, 0, 1).reshape(k * k * c, conv.in_channels)
-    return conv1x1_rows(feats, w).view(-1, c)
-
-
-def projections_of(aggregator, feats: torch.Tensor) -> torch.Tensor:
-    """:func:`tap_projections` of ``feats``, computed once per feature tensor and weight version
-    (the entry goes when the features go)."""
-    return per_tensor(aggregator, '_tap_projections', feats, lambda: tap_projections(aggregator, feats))
+    return conv1x1_rows(feats, w, gemm).view(-1, c)
 
 
 def flow_warp_taps(feat_flow: torch.Tensor):
-    """:func:`viddet.models.flownet.warp_feats` as a sparse linear map: the bilinear taps of its
+    """:func:`viddet.models.warp.warp_feats` as a sparse linear map: the bilinear taps of its
     ``grid_sample``.
 
     ``grid_sample(bilinear, padding_mode='border', align_corners=True)`` un-normalises
@@ -157,24 +160,42 @@ def aggregate_embedded(x_embed: torch.Tensor, ref_embed: Sequence[torch.Tensor],
     return out.unsqueeze(0)
 
 
-def fgfa_aggregate(method, t: int, window: List[int], center: int, feats: Dict[int, torch.Tensor],
-                   sources: List[int], flows: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """``FGFA.aggregate`` (same arguments and result) with the factorized embedding; None where it
-    does not apply (autograd on, or an embedding of more than one conv)."""
-    agg = method.aggregator
-    if torch.is_grad_enabled() or not supports_taps(agg):
-        return None
-    x = feats[t]
-    size = x.shape[-2:]
-    warped: Dict[int, torch.Tensor] = {}
-    embeds: Dict[int, torch.Tensor] = {}
-    if sources:
-        stacked = warp_feats(torch.cat([feats[i] for i in sources]), flows)
-        warped = dict(zip(sources, stacked.split(1)))
-        pos, wts = flow_warp_taps(flows)
-        embeds = {i: embed_sampled(agg, projections_of(agg, feats[i]), size, pos[n], wts[n])
-                  for n, i in enumerate(sources)}
-    x_embed = embed_sampled(agg, projections_of(agg, x), size)
-    maps = [x if j == center else warped[i] for j, i in enumerate(window)]
-    embeddings = [x_embed if j == center else embeds[i] for j, i in enumerate(window)]
-    return aggregate_embedded(x_embed, embeddings, maps)
+class FastEmbedAggregator(FastModule, EmbedAggregator):
+    """:class:`viddet.models.aggregators.EmbedAggregator` whose :meth:`aggregate_window` embeds
+    every warped map from its frame's tap projections (module docstring) without autograd and for
+    a single embedding conv (:func:`supports_taps`); the plain warping and convolutions otherwise.
+
+    Attributes:
+        projections: :func:`tap_projections` of each frame's features, computed once per feature
+            tensor and weight version, kept while the features live (a weak dictionary).
+    """
+
+    fast_attributes = ('projections',)
+
+    def __init__(self, plain: EmbedAggregator, kernels: CpuKernels):
+        super().__init__(plain, kernels)
+        self.projections = WeakIdKeyDictionary()
+
+    def projections_of(self, feats: torch.Tensor) -> torch.Tensor:
+        """:func:`tap_projections` of ``feats`` (1, C, H, W), from :attr:`projections`."""
+        return per_tensor(self.projections, self, feats, lambda: tap_projections(self, feats, self.kernels.gemm))
+
+    def aggregate_window(self, t: int, window: Sequence[int], center: int, feats: Dict[int, torch.Tensor],
+                         sources: Sequence[int], flows: Optional[torch.Tensor]) -> torch.Tensor:
+        """The plain method's result (same arguments) with the factorized embedding."""
+        if torch.is_grad_enabled() or not supports_taps(self):
+            return super().aggregate_window(t, window, center, feats, sources, flows)
+        x = feats[t]
+        size = x.shape[-2:]
+        warped: Dict[int, torch.Tensor] = {}
+        embeds: Dict[int, torch.Tensor] = {}
+        if sources:
+            stacked = warp_feats(torch.cat([feats[i] for i in sources]), flows)
+            warped = dict(zip(sources, stacked.split(1)))
+            pos, wts = flow_warp_taps(flows)
+            embeds = {i: embed_sampled(self, self.projections_of(feats[i]), size, pos[n], wts[n])
+                      for n, i in enumerate(sources)}
+        x_embed = embed_sampled(self, self.projections_of(x), size)
+        maps = [x if j == center else warped[i] for j, i in enumerate(window)]
+        embeddings = [x_embed if j == center else embeds[i] for j, i in enumerate(window)]
+        return aggregate_embedded(x_embed, embeddings, maps)

@@ -17,11 +17,11 @@ faster per image pair at the DFF size (numbers in benchmarks/RESULTS.md).
   upsampling (on 1/64 of the values), and :func:`prepare_inputs` renormalises the 2x2 block means
   of the detector-normalised images (FlowNet's renormalisation is per-channel affine) instead of
   the full-resolution images.
-* **Winograd F(2x2, 3x3)** for the encoder's stride-1 3x3 convs (:mod:`viddet.speedups.winograd`).
+* **Winograd F(2x2, 3x3)** for the encoder's stride-1 3x3 convs where ``kernels.winograd``
+  (:mod:`viddet.speedups.winograd`).
 
-Every function takes the module and the plain method's arguments and returns None where it does
-not apply (autograd on, training mode, not a float32 CPU tensor, kernels missing), and
-``viddet.speedups`` then runs the plain method.
+:class:`FastFlowNetSimple` runs them; each of its methods runs the plain one where its fast path
+does not apply.
 """
 from __future__ import annotations
 
@@ -31,11 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from viddet.models.flownet import resize_flow
+from viddet.models.fast import FastModule
+from viddet.models.flownet import FlowNetSimple
+from viddet.models.warp import resize_flow
+from viddet.runtime import CpuKernels
 from viddet.speedups import winograd
-from viddet.speedups.onednn import FusedCache, conv_act_spec, fast_path, give_up
+from viddet.speedups.onednn import FusedCache, conv_act_spec, fused_applies
 
-__all__ = ['flownet_forward_prepared', 'flownet_forward_features', 'prepare_image', 'prepare_inputs', 'PackedConv', 'TransposedDeconv', 'TapConv']
+__all__ = ['FastFlowNetSimple', 'PackedConv', 'TransposedDeconv', 'TapConv']
 
 
 def _layout(packed: torch.Tensor) -> Optional[bytes]:
@@ -156,12 +159,12 @@ class TapConv:
 
 
 class _Plan:
-    """FlowNetSimple's layers as packed oneDNN primitives (built per weight version). Holds
-    oneDNN tensors that cannot be copied: a deep copy of a model gets an empty plan."""
+    """FlowNetSimple's layers as packed oneDNN primitives (built per weight version and kernel
+    choice). Holds oneDNN tensors that cannot be copied: a deep copy of a model gets an empty plan."""
 
     def __init__(self, net: nn.Module):
         self.encoder: List[List] = [
-            [_encoder_conv(m) for m in group]
+            [_encoder_conv(m, net.kernels.winograd) for m in group]
             for group in (net.conv1, net.conv2, net.conv3, net.conv4, net.conv5, net.conv6)]
         self.levels = [(level, TapConv(getattr(net, f'predict_flow{level + 1}')),
                         TransposedDeconv(getattr(net, f'upsample_flow{level}')),
@@ -170,12 +173,12 @@ class _Plan:
         self.predict = TapConv(net.predict_flow)
 
 
-def _encoder_conv(module: nn.Module):
-    """An encoder :class:`viddet.models.layers.ConvAct` as a :class:`PackedConv`, and by Winograd
-    F(2x2, 3x3) where that applies (the stride-1 3x3 convs ``conv3.1`` to ``conv6.1``, on inputs of
-    enough tiles: :mod:`viddet.speedups.winograd`)."""
+def _encoder_conv(module: nn.Module, use_winograd: bool):
+    """An encoder :class:`viddet.models.layers.ConvAct` as a :class:`PackedConv`, and with
+    ``use_winograd`` by Winograd F(2x2, 3x3) where that applies (the stride-1 3x3 convs ``conv3.1``
+    to ``conv6.1``, on inputs of enough tiles: :mod:`viddet.speedups.winograd`)."""
     packed = PackedConv.of(module)
-    if not winograd.applies(module.conv):
+    if not (use_winograd and winograd.applies(module.conv)):
         return packed
     act, scalars = conv_act_spec(module.act)
     return winograd.OrDirect(winograd.WinogradConv(module.conv.weight, module.conv.bias, 1, act, scalars), packed)
@@ -203,14 +206,30 @@ def _supported(net: nn.Module) -> bool:
     return True
 
 
-def _raw_flow(net: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """FlowNetSimple's prediction (N, 2, ceil(h/4), ceil(w/4)) of prepared pairs (N, 6, h, w),
-    before the upsampling and scaling of ``forward_prepared``; None where the fast layers do not
-    apply."""
-    if not fast_path(net, x) or x.dim() != 4 or x.shape[0] == 0 or not _supported(net):
-        return None
-    try:
-        plan = net.__dict__.setdefault('_fast_flownet', _PlanCache()).get(net, _Plan)
+class FastFlowNetSimple(FastModule, FlowNetSimple):
+    """:class:`viddet.models.flownet.FlowNetSimple` with the fast layers of this module (packed
+    oneDNN weights, tap-sum flow convs, in-place concatenations, Winograd where
+    ``kernels.winograd``) and the half-resolution renormalisation; each method runs the plain one
+    where its fast path does not apply (autograd on, training mode, not a float32 CPU tensor, fused
+    kernels off, a layer configuration :func:`_supported` does not cover, odd sizes).
+
+    Attributes:
+        plan: the layers as packed primitives (:class:`_Plan`, per weight version and kernel choice).
+    """
+
+    fast_attributes = ('plan',)
+
+    def __init__(self, plain: FlowNetSimple, kernels: CpuKernels):
+        super().__init__(plain, kernels)
+        self.plan = _PlanCache()
+
+    def _layers_apply(self, x: torch.Tensor) -> bool:
+        return fused_applies(self, x) and x.dim() == 4 and x.shape[0] > 0 and _supported(self)
+
+    def _raw_flow(self, x: torch.Tensor) -> torch.Tensor:
+        """FlowNetSimple's prediction (N, 2, ceil(h/4), ceil(w/4)) of prepared pairs (N, 6, h, w),
+        before the upsampling and scaling of ``forward_prepared``."""
+        plan = self.plan.get(self, _Plan)
         x = x.contiguous(memory_format=torch.channels_last)
         outs = []
         for group in plan.encoder:
@@ -229,112 +248,95 @@ def _raw_flow(net: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
             upsample.into(flow, buf[..., cs + cd:])
             concat = buf.permute(0, 3, 1, 2)                          # channels-last (N, C, H, W)
         return plan.predict(concat)
-    except RuntimeError as e:
-        give_up(e)
-        return None
 
+    def forward_prepared(self, x: torch.Tensor) -> torch.Tensor:
+        """As :meth:`FlowNetSimple.forward_prepared`: (N, 6, h, w) prepared pairs -> (N, 2,
+        8*ceil(h/4), 8*ceil(w/4)) contiguous flow (up to float rounding)."""
+        if not self._layers_apply(x):
+            return super().forward_prepared(x)
+        up = 4 / self.img_scale_factor
+        flow = self._raw_flow(x) * (up * self.flow_scale_factor)
+        return F.interpolate(flow, scale_factor=up, mode='bilinear', align_corners=False)
 
-def flownet_forward_prepared(net: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """``FlowNetSimple.forward_prepared(x)`` (same arguments and result, up to float rounding)
-    with the fast layers of this module; None where they do not apply.
+    def forward_features(self, x: torch.Tensor, feat_size: Sequence[int]) -> torch.Tensor:
+        """As :meth:`FlowNetSimple.forward_features` (up to float rounding), without the
+        full-resolution flow.
 
-    Args:
-        x: (N, 6, h, w) prepared pairs.
+        The plain method upsamples the prediction P (h4 x w4) by u = 8 (bilinear,
+        ``align_corners=False``) and resizes the result by s = W / (8 w4) (likewise). Where the
+        feature grid is half the prediction's (h4, w4 = 2H, 2W: s = 1/16, as for every padded size
+        that is a multiple of 16), the resize reads the upsampled flow at x_up = 16 x + 7.5, between
+        pixels 16 x + 7 and 16 x + 8, whose upsampled values are 0.5625 P[2x] + 0.4375 P[2x+1] and
+        the mirror image: their mean is (P[2x] + P[2x+1]) / 2, away from every border. The
+        composition is therefore the 2x2 block mean of P (times u s and the flow scale): 1/64 of the
+        values, no (N, 2, Hp, Wp) temporary (46 MB for FGFA's window at 1000x600). Other sizes take
+        the upsampled flow.
+        """
+        if not self._layers_apply(x):
+            return super().forward_features(x, feat_size)
+        flow = self._raw_flow(x)
+        h, w = int(feat_size[0]), int(feat_size[1])
+        up = 4 / self.img_scale_factor
+        if up == 8 and tuple(flow.shape[-2:]) == (2 * h, 2 * w):
+            scale = float(w) / (up * flow.shape[-1])                     # 1/16, as resize_flow computes it
+            return F.avg_pool2d(flow, 2) * (up * self.flow_scale_factor * scale)
+        flow = F.interpolate(flow * (up * self.flow_scale_factor), scale_factor=up, mode='bilinear',
+                             align_corners=False)
+        return resize_flow(flow, (h, w))
 
-    Returns:
-        (N, 2, 8*ceil(h/4), 8*ceil(w/4)) contiguous flow, as the plain method.
-    """
-    flow = _raw_flow(net, x)
-    if flow is None:
-        return None
-    up = 4 / net.img_scale_factor
-    flow = flow * (up * net.flow_scale_factor)
-    return F.interpolate(flow, scale_factor=up, mode='bilinear', align_corners=False)
+    def _half_into(self, imgs: torch.Tensor, img_shape: Tuple[int, int], out: torch.Tensor) -> None:
+        """Writes ``self._prepare_half(imgs, img_shape)`` (scale 0.5, even padded sizes) into
+        ``out`` (N, 3, Hp/2, Wp/2), a view of any strides. Bilinear 0.5x is then the mean of each
+        2x2 block, and FlowNet's renormalisation ``(x * std + mean) / 255 - m`` is per-channel
+        affine, so it is applied to the block sums (times 1/4); blocks in the zeroed padding are 0,
+        and a block straddling the image border (odd h or w) is recomputed by the plain method from
+        its two full-resolution rows / columns."""
+        h, w = int(img_shape[0]), int(img_shape[1])
+        dt = imgs.dtype
+        scale = self.img_norm_std.to(dt) / self.flow_img_norm_std.to(dt) * 0.25
+        shift = self.img_norm_mean.to(dt) / self.flow_img_norm_std.to(dt) - self.flow_img_norm_mean.to(dt)
+        rows = imgs[:, :, 0::2] + imgs[:, :, 1::2]
+        torch.addcmul(shift, rows[..., 0::2] + rows[..., 1::2], scale, out=out)
+        h2, w2 = h // 2, w // 2
+        out[:, :, h2:] = 0.0
+        out[:, :, :, w2:] = 0.0
+        if h % 2 and h < imgs.shape[2]:
+            out[:, :, h2:h2 + 1] = self._prepare_half(imgs[:, :, h - 1:h + 1], (1, w))
+        if w % 2 and w < imgs.shape[3]:
+            out[:, :, :, w2:w2 + 1] = self._prepare_half(imgs[:, :, :, w - 1:w + 1], (h, 1))
 
+    def prepare_image(self, imgs: torch.Tensor, img_shape: Tuple[int, int]) -> torch.Tensor:
+        """As :meth:`FlowNetSimple.prepare_image` (up to float rounding), at half resolution
+        (:meth:`_half_into`); the plain method where that does not apply (autograd on, scale not
+        0.5, odd padded sizes, not (N, 3, H, W))."""
+        if torch.is_grad_enabled() or self.img_scale_factor != 0.5 or imgs.dim() != 4 or imgs.shape[1] != 3 \
+                or imgs.shape[2] % 2 or imgs.shape[3] % 2:
+            return super().prepare_image(imgs, img_shape)
+        out = imgs.new_empty(imgs.shape[0], 3, imgs.shape[2] // 2, imgs.shape[3] // 2)
+        self._half_into(imgs, img_shape, out)
+        return out
 
-def flownet_forward_features(net: nn.Module, x: torch.Tensor, feat_size: Sequence[int]) -> Optional[torch.Tensor]:
-    """``FlowNetSimple.forward_features(x, feat_size)`` (same arguments and result, up to float
-    rounding) without the full-resolution flow; None where the fast layers do not apply.
-
-    The plain method upsamples the prediction P (h4 x w4) by u = 8 (bilinear, ``align_corners=False``)
-    and resizes the result by s = W / (8 w4) (likewise). Where the feature grid is half the
-    prediction's (h4, w4 = 2H, 2W: s = 1/16, as for every padded size that is a multiple of 16), the
-    resize reads the upsampled flow at x_up = 16 x + 7.5, between pixels 16 x + 7 and 16 x + 8, whose
-    upsampled values are 0.5625 P[2x] + 0.4375 P[2x+1] and the mirror image: their mean is
-    (P[2x] + P[2x+1]) / 2, away from every border. The composition is therefore the 2x2 block mean of
-    P (times u s and the flow scale): 1/64 of the values, no (N, 2, Hp, Wp) temporary (46 MB for
-    FGFA's window at 1000x600). Other sizes take the upsampled flow.
-    """
-    flow = _raw_flow(net, x)
-    if flow is None:
-        return None
-    h, w = int(feat_size[0]), int(feat_size[1])
-    up = 4 / net.img_scale_factor
-    if up == 8 and tuple(flow.shape[-2:]) == (2 * h, 2 * w):
-        scale = float(w) / (up * flow.shape[-1])                     # 1/16, as resize_flow computes it
-        return F.avg_pool2d(flow, 2) * (up * net.flow_scale_factor * scale)
-    flow = F.interpolate(flow * (up * net.flow_scale_factor), scale_factor=up, mode='bilinear',
-                         align_corners=False)
-    return resize_flow(flow, (h, w))
-
-
-def _half_into(net: nn.Module, imgs: torch.Tensor, img_shape: Tuple[int, int],
-               out: torch.Tensor) -> None:
-    """Writes ``FlowNetSimple._prepare_half(imgs, img_shape)`` (scale 0.5, even padded sizes) into
-    ``out`` (N, 3, Hp/2, Wp/2), a view of any strides. Bilinear 0.5x is then the mean of each
-    2x2 block, and FlowNet's renormalisation ``(x * std + mean) / 255 - m`` is per-channel affine,
-    so it is applied to the block sums (times 1/4); blocks in the zeroed padding are 0, and a
-    block straddling the image border (odd h or w) is recomputed by the plain method from its two
-    full-resolution rows / columns."""
-    h, w = int(img_shape[0]), int(img_shape[1])
-    dt = imgs.dtype
-    scale = net.img_norm_std.to(dt) / net.flow_img_norm_std.to(dt) * 0.25
-    shift = net.img_norm_mean.to(dt) / net.flow_img_norm_std.to(dt) - net.flow_img_norm_mean.to(dt)
-    rows = imgs[:, :, 0::2] + imgs[:, :, 1::2]
-    torch.addcmul(shift, rows[..., 0::2] + rows[..., 1::2], scale, out=out)
-    h2, w2 = h // 2, w // 2
-    out[:, :, h2:] = 0.0
-    out[:, :, :, w2:] = 0.0
-    plain = type(net)._prepare_half
-    if h % 2 and h < imgs.shape[2]:
-        out[:, :, h2:h2 + 1] = plain(net, imgs[:, :, h - 1:h + 1], (1, w))
-    if w % 2 and w < imgs.shape[3]:
-        out[:, :, :, w2:w2 + 1] = plain(net, imgs[:, :, :, w - 1:w + 1], (h, 1))
-
-
-def prepare_image(net: nn.Module, imgs: torch.Tensor, img_shape: Tuple[int, int]) -> Optional[torch.Tensor]:
-    """``FlowNetSimple.prepare_image`` (same values up to float rounding) at half resolution
-    (:func:`_half_into`); None where it does not apply (autograd on, scale not 0.5, odd padded
-    sizes, not (N, 3, H, W))."""
-    if torch.is_grad_enabled() or net.img_scale_factor != 0.5 or imgs.dim() != 4 or imgs.shape[1] != 3 \
-            or imgs.shape[2] % 2 or imgs.shape[3] % 2:
-        return None
-    out = imgs.new_empty(imgs.shape[0], 3, imgs.shape[2] // 2, imgs.shape[3] // 2)
-    _half_into(net, imgs, img_shape, out)
-    return out
-
-
-def prepare_inputs(net: nn.Module, target_imgs: torch.Tensor, source_imgs: torch.Tensor,
-                   img_shape: Tuple[int, int]) -> Optional[torch.Tensor]:
-    """``FlowNetSimple.prepare_inputs`` (same arguments and values up to float rounding; the plain
-    method checks the inputs and raises) renormalising at half resolution (:func:`_half_into`)
-    straight into a channels-last result, as the network wants it; None where it does not apply
-    (autograd on, scale not 0.5, odd padded sizes, bad input)."""
-    if torch.is_grad_enabled() or net.img_scale_factor != 0.5 or target_imgs.dim() != 4 \
-            or source_imgs.dim() != 4 or target_imgs.shape[1] != 3 or source_imgs.shape[1] != 3 \
-            or target_imgs.shape[2:] != source_imgs.shape[2:] \
-            or target_imgs.shape[0] not in (1, source_imgs.shape[0]) \
-            or target_imgs.shape[2] % 2 or target_imgs.shape[3] % 2 \
-            or target_imgs.dtype != source_imgs.dtype or target_imgs.device != source_imgs.device:
-        return None
-    n, _, hp, wp = source_imgs.shape
-    x = torch.empty(n, hp // 2, wp // 2, 6, dtype=source_imgs.dtype,
-                    device=source_imgs.device).permute(0, 3, 1, 2)   # channels-last (N, 6, h, w)
-    if target_imgs.shape[0] == n:
-        _half_into(net, target_imgs, img_shape, x[:, :3])
-    else:
-        tgt = x.new_empty(1, 3, hp // 2, wp // 2)
-        _half_into(net, target_imgs, img_shape, tgt)
-        x[:, :3] = tgt
-    _half_into(net, source_imgs, img_shape, x[:, 3:])
-    return x
+    def prepare_inputs(self, target_imgs: torch.Tensor, source_imgs: torch.Tensor,
+                       img_shape: Tuple[int, int]) -> torch.Tensor:
+        """As :meth:`FlowNetSimple.prepare_inputs` (up to float rounding), renormalising at half
+        resolution (:meth:`_half_into`) straight into a channels-last result, as the network wants
+        it; the plain method (which checks the inputs and raises) where that does not apply
+        (autograd on, scale not 0.5, odd padded sizes, bad input)."""
+        if torch.is_grad_enabled() or self.img_scale_factor != 0.5 or target_imgs.dim() != 4 \
+                or source_imgs.dim() != 4 or target_imgs.shape[1] != 3 or source_imgs.shape[1] != 3 \
+                or target_imgs.shape[2:] != source_imgs.shape[2:] \
+                or target_imgs.shape[0] not in (1, source_imgs.shape[0]) \
+                or target_imgs.shape[2] % 2 or target_imgs.shape[3] % 2 \
+                or target_imgs.dtype != source_imgs.dtype or target_imgs.device != source_imgs.device:
+            return super().prepare_inputs(target_imgs, source_imgs, img_shape)
+        n, _, hp, wp = source_imgs.shape
+        x = torch.empty(n, hp // 2, wp // 2, 6, dtype=source_imgs.dtype,
+                        device=source_imgs.device).permute(0, 3, 1, 2)   # channels-last (N, 6, h, w)
+        if target_imgs.shape[0] == n:
+            self._half_into(target_imgs, img_shape, x[:, :3])
+        else:
+            tgt = x.new_empty(1, 3, hp // 2, wp // 2)
+            self._half_into(target_imgs, img_shape, tgt)
+            x[:, :3] = tgt
+        self._half_into(source_imgs, img_shape, x[:, 3:])
+        return x

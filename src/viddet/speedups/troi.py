@@ -1,6 +1,6 @@
-"""Temporal RoI Align, re-associated: the same numbers as
-:class:`viddet.models.aggregators.TemporalRoIAlign` (up to float summation order) at a fraction of
-the FLOPs, for inference.
+"""Temporal RoI Align, re-associated (:class:`FastTemporalRoIAlign`): the same numbers as
+:class:`viddet.models.temporal_roi_align.TemporalRoIAlign` (up to float summation order) at a
+fraction of the FLOPs, for inference.
 
 Both steps of Temporal RoI Align (Gong et al., AAAI 2021, §3) are linear in the feature maps, so
 they can be re-associated:
@@ -39,10 +39,16 @@ from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
+from viddet.models.temporal_roi_align import TemporalRoIAlign
+from viddet.runtime import CpuKernels
+from viddet.speedups.detector import FastSingleRoIExtractor
 from viddet.speedups.memo import per_tensor
-from viddet.speedups.roi_align import merge_taps, roi_align_taps
 from viddet.speedups.onednn import conv1x1_rows, matmul_nt
+from viddet.speedups.roi_align import merge_taps, roi_align_taps
+
+__all__ = ['FastTemporalRoIAlign', 'TRoIReference', 'prepare_reference', 'topk_blocked', 'SIMILARITY_CHUNK_POINTS']
 
 
 SIMILARITY_CHUNK_POINTS = 256
@@ -87,7 +93,7 @@ def topk_blocked(sim: torch.Tensor, k: int, block: int = 64):
 
 @dataclass
 class TRoIReference:
-    """Key-frame-independent data of one reference map for :func:`temporal_roi_align_forward`.
+    """Key-frame-independent data of one reference map for :class:`FastTemporalRoIAlign`.
 
     Attributes:
         rows: (H'*W', C) float32 features, one row per location (y * W' + x).
@@ -100,132 +106,153 @@ class TRoIReference:
     proj: torch.Tensor
 
 
-def prepare_reference(troi, ref: torch.Tensor) -> TRoIReference:
-    """The :class:`TRoIReference` of one (1, C, H', W') map for the TemporalRoIAlign module ``troi``."""
+def prepare_reference(troi, ref: torch.Tensor, gemm: str = 'mkl') -> TRoIReference:
+    """The :class:`TRoIReference` of one (1, C, H', W') map for the TemporalRoIAlign module ``troi``
+    (its tap projections by one GEMM on ``gemm``)."""
     c = ref.shape[1]
     rows = ref.float().permute(0, 2, 3, 1).reshape(-1, c)
     unit = rows / rows.norm(p=2, dim=1, keepdim=True)
     conv = troi.embed_network.conv
     w_taps = conv.weight.permute(2, 3, 0, 1).reshape(9 * conv.out_channels, conv.in_channels)
-    return TRoIReference(rows.contiguous(), unit, conv1x1_rows(ref, w_taps).view(-1, conv.out_channels))
+    return TRoIReference(rows.contiguous(), unit, conv1x1_rows(ref, w_taps, gemm).view(-1, conv.out_channels))
 
 
-def prepared(troi, ref: torch.Tensor) -> TRoIReference:
-    """:func:`prepare_reference` of ``ref``, computed once per map tensor and weight version (the
-    entry goes when the map goes)."""
-    return per_tensor(troi, '_prepared', ref, lambda: prepare_reference(troi, ref))
+class FastTemporalRoIAlign(FastSingleRoIExtractor, TemporalRoIAlign):
+    """:class:`viddet.models.temporal_roi_align.TemporalRoIAlign` re-associated (module docstring)
+    at inference with reference maps, attention blocks and a fixed sampling ratio; its RoIAlign by
+    gathers (:class:`viddet.speedups.detector.FastSingleRoIExtractor`); the plain forward otherwise
+    (autograd on, no reference maps).
 
+    Attributes:
+        prepared: the :class:`TRoIReference` of each reference map, computed once per map tensor
+            and weight version, kept while the map lives (a weak dictionary).
+    """
 
-def temporal_roi_align_forward(troi, feats: torch.Tensor, rois: torch.Tensor, ref_feats=None,
-                               roi_chunk_size: Optional[int] = None) -> Optional[torch.Tensor]:
-    """:meth:`TemporalRoIAlign.forward` re-associated (module docstring); None where it does not
-    apply (no reference maps, autograd on, no attention blocks or adaptive sampling), and the plain
-    forward runs."""
-    if (ref_feats is None or torch.is_grad_enabled() or troi.num_temporal_attention_blocks <= 0
-            or troi.sampling_ratio <= 0):
-        return None
-    roi_feats = troi.roi_align(feats, rois)
-    maps = list(ref_feats) if isinstance(ref_feats, (list, tuple)) else list(ref_feats.split(1))
-    troi.check_inputs(feats, ref_feats if isinstance(ref_feats, torch.Tensor) else maps)
-    if roi_feats.shape[0] == 0:
-        return roi_feats
-    fh, fw = maps[0].shape[-2:]
-    if roi_chunk_size is None:
-        roi_chunk_size = max(1, troi.max_chunk_elements // (troi.output_size ** 2 * fh * fw))
-    if roi_chunk_size < 1:
-        raise ValueError(f'roi_chunk_size must be >= 1, got {roi_chunk_size}')
-    # float32 throughout (under autocast too: the gathers mix their operands' dtypes)
-    with torch.autocast(feats.device.type, enabled=False):
-        feats = feats.float()
-        maps = [m.float() for m in maps]
-        return _forward(troi, feats, rois, roi_feats.float(), maps, roi_chunk_size,
-                        cache_sized=feats.device.type == 'cpu')
+    fast_attributes = ('prepared',)
 
+    def __init__(self, plain: TemporalRoIAlign, kernels: CpuKernels):
+        super().__init__(plain, kernels)
+        self.prepared = WeakIdKeyDictionary()
 
-def _forward(troi, feats: torch.Tensor, rois: torch.Tensor, roi_feats: torch.Tensor,
-             maps: Sequence[torch.Tensor], roi_chunk_size: int, cache_sized: bool = True) -> torch.Tensor:
-    """feats (1, C, H, W), rois (n, 5), roi_feats (n, C, S, S) = RoIAlign(feats, rois), maps: T
-    reference maps (1, C, H', W') -> (n, C, S, S). ``cache_sized`` (CPU): similarity rows in
-    L2-sized chunks, ranked by :func:`topk_blocked`; otherwise (a GPU, where each chunk is a few
-    kernel launches and ``torch.topk`` is fast) ``roi_chunk_size`` RoIs at a time by ``torch.topk``;
-    the same values either way."""
-    n, c, s, _ = roi_feats.shape
-    t = len(maps)
-    pts, k, g = s * s, troi.num_most_similar_points, troi.num_temporal_attention_blocks
-    num, d = n * pts, c // g                                              # P RoI points
-    dev = roi_feats.device
-    refs: List[TRoIReference] = [prepared(troi, m) for m in maps]
-    taps_pos, taps_w = roi_align_taps(rois, feats.shape[2], feats.shape[3], s,
-                                      troi.spatial_scale, troi.sampling_ratio)  # (P, 16)
-    roi_pts = roi_feats.permute(0, 2, 3, 1).reshape(num, c)              # (P, C)
+    def reference(self, ref: torch.Tensor) -> TRoIReference:
+        """:func:`prepare_reference` of the (1, C, H', W') map ``ref``, from :attr:`prepared`."""
+        return per_tensor(self.prepared, self, ref, lambda: prepare_reference(self, ref, self.kernels.gemm))
 
-    # 1. most-similar points: similarities = taps x (key pixels . unit reference locations),
-    # a chunk of points at a time (its similarity rows stay in the core's L2 cache)
-    flat_pos, flat_w, offsets = merge_taps(taps_pos, taps_w)
-    # only the key pixels some tap names need a row of G (~89% of them for 300 real proposals)
-    used, flat_pos = torch.unique(flat_pos, return_inverse=True)
-    key_rows = feats.permute(0, 2, 3, 1).reshape(-1, c)[used]             # (U, C)
-    starts = offsets.tolist()
-    values = roi_feats.new_empty(t, num, k)
-    indices = torch.empty(t, num, k, dtype=torch.int64, device=dev)
-    chunk = roi_chunk_size * pts
-    if cache_sized:
-        chunk = max(1, min(chunk, SIMILARITY_CHUNK_POINTS))
-    for f in range(t):
-        gram = matmul_nt(key_rows, refs[f].unit)                              # (U, H'W')
-        for lo in range(0, num, chunk):
-            hi = min(num, lo + chunk)
-            a, b = starts[lo], starts[hi]
-            sim = F.embedding_bag(flat_pos[a:b], gram, offsets[lo:hi] - a,
-                                  per_sample_weights=flat_w[a:b], mode='sum')  # (p, H'W') unnormalised
-            values[f, lo:hi], indices[f, lo:hi] = topk_blocked(sim, k) if cache_sized else \
-                torch.topk(sim, k, dim=1)
-            del sim
-        del gram
-    roi_norm = roi_pts.norm(p=2, dim=1, keepdim=True)                     # no epsilon
-    sel_w = (values / roi_norm).softmax(dim=2)                           # (T, P, k)
+    def forward(self, feats: torch.Tensor, rois: torch.Tensor, ref_feats=None,
+                roi_chunk_size: Optional[int] = None) -> torch.Tensor:
+        """As :meth:`TemporalRoIAlign.forward` (same arguments and result, up to float rounding)."""
+        if (ref_feats is None or torch.is_grad_enabled() or self.num_temporal_attention_blocks <= 0
+                or self.sampling_ratio <= 0):
+            return super().forward(feats, rois, ref_feats, roi_chunk_size)
+        roi_feats = self.roi_align(feats, rois)
+        maps = list(ref_feats) if isinstance(ref_feats, (list, tuple)) else list(ref_feats.split(1))
+        self.check_inputs(feats, ref_feats if isinstance(ref_feats, torch.Tensor) else maps)
+        if roi_feats.shape[0] == 0:
+            return roi_feats
+        fh, fw = maps[0].shape[-2:]
+        if roi_chunk_size is None:
+            roi_chunk_size = max(1, self.max_chunk_elements // (self.output_size ** 2 * fh * fw))
+        if roi_chunk_size < 1:
+            raise ValueError(f'roi_chunk_size must be >= 1, got {roi_chunk_size}')
+        # float32 throughout (under autocast too: the gathers mix their operands' dtypes)
+        with torch.autocast(feats.device.type, enabled=False):
+            feats = feats.float()
+            maps = [m.float() for m in maps]
+            return self.aligned(feats, rois, roi_feats.float(), maps, roi_chunk_size,
+                                cache_sized=feats.device.type == 'cpu')
 
-    # 2. embed_network of every most-similar map, tap by tap: gathers of W_o @ ref pixel
-    py, px = torch.meshgrid(torch.arange(s, device=dev), torch.arange(s, device=dev), indexing='ij')
-    dy, dx = torch.meshgrid(torch.arange(3, device=dev) - 1, torch.arange(3, device=dev) - 1, indexing='ij')
-    qy = py.reshape(pts, 1) + dy.reshape(1, 9)
-    qx = px.reshape(pts, 1) + dx.reshape(1, 9)
-    inside = (qy >= 0) & (qy < s) & (qx >= 0) & (qx < s)                  # (S*S, 9), zero padding
-    nbr = torch.where(inside, qy * s + qx, torch.zeros_like(qy))
-    nbr = (torch.arange(n, device=dev).view(n, 1, 1) * pts + nbr).reshape(num, 9)
-    inside = inside.to(roi_feats.dtype).repeat(n, 1).view(1, num, 9, 1)
-    tap = torch.arange(9, device=dev).view(1, 1, 9, 1)
-    bag = (indices[:, nbr] * 9 + tap).reshape(t, num, 9 * k)              # (T, P, 9k)
-    bag_w = (sel_w[:, nbr] * inside).reshape(t, num, 9 * k)
-    # the key RoIs' embedding by the same trick: RoIAlign taps of the key map x its tap
-    # projections (9*16 gathers per point instead of a 3x3 conv over n 7x7 maps); the key map
-    # is usually also the last reference map (SELSA), whose projections are then shared
-    bias = troi.embed_network.conv.bias
-    key_proj = prepared(troi, feats).proj
-    key_bag = (taps_pos[nbr] * 9 + tap.view(1, 9, 1)).reshape(num, -1)    # (P, 9*16)
-    key_w = (taps_w[nbr] * inside.view(num, 9, 1)).reshape(num, -1)
-    key_pos, key_w, key_offsets = merge_taps(key_bag, key_w)
-    key_embed = F.embedding_bag(key_pos, key_proj, key_offsets[:-1], per_sample_weights=key_w,
-                                mode='sum')
-    if bias is not None:
-        key_embed += bias
-    key_embed = key_embed.view(num, g, d)
-    dots = roi_feats.new_empty(1 + t, num, g)                             # <embed_t, embed_key> per block
-    prod = roi_feats.new_empty(num, g, d)
-    torch.sum(torch.mul(key_embed, key_embed, out=prod), dim=2, out=dots[0])
-    for f in range(t):
-        embed = F.embedding_bag(bag[f], refs[f].proj, per_sample_weights=bag_w[f], mode='sum')
-        torch.sum(torch.mul(embed.view(num, g, d), key_embed, out=prod), dim=2, out=dots[1 + f])
-        del embed
-    if bias is not None:  # embed_t = gathers + bias
-        dots[1:] += torch.linalg.vecdot(bias.view(1, g, d), key_embed)
-    weights = (dots / float(c / g) ** 0.5).softmax(dim=0).unsqueeze(-1)  # (1+T, P, G, 1)
+    def aligned(self, feats: torch.Tensor, rois: torch.Tensor, roi_feats: torch.Tensor,
+                maps: Sequence[torch.Tensor], roi_chunk_size: int, cache_sized: bool = True) -> torch.Tensor:
+        """feats (1, C, H, W), rois (n, 5), roi_feats (n, C, S, S) = RoIAlign(feats, rois), maps: T
+        reference maps (1, C, H', W') -> (n, C, S, S). ``cache_sized`` (CPU): similarity rows in
+        L2-sized chunks, ranked by :func:`topk_blocked`; otherwise (a GPU, where each chunk is a few
+        kernel launches and ``torch.topk`` is fast) ``roi_chunk_size`` RoIs at a time by
+        ``torch.topk``; the same values either way."""
+        n, c, s, _ = roi_feats.shape
+        refs: List[TRoIReference] = [self.reference(m) for m in maps]
+        taps = roi_align_taps(rois, feats.shape[2], feats.shape[3], s, self.spatial_scale,
+                              self.sampling_ratio)                                # (P, 16) each
+        roi_pts = roi_feats.permute(0, 2, 3, 1).reshape(n * s * s, c)             # (P, C)
+        values, indices = self._most_similar(feats, taps, refs, roi_chunk_size * s * s, cache_sized)
+        sel_w = (values / roi_pts.norm(p=2, dim=1, keepdim=True)).softmax(dim=2)  # (T, P, k), no epsilon
+        weights = self._attention(feats, taps, refs, indices, sel_w, n, s)       # (1+T, P, G, 1)
+        # 3. attention-weighted sum of the key RoI and the most-similar RoIs (raw features)
+        g = self.num_temporal_attention_blocks
+        out = roi_pts.view(-1, g, c // g) * weights[0]
+        for f, ref in enumerate(refs):
+            similar = F.embedding_bag(indices[f], ref.rows, per_sample_weights=sel_w[f], mode='sum')
+            out.addcmul_(similar.view(-1, g, c // g), weights[1 + f])
+        return out.view(n, s, s, c).permute(0, 3, 1, 2).contiguous()
 
-    # 3. attention-weighted sum of the key RoI and the most-similar RoIs (raw features)
-    out = roi_pts.view(num, g, d) * weights[0]
-    for f in range(t):
-        similar = F.embedding_bag(indices[f], refs[f].rows, per_sample_weights=sel_w[f], mode='sum')
-        out.addcmul_(similar.view(num, g, d), weights[1 + f])
-    return out.view(n, s, s, c).permute(0, 3, 1, 2).contiguous()
+    def _most_similar(self, feats: torch.Tensor, taps, refs: Sequence[TRoIReference], chunk: int,
+                      cache_sized: bool):
+        """Step 1: the k most similar locations of every RoI point in every reference map, by the
+        similarities taps x (key pixels . unit reference locations), a chunk of points at a time
+        (its similarity rows stay in the core's L2 cache). Returns (values, indices), each
+        (T, P, k): the unnormalised similarities (dot products with the unit locations) and the
+        locations."""
+        taps_pos, taps_w = taps
+        num, k = taps_pos.shape[0], self.num_most_similar_points
+        flat_pos, flat_w, offsets = merge_taps(taps_pos, taps_w)
+        # only the key pixels some tap names need a row of G (~89% of them for 300 real proposals)
+        used, flat_pos = torch.unique(flat_pos, return_inverse=True)
+        key_rows = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])[used]  # (U, C)
+        starts = offsets.tolist()
+        values = feats.new_empty(len(refs), num, k)
+        indices = torch.empty(len(refs), num, k, dtype=torch.int64, device=feats.device)
+        if cache_sized:
+            chunk = max(1, min(chunk, SIMILARITY_CHUNK_POINTS))
+        for f, ref in enumerate(refs):
+            gram = matmul_nt(key_rows, ref.unit, gemm=self.kernels.gemm)         # (U, H'W')
+            for lo in range(0, num, chunk):
+                hi = min(num, lo + chunk)
+                a, b = starts[lo], starts[hi]
+                sim = F.embedding_bag(flat_pos[a:b], gram, offsets[lo:hi] - a,
+                                      per_sample_weights=flat_w[a:b], mode='sum')  # (p, H'W')
+                values[f, lo:hi], indices[f, lo:hi] = topk_blocked(sim, k) if cache_sized else \
+                    torch.topk(sim, k, dim=1)
+                del sim
+            del gram
+        return values, indices
 
-
+    def _attention(self, feats: torch.Tensor, taps, refs: Sequence[TRoIReference], indices: torch.Tensor,
+                   sel_w: torch.Tensor, n: int, s: int) -> torch.Tensor:
+        """Step 2: ``embed_network`` of the key RoIs and of every most-similar map, tap by tap as
+        gathers of W_o @ pixel, and the attention weights over the 1+T maps, (1+T, P, G, 1)."""
+        taps_pos, taps_w = taps
+        t, num, k = indices.shape
+        pts, g, dev, dtype = s * s, self.num_temporal_attention_blocks, feats.device, sel_w.dtype
+        py, px = torch.meshgrid(torch.arange(s, device=dev), torch.arange(s, device=dev), indexing='ij')
+        dy, dx = torch.meshgrid(torch.arange(3, device=dev) - 1, torch.arange(3, device=dev) - 1, indexing='ij')
+        qy = py.reshape(pts, 1) + dy.reshape(1, 9)
+        qx = px.reshape(pts, 1) + dx.reshape(1, 9)
+        inside = (qy >= 0) & (qy < s) & (qx >= 0) & (qx < s)                  # (S*S, 9), zero padding
+        nbr = torch.where(inside, qy * s + qx, torch.zeros_like(qy))
+        nbr = (torch.arange(n, device=dev).view(n, 1, 1) * pts + nbr).reshape(num, 9)
+        inside = inside.to(dtype).repeat(n, 1).view(1, num, 9, 1)
+        tap = torch.arange(9, device=dev).view(1, 1, 9, 1)
+        bag = (indices[:, nbr] * 9 + tap).reshape(t, num, 9 * k)              # (T, P, 9k)
+        bag_w = (sel_w[:, nbr] * inside).reshape(t, num, 9 * k)
+        # the key RoIs' embedding by the same trick: RoIAlign taps of the key map x its tap
+        # projections (9*16 gathers per point instead of a 3x3 conv over n 7x7 maps); the key map
+        # is usually also the last reference map (SELSA), whose projections are then shared
+        bias = self.embed_network.conv.bias
+        key_bag = (taps_pos[nbr] * 9 + tap.view(1, 9, 1)).reshape(num, -1)    # (P, 9*16)
+        key_w = (taps_w[nbr] * inside.view(num, 9, 1)).reshape(num, -1)
+        key_pos, key_w, key_offsets = merge_taps(key_bag, key_w)
+        key_embed = F.embedding_bag(key_pos, self.reference(feats).proj, key_offsets[:-1],
+                                    per_sample_weights=key_w, mode='sum')
+        if bias is not None:
+            key_embed += bias
+        c = key_embed.shape[1]
+        key_embed = key_embed.view(num, g, c // g)
+        dots = sel_w.new_empty(1 + t, num, g)                                 # <embed_t, embed_key> per block
+        prod = sel_w.new_empty(num, g, c // g)
+        torch.sum(torch.mul(key_embed, key_embed, out=prod), dim=2, out=dots[0])
+        for f, ref in enumerate(refs):
+            embed = F.embedding_bag(bag[f], ref.proj, per_sample_weights=bag_w[f], mode='sum')
+            torch.sum(torch.mul(embed.view(num, g, c // g), key_embed, out=prod), dim=2, out=dots[1 + f])
+            del embed
+        if bias is not None:  # embed_t = gathers + bias
+            dots[1:] += torch.linalg.vecdot(bias.view(1, g, c // g), key_embed)
+        return (dots / float(c / g) ** 0.5).softmax(dim=0).unsqueeze(-1)

@@ -22,10 +22,10 @@ Dilation: with dilation D an output tile covers rows ``{a + D m}`` (a < D, m < 2
 block, and reads input rows ``a + D k`` (k < 4): the tiles of all D x D phases are one strided view
 of the zero-padded input, so dilated convolutions (layer4 of the DC5 backbone) run the same way.
 
-Where: on CPUs without AVX-512 (:func:`enabled`), where it was measured. With AVX-512, oneDNN's
-direct kernels run twice as fast, and on AMD CPUs PyTorch's batched GEMM (MKL) does not use
-AVX-512 at all (:func:`viddet.speedups.onednn.gemm_backend`), so the trade is different and has not
-been measured there; ``VIDDET_WINOGRAD=1`` (or ``0``) overrides the choice.
+Where: on CPUs without AVX-512, where it was measured (``CpuKernels.winograd``, decided by
+:func:`viddet.runtime.cpu_kernels`; ``VIDDET_WINOGRAD=1`` or ``0`` overrides). With AVX-512,
+oneDNN's direct kernels run twice as fast, and on AMD CPUs PyTorch's batched GEMM (MKL) does not use
+AVX-512 at all, so the trade is different and has not been measured there.
 
 Values: the transforms are exact in binary arithmetic (coefficients 0, +-1, +-1/2), so the result
 differs from the direct convolution only by float rounding, of the same size (measured max
@@ -34,13 +34,12 @@ outputs of magnitude ~7; ``tests/test_speedups.py`` bounds it).
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ['WinogradConv', 'OrDirect', 'enabled', 'applies', 'filter_transform', 'MIN_CHANNELS', 'MIN_TILES']
+__all__ = ['WinogradConv', 'OrDirect', 'applies', 'filter_transform', 'MIN_CHANNELS', 'MIN_TILES']
 
 MIN_CHANNELS = 128
 """Narrowest convolution (in and out channels) :func:`applies` takes: at 128 channels (layer2 at
@@ -56,22 +55,12 @@ _G = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0
 _MAX_TRANSFORM_BYTES = 256 << 20   # the batch is processed in chunks whose input transform fits
 
 
-def enabled() -> bool:
-    """Whether the fast paths use Winograd convolutions on this machine: ``VIDDET_WINOGRAD=1`` or
-    ``0`` if set, else exactly when PyTorch's CPU kernels are not AVX-512 ones
-    (``torch.backends.cpu.get_cpu_capability()``: 'AVX2', 'DEFAULT', ...; see the module
-    docstring)."""
-    choice = os.environ.get('VIDDET_WINOGRAD', '').strip()
-    if choice in ('0', '1'):
-        return choice == '1'
-    return not torch.backends.cpu.get_cpu_capability().upper().startswith('AVX512')
-
-
 def applies(conv: nn.Module) -> bool:
-    """Whether ``conv`` is a convolution this module computes and speeds up, on a machine where it
-    is :func:`enabled`: ``nn.Conv2d``, 3x3, stride 1, 'same' zero padding (padding == dilation,
-    any dilation), no groups, at least :data:`MIN_CHANNELS` input and output channels."""
-    return (enabled() and type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+    """Whether ``conv`` is a convolution this module computes and speeds up: ``nn.Conv2d``, 3x3,
+    stride 1, 'same' zero padding (padding == dilation, any dilation), no groups, at least
+    :data:`MIN_CHANNELS` input and output channels. (Whether Winograd runs at all is the kernel
+    choice's ``winograd``.)"""
+    return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
             and conv.padding == conv.dilation and conv.dilation[0] == conv.dilation[1]
             and conv.groups == 1 and conv.padding_mode == 'zeros'
             and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS)
