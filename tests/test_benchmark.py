@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from viddet.benchmark import PeakMemory, SyntheticVideo, parse_size
+from viddet.benchmark import SyntheticVideo, parse_size
 from viddet.cli import main
 from viddet import VidDetError
+from viddet.peak_memory import PeakMemory
 
 KEYS = {'method', 'backbone', 'device', 'size', 'frames', 'fps', 'latency_ms_median',
         'latency_ms_p90', 'peak_memory_mb', 'stages_ms'}
@@ -28,9 +29,9 @@ def test_benchmark_cli_writes_json(tmp_path, method, capsys):
     # fps is derived from the mean latency of the timed frames
     assert rec['fps'] == pytest.approx(1000 / np.mean(rec['latency_ms_per_frame']), rel=1e-2)
     assert rec['peak_memory_mb'] is not None and rec['peak_memory_mb'] >= 0
-    from viddet.speedups import onednn, winograd
-    assert rec['cpu_kernels'] == {'cpu_capability': torch.backends.cpu.get_cpu_capability(),
-                                  'gemm': onednn.gemm_backend(), 'winograd': winograd.enabled()}
+    from viddet.runtime import cpu_kernels
+    assert rec['fast_paths'] is True and rec['cpu_kernels'] == cpu_kernels().as_dict()
+    assert rec['cpu_kernels']['cpu_capability'] == torch.backends.cpu.get_cpu_capability()
     stages = rec['stages_ms']
     assert {'backbone', 'rpn', 'roi_head', 'nms'} <= set(stages)
     if method == 'selsa':
@@ -43,11 +44,20 @@ def test_benchmark_cli_writes_json(tmp_path, method, capsys):
     assert 'fps' in printed and f"CPU kernels: {rec['cpu_kernels']['cpu_capability']}" in printed
 
 
-def test_benchmark_cli_bad_input_is_a_clear_error(capsys):
+def test_benchmark_cli_bad_input_is_a_clear_error(capsys, monkeypatch):
     assert main(['benchmark', '--method', 'single', '--size', '12by8', '--frames', '1']) == 2
     assert '--size' in capsys.readouterr().err
     assert main(['benchmark', '--method', 'single', '--size', '64x64', '--frames', '0']) == 2
     assert '--frames' in capsys.readouterr().err
+    monkeypatch.setenv('VIDDET_CPU_GEMM', 'openblas')
+    assert main(['benchmark', '--method', 'single', '--size', '64x64', '--frames', '1']) == 2
+    assert "VIDDET_CPU_GEMM='openblas' is not valid: use mkl or onednn" in capsys.readouterr().err
+
+
+def test_benchmark_records_the_plain_modules(tmp_path):
+    from viddet.benchmark import benchmark
+    rec = benchmark('single', size=(64, 48), frames=1, warmup=0, fast=False).as_dict()
+    assert rec['fast_paths'] is False and rec['cpu_kernels'] is None
 
 
 def test_parse_size():
@@ -126,35 +136,36 @@ def _roofline_module():
     return importlib.import_module('roofline')
 
 
-@pytest.mark.parametrize('use_winograd', ['0', '1'])
-def test_roofline_counts_the_flops_the_fast_path_executes(use_winograd, monkeypatch):
+@pytest.mark.parametrize('use_winograd', [False, True])
+def test_roofline_counts_the_flops_the_fast_path_executes(use_winograd):
     """``roofline.py``'s FLOP formulas for the fused oneDNN ops: with Winograd off the fast RPN
     head executes exactly the plain head's FLOPs; with it on, its 3x3 conv counts as Winograd's 16
     batched products over the 2x2 output tiles (2 * 16 * tiles * C * O) instead of the direct
-    2 * 9 * H * W * C * O."""
+    2 * 9 * H * W * C * O. The plain count comes from the fast head given ``plain_layer_kernels``."""
     from torch.utils.flop_counter import FlopCounterMode
     from viddet import speedups
     from viddet.models.detector import RPNHead
-    from viddet.speedups import onednn
+    from viddet.runtime import cpu_kernels
     roofline = _roofline_module()
-    monkeypatch.setenv('VIDDET_WINOGRAD', use_winograd)
+    kernels = cpu_kernels(winograd=use_winograd)
     torch.manual_seed(0)
     c, h, w = 128, 12, 14                       # 6 x 7 = 42 output tiles: Winograd takes it
-    head = RPNHead(channels=c).eval()
-    speedups.enable(head)
+    head = speedups.convert(RPNHead(channels=c).eval(), kernels)
     x = torch.randn(1, c, h, w).contiguous(memory_format=torch.channels_last)
     roofline._register_onednn_flop_formulas()
     with torch.inference_mode():
         head(x)   # builds the fast path (folded weights, Winograd's filter transform) once, uncounted
         plain, executed = FlopCounterMode(display=False), FlopCounterMode(display=False)
-        with onednn.kernels_off(), plain:
+        speedups.convert(head, roofline.plain_layer_kernels(kernels))
+        with plain:
             head(x)
+        speedups.convert(head, kernels)
         with executed:
             head(x)
     conv3x3 = 2 * 9 * h * w * c * c
     winograd_products = 2 * 16 * (h // 2) * (w // 2) * c * c
     assert plain.get_total_flops() > conv3x3
-    expected = plain.get_total_flops() - (conv3x3 - winograd_products if use_winograd == '1' else 0)
+    expected = plain.get_total_flops() - (conv3x3 - winograd_products if use_winograd else 0)
     assert executed.get_total_flops() == expected
 
 

@@ -1,6 +1,7 @@
 """Where computation runs: the cores a process is given, torch's thread count by default, whether
 frame decoding overlaps the model, and device names."""
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -60,3 +61,87 @@ def test_decoding_overlaps_the_model_only_on_a_spare_core(monkeypatch):
     assert decode_threads(1) is True     # a core left over: a background decoder
     assert decode_threads(0) is False    # none: decoded in turn, in the caller's thread
     assert [f.index for f in ArraySource(frames, prefetch=0)] == [0, 1, 2]
+
+
+# ------------------------------------------------------------------------------ CPU kernels
+@pytest.fixture
+def cpu(monkeypatch):
+    """Sets the CPU's vendor and PyTorch's kernel level that :func:`runtime.cpu_kernels` sees."""
+    for variable in ('VIDDET_CPU_GEMM', 'VIDDET_WINOGRAD'):
+        monkeypatch.delenv(variable, raising=False)
+
+    def set_cpu(vendor, capability):
+        monkeypatch.setattr(runtime, '_cpu_vendor', lambda: vendor)
+        monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: capability)
+    return set_cpu
+
+
+@pytest.mark.parametrize('vendor,capability,gemm,winograd', [
+    ('AuthenticAMD', 'AVX512', 'onednn', False), ('AuthenticAMD', 'AVX2', 'mkl', True),
+    ('GenuineIntel', 'AVX512', 'mkl', False), ('GenuineIntel', 'AVX512_BF16', 'mkl', False),
+    ('GenuineIntel', 'AVX2', 'mkl', True), ('GenuineIntel', 'DEFAULT', 'mkl', True)])
+def test_cpu_kernels_are_decided_by_the_cpu(cpu, vendor, capability, gemm, winograd):
+    """oneDNN's GEMM exactly on AMD CPUs with AVX-512 (where MKL takes its AVX2 kernels); Winograd
+    exactly without AVX-512 kernels."""
+    if gemm == 'onednn' and not runtime._onednn_gemm_available():
+        pytest.skip('this PyTorch has no oneDNN inner product')
+    cpu(vendor, capability)
+    kernels = runtime.cpu_kernels()
+    assert (kernels.cpu_capability, kernels.gemm, kernels.winograd) == (capability, gemm, winograd)
+    assert kernels.as_dict() == {'cpu_capability': capability, 'gemm': gemm, 'winograd': winograd,
+                                 'fused': kernels.fused}
+    assert str(kernels).startswith(f"{capability}, GEMM on {gemm}, Winograd {'on' if winograd else 'off'}")
+
+
+def test_cpu_kernels_settings_win_over_the_cpu(cpu, monkeypatch):
+    cpu('GenuineIntel', 'AVX512')
+    monkeypatch.setenv('VIDDET_WINOGRAD', '1')
+    monkeypatch.setenv('VIDDET_CPU_GEMM', ' MKL ')              # case and spaces aside
+    assert (runtime.cpu_kernels().gemm, runtime.cpu_kernels().winograd) == ('mkl', True)
+    monkeypatch.setenv('VIDDET_WINOGRAD', '0')
+    cpu('GenuineIntel', 'AVX2')
+    assert runtime.cpu_kernels().winograd is False
+    assert runtime.cpu_kernels(winograd=True).winograd is True   # the argument wins over the variable
+    monkeypatch.setenv('VIDDET_WINOGRAD', '')                    # empty is unset: the CPU decides
+    assert runtime.cpu_kernels().winograd is True
+    assert runtime.cpu_kernels(fused=False).fused is False
+
+
+@pytest.mark.parametrize('call,message', [
+    (lambda: runtime.cpu_kernels(gemm='blas'), "cpu_kernels(gemm='blas') is not valid: use mkl or onednn"),
+    (lambda: runtime.cpu_kernels(winograd='yes'), "cpu_kernels(winograd='yes'): use True, False or None"),
+    (lambda: runtime.cpu_kernels(fused=1.5), "cpu_kernels(fused=1.5): use True, False or None")])
+def test_invalid_kernel_arguments_are_refused(call, message):
+    with pytest.raises(VidDetError) as e:
+        call()
+    assert str(e.value).startswith(message)
+
+
+def test_kernels_this_pytorch_cannot_run_are_refused(cpu, monkeypatch):
+    cpu('AuthenticAMD', 'AVX512')
+    monkeypatch.setattr(runtime, '_onednn_gemm_available', lambda: False)
+    assert runtime.cpu_kernels().gemm == 'mkl'                   # the CPU's choice falls back
+    monkeypatch.setenv('VIDDET_CPU_GEMM', 'onednn')
+    with pytest.raises(VidDetError, match='VIDDET_CPU_GEMM=onednn: this PyTorch has no oneDNN inner product'):
+        runtime.cpu_kernels()
+    monkeypatch.setattr(runtime, '_fused_kernels_problem', lambda: 'this PyTorch lacks torch.ops.mkldnn.x')
+    assert runtime.cpu_kernels(gemm='mkl').fused is False        # recorded, not silently dropped later
+    with pytest.raises(VidDetError, match=r'cpu_kernels\(fused=True\): this PyTorch lacks'):
+        runtime.cpu_kernels(gemm='mkl', fused=True)
+
+
+def test_the_fused_kernel_probe_passes_where_onednn_runs():
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip('PyTorch without oneDNN')
+    assert runtime._fused_kernels_problem() is None and runtime.cpu_kernels().fused
+
+
+def test_download_locations_come_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv('VIDDET_HOME', str(tmp_path))
+    monkeypatch.setenv('VIDDET_ZOO_BASE', 'http://mirror/zoo')
+    monkeypatch.delenv('VIDDET_WEIGHTS_BASE', raising=False)
+    assert runtime.viddet_home() == tmp_path and runtime.zoo_base('https://x') == 'http://mirror/zoo'
+    assert runtime.weights_base() is None
+    monkeypatch.delenv('VIDDET_HOME')
+    monkeypatch.delenv('VIDDET_ZOO_BASE')
+    assert runtime.viddet_home() == Path.home() / '.cache' / 'viddet' and runtime.zoo_base('https://x') == 'https://x'

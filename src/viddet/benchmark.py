@@ -53,6 +53,7 @@ from viddet.data.frames import Frame, FrameSource
 from viddet.engine.video import MODES, run_video
 from viddet.errors import VidDetError
 from viddet.fileio import atomic_write_json
+from viddet.methods import method_class
 from viddet.peak_memory import PeakMemory
 from viddet.runtime import CpuKernels, resolve_device, set_threads
 from viddet.timing import StageTimer
@@ -249,8 +250,9 @@ def benchmark(method: str = 'single', backbone: str = 'r50', size: Tuple[int, in
     if mode not in MODES:
         raise VidDetError(f'--mode {mode!r}: choose one of {", ".join(MODES)}')
     dev = resolve_device(device)
-    if model is None:
-        model = build_model(method, backbone, checkpoint, seed, ref_cache=ref_cache, fast=fast)
+    if model is None:   # ref_cache for the methods that have it (SELSA, TRoI)
+        settings = {'ref_cache': ref_cache} if 'ref_cache' in method_class(method).Settings.names() else {}
+        model = build_model(method, backbone, checkpoint, seed, fast=fast, **settings)
     model = model.to(dev).eval()
     width, height = size
     total = warmup + frames

@@ -11,6 +11,16 @@ from typing import Any, Dict, List, Mapping, Tuple
 from viddet.errors import VidDetError
 
 
+_SCALARS = {
+    bool: (lambda v: isinstance(v, bool), bool),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), int),
+    float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), float),
+    str: (lambda v: isinstance(v, str), str),
+}
+"""scalar type -> (whether a plain value is one: YAML's true is no integer, 3 is a number, "3" no number;
+the value converted)."""
+
+
 def type_name(tp) -> str:
     origin = typing.get_origin(tp)
     if origin is typing.Union:
@@ -62,22 +72,11 @@ def typed_value(value, tp, key: str, source: str):
         if not isinstance(value, dict):
             raise bad()
         return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
+    if tp in _SCALARS:
+        accepts, cast = _SCALARS[tp]
+        if not accepts(value):
             raise bad()
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad()
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad()
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise bad()
-        return value
+        return cast(value)
     raise TypeError(f'unsupported config field type {tp} at {key}')
 
 

@@ -43,7 +43,7 @@ class Frame(NamedTuple):
 
 
 class FrameSource:
-    """An ordered sequence of frames; use :func:`open_source` to make one.
+    """An ordered sequence of frames; use :func:`viddet.data.sources.open_source` to make one.
 
     Attributes:
         path: the spec it was opened from (folder, file, device or URL).
@@ -104,7 +104,8 @@ class FrameSource:
             self._prefetchers.remove(pf)
 
     def get(self, index: int) -> Frame:
-        """Frame ``index`` (random access; see the module docstring for cost and memory).
+        """Frame ``index`` (random access; see the module docstrings here and of
+        :mod:`viddet.data.sources` for cost and memory).
 
         Thread-safe; independent of any running iteration. The last ``cache_frames`` frames read
         (and, for videos, decoded on the way) are cached.
