@@ -148,7 +148,8 @@ def part_fgfa_floor(args):
          'fgfa_median_s': round(fgfa, 3), 'floor_median_s': round(floor, 3), 'ratio': round(fgfa / floor, 3),
          'stages_s': [{k: round(v, 3) for k, v in s.items()} for _, s in frames],
          'flow_chunk': model.flow_chunk, 'fast_paths': speedups.is_converted(model),
-         'cpu_kernels': getattr(speedups.kernels_of(model), 'as_dict', dict)(), 'loadavg_after': os.getloadavg()}
+         'cpu_kernels': None if args.plain else speedups.kernels_of(model).as_dict(),
+         'loadavg_after': os.getloadavg()}
     print(f"fgfa {fgfa:.2f} s/frame vs floor (backbone + 30 FlowNet) {floor:.2f} s: ratio {fgfa / floor:.2f}", flush=True)
     return [r]
 

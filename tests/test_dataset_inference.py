@@ -53,6 +53,8 @@ def test_every_video_is_saved_and_a_complete_result_is_not_overwritten(data, che
     assert len(results) > 0
     record = json.loads((out / 'run.json').read_text())
     assert record['method'] == 'single' and record['test']['fast'] is True and record['scale'] == [96, 64]
+    from viddet.runtime import cpu_kernels
+    assert record['cpu_kernels'] == cpu_kernels().as_dict()    # which CPU kernels the fast paths ran
     before = (out / 'results.json').read_bytes()
     with pytest.raises(VidDetError, match='already holds a complete test run .*another --out-dir .*--resume'):
         run_test(detector(checkpoint), data['ann_file'], data['img_prefix'], out, progress=False)

@@ -64,6 +64,8 @@ def test_demo_end_to_end_matches_the_api(source, method, size, fps, names, link,
     assert rc == 0, err
     linking = '' if link == 'none' else f', linking {link}'
     assert f'viddet demo: {method} on {src} (2 frames, offline mode{linking}, cpu)' in err
+    from viddet.runtime import cpu_kernels
+    assert f'viddet demo: fast paths, CPU kernels: {cpu_kernels()}\n' in err   # what ran, before any frame
     assert f'wrote {out} and {out.with_suffix(".jsonl")}' in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ['out.jsonl', 'out.mp4']   # no temporary files
 

@@ -391,7 +391,7 @@ def test_fast_flownet_equals_plain(padded, img_shape):
     torch.testing.assert_close(from_twin, again, atol=1e-6, rtol=1e-6)
 
 def test_resized_upsampled_flow_is_the_block_mean():
-    """The identity behind ``flownet_forward_features``: FlowNet's x8 bilinear upsampling
+    """The identity behind ``FastFlowNetSimple.forward_features``: FlowNet's x8 bilinear upsampling
     (align_corners=False) followed by flow_warp_feats' x1/16 resize (scale 1/16, likewise) is the
     2x2 block mean of the prediction times 8/16; by hand for one 2 x 2 block, then on random data."""
     from viddet.models.warp import resize_flow

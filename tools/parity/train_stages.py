@@ -294,12 +294,22 @@ def stages(rec, gt_b):
 
 
 def differences(a, b):
-    """Where two records of the same step differ (empty: identical)."""
+    """The stages at which two records of the same step took other decisions (empty: none): other
+    proposals or another order (by anchor), other anchors or RoIs drawn, other assignments or
+    labels. Float noise in boxes, scores and targets is not a difference."""
     out = []
-    for k in ('proposals', 'rpn_targets', 'rcnn_assigned_gt_inds', 'rcnn_sampling', 'rcnn_targets',
-              'ref_proposals'):
-        if a.get(k) != b.get(k):
+    if a['proposals']['anchors'] != b['proposals']['anchors']:
+        out.append('proposals')
+    if [r['anchors'] for r in a.get('ref_proposals', [])] != [r['anchors'] for r in b.get('ref_proposals', [])]:
+        out.append('ref_proposals')
+    for k in ('rcnn_assigned_gt_inds', 'rcnn_sampling'):
+        if a[k] != b[k]:
             out.append(k)
+    if a['rcnn_targets']['labels'] != b['rcnn_targets']['labels']:
+        out.append('rcnn_targets')
+    ra, rb = a['rpn_targets'], b['rpn_targets']
+    if (ra['pos_anchors'], ra['neg_anchors']) != (rb['pos_anchors'], rb['neg_anchors']):
+        out.append('rpn_targets')
     return out
 
 
@@ -351,9 +361,11 @@ def main():
             grad_norm_spread={k: float(f'{abs(grads2[k] - v) / v:.3g}') for k, v in grads.items()
                               if v and grads2[k] is not None and abs(grads2[k] - v) > 1e-4 * v},
             loss_max_rel_diff=max(abs(log2[k] - v) / max(abs(v), 1e-12) for k, v in log_vars.items()),
-            stages_that_differ=differences(recorded, other),
-            proposals=other['proposals'] if 'proposals' in differences(recorded, other) else None,
-            rcnn_sampling=other['rcnn_sampling'] if 'rcnn_sampling' in differences(recorded, other) else None)
+            stages_that_differ=differences(recorded, other))
+        for k in out['thread_spread']['stages_that_differ']:   # what the other run decided, compactly
+            out['thread_spread'][k] = ({'anchors': other[k]['anchors']} if k == 'proposals' else
+                                       [{'anchors': r['anchors']} for r in other[k]] if k == 'ref_proposals' else
+                                       other[k])
     out['made_by'] = ('tools/parity/train_stages.py ' + ' '.join(
         [a.method, info['frames_dir'], info['frames_dir'].replace('Data/', 'Annotations/', 1),
          f'CKPT({a.method}_r50 seed {a.ckpt_seed})', 'OUT', '--key', str(a.key), '--refs', *map(str, a.refs),

@@ -18,6 +18,7 @@ from viddet.classes import VID_CLASSES
 from viddet.config.typed import method_settings
 from viddet.data.transforms import DEFAULT_SCALE
 from viddet.errors import VidDetError
+from viddet.export import is_export, load_export
 from viddet.methods import VIDMethod, method_class, method_of_checkpoint
 from viddet.methods.base import MethodSettings
 from viddet.models.backbones import backbone_of_state_dict
@@ -133,7 +134,9 @@ def load_model(checkpoint: Optional[str] = None, method: Optional[str] = None, b
     evaluation and initialisation).
 
     Args:
-        checkpoint: local path, URL or model-zoo name (``dff_r50``, ``selsa_x101``...). Default:
+        checkpoint: local path, URL or model-zoo name (``dff_r50``, ``selsa_x101``...), or an ONNX
+            export folder (``viddet export``: :func:`viddet.export.load_export`, stages on ONNX
+            Runtime; ``method`` / ``backbone`` must then be what it holds). Default:
             the zoo checkpoint of ``method`` (``default_checkpoint`` of its class; SELSA's).
         method: ``single|dff|fgfa|selsa|troi``; default: the method the checkpoint's meta names,
             else what its keys show. ``single`` accepts the detector part of any VID checkpoint.
@@ -148,6 +151,9 @@ def load_model(checkpoint: Optional[str] = None, method: Optional[str] = None, b
             checkpoint of another method or backbone (the message lists missing/unexpected keys
             and says what the file is).
     """
+    if is_export(checkpoint):   # an ONNX export folder: its stages on ONNX Runtime
+        exp = load_export(checkpoint, method, backbone, test, **settings)
+        return LoadedModel(exp.model, exp.class_names, exp.meta, exp.path, exp.scale, exp.test)
     cls = method_class(method) if method is not None else None
     if random_weights:
         cls = cls or method_class('selsa')

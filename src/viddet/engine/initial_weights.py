@@ -34,8 +34,8 @@ def build_train_model(cfg: Config) -> nn.Module:
     m = cfg.model
     cls = method_class(m.method)
     model = cls.build(m.backbone, m.num_classes, **m.settings(cfg.source).build_kwargs())
-    model.configure_training(m)
     model.init_weights()
+    model.configure_training(m)    # after the init: a zeroed FlowNet stays zero
     return model
 
 

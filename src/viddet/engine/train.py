@@ -120,9 +120,9 @@ class Trainer:
         self._open_outputs(resumed=ckpt is not None)
         self.ready = True
         c, o = self.cfg, self.options
-        self.say(f'training {c.model.method} ({c.model.backbone}) on {len(self.data.train_set)} samples: '
+        self.say(f'training {c.model.method} ({c.model.backbone}) on {len(self.loader.train_set)} samples: '
                  f'{self.world} process(es) x {c.data.samples_per_gpu} sample(s) x {o.accumulate} accumulation = '
-                 f'batch {self.data.total_batch}, lr {self.schedule.base_lr:g}, {self.spe} steps/epoch, '
+                 f'batch {self.loader.total_batch}, lr {self.schedule.base_lr:g}, {self.spe} steps/epoch, '
                  f'{c.schedule.epochs} epochs, device {self.device}' + (f', amp {o.amp}' if o.amp else ''))
 
     def _check_and_connect(self):
@@ -150,12 +150,12 @@ class Trainer:
         train_set = build_train_set(cfg)
         if o.evaluate and cfg.data.val is not None:
             check_frame_files(val_frame_files(cfg), f'{cfg.source}: data.val.img_prefix {cfg.data.val.img_prefix}')
-        self.data = TrainLoader(train_set, cfg, self.rank, self.world, o.accumulate, self.device)
-        self.schedule = LrSchedule.from_config(cfg.schedule, self.data.total_batch)
-        self.spe = self.data.steps_per_epoch
+        self.loader = TrainLoader(train_set, cfg, self.rank, self.world, o.accumulate, self.device)
+        self.schedule = LrSchedule.from_config(cfg.schedule, self.loader.total_batch)
+        self.spe = self.loader.steps_per_epoch
         self.total_steps = self.spe * cfg.schedule.epochs
         self.end_it = self.total_steps if o.max_iters is None else min(self.total_steps, o.max_iters)
-        self.checkpoints = Checkpointer(self.work_dir, cfg, self.rank, self.dist, self.data.total_batch, self.spe,
+        self.checkpoints = Checkpointer(self.work_dir, cfg, self.rank, self.dist, self.loader.total_batch, self.spe,
                                         self.end_it, o.save_interval, o.keep_checkpoints, self.say)
         self.log = TrainLog(self.work_dir, self.rank, cfg.schedule.log_interval, self.end_it)
         interval = cfg.eval.interval if o.val_interval is None else o.val_interval
@@ -238,7 +238,7 @@ class Trainer:
                 if self.it >= self.end_it:
                     break
                 first = self.start.step if epoch == self.start.epoch else 0
-                batches = self.data.micro_batches(epoch, first)
+                batches = self.loader.micro_batches(epoch, first)
                 for step in range(first, self.spe):
                     if self.it >= self.end_it:
                         break

@@ -27,7 +27,8 @@ class TrainLog:
     Args:
         work_dir: the run's work dir.
         rank: this process (only rank 0 writes anything).
-        interval: ``schedule.log_interval`` (optimizer steps); the last step ``end_it`` is always logged.
+        interval: ``schedule.log_interval`` (optimizer steps).
+        end_it: the run's last step (always logged; the progress bar's total).
     """
 
     def __init__(self, work_dir: Path, rank: int, interval: int, end_it: int):

@@ -51,6 +51,7 @@ from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from viddet.errors import VidDetError
 from viddet.structures import Detections, TrainSample
 
 
@@ -182,8 +183,21 @@ class VIDMethod(nn.Module):
         proposal / sample counts, frozen backbone stages, FlowNet mode) to this model.
 
         Raises:
-            VidDetError: a setting this method cannot apply.
+            VidDetError: a setting this method cannot apply (here: any of the Faster R-CNN options
+                ``rpn_train_proposals``, ``rcnn_samples``, ``backbone_frozen_stages`` set, or a
+                FlowNet mode other than ``train``; a method that applies them overrides this).
         """
+        for key in ('rpn_train_proposals', 'rcnn_samples', 'backbone_frozen_stages'):
+            if getattr(model_cfg, key) is not None:
+                raise VidDetError(f'model.{key} does not apply to {self.title}')
+        if model_cfg.flownet != 'train':
+            raise VidDetError(f'model.flownet={model_cfg.flownet} does not apply to {self.title}')
+
+    def read_ahead(self, mode: str) -> int:
+        """How many frames after the current one :meth:`predict` reads in ``mode`` (``offline`` /
+        ``online``) before it returns: a benchmark gives a video that many extra frames so that each
+        timed frame sees a full window (FGFA offline: ``num_right``; 0 by default)."""
+        return 0
 
     def init_weights(self) -> 'VIDMethod':
         """Initialises the parts trained from scratch as the reference implementation does (the

@@ -79,6 +79,10 @@ class FGFA(FasterRCNNMethod):
                 kaiming_init(m)
         super().init_temporal_modules()
 
+    def read_ahead(self, mode: str) -> int:
+        """Offline, frame t reads up to t + ``num_right``."""
+        return self.num_right if mode == 'offline' else 0
+
     def reset(self):
         """Forgets the cached features and FlowNet inputs of the sliding window."""
         self._feats: Dict[int, torch.Tensor] = {}

@@ -100,7 +100,7 @@ class RPNHead(nn.Module):
             max_keep: int) -> torch.Tensor:
         """The first ``max_keep`` boxes that NMS keeps (mmdet ``RPNHead._bbox_post_process``:
         ``batched_nms`` then ``dets[:max_per_img]``); :func:`viddet.models.boxes.batched_nms` args.
-        ``speedups.enable`` swaps in an NMS that stops at the ``max_keep``-th kept box (same result).
+        ``speedups.convert`` swaps in an NMS that stops at the ``max_keep``-th kept box (same result).
 
         Returns:
             (k,) int64 indices into ``boxes``, k <= max_keep, best first.
@@ -221,7 +221,7 @@ class RoIHead(nn.Module):
             max_keep: int) -> torch.Tensor:
         """The first ``max_keep`` (box, class) pairs that class-wise NMS keeps (mmdet
         ``multiclass_nms``: ``batched_nms`` then ``[:max_num]``); ``idxs`` are the class labels.
-        ``speedups.enable`` swaps in an NMS that stops at the ``max_keep``-th kept box (same result).
+        ``speedups.convert`` swaps in an NMS that stops at the ``max_keep``-th kept box (same result).
 
         Returns:
             (k,) int64 indices into ``boxes``, k <= max_keep, best first.

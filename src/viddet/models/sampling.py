@@ -12,7 +12,7 @@ Boxes are (x1, y1, x2, y2) in resized-image pixels (no +1 convention).
 
 Randomness: the sampler draws with ``torch.randperm`` from an optional ``torch.Generator`` so
 that a training sample's RoI selection can be made a pure function of the sample (viddet's
-trainer seeds one generator per sample; see :mod:`viddet.engine.train`). Without a generator it
+trainer seeds one generator per sample; see :mod:`viddet.engine.train_set`). Without a generator it
 uses torch's global RNG, like mmdet.
 """
 from __future__ import annotations

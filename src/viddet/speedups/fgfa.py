@@ -17,13 +17,12 @@ from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.weak import WeakIdKeyDictionary
 
 from viddet.models.aggregators import EmbedAggregator
 from viddet.models.fast import FastModule
 from viddet.models.warp import feature_grid, warp_feats
 from viddet.runtime import CpuKernels
-from viddet.speedups.memo import per_tensor
+from viddet.speedups.memo import TensorCache, per_tensor
 from viddet.speedups.onednn import conv1x1_rows
 
 __all__ = ['FastEmbedAggregator', 'tap_projections', 'flow_warp_taps', 'embed_sampled', 'aggregate_embedded',
@@ -167,14 +166,14 @@ class FastEmbedAggregator(FastModule, EmbedAggregator):
 
     Attributes:
         projections: :func:`tap_projections` of each frame's features, computed once per feature
-            tensor and weight version, kept while the features live (a weak dictionary).
+            tensor and weight version, kept while the features live (a :class:`TensorCache`).
     """
 
     fast_attributes = ('projections',)
 
     def __init__(self, plain: EmbedAggregator, kernels: CpuKernels):
         super().__init__(plain, kernels)
-        self.projections = WeakIdKeyDictionary()
+        self.projections = TensorCache()
 
     def projections_of(self, feats: torch.Tensor) -> torch.Tensor:
         """:func:`tap_projections` of ``feats`` (1, C, H, W), from :attr:`projections`."""

@@ -14,9 +14,9 @@ faster per image pair at the DFF size (numbers in benchmarks/RESULTS.md).
   (:class:`TapConv`).
 * **Fewer passes over memory**: the decoder's concatenations (with MMTracking's ``crop_like``)
   are written in place in channels-last layout, the flow's scale (x8 x5) is applied before its x8
-  upsampling (on 1/64 of the values), and :func:`prepare_inputs` renormalises the 2x2 block means
-  of the detector-normalised images (FlowNet's renormalisation is per-channel affine) instead of
-  the full-resolution images.
+  upsampling (on 1/64 of the values), and :meth:`FastFlowNetSimple.prepare_inputs` renormalises
+  the 2x2 block means of the detector-normalised images (FlowNet's renormalisation is per-channel
+  affine) instead of the full-resolution images.
 * **Winograd F(2x2, 3x3)** for the encoder's stride-1 3x3 convs where ``kernels.winograd``
   (:mod:`viddet.speedups.winograd`).
 

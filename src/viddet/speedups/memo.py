@@ -17,11 +17,19 @@ def weights_version(module: nn.Module) -> Tuple:
     return tuple((id(t), t._version) for t in list(module.parameters()) + list(module.buffers()))
 
 
-def per_tensor(cache: WeakIdKeyDictionary, owner: nn.Module, tensor: torch.Tensor,
-               compute: Callable[[], T]) -> T:
+class TensorCache(WeakIdKeyDictionary):
+    """Results keyed by a tensor's identity, each kept only as long as the tensor lives (a weak
+    dictionary); a copy of a model starts with an empty one (its entries belong to the original's
+    tensors)."""
+
+    def __deepcopy__(self, memo) -> 'TensorCache':
+        return TensorCache()
+
+
+def per_tensor(cache: TensorCache, owner: nn.Module, tensor: torch.Tensor, compute: Callable[[], T]) -> T:
     """``compute()``, once per (``tensor``, weights of ``owner``): kept in ``cache`` (an attribute
-    of the fast module ``owner``), a weak dictionary, so that the entry goes when ``tensor`` is freed
-    (e.g. a reference frame leaving SELSA's set, a frame leaving FGFA's window)."""
+    of the fast module ``owner``), so that the entry goes when ``tensor`` is freed (e.g. a
+    reference frame leaving SELSA's set, a frame leaving FGFA's window)."""
     version = weights_version(owner)
     hit = cache.get(tensor)
     if hit is None or hit[0] != version:

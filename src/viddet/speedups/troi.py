@@ -39,12 +39,11 @@ from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.weak import WeakIdKeyDictionary
 
 from viddet.models.temporal_roi_align import TemporalRoIAlign
 from viddet.runtime import CpuKernels
 from viddet.speedups.detector import FastSingleRoIExtractor
-from viddet.speedups.memo import per_tensor
+from viddet.speedups.memo import TensorCache, per_tensor
 from viddet.speedups.onednn import conv1x1_rows, matmul_nt
 from viddet.speedups.roi_align import merge_taps, roi_align_taps
 
@@ -125,14 +124,14 @@ class FastTemporalRoIAlign(FastSingleRoIExtractor, TemporalRoIAlign):
 
     Attributes:
         prepared: the :class:`TRoIReference` of each reference map, computed once per map tensor
-            and weight version, kept while the map lives (a weak dictionary).
+            and weight version, kept while the map lives (a :class:`TensorCache`).
     """
 
     fast_attributes = ('prepared',)
 
     def __init__(self, plain: TemporalRoIAlign, kernels: CpuKernels):
         super().__init__(plain, kernels)
-        self.prepared = WeakIdKeyDictionary()
+        self.prepared = TensorCache()
 
     def reference(self, ref: torch.Tensor) -> TRoIReference:
         """:func:`prepare_reference` of the (1, C, H', W') map ``ref``, from :attr:`prepared`."""
