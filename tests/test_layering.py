@@ -11,7 +11,7 @@ SRC = Path(viddet.__file__).parent
 # bottom to top; a module may import modules of its own layer (without cycles) or of layers below
 LAYERS = [
     ('errors', 'classes', 'version'),
-    ('fileio', 'timing', 'runtime', 'structures', 'peak_memory'),
+    ('fileio', 'timing', 'runtime', 'structures', 'peak_memory', 'interrupts', 'locks'),
     ('data', 'evaluation', 'linking', 'visualize'),
     ('models',),
     ('methods',),

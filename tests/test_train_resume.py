@@ -99,7 +99,7 @@ def test_used_work_dir_is_refused_unless_resume_or_overwrite(tmp_path, capsys):
     train(tiny_config(data), work, max_iters=1, verbose=False, **QUIET)
     before = {p.name: p.read_bytes() for p in work.iterdir() if p.is_file()}
     with pytest.raises(VidDetError, match=r'w already holds a training run \(config.yaml, iter_1.pth, last_checkpoint, '
-                                          r'tf_logs …\): continue it with --resume, start a new run with a fresh '
+                                          r'tf_logs/, train_log.jsonl …\): continue it with --resume, start a new run with a fresh '
                                           r'--work-dir, or replace it with --overwrite'):
         train(tiny_config(data, seed=9), work, max_iters=2, **QUIET)
     assert {p.name: p.read_bytes() for p in work.iterdir() if p.is_file()} == before

@@ -185,16 +185,26 @@ class BenchmarkResult:
         return '\n'.join(lines)
 
 
+MAX_SIDE = 8192
+"""The largest frame side ``--size`` accepts: above 8K video (7680x4320), well inside OpenCV's
+limits (a side below 32767, a frame below 2^31 bytes); at 8192x8192 one stride-4 ResNet feature map
+(256 channels, fp32) already takes 4.3 GB."""
+
+
 def parse_size(text: str) -> Tuple[int, int]:
     """``'1000x600'`` -> (1000, 600) (width, height in pixels).
 
     Raises:
-        VidDetError: not two positive integers separated by 'x'.
+        VidDetError: not two positive integers separated by 'x', or a side above :data:`MAX_SIDE`.
     """
     m = re.fullmatch(r'\s*(\d+)\s*[xX]\s*(\d+)\s*', text or '')
     if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
         raise VidDetError(f'--size {text!r}: expected WIDTHxHEIGHT in pixels, e.g. 1000x600')
-    return int(m.group(1)), int(m.group(2))
+    w, h = int(m.group(1)), int(m.group(2))
+    if max(w, h) > MAX_SIDE:
+        raise VidDetError(f'--size {w}x{h}: each side must be at most {MAX_SIDE} pixels (8K video is 7680x4320; '
+                          f'a larger frame exceeds what OpenCV resizes and the memory of the feature maps)')
+    return w, h
 
 
 def build_model(method: str, backbone: str, checkpoint: Optional[str] = None, seed: int = 0,

@@ -1,13 +1,16 @@
 """Command-line interface: ``viddet demo|test|eval|convert|check-data|train|benchmark``.
 
 Each subcommand parses its arguments and calls one function; user errors (:class:`VidDetError`)
-are printed as one clear message without a traceback (exit status 2).
+are printed as one clear message without a traceback (exit status 2); SIGINT (Ctrl-C) and SIGTERM
+stop a command the same way, each keeping what it finished, with status 130 and 143
+(:mod:`viddet.interrupts`).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import sys
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from viddet.errors import VidDetError
@@ -93,6 +96,18 @@ def add_demo_parser(sub):
 
 
 # ---------------------------------------------------------------- convert / check-data / eval / test (owner: data+eval)
+def check_outputs_first(folders=(), files=()):
+    """Checks a command's output folders and files (``(option, path)``, None: not given) before
+    its work (:func:`viddet.data.output_paths.check_output_dir` / ``check_output_path``)."""
+    from viddet.data.output_paths import check_output_dir, check_output_path
+    for label, path in folders:
+        if path is not None:
+            check_output_dir(path, label)
+    for label, path in files:
+        if path is not None:
+            check_output_path(path, label)
+
+
 def add_data_parsers(sub):
     """``viddet convert``, ``viddet check-data`` and ``viddet eval`` (``viddet test`` reuses
     :func:`viddet.evaluation.vid.evaluate_and_report` for its report)."""
@@ -163,7 +178,7 @@ def add_data_parsers(sub):
         from viddet.engine.link_results import link_results, report_identity
         from viddet.evaluation.io import load_ground_truth, load_results
         from viddet.evaluation.report import evaluate_and_report
-        from pathlib import Path
+        check_outputs_first(folders=[('--out-dir', args.out_dir)], files=[('--json', args.json)])
         gt = load_ground_truth(args.ann) if Path(args.results).suffix.lower() == '.txt' else None
         results = link_results(load_results(args.results, gt), args.ann, args.link, where=args.results,
                                allow_empty=args.allow_empty_frames)
@@ -176,6 +191,17 @@ def add_data_parsers(sub):
 
 
 # ---------------------------------------------------------------- test (owner: core)
+@contextmanager
+def report_write_failures(kept: str):
+    """Turns an OSError of a write in the block (a full disk, a folder that became read-only) into
+    one line naming the file, the reason and what is ``kept``."""
+    from viddet.data.output_paths import os_error_reason
+    try:
+        yield
+    except OSError as e:
+        raise VidDetError(f'cannot write {e.filename or "an output"}: {os_error_reason(e)}; {kept}') from None
+
+
 def add_test_parser(sub):
     p = sub.add_parser(
         'test', help='run a model over every video of an annotation file and report COCO AP50 and VID mAP',
@@ -202,16 +228,23 @@ def add_test_parser(sub):
         from viddet.engine.evaluate import check_out_dir, run_test
         from viddet.engine.link_results import report_identity
         from viddet.evaluation.report import evaluate_and_report
-        check_out_dir(args.out_dir, args.resume)   # before the model is loaded
-        detector = detector_from_args(args)
-        results = run_test(detector, args.ann, args.root, args.out_dir, mode=args.mode, max_videos=args.max_videos,
-                           resume=args.resume, link=args.link)
-        if results is not None:
-            ann = Path(args.out_dir) / 'annotations_subset.json' if args.max_videos else args.ann
-            metrics_json = args.json or str(Path(args.out_dir) / 'metrics.json')
-            evaluate_and_report(results, str(ann), args.motion_iou, args.out_dir, metrics_json)
-            if args.link != 'none':
-                report_identity(results, str(ann), metrics_json)
+        from viddet.runtime import world_info
+        from viddet.locks import output_lock
+        first = world_info()[0] == 0
+        with output_lock(args.out_dir, f'--out-dir {args.out_dir}', is_dir=True) if first else nullcontext():
+            check_out_dir(args.out_dir, args.resume)   # before the model is loaded
+            check_outputs_first(files=[('--json', args.json)])
+            detector = detector_from_args(args)
+            results = run_test(detector, args.ann, args.root, args.out_dir, mode=args.mode,
+                               max_videos=args.max_videos, resume=args.resume, link=args.link)
+            if results is not None:
+                ann = Path(args.out_dir) / 'annotations_subset.json' if args.max_videos else args.ann
+                metrics_json = args.json or str(Path(args.out_dir) / 'metrics.json')
+                with report_write_failures(f'{Path(args.out_dir) / "results.json"} holds the detections '
+                                           f'(score them with viddet eval)'):
+                    evaluate_and_report(results, str(ann), args.motion_iou, args.out_dir, metrics_json)
+                    if args.link != 'none':
+                        report_identity(results, str(ann), metrics_json)
         return 0
     p.set_defaults(func=run)
     return p
@@ -230,8 +263,9 @@ def add_train_parser(sub):
     p.add_argument('--resume', action='store_true',
                    help='continue bit-for-bit from the newest intact checkpoint in --work-dir')
     p.add_argument('--overwrite', action='store_true',
-                   help='start afresh in a --work-dir that holds an earlier run (deletes its checkpoints, logs and '
-                        'evaluations); without --resume or --overwrite such a work dir is refused')
+                   help='start afresh in a --work-dir that holds an earlier run (deletes what its viddet_run.json '
+                        'lists: checkpoints, logs, evaluations; a folder holding other files is refused); without '
+                        '--resume or --overwrite such a work dir is refused')
     p.add_argument('--save-interval', type=int, default=None, metavar='N',
                    help='also save iter_<n>.pth every N optimizer steps, so that a preempted run loses at most N steps')
     p.add_argument('--keep-checkpoints', type=int, default=2, metavar='K',
@@ -310,6 +344,7 @@ def add_benchmark_parser(sub):
 
     def run(args):
         from viddet.benchmark import run_cli
+        check_outputs_first(files=[('--json', args.json)])
         return run_cli(args)
 
     p.set_defaults(func=run)
@@ -337,14 +372,16 @@ def main(argv=None) -> int:
     if not getattr(args, 'func', None):
         parser.print_help()
         return 2
+    from viddet.interrupts import describe, exit_status, handle_interrupts
     try:
-        result = args.func(args)
+        with handle_interrupts():   # SIGTERM as Ctrl-C
+            result = args.func(args)
     except VidDetError as e:
         print(f'viddet {args.command}: error: {e}', file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f'viddet {args.command}: interrupted', file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:   # 130 (SIGINT) or 143 (SIGTERM)
+        print(f'viddet {args.command}: {describe(e)}', file=sys.stderr)
+        return exit_status(e)
     return int(result or 0)
 
 

@@ -11,12 +11,16 @@ What happens to the outputs:
   complete one.
 * When the run stops early (a corrupt frame, a full disk, Ctrl-C, a bug), the frames finished so far
   are kept under the partial names (the MP4 finished so that it plays) and the message says which
-  files hold how many frames. Ctrl-C exits with status 130, bad input with 2.
+  files hold how many frames. SIGTERM is handled as Ctrl-C (:mod:`viddet.interrupts`): status 130
+  (Ctrl-C) or 143 (SIGTERM); bad input exits with 2.
+* Each output is locked while the demo runs (``<out>.lock`` beside it, :mod:`viddet.locks`): a second
+  demo writing the same files is refused, naming the first.
 * A video that ends before the frame count its container announced is reported with both numbers,
   as it happens and in the final message.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -25,6 +29,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from viddet.errors import VidDetError
+from viddet.interrupts import describe
 
 
 def default_outputs(input_spec: str, method: str, out: Optional[str], json_path: Optional[str]):
@@ -75,10 +80,16 @@ def _method_hint(args) -> Optional[str]:
     return None
 
 
-def _outputs(args, method: str, inputs: List[Path]) -> Tuple[Path, Path]:
+def _outputs(args, method: str, inputs: List[Path], locks: contextlib.ExitStack) -> Tuple[Path, Path]:
+    """The checked output paths, each locked (``<out>.lock``: a second demo writing the same files is
+    refused); ``locks`` holds the locks (those of earlier paths are released)."""
     from viddet.data.output_paths import check_outputs
+    from viddet.locks import output_lock
     video, json_file = default_outputs(args.input, method, args.out, args.json)
     check_outputs([('--out', video), ('--json', json_file)], inputs)
+    locks.close()
+    for label, path in (('--out', video), ('--json', json_file)):
+        locks.enter_context(output_lock(path, f'{label} {path}', is_dir=False))
     return video, json_file
 
 
@@ -109,12 +120,13 @@ def run_demo(args) -> int:
     check_demo_args(args)
     source = open_source(args.input, max_frames=args.max_frames)
     try:
-        return _run(args, source)
+        with contextlib.ExitStack() as locks:
+            return _run(args, source, locks)
     finally:
         source.close()
 
 
-def _run(args, source) -> int:
+def _run(args, source, locks: contextlib.ExitStack) -> int:
     from tqdm import tqdm
 
     from viddet import speedups
@@ -129,13 +141,13 @@ def _run(args, source) -> int:
                           f'live stream: use --link online')
     inputs = input_files(args.input)
     hint = _method_hint(args)
-    video_path, json_path = _outputs(args, hint or 'selsa', inputs)   # all checks before the model loads
+    video_path, json_path = _outputs(args, hint or 'selsa', inputs, locks)   # all checks before the model loads
     if args.random_weights:
         print('viddet demo: WARNING: --random-weights: the model is randomly initialised; '
               'the detections are meaningless (pipeline check only)', file=sys.stderr)
     detector = detector_from_args(args)
     if detector.method != (hint or 'selsa'):   # a checkpoint file without --method: its method names them
-        video_path, json_path = _outputs(args, detector.method, inputs)
+        video_path, json_path = _outputs(args, detector.method, inputs, locks)
     mode = args.mode or ('online' if source.is_live else 'offline')
     fps = args.fps if args.fps is not None else (source.fps or 25.0)
     linking = '' if link == 'none' else f', linking {link}'
@@ -194,7 +206,8 @@ def _stopped(failure: BaseException, writers, done: int, link: str, notes: List[
         if not any(w.kept for w in writers) and not notes and link != 'seqnms':
             raise failure
         raise VidDetError(f'{failure}\n  {kept}') from None
-    print(f'viddet demo: stopped ({type(failure).__name__}); {kept}', file=sys.stderr)
+    why = describe(failure) if isinstance(failure, KeyboardInterrupt) else type(failure).__name__
+    print(f'viddet demo: stopped ({why}); {kept}', file=sys.stderr)
     raise failure
 
 

@@ -32,7 +32,8 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
         The final path.
 
     Raises:
-        OSError: if the folder cannot be created or written (propagated unchanged).
+        OSError: if the folder cannot be created or written (its ``filename`` is ``path`` when the
+            system gave none, as for a full disk).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -44,11 +45,13 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
             os.fsync(f.fileno())
         os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError) and e.filename is None:   # a failed write (a full disk) names no file
+            e.filename = str(path)
         raise
     return path
 

@@ -239,7 +239,10 @@ class Config:
             ok = p.is_file() if kind == 'file' else p.is_dir()
             if not ok:
                 what = 'file' if kind == 'file' else 'folder'
-                problems.append(f'{key}: {what} {path} does not exist{hint}')
+                if p.exists():   # the other kind: say so, not "does not exist"
+                    problems.append(f'{key}: {path} is a {"folder" if p.is_dir() else "file"}, not a {what}')
+                else:
+                    problems.append(f'{key}: {what} {path} does not exist{hint}')
 
         conv = ' (create it with `viddet convert imagenet-vid --root <ILSVRC> --out <folder>`)'
         if not self.data.train:

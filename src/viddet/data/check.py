@@ -74,10 +74,13 @@ def _is_number(x) -> bool:
 
 
 def _resolve_image_root(root: Path, images: List[dict]) -> Path:
-    """``root`` itself, or ``root/Data/VID`` / ``root/Data/DET`` when the first frame lives there."""
-    if not images or not isinstance(images[0], dict) or not isinstance(images[0].get('file_name'), str):
+    """``root`` itself, or ``root/Data/VID`` / ``root/Data/DET`` when the first frame with a
+    well-formed ``file_name`` lives there (a malformed first record is reported on its own and does
+    not send every other frame to the wrong folder)."""
+    first = next((im['file_name'] for im in images if isinstance(im, dict) and isinstance(im.get('file_name'), str)),
+                 None)
+    if first is None:
         return root
-    first = images[0]['file_name']
     for cand in (root, root / 'Data' / 'VID', root / 'Data' / 'DET'):
         if (cand / first).exists():
             return cand
@@ -181,8 +184,11 @@ def _check_images(images: list, vid_ids: Optional[Dict[object, int]], add: Calla
         if not isinstance(im, dict):
             continue
         img_by_id.setdefault(im.get('id'), im)
-        if not isinstance(im.get('file_name'), str):
+        if 'file_name' not in im:
             add('structure', f'image id {im.get("id")!r} has no file_name')
+        elif not isinstance(im['file_name'], str):
+            add('structure', f'image id {im.get("id")!r} has a file_name that is not a string: '
+                             f'{str(im["file_name"])[:60]!r} ({type(im["file_name"]).__name__})')
         w, h = im.get('width'), im.get('height')
         if not (_is_number(w) and _is_number(h) and w > 0 and h > 0):
             add('bad image size', f'image id {im.get("id")!r} ({im.get("file_name")}) has width {w!r}, height {h!r}')

@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from viddet.classes import VID_CLASSES, VID_SYNSETS
 from viddet.data.ilsvrc import find_lists_dir, parse_ilsvrc_xml, parse_train_list, parse_val_list, read_list_file
+from viddet.data.output_paths import check_output_dir
 from viddet.errors import VidDetError
 from viddet.fileio import atomic_write_json
 
@@ -351,15 +352,16 @@ def convert_imagenet_vid(root, out_dir, mmtracking_compat: bool = False, skip_ba
         split -> :class:`ConvertSummary`.
 
     Raises:
-        VidDetError: missing root/list files or a bad XML (without ``skip_bad``), naming the file.
+        VidDetError: an output folder that cannot be written (checked first), missing root/list files
+            or a bad XML (without ``skip_bad``), naming the file.
     """
+    out_dir = check_output_dir(out_dir, '--out')
     root = Path(root)
     if not root.is_dir():
         raise VidDetError(f'{root}: ImageNet VID root folder not found')
     for s in splits:
         if s not in VID_OUTPUT_NAMES:
             raise VidDetError(f'unknown split {s!r}; choose from train, val, det')
-    out_dir = Path(out_dir)
     summaries = {}
     for s in splits:
         if s == 'det':

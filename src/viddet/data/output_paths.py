@@ -1,5 +1,5 @@
 """Checking a run's output files before the work starts: :func:`check_output_path` (one file can be
-written there) and :func:`check_outputs` (every output of a run, none overwriting an input or another
+written there), :func:`check_output_dir` (files can be written into a folder) and :func:`check_outputs` (every output of a run, none overwriting an input or another
 output); :func:`partial_name`, where the writers of :mod:`viddet.data.writers` keep an unfinished
 result."""
 from __future__ import annotations
@@ -55,6 +55,35 @@ def check_output_path(path, label: Optional[str] = None) -> Path:
         os.unlink(probe)
     except OSError as e:
         raise VidDetError(f'{name}: cannot create files in {path.parent} ({os_error_reason(e)})') from None
+    return path
+
+
+def check_output_dir(path, label: str) -> Path:
+    """Checks that output files can be written into the folder ``path`` before the work starts: it
+    is a folder (or can be created: the nearest existing folder above it is a folder) and accepts new
+    files (tried as :func:`check_output_path` does).
+
+    Args:
+        path: the output folder (not created here).
+        label: how the messages name it, e.g. ``'--out-dir'``.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        VidDetError: ``"<label> <path>: <problem>"`` (a file, not a folder; cannot create files).
+    """
+    path = Path(path)
+    existing = next(p for p in itertools.chain([path], path.parents, [Path('.')]) if p.exists())
+    if not existing.is_dir():
+        what = 'is a file, not a folder' if existing == path else f'{existing} is a file, not a folder'
+        raise VidDetError(f'{label} {path}: {what}')
+    try:
+        fd, probe = tempfile.mkstemp(prefix='.viddet-write-check-', dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise VidDetError(f'{label} {path}: cannot create files in {existing} ({os_error_reason(e)})') from None
     return path
 
 

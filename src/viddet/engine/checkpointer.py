@@ -17,8 +17,8 @@ from typing import Callable, Optional
 from torch import nn
 
 from viddet.config.training import Config
-from viddet.engine.work_dir import (checkpoint_candidates, config_changes, read_training_checkpoint, save_checkpoint,
-                                    set_rng_state)
+from viddet.engine.work_dir import (checkpoint_candidates, config_changes, read_training_checkpoint,
+                                    remove_stale_temporaries, save_checkpoint, set_rng_state)
 from viddet.errors import VidDetError
 
 
@@ -92,7 +92,12 @@ class Checkpointer:
         """
         candidates = checkpoint_candidates(self.work_dir, self.spe)
         if not candidates:
-            raise VidDetError(f'--resume: no checkpoint in {self.work_dir}')
+            stale = remove_stale_temporaries(self.work_dir) if self.rank == 0 and self.work_dir.is_dir() else []
+            why = (f' (the run was stopped while it saved its first one; deleted the unfinished file(s) '
+                   f'{", ".join(p.name for p in stale[:3])})' if stale else '')
+            raise VidDetError(f'--resume: no checkpoint in {self.work_dir}{why}: nothing to continue from; start the '
+                              f'run afresh there with --overwrite (deletes its logs and config), or give another '
+                              f'--work-dir')
         problems = []
         for path in candidates:
             try:

@@ -6,15 +6,22 @@ Nothing is lost when a run stops part-way: every video's detections are saved as
 is done (``<out_dir>/videos/<n>.json``), and ``resume=True`` (``viddet test --resume``) skips the
 videos already saved. The complete result, ``<out_dir>/results.json`` (a COCO results file,
 re-scorable with ``viddet eval``), is written only when every video is in; ``<out_dir>/run.json``
-records what produced it (checkpoint, method, inference settings, the CPU kernels of the fast
-paths), and a resumed run must match it (the kernels aside: they change only float rounding).
+records what produced it (checkpoint and its SHA-256, method, inference settings, the CPU kernels of
+the fast paths), and a resumed run must match it (the kernels aside: they change only float
+rounding), so that one ``results.json`` never mixes two models' or two settings' detections.
+``viddet test`` holds the folder's lock (:mod:`viddet.locks`) while it runs: a second run into the
+same ``--out-dir`` is refused. A write that fails (a full disk) stops the run with one line naming
+the file, the reason and what is kept; Ctrl-C and SIGTERM stop it the same way
+(:class:`viddet.interrupts.Interrupted`, exit status 130 / 143).
 
 Under ``torchrun`` the videos are sharded over the ranks (longest first, balanced by frame count);
 every rank saves its own videos and rank 0 merges them.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import os
 import time
 from collections import defaultdict
@@ -23,9 +30,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from viddet import speedups
 from viddet.data.image_sources import ImageListSource
+from viddet.data.output_paths import os_error_reason
 from viddet.errors import VidDetError
 from viddet.fileio import atomic_write_json, read_json
+from viddet.interrupts import Interrupted, signal_of
 from viddet.linking.link import LINK_MODES, link_video
+from viddet.locks import output_lock
 from viddet.runtime import init_distributed
 from viddet.version import __version__
 
@@ -135,12 +145,28 @@ def check_frames(videos: Sequence[Video], img_root) -> None:
         raise VidDetError(f'video {name}: frame file {f} is not readable ({len(unreadable)} in all)')
 
 
+def file_sha256(path) -> Optional[str]:
+    """The SHA-256 (hex) of a file; None for None (random weights) or a path that is not a file."""
+    if path is None or not Path(path).is_file():
+        return None
+    with open(path, 'rb') as f:
+        return hashlib.file_digest(f, 'sha256').hexdigest()
+
+
 def _run_record(detector, ann_file, mode: str, link: str = 'none') -> dict:
     kernels = speedups.kernels_of(detector.model)   # None: the plain modules ran
+    checkpoint = getattr(detector, 'checkpoint', None)
     return {'method': detector.method, 'mode': mode, 'link': link, 'scale': list(detector.scale),
             'test': detector.test.values(), 'annotations': str(Path(ann_file).resolve()),
-            'classes': list(detector.class_names), 'checkpoint': getattr(detector, 'checkpoint', None),
+            'classes': list(detector.class_names), 'checkpoint': checkpoint,
+            'checkpoint_sha256': file_sha256(checkpoint),
             'cpu_kernels': None if kernels is None else kernels.as_dict()}
+
+
+RECORD_KEYS = ('method', 'mode', 'link', 'scale', 'test', 'annotations', 'classes', 'checkpoint_sha256')
+"""What a resumed test run must share with the run that began it (``run.json``): the model (the
+checkpoint's SHA-256, not its path: a file moved is the same model, a file replaced is not), its
+inference settings and the data."""
 
 
 def check_out_dir(out_dir, resume: bool = False) -> None:
@@ -177,12 +203,16 @@ def _prepare_out_dir(out_dir: Path, record: dict, resume: bool, rank: int) -> No
     run_file = out_dir / 'run.json'
     if resume and run_file.exists():
         old = read_json(run_file, 'test run record')
-        diff = [k for k in ('method', 'mode', 'link', 'scale', 'test', 'annotations', 'classes')
-                if old.get(k) != record.get(k)]
+        keys = RECORD_KEYS if 'checkpoint_sha256' in old else RECORD_KEYS[:-1] + ('checkpoint',)   # older run.json
+        diff = [k for k in keys if old.get(k) != record.get(k)]
         if diff:
+            was = {k: old.get(k) for k in diff}
+            now = {k: record.get(k) for k in diff}
+            if 'checkpoint_sha256' in diff:
+                was['checkpoint'], now['checkpoint'] = old.get('checkpoint'), record.get('checkpoint')
             raise VidDetError(f'--resume: {out_dir} was made with other settings ({", ".join(diff)} differ: '
-                              f'{ {k: old.get(k) for k in diff} } vs { {k: record.get(k) for k in diff} }); '
-                              f'give another --out-dir')
+                              f'{was} there vs {now} now); resuming would mix their detections in one '
+                              f'results.json: run it with the settings of {run_file}, or give another --out-dir')
     if rank == 0:
         atomic_write_json(run_file, {**record, 'viddet_version': __version__}, indent=1)
 
@@ -212,8 +242,6 @@ def run_test(detector, ann_file, img_root, out_dir, mode: str = 'offline', max_v
             (checked first), an output folder that cannot be written or holds another run, a frame that
             cannot be decoded or a video shorter than its annotations (naming what was saved).
     """
-    from tqdm import tqdm
-
     if max_videos is not None and max_videos < 1:
         raise VidDetError(f'--max-videos must be >= 1, got {max_videos}')
     if link not in LINK_MODES:
@@ -228,12 +256,23 @@ def run_test(detector, ann_file, img_root, out_dir, mode: str = 'offline', max_v
         import torch
         torch.cuda.set_device(detector.device)
     dist, rank, world = init_distributed(detector.device)
-    _prepare_out_dir(out_dir, _run_record(detector, ann_file, mode, link), resume, rank)
-    if dist is not None:   # every rank has checked the folder before any saves a video into it
-        dist.barrier()
-    if max_videos is not None and rank == 0:
-        subset_annotations(ann_file, [im['id'] for _, imgs in videos for im in imgs],
-                           out_dir / 'annotations_subset.json')
+    with output_lock(out_dir, f'--out-dir {out_dir}', is_dir=True) if rank == 0 else contextlib.nullcontext():
+        _prepare_out_dir(out_dir, _run_record(detector, ann_file, mode, link), resume, rank)
+        if dist is not None:   # every rank has checked the folder before any saves a video into it
+            dist.barrier()
+        if max_videos is not None and rank == 0:
+            subset_annotations(ann_file, [im['id'] for _, imgs in videos for im in imgs],
+                               out_dir / 'annotations_subset.json')
+        return _run_videos(detector, videos, categories, ann_file, img_root, out_dir, mode, link, progress, resume,
+                           dist, rank, world)
+
+
+def _run_videos(detector, videos: List[Video], categories, ann_file, img_root, out_dir: Path, mode: str, link: str,
+                progress: bool, resume: bool, dist, rank: int, world: int) -> Optional[List[dict]]:
+    """The part of :func:`run_test` after the output folder is ready: this rank's videos, each saved
+    when done, then (rank 0) every rank's merged into ``results.json``."""
+    from tqdm import tqdm
+
     mine = shard(videos, rank, world)
     check_frames([videos[i] for i in mine], img_root)
     cat_ids = label_to_category(detector.class_names, categories, ann_file)
@@ -251,12 +290,14 @@ def run_test(detector, ann_file, img_root, out_dir, mode: str = 'offline', max_v
             name, imgs = videos[i]
             results = _test_video(detector, name, imgs, img_root, mode, link, cat_ids, frames)
             atomic_write_json(part(i), {'video': name, 'frames': len(imgs), 'results': results})
-    except (VidDetError, KeyboardInterrupt) as e:
+    except (VidDetError, OSError, KeyboardInterrupt) as e:
         bar.close()
         saved = sum(1 for j in mine if part(j).exists())
-        what = 'interrupted' if isinstance(e, KeyboardInterrupt) else str(e)
-        raise VidDetError(f'{what}\n  {saved} finished video(s) of this run are saved in {out_dir / "videos"}; '
-                          f'run the same command with --resume to continue') from None
+        kept = (f'{saved} finished video(s) of this run are saved in {out_dir / "videos"}; '
+                f'run the same command with --resume to continue')
+        if isinstance(e, KeyboardInterrupt):
+            raise Interrupted(signal_of(e), f'interrupted\n  {kept}') from None
+        raise VidDetError(f'{write_failure(e) if isinstance(e, OSError) else e}\n  {kept}') from None
     if dist is not None:
         frames.report()
         dist.barrier()
@@ -264,8 +305,18 @@ def run_test(detector, ann_file, img_root, out_dir, mode: str = 'offline', max_v
     if rank != 0:
         return None
     merged = [r for i in range(len(videos)) for r in read_json(part(i), 'saved video detections')['results']]
-    atomic_write_json(out_dir / 'results.json', merged)
+    try:
+        atomic_write_json(out_dir / 'results.json', merged)
+    except OSError as e:
+        raise VidDetError(f'{write_failure(e, out_dir / "results.json")}\n  the detections of all {len(videos)} '
+                          f'video(s) are kept in {out_dir / "videos"}: free space and run the same command with '
+                          f'--resume (nothing is run again)') from None
     return merged
+
+
+def write_failure(e: OSError, path=None) -> str:
+    """``"cannot write <file>: <reason>"`` for an OSError of a write (its ``filename``, else ``path``)."""
+    return f'cannot write {e.filename or path or "a file"}: {os_error_reason(e)}'
 
 
 def _test_video(detector, name: str, imgs: List[dict], img_root, mode: str, link: str,

@@ -22,7 +22,7 @@ from viddet.checkpoints.reading import check_finite, class_names, describe, desc
 from viddet.config.training import Config, RANDOM_INIT
 from viddet.errors import VidDetError
 from viddet.methods import method_class
-from viddet.models.backbones import backbone_info
+from viddet.models.backbones import BACKBONES, backbone_info
 from viddet.models.mobilenet import MobileNetV2Lite
 
 # ===================================================================================== model + init
@@ -70,6 +70,7 @@ def init_plan(cfg: Config) -> InitPlan:
             raise VidDetError(f'{cfg.source}: init.backbone_weights is not set and backbone {m.backbone} has no '
                               f'published ImageNet weights: set init.backbone_weights (or --backbone-weights) to '
                               f'a weights file, or to {RANDOM_INIT} to train it from random weights')
+    _check_backbone_fits(backbone, m.backbone, cfg.source)
     flownet = i.flownet_weights
     if not method_class(m.method).has_flownet:
         if flownet not in (None, RANDOM_INIT):
@@ -78,6 +79,21 @@ def init_plan(cfg: Config) -> InitPlan:
     elif flownet is None and not i.checkpoint and m.flownet != 'zero':
         flownet = 'flownet_simple'
     return InitPlan(backbone, flownet, i.checkpoint)
+
+
+def _check_backbone_fits(spec: Optional[str], backbone: str, source: str) -> None:
+    """Refuses, before any download, the published ImageNet weights of another backbone
+    (``BACKBONES[...].imagenet_weights``), e.g. ``torchvision://resnet50`` for ``mobilenetv2``.
+
+    Raises:
+        VidDetError: naming the weights, the backbone they are for and the one configured.
+    """
+    owners = [b for b in BACKBONES if b.imagenet_weights is not None and b.imagenet_weights == spec]
+    if owners and all(b.name != backbone for b in owners):
+        own = backbone_info(backbone).imagenet_weights
+        fit = f'its own are {own}' if own else f'it has no published ImageNet weights: give a weights file or {RANDOM_INIT}'
+        raise VidDetError(f'{source}: init.backbone_weights {spec} are the ImageNet weights of backbone {owners[0].name} '
+                          f'({owners[0].title}) and do not fit backbone {backbone} ({fit})')
 
 
 def resolve_plan(plan: InitPlan, progress: bool = True) -> InitPlan:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,8 @@ from viddet.engine.train_options import TrainOptions
 from viddet.engine.train_set import TrainLoader, build_train_set, check_frame_files, val_frame_files
 from viddet.engine.work_dir import check_work_dir, prepare_work_dir
 from viddet.errors import VidDetError
+from viddet.interrupts import Interrupted, clear_pending, deferred, handle_interrupts, pending, signal_of
+from viddet.locks import output_lock
 from viddet.runtime import init_distributed, resolve_device, set_threads, world_info
 from viddet.structures import TrainSample
 
@@ -98,6 +101,7 @@ class Trainer:
         self.cfg, self.work_dir, self.options = cfg, Path(work_dir), options or TrainOptions()
         self.rank = world_info()[0]
         self.ready = False
+        self.lock = contextlib.ExitStack()   # the work dir's lock (rank 0), from setup to the end of run
 
     def say(self, message: str) -> None:
         """Prints a line on rank 0 (when ``verbose``)."""
@@ -111,13 +115,18 @@ class Trainer:
         frames, the resumed state, the model, the work dir's files.
 
         Raises:
-            VidDetError: anything that would make the run fail later or mix two runs.
+            VidDetError: anything that would make the run fail later or mix two runs (another run
+                holding the work dir's lock included).
         """
-        plan = self._check_and_connect()
-        self._build_data()
-        ckpt = self.checkpoints.find() if self.options.resume else None
-        self._build_model(plan, ckpt)
-        self._open_outputs(resumed=ckpt is not None)
+        try:
+            plan = self._check_and_connect()
+            self._build_data()
+            ckpt = self.checkpoints.find() if self.options.resume else None
+            self._build_model(plan, ckpt)
+            self._open_outputs(resumed=ckpt is not None)
+        except BaseException:
+            self.lock.close()
+            raise
         self.ready = True
         c, o = self.cfg, self.options
         self.say(f'training {c.model.method} ({c.model.backbone}) on {len(self.loader.train_set)} samples: '
@@ -135,6 +144,8 @@ class Trainer:
         self.device = resolve_device(o.device)
         if o.amp == 'fp16' and self.device.type == 'cpu':
             raise VidDetError('--amp fp16 needs a GPU (CPU autocast supports bf16: use --amp bf16)')
+        if self.rank == 0:   # one run per work dir: a second is refused, naming the first
+            self.lock.enter_context(output_lock(self.work_dir, f'--work-dir {self.work_dir}', is_dir=True))
         check_work_dir(self.work_dir, o.resume, o.overwrite)   # every rank, before anything is written
         if self.device.type == 'cuda':
             torch.cuda.set_device(self.device)
@@ -147,7 +158,7 @@ class Trainer:
         """The training set (categories and frames checked), the val frames, the batch layout,
         the schedule and the components that need them."""
         cfg, o = self.cfg, self.options
-        train_set = build_train_set(cfg)
+        train_set = build_train_set(cfg, self.say)
         if o.evaluate and cfg.data.val is not None:
             check_frame_files(val_frame_files(cfg), f'{cfg.source}: data.val.img_prefix {cfg.data.val.img_prefix}')
         self.loader = TrainLoader(train_set, cfg, self.rank, self.world, o.accumulate, self.device)
@@ -209,11 +220,43 @@ class Trainer:
         """Trains from the current position to ``end_it`` (setting up first if needed), evaluates
         as configured, and returns the :class:`TrainResult`.
 
+        SIGINT and SIGTERM (:mod:`viddet.interrupts`) let the current step finish, save
+        ``iter_<i>.pth`` and raise :class:`~viddet.interrupts.Interrupted` saying how to resume.
+
         Raises:
-            VidDetError: as :meth:`setup`; a loss that stays non-finite; an item that cannot be loaded.
+            VidDetError: as :meth:`setup`; a loss that stays non-finite; an item that cannot be loaded;
+                a write that fails (a full disk: naming the file and the checkpoint kept).
+            Interrupted: SIGINT / SIGTERM, after the checkpoint is saved.
         """
-        if not self.ready:
-            self.setup()
+        clear_pending()
+        with handle_interrupts():
+            try:
+                if not self.ready:
+                    self.setup()
+                self._run()
+            except KeyboardInterrupt as e:
+                raise Interrupted(signal_of(e), self._kept(f'interrupted ({signal.Signals(signal_of(e)).name})')) \
+                    from None
+            except OSError as e:
+                from viddet.data.output_paths import os_error_reason
+                raise VidDetError(self._kept(f'cannot write {e.filename or "in " + str(self.work_dir)}: '
+                                             f'{os_error_reason(e)}')) from None
+            finally:
+                self.lock.close()
+        last = {k: float(v) for k, v in self.step_losses.items()}
+        return TrainResult(self.it, self.it // self.spe, self.checkpoints.last, self.evaluation.metrics, last)
+
+    def _kept(self, what: str) -> str:
+        """``what`` happened, then what the work dir keeps and how to continue from it."""
+        last = getattr(getattr(self, 'checkpoints', None), 'last', None)
+        if self.ready:
+            what += f' at iteration {self.it}'
+        if last is None:
+            return f'{what}; no checkpoint was saved' + (f' in {self.work_dir}' if self.ready else '')
+        return (f'{what}; kept {last}: continue with\n  viddet train {self.cfg.source} --work-dir {self.work_dir} '
+                f'--resume')
+
+    def _run(self) -> None:
         self.updater.start()
         try:
             if self.it >= self.end_it:
@@ -228,32 +271,56 @@ class Trainer:
                 self.evaluate(tag, only_if_missing=True)
         finally:
             self.log.close()
-        last = {k: float(v) for k, v in self.step_losses.items()}
-        return TrainResult(self.it, self.it // self.spe, self.checkpoints.last, self.evaluation.metrics, last)
 
     def _train_epochs(self) -> None:
+        """The epochs from the current position; a SIGINT / SIGTERM lets the step in progress
+        finish and be saved (:meth:`_stop_if_signalled`), except during an evaluation."""
         self.log.start_bar(self.it, f'train {self.cfg.model.method}', self.options.progress)
         try:
-            for epoch in range(self.start.epoch, self.cfg.schedule.epochs):
-                if self.it >= self.end_it:
-                    break
-                first = self.start.step if epoch == self.start.epoch else 0
-                batches = self.loader.micro_batches(epoch, first)
-                for step in range(first, self.spe):
+            with deferred():
+                for epoch in range(self.start.epoch, self.cfg.schedule.epochs):
                     if self.it >= self.end_it:
                         break
-                    self.run_step(epoch, step, batches)
-                    if self.checkpoints.due(self.it, epoch):
+                    first = self.start.step if epoch == self.start.epoch else 0
+                    batches = self.loader.micro_batches(epoch, first)
+                    for step in range(first, self.spe):
+                        if self.it >= self.end_it:
+                            break
+                        self.run_step(epoch, step, batches)
+                        if self.checkpoints.due(self.it, epoch):
+                            self.save_checkpoint(f'iter_{self.it}.pth', epoch, epoch_done=False)
+                        if self.it < min(self.end_it, (epoch + 1) * self.spe):
+                            self._stop_if_signalled(epoch)
+                    if self.it == (epoch + 1) * self.spe:   # the epoch is complete
+                        self.save_checkpoint(f'epoch_{epoch + 1}.pth', epoch + 1, epoch_done=True)
+                    else:   # stopped by --max-iters inside the epoch
                         self.save_checkpoint(f'iter_{self.it}.pth', epoch, epoch_done=False)
-                if self.it == (epoch + 1) * self.spe:   # the epoch is complete
-                    self.save_checkpoint(f'epoch_{epoch + 1}.pth', epoch + 1, epoch_done=True)
+                    self._stop_if_signalled(None)
+                    if self.it < (epoch + 1) * self.spe:
+                        break
                     if self.evaluation.due(epoch + 1):
-                        self.evaluate(f'eval_epoch_{epoch + 1}')
-                else:   # stopped by --max-iters inside the epoch
-                    self.save_checkpoint(f'iter_{self.it}.pth', epoch, epoch_done=False)
-                    break
+                        with deferred(False):
+                            self.evaluate(f'eval_epoch_{epoch + 1}')
+                self._stop_if_signalled(None)
         finally:
             self.log.close_bar()
+
+    def _stop_if_signalled(self, epoch: Optional[int]) -> None:
+        """After a step: when SIGINT / SIGTERM came during it (on any rank), saves ``iter_<it>.pth``
+        (``epoch`` in progress; None: just saved) and raises
+        :class:`~viddet.interrupts.Interrupted`."""
+        signum = pending() or 0
+        if self.dist is not None:   # every rank stops after the same step
+            flag = torch.tensor([signum], device=self.device)
+            self.dist.all_reduce(flag, op=self.dist.ReduceOp.MAX)
+            signum = int(flag.item())
+        if not signum:
+            return
+        clear_pending()
+        last = self.checkpoints.last
+        if epoch is not None and (last is None or last.name != f'iter_{self.it}.pth'):
+            self.save_checkpoint(f'iter_{self.it}.pth', epoch, epoch_done=False)
+        raise Interrupted(signum)
 
     def run_step(self, epoch: int, step: int, batches: Iterator[List[TrainSample]]) -> None:
         """One optimizer step (``step`` of the 0-based ``epoch``): the lr, ``accumulate``

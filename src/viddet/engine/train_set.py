@@ -22,8 +22,9 @@ from __future__ import annotations
 import math
 import os
 import random
+import signal
 from pathlib import Path
-from typing import Iterator, List, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -103,9 +104,10 @@ class SeededTrainSet(torch.utils.data.Dataset):
                            is_video_data=bool(item['is_video_data']), seed=s ^ 0x5DEECE66D)
 
 
-def build_train_set(cfg: Config) -> SeededTrainSet:
+def build_train_set(cfg: Config, say: Callable[[str], None] = print) -> SeededTrainSet:
     """The concatenated training sets of ``cfg.data.train`` (MMTracking: VID + DET), each checked
-    before training starts: categories (:func:`check_categories`) and frame files.
+    before training starts: categories (:func:`check_categories`) and frame files; ``say`` gets a
+    line for every set of which categories are left out (:func:`dropped_classes`).
 
     Raises:
         VidDetError: a set without usable training image, categories that do not fit
@@ -124,6 +126,9 @@ def build_train_set(cfg: Config) -> SeededTrainSet:
                           flip_ratio=cfg.data.flip_ratio)
         where = f'{cfg.source}: data.train.{i} ({t.ann_file})'
         check_categories(ds, cfg.model.classes, where)
+        dropped = dropped_classes(ds, cfg.data.min_size)
+        if dropped:
+            say(f'{where}: {dropped}')
         if len(ds) == 0:
             raise VidDetError(f'{where} has no usable training image '
                               f'(none with an annotation of the {cfg.model.num_classes} classes)')
@@ -149,6 +154,30 @@ def check_categories(ds, classes: Sequence[str], where: str) -> None:
     if order != list(classes):
         raise VidDetError(f'{where}: the file lists the classes in another order ({", ".join(order)}); labels '
                           f'follow the file, so list model.classes in that order')
+
+
+def dropped_classes(ds, min_size: int) -> Optional[str]:
+    """What a training set leaves out because ``model.classes`` does not list some of the file's
+    annotated categories (a fine-tuning config listing a subset): those classes, the training frames
+    annotated with them only (not trained on: ``N of M samples``) and their boxes in the frames kept
+    (background there). None when every annotated category is a class.
+    """
+    names = {c.get('id'): c.get('name') for c in ds.index.categories if isinstance(c, dict)}
+    anns = [a for group in ds.index.img_to_anns.values() for a in group]
+    dropped_ids = {a['category_id'] for a in anns} - set(ds.cat2label)
+    if not dropped_ids:
+        return None
+    kept = {info['id'] for info in ds.data_infos}
+    lost = set()
+    for img_id in {a['image_id'] for a in anns if a['category_id'] in dropped_ids} - kept:
+        info = ds.index.imgs.get(img_id, {})
+        if info.get('is_vid_train_frame', True) and min(info.get('width', 0), info.get('height', 0)) >= min_size:
+            lost.add(img_id)
+    boxes = sum(1 for a in anns if a['category_id'] in dropped_ids and a['image_id'] in kept)
+    classes = ', '.join(sorted(str(names.get(c, c)) for c in dropped_ids))
+    return (f"the file's class(es) {classes} are not in model.classes: {len(lost)} training frame(s) annotated "
+            f'only with them are dropped (training on {len(kept)} of {len(kept) + len(lost)} samples), and their '
+            f'{boxes} box(es) in the frames kept count as background')
 
 
 def train_frame_files(ds) -> List[Path]:
@@ -179,6 +208,13 @@ def val_frame_files(cfg: Config) -> List[Path]:
     v = cfg.data.val
     videos, _ = load_videos(v.ann_file)
     return [Path(v.img_prefix) / im['file_name'] for _, imgs in videos[:v.max_videos] for im in imgs]
+
+
+def _ignore_interrupts(worker_id: int) -> None:
+    """DataLoader workers ignore Ctrl-C (the terminal sends it to them too): the main process
+    finishes its step and saves a checkpoint, which needs the workers' data
+    (:mod:`viddet.interrupts`)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _collate(items):
@@ -219,7 +255,8 @@ class TrainLoader:
             idx = step_indices(order, s, tb)[self.rank * spg * acc:(self.rank + 1) * spg * acc]
             keys.extend([(epoch, i) for i in idx[j * spg:(j + 1) * spg]] for j in range(acc))
         loader = torch.utils.data.DataLoader(self.train_set, batch_sampler=keys, num_workers=self.cfg.data.workers,
-                                             collate_fn=_collate, pin_memory=False)
+                                             collate_fn=_collate, pin_memory=False,
+                                             worker_init_fn=_ignore_interrupts if self.cfg.data.workers else None)
         return self._on_device(iter(loader))
 
     def _on_device(self, batches) -> Iterator[List[TrainSample]]:

@@ -7,6 +7,8 @@ dir made ready for a run, and the config changes a resumed run should mention. U
 """
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import io
 import json
 import random
@@ -23,7 +25,8 @@ from viddet.checkpoints.reading import read_checkpoint_dict
 from viddet.config.files import save_config
 from viddet.config.training import Config
 from viddet.errors import VidDetError
-from viddet.fileio import atomic_write_bytes, atomic_write_text
+from viddet.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from viddet.locks import DIR_LOCK
 from viddet.version import __version__
 
 CHECKPOINT_POINTER = 'last_checkpoint'
@@ -121,36 +124,77 @@ def read_training_checkpoint(path: Path) -> dict:
     return ckpt
 
 
-def run_outputs(work_dir: Path) -> List[Path]:
-    """The outputs of a training run in ``work_dir`` (checkpoints, pointer, log, config,
-    TensorBoard, evaluations): what ``--overwrite`` deletes and what marks a work dir as used."""
+MANIFEST = 'viddet_run.json'
+RUN_OUTPUTS = (MANIFEST, 'config.yaml', LOG_FILE, CHECKPOINT_POINTER, 'epoch_*.pth', 'iter_*.pth', 'tf_logs/',
+               'eval_*/')
+"""What a training run writes into its work dir (``name/``: a folder), as its manifest
+(``viddet_run.json``, written first) lists it: all that ``--overwrite`` deletes."""
+
+_TEMP_NAME = re.compile(r'^\..+\.[a-z0-9_]{8}\.tmp$')   # fileio's atomic writers: .<name>.<random>.tmp
+
+
+def _matches(p: Path, patterns) -> bool:
+    return any(fnmatch.fnmatchcase(p.name, pat.rstrip('/')) and (p.is_dir() == pat.endswith('/'))
+               for pat in patterns)
+
+
+def inspect_work_dir(work_dir: Path):
+    """What a work dir holds: ``(is_run, ours, foreign)``. ``is_run``: a viddet training run's manifest
+    is there (or, from before manifests, a training checkpoint); ``ours``: the entries the manifest
+    lists; ``foreign``: everything else, and in a folder that holds no run the entries a run would
+    overwrite (the lock file and the temporaries of an interrupted save are neither).
+    """
     if not work_dir.is_dir():
-        return []
-    names = (CHECKPOINT_POINTER, LOG_FILE, 'config.yaml', 'tf_logs')
-    return sorted(p for p in work_dir.iterdir()
-                  if p.name in names or _CHECKPOINT_NAME.match(p.name) or (p.is_dir() and p.name.startswith('eval_')))
+        return False, [], []
+    entries = sorted(p for p in work_dir.iterdir() if p.name != DIR_LOCK and not _TEMP_NAME.match(p.name))
+    patterns = RUN_OUTPUTS
+    is_run = (work_dir / MANIFEST).is_file() or any(_CHECKPOINT_NAME.match(p.name) for p in entries)
+    if (work_dir / MANIFEST).is_file():
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            listed = json.loads((work_dir / MANIFEST).read_text()).get('outputs')
+            patterns = tuple(str(x) for x in listed) if isinstance(listed, list) and listed else RUN_OUTPUTS
+    ours = [p for p in entries if _matches(p, patterns)]
+    if not is_run:
+        return False, [], ours
+    return True, ours, [p for p in entries if p not in ours]
+
+
+def _names(paths: List[Path]) -> str:
+    return ', '.join(p.name + ('/' if p.is_dir() else '') for p in paths[:5]) + (' …' if len(paths) > 5 else '')
+
+
+def run_outputs(work_dir: Path) -> List[Path]:
+    """The outputs of the training run in ``work_dir`` (those its manifest lists; none when it holds
+    no run): what ``--overwrite`` deletes."""
+    return inspect_work_dir(work_dir)[1]
 
 
 def check_work_dir(work_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuses to mix two runs in one work dir: without ``--resume`` or ``--overwrite`` the work
-    dir must not hold another run's outputs.
+    """Refuses to mix two runs in one work dir, or to touch what no run wrote: without ``--resume``
+    or ``--overwrite`` the work dir must hold no run; ``--overwrite`` deletes only a run's outputs
+    (its manifest's list), so a work dir holding anything else is refused; no run ever overwrites a
+    file it did not write.
 
     Raises:
-        VidDetError: both options, a file where the work dir should be, or an earlier run.
+        VidDetError: both options, a file where the work dir should be, an earlier run, or files
+            no viddet run wrote (naming them).
     """
     if resume and overwrite:
         raise VidDetError('--resume continues the run in the work dir, --overwrite deletes it: give one of them')
     if work_dir.exists() and not work_dir.is_dir():
         raise VidDetError(f'--work-dir {work_dir} is a file, not a folder')
-    found = run_outputs(work_dir)
-    if found and not (resume or overwrite):
-        names = ', '.join(p.name for p in found[:4]) + (' …' if len(found) > 4 else '')
-        raise VidDetError(f'{work_dir} already holds a training run ({names}): continue it with --resume, start a '
-                          f'new run with a fresh --work-dir, or replace it with --overwrite (deletes its checkpoints, '
-                          f'logs and evaluations)')
-
-
-_TEMP_NAME = re.compile(r'^\..+\.[a-z0-9_]{8}\.tmp$')   # fileio's atomic writers: .<name>.<random>.tmp
+    is_run, ours, foreign = inspect_work_dir(work_dir)
+    if overwrite and foreign:
+        raise VidDetError(f'--overwrite deletes only what a viddet training run wrote, and {work_dir} also holds '
+                          f'{_names(foreign)}' + ('' if is_run else f' (it holds no run: no {MANIFEST})') +
+                          ': move those away, or give another --work-dir')
+    if is_run and not (resume or overwrite):
+        raise VidDetError(f'{work_dir} already holds a training run ({_names(ours)}): continue it with --resume, '
+                          f'start a new run with a fresh --work-dir, or replace it with --overwrite (deletes its '
+                          f'checkpoints, logs and evaluations)')
+    if foreign and not (resume or overwrite):
+        raise VidDetError(f'{work_dir} holds {_names(foreign)}, which a training run would overwrite and no viddet '
+                          f'run wrote (no {MANIFEST}): move them away, or give another --work-dir')
 
 
 def remove_stale_temporaries(work_dir: Path) -> List[Path]:
@@ -194,7 +238,8 @@ def prepare_work_dir(work_dir: Path, cfg: Config, overwrite: bool, resumed_at: O
         for p in old:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
         if old:
-            say(f'--overwrite: deleted the earlier run in {work_dir} ({len(old)} entries)')
+            say(f'--overwrite: deleted the earlier run in {work_dir} ({_names(old)})')
+    write_manifest(work_dir)
     stale = remove_stale_temporaries(work_dir)
     if stale:
         say(f'deleted {len(stale)} temporary file(s) of an interrupted save: '
@@ -204,6 +249,14 @@ def prepare_work_dir(work_dir: Path, cfg: Config, overwrite: bool, resumed_at: O
         if removed:
             say(f'{LOG_FILE}: removed {removed} line(s) logged after iteration {resumed_at} (they are replayed)')
     save_config(cfg, work_dir / 'config.yaml')
+
+
+def write_manifest(work_dir: Path) -> None:
+    """``viddet_run.json``: marks ``work_dir`` as a training run's and lists what the run writes
+    (:data:`RUN_OUTPUTS`), the only entries ``--overwrite`` may delete."""
+    if not (work_dir / MANIFEST).is_file():
+        atomic_write_json(work_dir / MANIFEST, {'written_by': 'viddet train', 'viddet_version': __version__,
+                                                'outputs': list(RUN_OUTPUTS)}, indent=1)
 
 
 def _flat(d, prefix: str = '') -> Dict[str, object]:
