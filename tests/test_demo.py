@@ -376,9 +376,9 @@ def test_ctrl_c_exits_130_and_keeps_the_frames_so_far(scripted, monkeypatch, tmp
     err = capsys.readouterr().err
     assert rc == 130, err
     p = tmp_path / 'out.partial'
-    assert (f'viddet demo: stopped (KeyboardInterrupt); kept the 3 frames finished before it: '
+    assert (f'viddet demo: stopped (SIGINT); kept the 3 frames finished before it: '
             f'{p}.mp4 (3 frames), {p}.jsonl (3 frames)') in err
-    assert err.rstrip().endswith('viddet demo: interrupted') and 'Traceback' not in err
+    assert err.rstrip().endswith('viddet demo: interrupted (SIGINT)') and 'Traceback' not in err
     assert (out.read_bytes(), out.with_suffix('.jsonl').read_bytes()) == earlier
     assert_partial(out, 3)
     assert read_records(f'{p}.jsonl')[2]['track_ids'] == ONLINE_IDS[2]

@@ -241,7 +241,7 @@ def benchmark(method: str = 'single', backbone: str = 'r50', size: Tuple[int, in
             used to build one, only reported).
         video: optional :class:`viddet.data.frames.FrameSource` (default: :class:`SyntheticVideo`).
         video_length: frames in the synthetic video (>= warmup + frames). Default: warmup + frames,
-            plus FGFA's look-ahead (15) offline, so that with ``warmup >= 15`` every timed FGFA
+            plus the method's read-ahead (``read_ahead``: FGFA's 15 offline), so that with ``warmup >= 15`` every timed FGFA
             frame has its full 31-frame window (near the video's ends the window repeats the end
             frames and FGFA runs fewer FlowNet passes).
         fast: the fast modules of :mod:`viddet.speedups` (False: the plain modules).
@@ -267,7 +267,7 @@ def benchmark(method: str = 'single', backbone: str = 'r50', size: Tuple[int, in
     width, height = size
     total = warmup + frames
     if video_length is None:
-        video_length = total + (int(getattr(model, 'num_right', 0)) if mode == 'offline' else 0)
+        video_length = total + model.read_ahead(mode)
     if video_length < total:
         raise VidDetError(f'video length {video_length} < warm-up + timed frames ({total})')
     source = video if video is not None else SyntheticVideo(width, height, video_length, seed=seed)
@@ -275,12 +275,13 @@ def benchmark(method: str = 'single', backbone: str = 'r50', size: Tuple[int, in
     with autocast:
         lat, warm, stages, mem, mem_frames = _timed_run(model, source, dev, mode, size, warmup, frames)
     kernels = speedups.kernels_of(model)
-    extra = {'mode': mode, 'amp': amp or 'fp32', 'ref_cache': bool(getattr(model, 'ref_cache', ref_cache)),
+    has_cache = 'ref_cache' in model.Settings.names()
+    extra = {'mode': mode, 'amp': amp or 'fp32', 'ref_cache': bool(model.ref_cache) if has_cache else None,
              'weights': checkpoint or f'random (seed {seed})', 'fast_paths': speedups.is_converted(model),
              'torch_threads': torch.get_num_threads(), 'torch': torch.__version__, 'cpu_count': os.cpu_count(),
              'cpu_kernels': None if kernels is None else kernels.as_dict(), 'video_length': source.length,
              'memory_baseline_mb': None if mem.baseline_mb is None else round(mem.baseline_mb, 3)}
-    return BenchmarkResult(getattr(model, 'name', method), backbone, str(dev), (width, height), len(lat), len(warm),
+    return BenchmarkResult(model.name, backbone, str(dev), (width, height), len(lat), len(warm),
                            lat, warm, stages, mem.peak_mb, mem.kind, mem_frames, extra)
 
 

@@ -1,4 +1,4 @@
-"""Command-line interface: ``viddet demo|test|eval|convert|check-data|train|benchmark``.
+"""Command-line interface: ``viddet demo|test|eval|convert|check-data|train|benchmark|export``.
 
 Each subcommand parses its arguments and calls one function; user errors (:class:`VidDetError`)
 are printed as one clear message without a traceback (exit status 2); SIGINT (Ctrl-C) and SIGTERM
@@ -27,7 +27,7 @@ def add_inference_options(p, mode_default=None):
                    help='VID method (default: what the checkpoint is, else selsa)')
     p.add_argument('--checkpoint', default=None,
                    help='checkpoint file, URL or model-zoo name such as selsa_r50, fgfa_r101, dff_x101, troi_r50 '
-                        '(default: the zoo checkpoint of --method)')
+                        '(default: the zoo checkpoint of --method), or an ONNX export folder (viddet export)')
     p.add_argument('--backbone', choices=BACKBONE_NAMES, default=None,
                    help='backbone (default: what the checkpoint is)')
     p.add_argument('--device', default='auto', help='auto (CUDA if available), cpu, cuda, cuda:1 ...')
@@ -97,15 +97,16 @@ def add_demo_parser(sub):
 
 # ---------------------------------------------------------------- convert / check-data / eval / test (owner: data+eval)
 def check_outputs_first(folders=(), files=()):
-    """Checks a command's output folders and files (``(option, path)``, None: not given) before
-    its work (:func:`viddet.data.output_paths.check_output_dir` / ``check_output_path``)."""
+    """Checks a command's output folders and files (``(option, path)``, None: not given; a file's
+    missing folder is created by its writer) before its work
+    (:func:`viddet.data.output_paths.check_output_dir` / ``check_output_path``)."""
     from viddet.data.output_paths import check_output_dir, check_output_path
     for label, path in folders:
         if path is not None:
             check_output_dir(path, label)
     for label, path in files:
         if path is not None:
-            check_output_path(path, label)
+            check_output_path(path, label, make_folder=True)   # the atomic writers create the folder
 
 
 def add_data_parsers(sub):
@@ -351,6 +352,36 @@ def add_benchmark_parser(sub):
     return p
 
 
+# ---------------------------------------------------------------- export (owner: deploy)
+def add_export_parser(sub):
+    p = sub.add_parser('export', help='export a checkpoint to ONNX graphs; run them with --checkpoint DIR',
+                       description='Write DIR/ with one ONNX graph per stage of the method (backbone + neck, RPN '
+                                   'head, box head or SELSA attention head, FlowNet, FGFA aggregator, Temporal RoI '
+                                   'Align embedding) and DIR/model.json. `viddet demo|test|benchmark --checkpoint DIR` '
+                                   'and VideoDetector.from_checkpoint(DIR) run it on ONNX Runtime through the same '
+                                   'engine. Needs pip install "viddet[export]". See docs/deployment.md')
+    p.add_argument('checkpoint', help='checkpoint file, URL or model-zoo name (selsa_r50, dff_r50 ...)')
+    p.add_argument('--out', required=True, metavar='DIR', help='the export folder (created)')
+    p.add_argument('--method', choices=METHOD_NAMES, default=None,
+                   help='VID method (default: what the checkpoint is; single: the detector of any VID checkpoint)')
+    p.add_argument('--opset', type=int, default=17, help='ONNX opset, 13 to 20 (default 17)')
+
+    def run(args):
+        from viddet.checkpoints.loading import load_model
+        from viddet.export import export_model
+        from viddet.export.folder import describe_stages
+        loaded = load_model(args.checkpoint, args.method, fast=False)
+        manifest = export_model(loaded.model, Path(args.out), loaded.class_names, loaded.scale, loaded.test,
+                                loaded.path, args.opset)
+        print(f'exported {manifest["method"]} ({manifest["backbone"]}) to {args.out}:')
+        for line in describe_stages(manifest):
+            print(f'  {line}')
+        return 0
+
+    p.set_defaults(func=run)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='viddet',
@@ -363,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_test_parser(sub)
     add_train_parser(sub)
     add_benchmark_parser(sub)
+    add_export_parser(sub)
     return parser
 
 

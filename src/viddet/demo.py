@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import sys
 import time
 import warnings
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from viddet.errors import VidDetError
-from viddet.interrupts import describe
+from viddet.interrupts import signal_of
 
 
 def default_outputs(input_spec: str, method: str, out: Optional[str], json_path: Optional[str]):
@@ -206,7 +207,7 @@ def _stopped(failure: BaseException, writers, done: int, link: str, notes: List[
         if not any(w.kept for w in writers) and not notes and link != 'seqnms':
             raise failure
         raise VidDetError(f'{failure}\n  {kept}') from None
-    why = describe(failure) if isinstance(failure, KeyboardInterrupt) else type(failure).__name__
+    why = signal.Signals(signal_of(failure)).name if isinstance(failure, KeyboardInterrupt) else type(failure).__name__
     print(f'viddet demo: stopped ({why}); {kept}', file=sys.stderr)
     raise failure
 

@@ -24,7 +24,7 @@ def os_error_reason(e: OSError) -> str:
     return e.strerror or str(e) or type(e).__name__
 
 
-def check_output_path(path, label: Optional[str] = None) -> Path:
+def check_output_path(path, label: Optional[str] = None, make_folder: bool = False) -> Path:
     """Checks that a file can be written at ``path``: its folder exists, is a folder and accepts new
     files (tried by creating and removing a hidden file, which also catches read-only file systems
     and ``/proc``), and ``path`` is not a folder.
@@ -32,6 +32,8 @@ def check_output_path(path, label: Optional[str] = None) -> Path:
     Args:
         path: the output file.
         label: how the messages name it, e.g. ``'--out'`` (default: the path alone).
+        make_folder: the writer creates a missing folder: the nearest existing folder above must
+            accept new files instead.
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
@@ -44,17 +46,17 @@ def check_output_path(path, label: Optional[str] = None) -> Path:
     existing = next(p for p in itertools.chain([path.parent], path.parent.parents, [Path('.')]) if p.exists())
     if not existing.is_dir():
         raise VidDetError(f'{name}: {existing} is a file, not a folder')
-    if existing != path.parent:
+    if existing != path.parent and not make_folder:
         raise VidDetError(f'{name}: the folder {path.parent} does not exist')
     for p in (path, partial_name(path)):
         if p.is_dir():
             raise VidDetError(f'{name}: {p} is a folder; give a file name')
     try:
-        fd, probe = tempfile.mkstemp(prefix='.viddet-write-check-', dir=path.parent)
+        fd, probe = tempfile.mkstemp(prefix='.viddet-write-check-', dir=existing)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise VidDetError(f'{name}: cannot create files in {path.parent} ({os_error_reason(e)})') from None
+        raise VidDetError(f'{name}: cannot create files in {existing} ({os_error_reason(e)})') from None
     return path
 
 

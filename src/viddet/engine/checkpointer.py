@@ -75,6 +75,14 @@ class Checkpointer:
             self.dist.barrier()
         return path
 
+    def stopped(self, what: str) -> str:
+        """A message: ``what`` stopped the run, the newest checkpoint kept (:attr:`last`) and the
+        command that continues from it."""
+        if self.last is None:
+            return f'{what}; no checkpoint was saved in {self.work_dir}'
+        return (f'{what}; kept {self.last}: continue with\n  viddet train {self.cfg.source} --work-dir '
+                f'{self.work_dir} --resume')
+
     def _prune(self) -> None:
         if not self.keep:
             return

@@ -20,7 +20,6 @@ every rank saves its own videos and rank 0 merges them.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import os
 import time
@@ -33,7 +32,7 @@ from viddet.data.image_sources import ImageListSource
 from viddet.data.output_paths import os_error_reason
 from viddet.errors import VidDetError
 from viddet.fileio import atomic_write_json, read_json
-from viddet.interrupts import Interrupted, signal_of
+from viddet.interrupts import Interrupted, handle_interrupts, signal_of
 from viddet.linking.link import LINK_MODES, link_video
 from viddet.locks import output_lock
 from viddet.runtime import init_distributed
@@ -256,7 +255,8 @@ def run_test(detector, ann_file, img_root, out_dir, mode: str = 'offline', max_v
         import torch
         torch.cuda.set_device(detector.device)
     dist, rank, world = init_distributed(detector.device)
-    with output_lock(out_dir, f'--out-dir {out_dir}', is_dir=True) if rank == 0 else contextlib.nullcontext():
+    lock = output_lock(out_dir, f'--out-dir {out_dir}', is_dir=True) if rank == 0 else contextlib.nullcontext()
+    with handle_interrupts(), lock:   # SIGTERM as Ctrl-C; one run per output folder
         _prepare_out_dir(out_dir, _run_record(detector, ann_file, mode, link), resume, rank)
         if dist is not None:   # every rank has checked the folder before any saves a video into it
             dist.barrier()

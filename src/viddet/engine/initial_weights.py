@@ -91,9 +91,10 @@ def _check_backbone_fits(spec: Optional[str], backbone: str, source: str) -> Non
     owners = [b for b in BACKBONES if b.imagenet_weights is not None and b.imagenet_weights == spec]
     if owners and all(b.name != backbone for b in owners):
         own = backbone_info(backbone).imagenet_weights
-        fit = f'its own are {own}' if own else f'it has no published ImageNet weights: give a weights file or {RANDOM_INIT}'
-        raise VidDetError(f'{source}: init.backbone_weights {spec} are the ImageNet weights of backbone {owners[0].name} '
-                          f'({owners[0].title}) and do not fit backbone {backbone} ({fit})')
+        fit = (f'its own are {own}' if own else
+               f'it has no published ImageNet weights: give a weights file or {RANDOM_INIT}')
+        raise VidDetError(f'{source}: init.backbone_weights {spec} are the ImageNet weights of backbone '
+                          f'{owners[0].name} ({owners[0].title}) and do not fit backbone {backbone} ({fit})')
 
 
 def resolve_plan(plan: InitPlan, progress: bool = True) -> InitPlan:
@@ -129,6 +130,8 @@ def initialise(model: nn.Module, cfg: Config, plan: InitPlan, say: Callable[[str
 
 def _state_from_file(path: str, what: str):
     p = Path(path)
+    if p.is_dir():
+        raise VidDetError(f'{what} {path} is a folder, not a weights file')
     if not p.is_file():
         raise VidDetError(f'{what} file {path} does not exist')
     state, _ = read_checkpoint(p)

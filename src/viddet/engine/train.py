@@ -55,7 +55,7 @@ from viddet.engine.train_eval import Evaluation
 from viddet.engine.train_log import TrainLog
 from viddet.engine.train_options import TrainOptions
 from viddet.engine.train_set import TrainLoader, build_train_set, check_frame_files, val_frame_files
-from viddet.engine.work_dir import check_work_dir, prepare_work_dir
+from viddet.engine.work_dir import WRITE_ERRORS, check_work_dir, prepare_work_dir
 from viddet.errors import VidDetError
 from viddet.interrupts import Interrupted, clear_pending, deferred, handle_interrupts, pending, signal_of
 from viddet.locks import output_lock
@@ -237,7 +237,9 @@ class Trainer:
             except KeyboardInterrupt as e:
                 raise Interrupted(signal_of(e), self._kept(f'interrupted ({signal.Signals(signal_of(e)).name})')) \
                     from None
-            except OSError as e:
+            except OSError as e:   # a full disk, a quota, a read-only or lost file system
+                if e.errno not in WRITE_ERRORS:
+                    raise
                 from viddet.data.output_paths import os_error_reason
                 raise VidDetError(self._kept(f'cannot write {e.filename or "in " + str(self.work_dir)}: '
                                              f'{os_error_reason(e)}')) from None
@@ -247,14 +249,10 @@ class Trainer:
         return TrainResult(self.it, self.it // self.spe, self.checkpoints.last, self.evaluation.metrics, last)
 
     def _kept(self, what: str) -> str:
-        """``what`` happened, then what the work dir keeps and how to continue from it."""
-        last = getattr(getattr(self, 'checkpoints', None), 'last', None)
-        if self.ready:
-            what += f' at iteration {self.it}'
-        if last is None:
-            return f'{what}; no checkpoint was saved' + (f' in {self.work_dir}' if self.ready else '')
-        return (f'{what}; kept {last}: continue with\n  viddet train {self.cfg.source} --work-dir {self.work_dir} '
-                f'--resume')
+        """``what`` stopped the run, then what the work dir keeps and how to continue from it."""
+        if not hasattr(self, 'checkpoints'):
+            return f'{what}; no checkpoint was saved'
+        return self.checkpoints.stopped(what + (f' at iteration {self.it}' if self.ready else ''))
 
     def _run(self) -> None:
         self.updater.start()

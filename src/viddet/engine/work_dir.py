@@ -8,6 +8,7 @@ dir made ready for a run, and the config changes a resumed run should mention. U
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import io
 import json
@@ -30,6 +31,8 @@ from viddet.locks import DIR_LOCK
 from viddet.version import __version__
 
 CHECKPOINT_POINTER = 'last_checkpoint'
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO)
+"""The ``errno`` of a write the file system refused (full disk, quota, read-only or lost file system)."""
 LOG_FILE = 'train_log.jsonl'
 
 

@@ -76,12 +76,14 @@ def export_model(model: VIDMethod, out: Path, class_names, scale: Tuple[int, int
         scale: the resize limits (long, short) the model runs at, pixels.
         settings: the method's inference settings (default its ``Settings()``).
         source: the checkpoint file the weights came from (its path and SHA-256 go into the manifest).
-        opset: ONNX opset (>= 16: ``grid_sample``-free graphs need 11, 16 is the tested minimum).
+        opset: ONNX opset, 13 to 20 (17 tested).
 
     Raises:
         VidDetError: a module with weights that no stage exports (a method viddet cannot export yet),
             onnx missing, or a graph that fails ``onnx.checker``.
     """
+    if not 13 <= opset <= 20:
+        raise VidDetError(f'--opset {opset}: the exporter writes opsets 13 to 20')
     onnx, _ = _onnx()
     model = speedups.revert(model).eval()
     stages = stages_of(model)
