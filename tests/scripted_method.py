@@ -4,6 +4,7 @@ import torch
 
 from viddet import VID_CLASSES
 from viddet.api import VideoDetector
+from viddet.data.transforms import preprocess
 from viddet.structures import Detections
 
 
@@ -15,6 +16,9 @@ class Scripted(torch.nn.Module):
 
     def reset(self):
         pass
+
+    def prepare(self, image, scale):
+        return preprocess(image, scale)
 
     def predict(self, frame, ctx):
         t = frame.index

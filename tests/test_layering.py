@@ -17,6 +17,7 @@ LAYERS = [
     ('methods',),
     ('speedups',),
     ('config',),
+    ('export',),
     ('checkpoints',),
     ('engine', 'engine.video'),
     ('api', 'engine.evaluate', 'engine.link_results'),

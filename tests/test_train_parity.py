@@ -84,7 +84,6 @@ from viddet.models.losses import rcnn_targets, rpn_targets, sum_losses
 from viddet.models.sampling import SamplingResult, max_iou_assign
 from viddet.structures import TrainSample
 
-pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / 'shared'
@@ -373,9 +372,9 @@ def compare_lists(mmt: dict, vd: torch.Tensor, max_per_img: int, nms_iou: float,
             (iv, jm), (iv2, jm2) = pairs[a], pairs[b]
             la, lb = (m_logits[jm], m_logits[jm2]) if m_logits else (None, None)
             sa, sb = float(m[jm, 4]), float(m[jm2, 4])
-            tied_m.update((jm, jm2))
-            tied_v.update((iv, iv2))
             if _tied(sa, sb, la, lb):
+                tied_m.update((jm, jm2))
+                tied_v.update((iv, iv2))
                 anchors = mmt.get('anchors') or []
                 r1, r2 = (other_rank.get(anchors[j]) if anchors else None for j in (jm, jm2))
                 itself = f'; so does MMTracking itself {mmt_elsewhere[0]}' if None not in (r1, r2) and r1 < r2 else ''
@@ -408,17 +407,17 @@ def compare_lists(mmt: dict, vd: torch.Tensor, max_per_img: int, nms_iou: float,
         for k, (s, sc) in enumerate(zip(side, scores)):
             idx = only_m[k] if s == 'm' else only_v[k - len(only_m)]
             who = f'MMTracking\'s proposal {idx}' if s == 'm' else f'viddet\'s proposal {idx}'
-            (tied_m if s == 'm' else tied_v).add(idx)
             other_full, other_last = (nv >= max_per_img, last_v) if s == 'm' else (nm >= max_per_img, last_m)
             if root(k) in tied_groups:
-                ties.append(f'{who} (score {sc:.9g}) is in the other list\'s place of an overlapping float-tied '
-                            'proposal: NMS kept the other one')
+                note = 'takes the place of an overlapping float-tied proposal of the other list: NMS kept the other one'
             elif other_full and (sc <= other_last or _tied(sc, other_last)):
-                ties.append(f'{who} (score {sc:.9g}) is cut by the count limit in the other list '
-                            f'(its last score {other_last:.9g})')
+                note = f'is cut by the count limit in the other list (its last score {other_last:.9g})'
             else:
                 problems.append(f'{who} (score {sc:.9g}, box {boxes[k].tolist()}) is not in the other list '
                                 'and no float tie explains it')
+                continue
+            (tied_m if s == 'm' else tied_v).add(idx)
+            ties.append(f'{who} (score {sc:.9g}) {note}')
     return ListComparison(to_mmt, ties, problems, tied_m, tied_v)
 
 
@@ -427,7 +426,12 @@ def _params():
     return pytest.mark.parametrize('fixture', FIXTURES, ids=IDS)
 
 
-needs_fixtures = pytest.mark.skipif(not FIXTURES, reason='no training parity fixtures (the shared data folder '
+def needs_fixtures(test):
+    """A slow test over the fixtures, skipped when there are none."""
+    return pytest.mark.slow(_no_fixtures(test))
+
+
+_no_fixtures = pytest.mark.skipif(not FIXTURES, reason='no training parity fixtures (the shared data folder '
                                                          'must sit beside the repository, or set VIDDET_TRAIN_PARITY_DIR)')
 
 
@@ -599,3 +603,62 @@ def test_drawn_rois(fixture, checkpoints):
                              '(float tie)')
     print(f'{fixture.stem}: drawn RoIs equal' + (' except at named float ties:' if notes else '')
           + ''.join(f'\n    {n}' for n in notes))
+
+
+# ------------------------------------------------------------------------------ the comparison itself (fast)
+def _record(rows):
+    """A fixture-style proposal record of rows (x1, y1, x2, y2, score)."""
+    t = torch.tensor(rows, dtype=torch.float32)
+    return dict(boxes=t[:, :4].tolist(), scores=t[:, 4].tolist())
+
+
+def _rows(n, score0=0.99, step=1e-3):
+    """n disjoint boxes with clearly different scores (best first)."""
+    return [[40.0 * i, 0.0, 40.0 * i + 30.0, 30.0, score0 - step * i] for i in range(n)]
+
+
+def test_compare_lists_equal_lists_have_no_ties():
+    rows = _rows(6)
+    c = compare_lists(_record(rows), torch.tensor(rows), 600, 0.7)
+    assert c.problems == [] and c.ties == [] and c.to_mmt == list(range(6))
+
+
+def test_compare_lists_names_a_swapped_float_tie_and_rejects_an_untied_swap():
+    rows = _rows(6)
+    rows[3][4] = float(np.nextafter(np.float32(rows[2][4]), np.float32(0)))   # 1 ulp below proposal 2
+    swapped = [rows[i] for i in (0, 1, 3, 2, 4, 5)]
+    c = compare_lists(_record(rows), torch.tensor(swapped), 600, 0.7)
+    assert c.problems == [] and len(c.ties) == 1 and c.tied_mmt == {2, 3}
+    untied = [rows[i] for i in (0, 2, 1, 3, 4, 5)]
+    c = compare_lists(_record(rows), torch.tensor(untied), 600, 0.7)
+    assert len(c.problems) == 1 and 'not a float tie' in c.problems[0]
+
+
+def test_compare_lists_names_an_nms_choice_between_tied_boxes():
+    rows = _rows(6)
+    other = list(rows[2])
+    other[0] += 2.0   # overlaps proposal 2 (IoU > 0.7), same score: NMS may keep either
+    c = compare_lists(_record(rows), torch.tensor(rows[:2] + [other] + rows[3:]), 600, 0.7)
+    assert c.problems == [] and len(c.ties) == 2 and c.tied_mmt == {2}
+    other[4] -= 1e-4  # the same box with a clearly lower score: not a tie
+    c = compare_lists(_record(rows), torch.tensor(rows[:2] + [other] + rows[3:]), 600, 0.7)
+    assert len(c.problems) == 2
+
+
+def test_compare_lists_box_and_score_tolerances():
+    rows = _rows(4)
+    near = [list(r) for r in rows]
+    near[1][0] += BOX_ATOL / 2
+    near[2][4] += SCORE_ATOL / 2
+    assert compare_lists(_record(rows), torch.tensor(near), 600, 0.7).problems == []
+    near[2][4] += 2 * SCORE_ATOL
+    assert len(compare_lists(_record(rows), torch.tensor(near), 600, 0.7).problems) == 1
+
+
+def test_compare_lists_count_limit_at_a_tie():
+    rows = _rows(4)
+    rows[3][4] = rows[2][4]
+    extra = list(rows[3])
+    extra[0] += 200.0  # elsewhere, same score as the last ones: the count limit cut one or the other
+    c = compare_lists(_record(rows), torch.tensor(rows[:3] + [extra]), 4, 0.7)
+    assert c.problems == [] and len(c.ties) == 2

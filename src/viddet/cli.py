@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
+from viddet.data.output_paths import check_output_options, write_failures_reported
 from viddet.errors import VidDetError
 from viddet.methods import METHOD_NAMES, METHODS
 from viddet.methods.base import MethodSettings
@@ -96,19 +97,6 @@ def add_demo_parser(sub):
 
 
 # ---------------------------------------------------------------- convert / check-data / eval / test (owner: data+eval)
-def check_outputs_first(folders=(), files=()):
-    """Checks a command's output folders and files (``(option, path)``, None: not given; a file's
-    missing folder is created by its writer) before its work
-    (:func:`viddet.data.output_paths.check_output_dir` / ``check_output_path``)."""
-    from viddet.data.output_paths import check_output_dir, check_output_path
-    for label, path in folders:
-        if path is not None:
-            check_output_dir(path, label)
-    for label, path in files:
-        if path is not None:
-            check_output_path(path, label, make_folder=True)   # the atomic writers create the folder
-
-
 def add_data_parsers(sub):
     """``viddet convert``, ``viddet check-data`` and ``viddet eval`` (``viddet test`` reuses
     :func:`viddet.evaluation.vid.evaluate_and_report` for its report)."""
@@ -179,7 +167,7 @@ def add_data_parsers(sub):
         from viddet.engine.link_results import link_results, report_identity
         from viddet.evaluation.io import load_ground_truth, load_results
         from viddet.evaluation.report import evaluate_and_report
-        check_outputs_first(folders=[('--out-dir', args.out_dir)], files=[('--json', args.json)])
+        check_output_options(folders=[('--out-dir', args.out_dir)], files=[('--json', args.json)])
         gt = load_ground_truth(args.ann) if Path(args.results).suffix.lower() == '.txt' else None
         results = link_results(load_results(args.results, gt), args.ann, args.link, where=args.results,
                                allow_empty=args.allow_empty_frames)
@@ -192,17 +180,6 @@ def add_data_parsers(sub):
 
 
 # ---------------------------------------------------------------- test (owner: core)
-@contextmanager
-def report_write_failures(kept: str):
-    """Turns an OSError of a write in the block (a full disk, a folder that became read-only) into
-    one line naming the file, the reason and what is ``kept``."""
-    from viddet.data.output_paths import os_error_reason
-    try:
-        yield
-    except OSError as e:
-        raise VidDetError(f'cannot write {e.filename or "an output"}: {os_error_reason(e)}; {kept}') from None
-
-
 def add_test_parser(sub):
     p = sub.add_parser(
         'test', help='run a model over every video of an annotation file and report COCO AP50 and VID mAP',
@@ -229,20 +206,20 @@ def add_test_parser(sub):
         from viddet.engine.evaluate import check_out_dir, run_test
         from viddet.engine.link_results import report_identity
         from viddet.evaluation.report import evaluate_and_report
-        from viddet.runtime import world_info
         from viddet.locks import output_lock
+        from viddet.runtime import world_info
         first = world_info()[0] == 0
         with output_lock(args.out_dir, f'--out-dir {args.out_dir}', is_dir=True) if first else nullcontext():
             check_out_dir(args.out_dir, args.resume)   # before the model is loaded
-            check_outputs_first(files=[('--json', args.json)])
+            check_output_options(files=[('--json', args.json)])
             detector = detector_from_args(args)
             results = run_test(detector, args.ann, args.root, args.out_dir, mode=args.mode,
                                max_videos=args.max_videos, resume=args.resume, link=args.link)
             if results is not None:
                 ann = Path(args.out_dir) / 'annotations_subset.json' if args.max_videos else args.ann
                 metrics_json = args.json or str(Path(args.out_dir) / 'metrics.json')
-                with report_write_failures(f'{Path(args.out_dir) / "results.json"} holds the detections '
-                                           f'(score them with viddet eval)'):
+                with write_failures_reported(f'{Path(args.out_dir) / "results.json"} holds the detections '
+                                             f'(score them with viddet eval)'):
                     evaluate_and_report(results, str(ann), args.motion_iou, args.out_dir, metrics_json)
                     if args.link != 'none':
                         report_identity(results, str(ann), metrics_json)
@@ -345,7 +322,7 @@ def add_benchmark_parser(sub):
 
     def run(args):
         from viddet.benchmark import run_cli
-        check_outputs_first(files=[('--json', args.json)])
+        check_output_options(files=[('--json', args.json)])
         return run_cli(args)
 
     p.set_defaults(func=run)

@@ -19,6 +19,8 @@ def validate(cfg) -> None:
     m = cfg.model
     if m.method not in METHOD_NAMES:
         raise err(f'model.method must be one of {", ".join(METHOD_NAMES)}, got {m.method!r}')
+    if not method_class(m.method).trainable:
+        raise err(f'model.method: {method_class(m.method).title} cannot be trained in viddet yet (inference only)')
     if m.backbone not in BACKBONE_NAMES:
         raise err(f'model.backbone must be one of {", ".join(BACKBONE_NAMES)}, got {m.backbone!r}')
     method = method_class(m.method)

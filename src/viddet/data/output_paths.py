@@ -1,14 +1,17 @@
 """Checking a run's output files before the work starts: :func:`check_output_path` (one file can be
-written there), :func:`check_output_dir` (files can be written into a folder) and :func:`check_outputs` (every output of a run, none overwriting an input or another
-output); :func:`partial_name`, where the writers of :mod:`viddet.data.writers` keep an unfinished
-result."""
+written there), :func:`check_output_dir` (files can be written into a folder),
+:func:`check_output_options` (a command's output options) and :func:`check_outputs` (every output of
+a run, none overwriting an input or another output); :func:`write_failures_reported` (a write that
+fails during the run as one line); :func:`partial_name`, where the writers of
+:mod:`viddet.data.writers` keep an unfinished result."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import tempfile
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 from viddet.errors import VidDetError
 
@@ -51,13 +54,22 @@ def check_output_path(path, label: Optional[str] = None, make_folder: bool = Fal
     for p in (path, partial_name(path)):
         if p.is_dir():
             raise VidDetError(f'{name}: {p} is a folder; give a file name')
+    _try_create_in(existing, name)
+    return path
+
+
+def _try_create_in(folder: Path, name: str) -> None:
+    """Creates and removes a hidden file in ``folder`` (catches read-only file systems, ``/proc``).
+
+    Raises:
+        VidDetError: ``"<name>: cannot create files in <folder> (<reason>)"``.
+    """
     try:
-        fd, probe = tempfile.mkstemp(prefix='.viddet-write-check-', dir=existing)
+        fd, probe = tempfile.mkstemp(prefix='.viddet-write-check-', dir=folder)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise VidDetError(f'{name}: cannot create files in {existing} ({os_error_reason(e)})') from None
-    return path
+        raise VidDetError(f'{name}: cannot create files in {folder} ({os_error_reason(e)})') from None
 
 
 def check_output_dir(path, label: str) -> Path:
@@ -80,12 +92,7 @@ def check_output_dir(path, label: str) -> Path:
     if not existing.is_dir():
         what = 'is a file, not a folder' if existing == path else f'{existing} is a file, not a folder'
         raise VidDetError(f'{label} {path}: {what}')
-    try:
-        fd, probe = tempfile.mkstemp(prefix='.viddet-write-check-', dir=existing)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise VidDetError(f'{label} {path}: cannot create files in {existing} ({os_error_reason(e)})') from None
+    _try_create_in(existing, f'{label} {path}')
     return path
 
 
@@ -131,3 +138,36 @@ def check_outputs(outputs: Sequence[Tuple[str, object]], inputs: Sequence[object
                 raise VidDetError(f'{l1} {p1} and {l2} {p2} would write the same file {f1}; '
                                   f'give them different names')
     return [path for _, path, f in written if f == path]
+
+
+def check_output_options(folders: Sequence[Tuple[str, object]] = (), files: Sequence[Tuple[str, object]] = ()) -> None:
+    """Checks a command's output folders (:func:`check_output_dir`) and files (:func:`check_output_path`;
+    a missing folder is created by the atomic writers) before its work.
+
+    Args:
+        folders, files: ``(option, path)`` pairs, e.g. ``[('--out-dir', 'out')]``; a None path (an
+            option not given) is skipped.
+
+    Raises:
+        VidDetError: as the two checks, naming the option.
+    """
+    for label, path in folders:
+        if path is not None:
+            check_output_dir(path, label)
+    for label, path in files:
+        if path is not None:
+            check_output_path(path, label, make_folder=True)
+
+
+@contextlib.contextmanager
+def write_failures_reported(kept: str) -> Iterator[None]:
+    """Turns an OSError of a write in the block (a full disk, a folder that became read-only) into
+    one line naming the file, the reason and what is ``kept``.
+
+    Raises:
+        VidDetError: ``"cannot write <file>: <reason>; <kept>"``.
+    """
+    try:
+        yield
+    except OSError as e:
+        raise VidDetError(f'cannot write {e.filename or "an output"}: {os_error_reason(e)}; {kept}') from None

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from viddet.data.frames import FrameSource
-from viddet.data.transforms import DEFAULT_SCALE, preprocess
+from viddet.data.transforms import DEFAULT_SCALE
 from viddet.errors import VidDetError
 from viddet.structures import Detections, ImageMeta
 from viddet.timing import NO_TIMER, StageTimer
@@ -192,7 +192,7 @@ def run_video(method, source: FrameSource, *, mode: str = 'offline', device='cpu
     """
     if mode == 'offline' and source.is_live:
         raise VidDetError(f'{source.path} is a live source: offline mode needs future frames; use --mode online')
-    ctx = VideoContext(source, mode, lambda im: preprocess(im, scale), device, timer, strict_length)
+    ctx = VideoContext(source, mode, lambda im: method.prepare(im, scale), device, timer, strict_length)
     method.reset()
     try:
         while True:

@@ -15,8 +15,9 @@ from viddet.methods.fgfa import FGFA
 from viddet.methods.selsa import SELSA
 from viddet.methods.single import SingleFrame
 from viddet.methods.troi import TRoI
+from viddet.methods.yolov import YOLOV, YOLOVPP
 
-METHODS: Tuple[Type[VIDMethod], ...] = (SingleFrame, DFF, FGFA, SELSA, TRoI)
+METHODS: Tuple[Type[VIDMethod], ...] = (SingleFrame, DFF, FGFA, SELSA, TRoI, YOLOV, YOLOVPP)
 """Every VID method viddet implements, in the order the CLI lists them."""
 
 METHOD_NAMES: Tuple[str, ...] = tuple(m.name for m in METHODS)

@@ -24,12 +24,15 @@ call these methods; none of them compares method names or probes a model's attri
                             (:mod:`viddet.speedups` swaps them in for inference)
 ``has_flownet``             whether it has a FlowNet (``motion``) to initialise / freeze
 ``train_num_refs``          reference frames each training sample needs (0: none)
+``trainable``               whether ``viddet train`` can train it (False: inference only)
 ==========================  ================================================================
 
 It computes:
 
 * :meth:`VIDMethod.build` (a new model) and :meth:`VIDMethod.build_for_checkpoint` (the model a
   checkpoint's tensors load into, with :meth:`VIDMethod.checkpoint_state` mapping them);
+* :meth:`VIDMethod.prepare`: the preprocessing of one decoded frame, which the engine applies to
+  every frame (default MMTracking's resize + normalisation + padding; YOLOV: a 576 x 576 letterbox);
 * :meth:`VIDMethod.predict`: the detections of one frame of a video, given a context through which
   it may look at other frames (:class:`viddet.engine.video.VideoContext`); :meth:`reset` forgets
   the per-video state;
@@ -48,11 +51,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
+import numpy as np
 import torch
 from torch import nn
 
+from viddet.data.transforms import preprocess
 from viddet.errors import VidDetError
-from viddet.structures import Detections, TrainSample
+from viddet.structures import Detections, ImageMeta, TrainSample
 
 
 @dataclass
@@ -110,6 +115,8 @@ class VIDMethod(nn.Module):
     train_num_refs: ClassVar[int] = 0
     class_specific_prefixes: ClassVar[Tuple[str, ...]] = ()
     """State-dict prefixes of the tensors whose shape depends on the number of classes."""
+    trainable: ClassVar[bool] = True
+    """Whether ``viddet train`` can train it (False: inference only; the config check refuses it)."""
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -147,6 +154,13 @@ class VIDMethod(nn.Module):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ inference
+    def prepare(self, image: np.ndarray, scale: Tuple[int, int]) -> Tuple[torch.Tensor, ImageMeta]:
+        """This method's test-time preprocessing of one decoded frame, which the engine applies to
+        every frame: (H, W, 3) uint8 BGR -> (tensor (3, Hp, Wp) float32, :class:`ImageMeta`).
+        Default: MMTracking's (:func:`viddet.data.transforms.preprocess`: keep-ratio resize within
+        ``scale`` (long, short) pixels, normalisation, padding to 16)."""
+        return preprocess(image, scale)
+
     def reset(self) -> None:
         """Forgets all per-video state (called before and after every video)."""
 
