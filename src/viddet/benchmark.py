@@ -41,6 +41,7 @@ import statistics
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import cv2
@@ -52,6 +53,7 @@ from viddet.checkpoints.loading import load_model
 from viddet.data.frames import Frame, FrameSource
 from viddet.engine.video import MODES, run_video
 from viddet.errors import VidDetError
+from viddet.export import is_export, read_manifest
 from viddet.fileio import atomic_write_json
 from viddet.methods import method_class
 from viddet.peak_memory import PeakMemory
@@ -324,11 +326,17 @@ def _timed_run(model, source: FrameSource, dev: torch.device, mode: str, size: T
 def run_cli(args) -> int:
     """``viddet benchmark`` entry point (arguments from :func:`viddet.cli.add_benchmark_parser`)."""
     set_threads(args.threads)
-    result = benchmark(method=args.method, backbone=args.backbone, size=parse_size(args.size),
-                       frames=args.frames, warmup=args.warmup, device=args.device, amp=args.amp,
-                       mode=args.mode, ref_cache=not args.no_ref_cache, checkpoint=args.checkpoint,
-                       seed=args.seed, fast=not args.plain)
-    print(result.summary())
+    options = dict(method=args.method, backbone=args.backbone, size=parse_size(args.size), frames=args.frames,
+                   warmup=args.warmup, device=args.device, amp=args.amp, mode=args.mode,
+                   ref_cache=not args.no_ref_cache, seed=args.seed, fast=not args.plain)
+    result = benchmark(checkpoint=args.checkpoint, **options)
+    print(('ONNX Runtime, ' if is_export(args.checkpoint) else '') + result.summary())
+    if is_export(args.checkpoint):   # ONNX Runtime vs PyTorch (the export's source weights), side by side
+        source = read_manifest(Path(args.checkpoint))['source'].get('checkpoint')
+        pytorch = benchmark(checkpoint=source if source and Path(source).is_file() else None, **options)
+        print('PyTorch, ' + pytorch.summary())
+        print(f'seconds per frame (median): ONNX Runtime {result.latency_ms_median / 1000:.3f}, '
+              f'PyTorch {pytorch.latency_ms_median / 1000:.3f}')
     if args.json:
         atomic_write_json(args.json, result.as_dict(), indent=1)
         print(f'  wrote {args.json}')
