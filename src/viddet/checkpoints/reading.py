@@ -10,7 +10,7 @@ import torch
 from viddet.checkpoints.download import cache_dir
 from viddet.classes import VID_CLASSES
 from viddet.errors import VidDetError
-from viddet.methods import method_class, method_of_keys
+from viddet.methods import METHOD_NAMES, method_class, method_of_keys
 from viddet.models.backbones import backbone_info, backbone_of_state_dict
 
 
@@ -106,9 +106,11 @@ def describe_state_dict(state: Dict[str, torch.Tensor]) -> Tuple[Optional[str], 
     it holds no detector. The method is the most specific one whose ``signature`` key prefixes
     occur (:func:`viddet.methods.method_of_keys`); the backbone is read off the backbone keys
     (:func:`viddet.models.backbones.backbone_of_state_dict`). Keys of a plain mmdet Faster R-CNN
-    (``backbone.*``, ...) count with a ``detector.`` prefix."""
-    state = with_detector_prefix(state)
+    (``backbone.*``, ...) count with a ``detector.`` prefix when no method matches them as they are."""
     cls = method_of_keys(state)
+    if cls is None:
+        state = with_detector_prefix(state)
+        cls = method_of_keys(state)
     if cls is None:
         return None, None
     return cls.name, backbone_of_state_dict(state)
@@ -117,7 +119,7 @@ def describe_state_dict(state: Dict[str, torch.Tensor]) -> Tuple[Optional[str], 
 def describe(method: Optional[str], backbone: Optional[str]) -> str:
     """'a SELSA R-101 checkpoint' style description."""
     if method is None:
-        return 'not a Faster R-CNN / MMTracking VID checkpoint'
+        return f'not a checkpoint of a method viddet knows ({", ".join(METHOD_NAMES)})'
     title = backbone_info(backbone).title if backbone else '(unknown backbone)'
     return f'a {method_class(method).title} {title} checkpoint'
 
