@@ -220,6 +220,14 @@ def _mmt_sampling(st: dict, gt_bboxes: torch.Tensor) -> SamplingResult:
                           torch.tensor(s['pos_is_gt'], dtype=torch.bool), int(s['num_gts']))
 
 
+def _most_similar(rec: dict) -> torch.Tensor:
+    """(points, frames, k) locations: MMTracking's at its float-tied points, -1 (viddet's own) elsewhere."""
+    given = torch.full((rec['num_points'], rec['num_frames'], rec['k']), -1, dtype=torch.int64)
+    for p, f, *locations in rec['points']:
+        given[p, f] = torch.tensor(locations)
+    return given
+
+
 # ------------------------------------------------------------------------------ the step (once per fixture)
 class _Checkpoints:
     """The fixture's checkpoint: seed 0 from the session's shared cache (the inference parity tests
@@ -290,6 +298,8 @@ def _step(fixture: Path, checkpoints: _Checkpoints) -> Step:
         trace.given_sampling = _mmt_sampling(ref.stages, sample.gt_bboxes)
         if 'ref_proposals' in ref.stages:
             trace.given_ref_proposals = [_proposals(r) for r in ref.stages['ref_proposals']]
+        if 'troi_most_similar' in ref.stages:
+            trace.given_most_similar = _most_similar(ref.stages['troi_most_similar'])
     with model.tracing(trace):
         losses = model.forward_train(sample)
     sum_losses(losses).backward()

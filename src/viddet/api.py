@@ -67,7 +67,8 @@ class VideoDetector:
         (:func:`viddet.checkpoints.loading.load_model`).
 
         Args:
-            checkpoint: local path, URL or model-zoo name (``dff_r50``, ``selsa_x101``...).
+            checkpoint: local path, URL or model-zoo name (``dff_r50``, ``selsa_x101``...), or an
+                ONNX export folder (``viddet export``: runs on ONNX Runtime, docs/deployment.md).
                 Default: the zoo checkpoint of ``method`` (SELSA R-50 when neither is given).
             method: ``single|dff|fgfa|selsa|troi``; default: what the checkpoint is. ``single``
                 accepts the detector part of any VID checkpoint.

@@ -330,32 +330,30 @@ def add_benchmark_parser(sub):
 
 
 # ---------------------------------------------------------------- export (owner: deploy)
+def run_export(args) -> int:
+    """``viddet export``: the checkpoint's plain modules -> ``args.out`` (:func:`viddet.export.export_model`)."""
+    from viddet.checkpoints.loading import load_model
+    from viddet.export import export_model
+    from viddet.export.folder import describe_stages
+    loaded = load_model(args.checkpoint, args.method, fast=False)
+    manifest = export_model(loaded.model, Path(args.out), loaded.class_names, loaded.scale, loaded.test,
+                            loaded.path, args.opset)
+    print(f'exported {manifest["method"]} ({manifest["backbone"]}) to {args.out}:')
+    for line in describe_stages(manifest):
+        print(f'  {line}')
+    return 0
+
+
 def add_export_parser(sub):
-    p = sub.add_parser('export', help='export a checkpoint to ONNX graphs; run them with --checkpoint DIR',
-                       description='Write DIR/ with one ONNX graph per stage of the method (backbone + neck, RPN '
-                                   'head, box head or SELSA attention head, FlowNet, FGFA aggregator, Temporal RoI '
-                                   'Align embedding) and DIR/model.json. `viddet demo|test|benchmark --checkpoint DIR` '
-                                   'and VideoDetector.from_checkpoint(DIR) run it on ONNX Runtime through the same '
-                                   'engine. Needs pip install "viddet[export]". See docs/deployment.md')
+    about = ('Write DIR/ with one ONNX graph per stage of the method and DIR/model.json; `viddet demo|test|benchmark '
+             '--checkpoint DIR` runs it on ONNX Runtime. Needs pip install "viddet[export]"; see docs/deployment.md')
+    p = sub.add_parser('export', help='export a checkpoint to ONNX graphs', description=about)
     p.add_argument('checkpoint', help='checkpoint file, URL or model-zoo name (selsa_r50, dff_r50 ...)')
     p.add_argument('--out', required=True, metavar='DIR', help='the export folder (created)')
     p.add_argument('--method', choices=METHOD_NAMES, default=None,
                    help='VID method (default: what the checkpoint is; single: the detector of any VID checkpoint)')
     p.add_argument('--opset', type=int, default=17, help='ONNX opset, 13 to 20 (default 17)')
-
-    def run(args):
-        from viddet.checkpoints.loading import load_model
-        from viddet.export import export_model
-        from viddet.export.folder import describe_stages
-        loaded = load_model(args.checkpoint, args.method, fast=False)
-        manifest = export_model(loaded.model, Path(args.out), loaded.class_names, loaded.scale, loaded.test,
-                                loaded.path, args.opset)
-        print(f'exported {manifest["method"]} ({manifest["backbone"]}) to {args.out}:')
-        for line in describe_stages(manifest):
-            print(f'  {line}')
-        return 0
-
-    p.set_defaults(func=run)
+    p.set_defaults(func=run_export)
     return p
 
 

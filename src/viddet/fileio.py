@@ -98,3 +98,17 @@ def read_json(path: PathLike, what: str = 'file') -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise VidDetError(f'{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})') from None
+
+
+def sha256_file(path: PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks (any Python >= 3.9).
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            h.update(chunk)
+    return h.hexdigest()

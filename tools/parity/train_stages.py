@@ -45,10 +45,11 @@ import torch
 from mmcv import Config
 from mmcv.runner import load_checkpoint
 from mmdet.models import HEADS, RPNHead, StandardRoIHead
+from mmdet.models.builder import ROI_EXTRACTORS
 
 import mmtrack
 from mmtrack.models import build_model
-from mmtrack.models.roi_heads import SelsaRoIHead
+from mmtrack.models.roi_heads import SelsaRoIHead, TemporalRoIAlign
 
 CFG_ROOT = os.path.join(os.path.dirname(mmtrack.__file__), '.mim', 'configs')
 CONFIGS = {
@@ -67,6 +68,9 @@ SYNSETS = ['n02691156', 'n02419796', 'n02131653', 'n02834778', 'n01503061', 'n02
 
 RECORD = {}
 """What the recording heads saw during the current forward_train (cleared before each run)."""
+SIM_TIE = 1e-6
+"""Temporal RoI Align: a RoI point's top-k locations are recorded where the k-th and (k+1)-th cosine
+similarities are at most this far apart (float noise between implementations: ~1e-7)."""
 
 
 # ------------------------------------------------------------------------------ recording heads
@@ -138,6 +142,37 @@ class RecordingSelsaRoIHead(_RecordingRoIHead, SelsaRoIHead):
     """MMTracking's ``SelsaRoIHead`` (SELSA, Temporal RoI Align), recording."""
 
 
+@ROI_EXTRACTORS.register_module()
+class RecordingTemporalRoIAlign(TemporalRoIAlign):
+    """MMTracking's ``TemporalRoIAlign``, recording the most-similar locations it picked wherever the
+    choice is float-tied (the k-th and (k+1)-th similarities within ``SIM_TIE``)."""
+
+    def most_similar_roi_align(self, roi_feats, ref_feats):
+        out = super().most_similar_roi_align(roi_feats, ref_feats)
+        # the similarity maps once more, by the same operations as MMTracking's method
+        with torch.no_grad():
+            roi_e = roi_feats / roi_feats.norm(p=2, dim=1, keepdim=True)
+            ref_e = ref_feats / ref_feats.norm(p=2, dim=1, keepdim=True)
+            n, c, h, w = roi_e.shape
+            t, _, fh, fw = ref_e.shape
+            sim = roi_e.permute(0, 2, 3, 1).contiguous().view(-1, c).mm(
+                ref_e.permute(1, 0, 2, 3).contiguous().view(c, -1)).view(-1, t, fh * fw)
+            k = self.num_most_similar_points
+            values, indices = sim.topk(k=k, dim=2, largest=True)
+            # check that these are the locations MMTracking used: its output from them
+            flat = ref_feats.permute(2, 3, 0, 1).contiguous().view(-1, t, c)
+            again = torch.stack([(flat[indices[:, i], i, :] * values[:, i].softmax(-1).unsqueeze(-1)).sum(1)
+                                 for i in range(t)]).view(t, n, h, w, c).permute(0, 1, 4, 2, 3)
+            assert torch.equal(again, out), 'recomputed most-similar locations differ from MMTracking\'s'
+            gap = values[:, :, k - 1] - sim.topk(k=k + 1, dim=2).values[:, :, k]
+            near = (gap <= SIM_TIE).nonzero()
+            RECORD['troi_most_similar'] = dict(
+                sim_tie=SIM_TIE, k=k, num_points=int(sim.shape[0]), num_frames=t,
+                points=[[int(p), int(f)] + indices[p, f].tolist() for p, f in near.tolist()],
+                gaps=f32(gap[near[:, 0], near[:, 1]]))
+        return out
+
+
 def load_cfg(method):
     """MMTracking's R-50 config of ``method`` without pretrained weights, with the recording heads."""
     cfg = Config.fromfile(os.path.join(CFG_ROOT, CONFIGS[method]))
@@ -152,6 +187,8 @@ def load_cfg(method):
     det.rpn_head.type = 'RecordingRPNHead'
     det.roi_head.type = {'StandardRoIHead': 'RecordingStandardRoIHead',
                          'SelsaRoIHead': 'RecordingSelsaRoIHead'}[det.roi_head.type]
+    if det.roi_head.bbox_roi_extractor.type == 'TemporalRoIAlign':
+        det.roi_head.bbox_roi_extractor.type = 'RecordingTemporalRoIAlign'
     return cfg
 
 
@@ -290,6 +327,8 @@ def stages(rec, gt_b):
         for p, q in zip(props[1:], rec['ref_proposal_list']):
             assert torch.equal(p['dets'], q)
         out['ref_proposals'] = [proposal_record(p) for p in props[1:]]
+    if 'troi_most_similar' in rec:
+        out['troi_most_similar'] = rec['troi_most_similar']
     return out
 
 
@@ -305,6 +344,10 @@ def differences(a, b):
     for k in ('rcnn_assigned_gt_inds', 'rcnn_sampling'):
         if a[k] != b[k]:
             out.append(k)
+    if 'troi_most_similar' in a:   # a near-tied point both runs recorded, with other locations
+        pa, pb = ({(q[0], q[1]): sorted(q[2:]) for q in r['troi_most_similar']['points']} for r in (a, b))
+        if any(pa[q] != pb[q] for q in pa.keys() & pb.keys()):
+            out.append('troi_most_similar')
     if a['rcnn_targets']['labels'] != b['rcnn_targets']['labels']:
         out.append('rcnn_targets')
     ra, rb = a['rpn_targets'], b['rpn_targets']

@@ -2,7 +2,6 @@
 with a progress bar, their ``-<hex>`` file-name suffix checked against the SHA-256."""
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import re
@@ -14,6 +13,7 @@ from typing import Optional
 
 from viddet.checkpoints.zoo import INIT_WEIGHTS, MODEL_ZOO, init_weights_url, zoo_url
 from viddet.errors import VidDetError
+from viddet.fileio import sha256_file
 from viddet.runtime import viddet_home
 
 
@@ -59,14 +59,6 @@ def _hash_prefix(filename: str) -> Optional[str]:
     return m.group(1) if m else None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def download(url: str, dest: Path, progress: bool = True,
              instead: str = 'pass --checkpoint /path/to/file.pth') -> Path:
     """Downloads ``url`` to ``dest`` atomically, with a progress bar, verifying the hash prefix.
@@ -107,7 +99,7 @@ def download(url: str, dest: Path, progress: bool = True,
                                   f'Try again, or download it elsewhere and put it at {dest}')
         prefix = _hash_prefix(dest.name)
         if prefix is not None:
-            digest = _sha256(Path(tmp))
+            digest = sha256_file(Path(tmp))
             if not digest.startswith(prefix):
                 raise VidDetError(f'downloaded {url} but its SHA-256 {digest[:12]}… does not start with '
                                   f'{prefix} as its name says: the file is corrupt or not the published one')

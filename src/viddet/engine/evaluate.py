@@ -20,7 +20,6 @@ every rank saves its own videos and rank 0 merges them.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import time
 from collections import defaultdict
@@ -31,7 +30,7 @@ from viddet import speedups
 from viddet.data.image_sources import ImageListSource
 from viddet.data.output_paths import os_error_reason
 from viddet.errors import VidDetError
-from viddet.fileio import atomic_write_json, read_json
+from viddet.fileio import atomic_write_json, read_json, sha256_file
 from viddet.interrupts import Interrupted, handle_interrupts, signal_of
 from viddet.linking.link import LINK_MODES, link_video
 from viddet.locks import output_lock
@@ -148,8 +147,7 @@ def file_sha256(path) -> Optional[str]:
     """The SHA-256 (hex) of a file; None for None (random weights) or a path that is not a file."""
     if path is None or not Path(path).is_file():
         return None
-    with open(path, 'rb') as f:
-        return hashlib.file_digest(f, 'sha256').hexdigest()
+    return sha256_file(path)
 
 
 def _run_record(detector, ann_file, mode: str, link: str = 'none') -> dict:

@@ -14,7 +14,6 @@
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from viddet import speedups
 from viddet.config.typed import method_settings
 from viddet.data.transforms import DEFAULT_SCALE, IMG_MEAN_RGB, IMG_STD_RGB, SIZE_DIVISOR
 from viddet.errors import VidDetError
-from viddet.fileio import atomic_write_json
+from viddet.fileio import atomic_write_json, sha256_file
 from viddet.methods import METHOD_NAMES, VIDMethod, method_class
 from viddet.methods.base import MethodSettings
 from viddet.models.backbones import backbone_of_state_dict
@@ -37,15 +36,6 @@ from viddet.export.stages import STAGE_KINDS, Graph, Examples, OrtStage, stages_
 FORMAT, VERSION = 'viddet-onnx', 1
 DEFAULT_OPSET = 17
 MANIFEST = 'model.json'
-
-
-def sha256_of(path: Path) -> str:
-    """Hex SHA-256 of a file (read in 16 MB blocks)."""
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 24), b''):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _onnx():
@@ -108,7 +98,7 @@ def export_model(model: VIDMethod, out: Path, class_names, scale: Tuple[int, int
         'preprocessing': {'scale': list(scale), 'mean_rgb': list(IMG_MEAN_RGB), 'std_rgb': list(IMG_STD_RGB),
                           'size_divisor': SIZE_DIVISOR},
         'source': {'checkpoint': None if source is None else str(source),
-                   'sha256': None if source is None else sha256_of(Path(source))},
+                   'sha256': None if source is None else sha256_file(Path(source))},
         'opset': opset, 'exporter': f'torch.onnx.export (TorchScript, dynamo=False), torch {torch.__version__}',
         'stages': entries}
     atomic_write_json(out / MANIFEST, manifest, indent=1)
@@ -130,7 +120,7 @@ def _export_graph(g: Graph, out: Path, opset: int, onnx) -> Dict[str, Any]:
     def shapes(values):
         return [{'name': v.name, 'shape': [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]}
                 for v in values]
-    return {'name': g.name, 'file': file.name, 'sha256': sha256_of(file),
+    return {'name': g.name, 'file': file.name, 'sha256': sha256_file(file),
             'inputs': shapes(graph.input), 'outputs': shapes(graph.output)}
 
 
@@ -244,7 +234,7 @@ def _session(folder: Path, graph: dict, ort):
         raise VidDetError(f'{folder / MANIFEST}: graph entry without {e}') from None
     if not file.is_file():
         raise VidDetError(f'{file}: graph missing from the export folder')
-    if sha256_of(file) != digest:
+    if sha256_file(file) != digest:
         raise VidDetError(f'{file}: SHA-256 differs from {MANIFEST} (the graph was changed or truncated after export)')
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()

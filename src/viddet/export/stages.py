@@ -142,22 +142,16 @@ class OrtEmbedAggregator(OrtModule, EmbedAggregator):
 
 
 # ============================================================================ tracing wrappers
-class _Features(nn.Module):
-    def __init__(self, detector: FasterRCNN):
+class _Traced(nn.Module):
+    """``forward`` = ``method`` (a bound method of ``owner``, e.g. ``detector.extract_feat``), so that
+    the tracer sees the plain method and ``owner``'s weights are this module's."""
+
+    def __init__(self, owner: nn.Module, method: Callable):
         super().__init__()
-        self.detector = detector
+        self.owner, self.method = owner, method
 
-    def forward(self, images):
-        return self.detector.extract_feat(images)
-
-
-class _FlowNet(nn.Module):
-    def __init__(self, motion: FlowNetSimple):
-        super().__init__()
-        self.motion = motion
-
-    def forward(self, pairs):
-        return self.motion.forward_prepared(pairs)
+    def forward(self, *inputs):
+        return self.method(*inputs)
 
 
 class _SelsaRefs(nn.Module):
@@ -219,7 +213,7 @@ ROIS = {0: 'rois'}
 
 
 def _features(m: FasterRCNN, ex: Examples) -> List[Graph]:
-    return [Graph('features', _Features(m), (ex.images,), ['images'], ['feats'], {'images': IMG, 'feats': FEAT})]
+    return [Graph('features', _Traced(m, m.extract_feat), (ex.images,), ['images'], ['feats'], {'images': IMG, 'feats': FEAT})]
 
 
 def _rpn(m: RPNHead, ex: Examples) -> List[Graph]:
@@ -244,7 +238,7 @@ def _selsa_head(m: SelsaBBoxHead, ex: Examples) -> List[Graph]:
 
 def _flownet(m: FlowNetSimple, ex: Examples) -> List[Graph]:
     pairs = m.prepare_inputs(ex.images, torch.cat([ex.images.flip(3), ex.images]), ex.images.shape[-2:])
-    return [Graph('flownet', _FlowNet(m), (pairs,), ['pairs'], ['flow'],
+    return [Graph('flownet', _Traced(m, m.forward_prepared), (pairs,), ['pairs'], ['flow'],
                   {'pairs': {0: 'pairs', 2: 'half_height', 3: 'half_width'},
                    'flow': {0: 'pairs', 2: 'flow_height', 3: 'flow_width'}})]
 

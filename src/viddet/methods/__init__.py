@@ -29,10 +29,10 @@ def method_class(name: str) -> Type[VIDMethod]:
     Raises:
         VidDetError: unknown name (listing the known ones).
     """
-    for m in METHODS:
-        if m.name == name:
-            return m
-    raise VidDetError(f'unknown method {name!r}: choose one of {", ".join(METHOD_NAMES)}')
+    found = [m for m in METHODS if m.name == name]
+    if not found:
+        raise VidDetError(f'unknown method {name!r}: choose one of {", ".join(METHOD_NAMES)}')
+    return found[0]
 
 
 def method_of_keys(keys: Iterable[str]) -> Optional[Type[VIDMethod]]:

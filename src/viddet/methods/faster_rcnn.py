@@ -33,6 +33,9 @@ class RoITrace:
             the step draws itself; None: the step's own draw.
         given_ref_proposals: SELSA / Temporal RoI Align: each reference frame's proposals, (k, 5)
             tensors (x1, y1, x2, y2, score) in resized pixels, to use instead of the step's own.
+        given_most_similar: Temporal RoI Align: (n*49, T, k) int64 most-similar locations of the
+            key RoIs' points on the reference maps, used where >= 0 instead of the step's own top k
+            (:meth:`viddet.models.temporal_roi_align.TemporalRoIAlign.most_similar_roi_align`).
         proposals: recorded: (k, 5) the key frame's training proposals, as they enter the sampler.
         drawn: recorded: the RoIs the step drew from ``proposals`` (drawn even when given ones are
             used, so that the generator is consumed as in an ordinary step).
@@ -40,6 +43,7 @@ class RoITrace:
     """
     given_sampling: Optional[SamplingResult] = None
     given_ref_proposals: Optional[List[torch.Tensor]] = None
+    given_most_similar: Optional[torch.Tensor] = None
     proposals: Optional[torch.Tensor] = None
     drawn: Optional[SamplingResult] = None
     ref_proposals: Optional[List[torch.Tensor]] = None

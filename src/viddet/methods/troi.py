@@ -44,4 +44,7 @@ class TRoI(SELSA):
     def key_rois(self, x: torch.Tensor, rois: torch.Tensor, roi_feats: torch.Tensor, ref_maps) -> torch.Tensor:
         """Temporal RoI Align of the key proposals over ``ref_maps`` (at test time the reference
         frames and the current frame; in training the sampled reference frames only)."""
-        return self.detector.roi_head.bbox_roi_extractor(x, rois, ref_maps)
+        extractor = self.detector.roi_head.bbox_roi_extractor
+        if self._trace is not None and self._trace.given_most_similar is not None:
+            return extractor(x, rois, ref_maps, given_locations=self._trace.given_most_similar)
+        return extractor(x, rois, ref_maps)

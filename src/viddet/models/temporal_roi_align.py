@@ -76,7 +76,8 @@ class TemporalRoIAlign(SingleRoIExtractor):
 
     def most_similar_roi_align(self, roi_feats: torch.Tensor, ref_feats: torch.Tensor,
                                ref_embed: Optional[torch.Tensor] = None,
-                               ref_flat: Optional[torch.Tensor] = None) -> torch.Tensor:
+                               ref_flat: Optional[torch.Tensor] = None,
+                               given: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Step 1 on a set of RoIs (MMTracking ``most_similar_roi_align``).
 
         Args:
@@ -85,6 +86,9 @@ class TemporalRoIAlign(SingleRoIExtractor):
             ref_embed: optional precomputed (C, T*H*W) matrix of L2-normalised ``ref_feats``
                 (channel-major, frame then row-major location), see :meth:`_ref_embedding`.
             ref_flat: optional precomputed (T, H*W, C) location-major copy of ``ref_feats``.
+            given: optional (r*h*w, T, k) int64 locations (row-major on the reference map) to use
+                instead of the top k wherever they are >= 0: the training-parity test gives
+                MMTracking's own choices where the k-th and (k+1)-th similarities are float-tied.
 
         Returns:
             (T, r, C, h, w) most-similar RoI features.
@@ -99,6 +103,9 @@ class TemporalRoIAlign(SingleRoIExtractor):
         roi_embed = roi_embed.permute(0, 2, 3, 1).reshape(r * h * w, c)      # (P, C)
         sim = roi_embed.mm(ref_embed).view(r * h * w, t, fh * fw)           # (P, T, HW)
         values, indices = sim.topk(k=self.num_most_similar_points, dim=2, largest=True)
+        if given is not None:
+            indices = torch.where(given >= 0, given, indices)
+            values = sim.gather(2, indices)
         del sim
         values = values.softmax(dim=2)                                       # (P, T, k)
         frame_idx = torch.arange(t, device=ref_feats.device).view(1, t, 1)
@@ -142,7 +149,8 @@ class TemporalRoIAlign(SingleRoIExtractor):
 
     def forward(self, feats: torch.Tensor, rois: torch.Tensor,
                 ref_feats: Optional[Union[torch.Tensor, Sequence[torch.Tensor]]] = None,
-                roi_chunk_size: Optional[int] = None) -> torch.Tensor:
+                roi_chunk_size: Optional[int] = None,
+                given_locations: Optional[torch.Tensor] = None) -> torch.Tensor:
         """RoI features of the key frame, temporally aggregated when ``ref_feats`` is given.
 
         Args:
@@ -154,6 +162,8 @@ class TemporalRoIAlign(SingleRoIExtractor):
                 RoIAlign (the reference proposals of the SELSA head).
             roi_chunk_size: RoIs per chunk; None chooses it from ``max_chunk_elements``. Chunking
                 changes no result beyond float summation order.
+            given_locations: (n*49, T, k) most-similar locations to use where >= 0 (see
+                :meth:`most_similar_roi_align`; RoI points in RoI, row, column order).
 
         Returns:
             (n, C, 7, 7) RoI features.
@@ -176,8 +186,11 @@ class TemporalRoIAlign(SingleRoIExtractor):
         ref_embed = self._ref_embedding(ref_feats)                          # (C, T*H*W)
         ref_flat = ref_feats.permute(0, 2, 3, 1).reshape(t, fh * fw, -1)    # (T, H*W, C)
         outs = []
-        for chunk in roi_feats.split(roi_chunk_size, dim=0):
-            ref_roi = self.most_similar_roi_align(chunk, ref_feats, ref_embed, ref_flat)
+        chunks = roi_feats.split(roi_chunk_size, dim=0)
+        given = [None] * len(chunks) if given_locations is None else \
+            given_locations.split(roi_chunk_size * self.output_size ** 2)
+        for chunk, g in zip(chunks, given):
+            ref_roi = self.most_similar_roi_align(chunk, ref_feats, ref_embed, ref_flat, g)
             outs.append(self.temporal_attentional_feature_aggregation(chunk.unsqueeze(0), ref_roi))
         return torch.cat(outs, dim=0)
 
