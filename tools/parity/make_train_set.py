@@ -86,10 +86,13 @@ def main():
                                 '--seed', str(ckpt_seed)], check=True)
                 made = (method, ckpt_seed)
             cmd = [sys.executable, os.path.join(HERE, 'train_stages.py'), method,
-                   os.path.join(a.data_dir, 'Data', 'VID', snippet), os.path.join(a.data_dir, 'Annotations', 'VID', snippet),
+                   os.path.join(a.data_dir, 'Data', 'VID', snippet),
+                   os.path.join(a.data_dir, 'Annotations', 'VID', snippet),
                    ckpt, os.path.join(a.out_dir, f'{n}.json'), '--key', str(key), '--refs', *map(str, refs),
                    '--ckpt-seed', str(ckpt_seed), '--rng-seed', str(rng_seed),
-                   '--threads', str(a.threads), '--spread-threads', str(a.spread_threads)] + (['--still'] if still else [])
+                   '--threads', str(a.threads), '--spread-threads', str(a.spread_threads)]
+            if still:
+                cmd.append('--still')
             t0 = time.time()
             r = subprocess.run(cmd, capture_output=True, text=True)
             print(f'{n}: {time.time() - t0:.0f} s {r.stdout.strip()}', flush=True)

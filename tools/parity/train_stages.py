@@ -332,6 +332,12 @@ def stages(rec, gt_b):
     return out
 
 
+def order_change(a, b):
+    """Proposal list ``b`` as a change of list ``a``: its length and [position, anchor] where they differ."""
+    return dict(length=len(b['anchors']), changed=[[i, y] for i, (x, y) in enumerate(
+        zip(a['anchors'] + [None] * len(b['anchors']), b['anchors'])) if x != y])
+
+
 def differences(a, b):
     """The stages at which two records of the same step took other decisions (empty: none): other
     proposals or another order (by anchor), other anchors or RoIs drawn, other assignments or
@@ -406,9 +412,9 @@ def main():
             loss_max_rel_diff=max(abs(log2[k] - v) / max(abs(v), 1e-12) for k, v in log_vars.items()),
             stages_that_differ=differences(recorded, other))
         for k in out['thread_spread']['stages_that_differ']:   # what the other run decided, compactly
-            out['thread_spread'][k] = ({'anchors': other[k]['anchors']} if k == 'proposals' else
-                                       [{'anchors': r['anchors']} for r in other[k]] if k == 'ref_proposals' else
-                                       other[k])
+            out['thread_spread'][k] = (order_change(recorded[k], other[k]) if k == 'proposals' else
+                                       [order_change(a, b) for a, b in zip(recorded[k], other[k])]
+                                       if k == 'ref_proposals' else other[k])
     out['made_by'] = ('tools/parity/train_stages.py ' + ' '.join(
         [a.method, info['frames_dir'], info['frames_dir'].replace('Data/', 'Annotations/', 1),
          f'CKPT({a.method}_r50 seed {a.ckpt_seed})', 'OUT', '--key', str(a.key), '--refs', *map(str, a.refs),
