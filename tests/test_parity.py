@@ -17,6 +17,7 @@ measured 99.25-99.75% over the 12 frames at 1 and 2 threads, with and without AV
 (``docs/CONTRIBUTING.md``, "Parity"). The other methods' selection steps have no such ties.
 """
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -72,27 +73,31 @@ def test_matcher_counts_hand_made_cases():
     assert match_detections(ref[:1], boxes[2:], scores[2:], labels[2:]) == 0
 
 
-@pytest.fixture(scope='module')
-def parity_dir(request):
-    d = Path(__file__).resolve().parents[2] / 'shared' / 'parity'
-    if not d.exists():
-        pytest.skip(f'{d} is absent: parity tests need the shared parity fixtures beside the repository')
-    return d
+PARITY_DIR = Path(__file__).resolve().parents[2] / 'shared' / 'parity'
 
 
-@pytest.fixture(scope='module')
-def checkpoints(parity_dir, parity_checkpoint):
-    """``get(name)``: the seed-0 checkpoint of ``keys/<name>.txt`` (shared with the other parity tests)."""
-    return lambda name: parity_checkpoint(f'{name}.txt', 0, parity_dir)
+def reference_files():
+    """(method, reference file) for every ``ref_<method>_*.json`` in the parity folder: the model,
+    clip and checkpoint seed are read off each file, so references made on other clips and seeds are
+    checked the same way."""
+    found = [pytest.param(m, f, id=f.stem) for m in CASES for f in sorted(PARITY_DIR.glob(f'ref_{m}_*.json'))]
+    return found or [pytest.param(None, None, marks=pytest.mark.skip(
+        reason=f'{PARITY_DIR} is absent: parity tests need the shared parity fixtures beside the repository'))]
 
 
-@pytest.mark.parametrize('method', list(CASES))
-def test_offline_parity_with_mmtracking(method, parity_dir, checkpoints):
-    ckpt_name, num_frames, bar = CASES[method]
-    ref = json.loads((parity_dir / f'ref_{method}_vid7010_first12_seed0.json').read_text())
-    model = load_model(str(checkpoints(ckpt_name)), method=method).model
-    source = FolderSource(str(parity_dir / 'clips' / ref['clip']))
-    assert source.length == 12
+def checkpoint_of(ref: dict, parity_checkpoint) -> Path:
+    """The regenerated checkpoint a reference was made with (``<keys>_seed<N>.pth``)."""
+    m = re.fullmatch(r'(.+)_seed(\d+)\.pth', ref['checkpoint'])
+    return parity_checkpoint(f'{m.group(1)}.txt', int(m.group(2)), PARITY_DIR)
+
+
+@pytest.mark.parametrize('method, path', reference_files())
+def test_offline_parity_with_mmtracking(method, path, parity_checkpoint):
+    _, num_frames, bar = CASES[method]
+    ref = json.loads(path.read_text())
+    model = load_model(str(checkpoint_of(ref, parity_checkpoint)), method=method).model
+    source = FolderSource(str(PARITY_DIR / 'clips' / ref['clip']))
+    assert source.length == len(ref['frames'])
     total = reproduced = 0
     for result, expected in zip(run_video(model, source, mode='offline'), ref['frames'][:num_frames]):
         assert result.frame.name == expected['file_name']
