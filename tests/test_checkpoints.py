@@ -13,7 +13,7 @@ from viddet import VID_CLASSES, VidDetError
 from viddet.checkpoints.download import cache_dir, resolve_checkpoint
 from viddet.checkpoints.loading import load_into
 from viddet.checkpoints.reading import class_names, read_checkpoint
-from viddet.checkpoints.zoo import MODEL_ZOO, zoo_url
+from viddet.checkpoints.zoo import MODEL_ZOO, YOLOV_ZOO, zoo_url
 from viddet.methods import METHODS, build_method
 from conftest import read_keys
 
@@ -155,7 +155,7 @@ def test_zoo_table_is_consistent():
     for name, rel in MODEL_ZOO.items():
         assert rel.endswith('.pth') and '-' in rel.rsplit('_', 1)[-1], name
         assert len(rel.rsplit('-', 1)[-1]) == len('548911a4.pth')
-    assert {m.default_checkpoint for m in METHODS} - {None} <= set(MODEL_ZOO)   # None: no zoo file yet (YOLOV)
+    assert {m.default_checkpoint for m in METHODS} - {None} <= set(MODEL_ZOO) | set(YOLOV_ZOO)
     assert MODEL_ZOO['dff_r50'] == ('vid/dff/dff_faster_rcnn_r50_dc5_1x_imagenetvid/'
                                     'dff_faster_rcnn_r50_dc5_1x_imagenetvid_20201227_213250-548911a4.pth')
 

@@ -27,10 +27,12 @@ from viddet.data.image_sources import ArraySource, FolderSource  # noqa: E402
 from viddet.engine.video import run_video  # noqa: E402
 from viddet.errors import VidDetError  # noqa: E402
 from viddet.export import export_model, load_export  # noqa: E402
-from viddet.export.stages import OrtModule, OrtStage  # noqa: E402
+from viddet.export.stages import FastOrtRPNHead, OrtModule, OrtRPNHead, OrtStage  # noqa: E402
 from viddet.methods import METHODS, method_class  # noqa: E402
 from viddet.methods.faster_rcnn import FasterRCNNMethod  # noqa: E402
 from viddet.models.aggregators import SelsaAggregator  # noqa: E402
+from viddet.speedups.detector import FastRoIHead, FastSingleRoIExtractor  # noqa: E402
+from viddet.speedups.troi import FastTemporalRoIAlign  # noqa: E402
 
 FASTER_RCNN = [m.name for m in METHODS if issubclass(m, FasterRCNNMethod)]   # what export supports
 
@@ -105,7 +107,7 @@ def test_export_round_trip_gives_the_pytorch_detections(method, exported, one_th
     loaded = load_model(str(folder))
     ort = loaded.model
     assert type(ort) is type(model) and loaded.class_names == CLASSES and loaded.scale == SCALE
-    assert loaded.test == model.Settings(**SETTINGS[method], fast=False)
+    assert loaded.test == model.Settings(**SETTINGS[method])   # fast: the weight-free steps' fast modules
     assert not list(ort.parameters()), 'every weight runs in ONNX Runtime'
     assert any(isinstance(m, OrtModule) for m in ort.modules()) and any(isinstance(m, OrtStage) for m in ort.modules())
     plain = speedups.revert(model)
@@ -151,6 +153,36 @@ def test_each_graph_computes_its_plain_module_at_another_size(method, exported, 
             got = ort.detector.roi_head.bbox_head(roi_feats, refs)
             for a, b in zip(got, model.detector.roi_head.bbox_head(roi_feats, refs)):
                 torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize('method', ['single', 'troi'])
+def test_an_export_runs_the_fast_weight_free_steps(method, exported, one_thread):
+    """As on the PyTorch path, ``test.fast`` (the default) swaps in the fast modules of the steps
+    that stay in PyTorch (NMS, RoIAlign, Temporal RoI Align's most-similar search); they compute
+    what the export's plain modules (``fast=False``) compute, and ``revert`` gives those back."""
+    model, folder = exported(method)
+    fast, plain = load_export(folder).model, load_export(folder, fast=False).model
+    assert type(fast.detector.rpn_head) is FastOrtRPNHead and type(fast.detector.roi_head) is FastRoIHead
+    assert isinstance(fast.detector.roi_head.bbox_roi_extractor, FastSingleRoIExtractor)
+    assert not speedups.is_converted(plain) and not list(fast.parameters())
+    reverted = speedups.revert(load_export(folder).model)
+    assert type(reverted.detector.rpn_head) is OrtRPNHead and not speedups.is_converted(reverted)
+    clip = frames(3)
+    total = reproduced = 0
+    for a, b in zip(run_video(plain, ArraySource(clip), scale=SCALE), run_video(fast, ArraySource(clip), scale=SCALE)):
+        ref = detections_as_reference(a)
+        total += len(ref)
+        reproduced += match_detections(ref, b.detections.boxes, b.detections.scores, b.detections.labels)
+    assert total >= 150 and reproduced >= (0.98 if method == 'troi' else 1.0) * total, f'{reproduced}/{total}'
+    if method == 'troi':   # the export's Temporal RoI Align: fast search, the embedding graph on the maps
+        troi = fast.detector.roi_head.bbox_roi_extractor
+        assert type(troi) is FastTemporalRoIAlign and not troi.reassociated()
+        g = torch.Generator().manual_seed(5)
+        feats, refs = torch.randn(1, 512, 9, 14, generator=g), torch.randn(3, 512, 9, 14, generator=g)
+        rois = torch.tensor([[0, 10., 20, 90, 100], [0, 0, 0, 207, 127], [0, 50, 5, 60, 40]])
+        expected = speedups.revert(model).detector.roi_head.bbox_roi_extractor(feats, rois, refs)
+        with torch.no_grad():
+            torch.testing.assert_close(troi(feats, rois, refs), expected, rtol=1e-3, atol=1e-3)
 
 
 def test_api_and_demo_run_an_export_folder(exported, tmp_path, one_thread):
@@ -213,6 +245,14 @@ def test_broken_export_folders_are_one_line_errors(exported, tmp_path, capsys):
     (broken / 'model.json').write_text(json.dumps(manifest))
     assert "box_head.onnx: graph inputs ['feats'] differ from the manifest's ['roi_feats']" in _error(broken)
 
+    # class names that do not fit the box head's scores; a resize scale that is not two sizes
+    shutil.copy(folder / 'box_head.onnx', graph)
+    manifest = json.loads((folder / 'model.json').read_text())
+    (broken / 'model.json').write_text(json.dumps({**manifest, 'classes': list(CLASSES) + ['owl']}))
+    assert 'box_head.onnx: scores 4 classes (with background), but model.json lists 4 classes' in _error(broken)
+    (broken / 'model.json').write_text(json.dumps({**manifest, 'preprocessing': {'scale': 'big'}}))
+    assert "preprocessing.scale must be [long side, short side] in pixels, got 'big'" in _error(broken)
+
     # a stage missing from the manifest: the method has weights no graph holds
     shutil.copy(folder / 'box_head.onnx', graph)
     manifest = json.loads((folder / 'model.json').read_text())
@@ -237,7 +277,8 @@ def test_a_module_without_a_stage_cannot_be_exported(tmp_path):
 
 # ------------------------------------------------------------------ parity with MMTracking (R-50)
 # method -> leading frames compared (the run still covers the clip's whole window logic); kept short for CI:
-# on more frames, measured once: single 300/300 (3 frames), DFF 1200/1200 (12), FGFA and SELSA 300/300 (3), TRoI 298/300 (3)
+# on more frames, measured once (fast modules on, 1 thread): single 300/300 (3 frames), DFF 1200/1200 (12),
+# FGFA and SELSA 300/300 (3), TRoI 297/300 (3) and 597/600 (6)
 PARITY_FRAMES = {'single': 2, 'dff': 2, 'fgfa': 2, 'selsa': 2, 'troi': 3}   # DFF: a key frame and a warped one
 
 
@@ -249,28 +290,64 @@ def parity_dir():
     return d
 
 
+@pytest.fixture(scope='module')
+def parity_export(parity_dir, parity_checkpoint, tmp_path_factory):
+    """``get(method)``: the folder ``viddet export`` makes of the shared parity checkpoint, once per module."""
+    made = {}
+
+    def get(method):
+        if method not in made:
+            checkpoint = parity_checkpoint(f'{CASES[method][0]}.txt', 0, parity_dir)
+            folder = tmp_path_factory.mktemp(f'{method}_onnx')
+            assert main(['export', str(checkpoint), '--out', str(folder), '--method', method]) == 0
+            made[method] = folder
+        return made[method]
+    return get
+
+
+def _reproduced(expected_frames, got) -> tuple:
+    """(reproduced, total) reference detections over frames; ``got``: (file name, boxes, scores, labels)."""
+    total = reproduced = 0
+    for expected, (name, boxes, scores, labels) in zip(expected_frames, got):
+        assert name == expected['file_name']
+        total += len(expected['detections'])
+        reproduced += match_detections(expected['detections'], boxes, scores, labels)
+    return reproduced, total
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('method', list(CASES))
-def test_exported_parity_checkpoint_reproduces_mmtracking(method, parity_dir, parity_checkpoint, tmp_path):
-    ckpt_name, _, bar = CASES[method]
+def test_exported_parity_checkpoint_reproduces_mmtracking(method, parity_dir, parity_export):
+    _, _, bar = CASES[method]
     num_frames = PARITY_FRAMES[method]
-    checkpoint = parity_checkpoint(f'{ckpt_name}.txt', 0, parity_dir)
-    folder = tmp_path / f'{method}_onnx'
-    assert main(['export', str(checkpoint), '--out', str(folder), '--method', method]) == 0
     ref = json.loads((parity_dir / f'ref_{method}_vid7010_first12_seed0.json').read_text())
-    loaded = load_model(str(folder))
-    assert not list(loaded.model.parameters())
+    loaded = load_model(str(parity_export(method)))
+    assert not list(loaded.model.parameters()) and speedups.is_converted(loaded.model)   # the fast weight-free steps
     source = FolderSource(str(parity_dir / 'clips' / ref['clip']))
-    total = reproduced = 0
-    for result, expected in zip(run_video(loaded.model, source, mode='offline', scale=loaded.scale),
-                                ref['frames'][:num_frames]):
-        assert result.frame.name == expected['file_name']
-        d = result.detections
-        total += len(expected['detections'])
-        reproduced += match_detections(expected['detections'], d.boxes, d.scores, d.labels)
-        if result.frame.index + 1 == num_frames:
-            break
+    results = run_video(loaded.model, source, mode='offline', scale=loaded.scale)
+    got = [(r.frame.name, r.detections.boxes, r.detections.scores, r.detections.labels)
+           for _, r in zip(range(num_frames), results)]   # range first: no frame past the last is run
+    results.close()
     source.close()
+    reproduced, total = _reproduced(ref['frames'][:num_frames], got)
     print(f'{method} (ONNX Runtime): {reproduced}/{total} reference detections reproduced')
     assert total >= 100 * min(num_frames, 2)
     assert reproduced >= bar * total, f'{method}: {reproduced}/{total} reference detections reproduced'
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('method', ['single', 'dff'])
+def test_viddet_demo_of_an_export_reproduces_mmtracking(method, parity_dir, parity_export, tmp_path):
+    """``viddet demo CLIP --checkpoint DIR``, its JSON lines (boxes to 0.01 px, scores to 1e-4) against
+    MMTracking's detections. ``--max-frames`` cuts the video, which changes nothing for these two
+    methods (no look-ahead, no references); the window methods run the whole clip above."""
+    ref = json.loads((parity_dir / f'ref_{method}_vid7010_first12_seed0.json').read_text())
+    out = tmp_path / 'demo.mp4'
+    assert main(['demo', str(parity_dir / 'clips' / ref['clip']), '--checkpoint', str(parity_export(method)),
+                 '--out', str(out), '--max-frames', '2', '--device', 'cpu']) == 0
+    lines = [json.loads(x) for x in out.with_suffix('.jsonl').read_text().splitlines()]
+    assert len(lines) == 2
+    got = [(x['file'], torch.tensor(x['boxes']).view(-1, 4), torch.tensor(x['scores']), torch.tensor(x['labels']))
+           for x in lines]
+    reproduced, total = _reproduced(ref['frames'][:2], got)
+    assert total >= 200 and reproduced >= CASES[method][2] * total, f'{method}: {reproduced}/{total}'

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from viddet import VidDetError
-from viddet.data.video_dataset import VideoDataset, flip_boxes, parse_ann_info, resize_boxes, sample_ref_frames
+from viddet.data.sequence import flip_boxes, resize_boxes
+from viddet.data.video_dataset import VideoDataset, parse_ann_info, sample_ref_frames
 
 # MMTracking's train samplers (configs/_base_/datasets/imagenet_vid_{dff,fgfa}_style.py)
 DFF_TRAIN_SAMPLER = dict(num_ref_imgs=1, frame_range=9, filter_key_img=False, method='uniform')

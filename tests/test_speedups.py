@@ -857,3 +857,168 @@ def test_heads_propose_and_detect_the_same_with_early_stopping_nms(monkeypatch):
     assert int((p0[:, 4] == 1.0).sum()) > 10
     assert torch.equal(p0, p1)
     assert torch.equal(d0.boxes, d1.boxes) and torch.equal(d0.scores, d1.scores) and torch.equal(d0.labels, d1.labels)
+
+
+# ------------------------------------------------------------------------------------ YOLOX / YOLOV
+def test_fast_base_conv_equals_conv_bn_silu_and_follows_weight_changes():
+    """``FastBaseConv`` (BN folded, SiLU as oneDNN's swish post-op, channels-last) equals
+    ``silu(bn(conv(x)))`` computed by hand, for 1x1 / 3x3 / stride-2 convs, and is rebuilt after
+    an in-place weight change; with autograd on the plain module runs."""
+    from viddet.models.yolox import BaseConv
+    from viddet.speedups.yolox import FastBaseConv
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 13, 17) * 50
+    for cin, cout, k, s in [(8, 16, 1, 1), (8, 12, 3, 1), (8, 16, 3, 2)]:
+        plain = BaseConv(cin, cout, k, s).eval()
+        _randomise_bn(plain, k + s)
+        fast = speedups.convert(plain, cpu_kernels())
+        assert type(fast) is FastBaseConv and type(plain) is BaseConv and fast.conv is plain.conv
+
+        def by_hand():
+            bn = plain.bn
+            y = F.conv2d(x, plain.conv.weight, None, s, k // 2)
+            y = (y - bn.running_mean[:, None, None]) / torch.sqrt(bn.running_var[:, None, None] + 1e-3)
+            return F.silu(y * bn.weight[:, None, None] + bn.bias[:, None, None]).detach()
+
+        with torch.no_grad():
+            got = fast(x)
+        assert got.shape == (2, cout, -(-13 // s), -(-17 // s)) and got.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(got, by_hand(), atol=1e-4, rtol=1e-4)
+        with torch.no_grad():
+            plain.bn.running_mean.add_(0.3)
+            got = fast(x)
+        torch.testing.assert_close(got, by_hand(), atol=1e-4, rtol=1e-4)
+        assert fast(x).requires_grad                      # autograd: the plain BaseConv.forward
+
+
+def test_fast_base_conv_by_winograd_one_frame_at_a_time(monkeypatch):
+    """With ``kernels.winograd``, a wide 3x3 stride-1 ``BaseConv`` runs by Winograd, frame by
+    frame, and equals the fused direct one (and the plain module)."""
+    from viddet.models.yolox import BaseConv
+    torch.manual_seed(2)
+    plain = BaseConv(128, 128, 3).eval()
+    _randomise_bn(plain, 4)
+    x = torch.randn(3, 128, 14, 12)
+    with torch.no_grad():
+        expected = plain(x)
+    ran = []
+    call = winograd.WinogradConv.__call__
+    monkeypatch.setattr(winograd.WinogradConv, '__call__', lambda self, x, *a, **k: ran.append(len(x)) or call(self, x, *a, **k))
+    fast = speedups.convert(plain, cpu_kernels(winograd=True))
+    with torch.no_grad():
+        got = fast(x)
+    assert ran == [1, 1, 1] and got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    speedups.convert(fast, cpu_kernels(winograd=False))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), expected, atol=1e-4, rtol=1e-4)
+    assert ran == [1, 1, 1]
+
+
+@pytest.mark.parametrize('dense_fraction', [0.0, 1.0])    # the dense fallback / the sparse path
+def test_tower_at_equals_the_dense_tower_at_the_locations(dense_fraction, monkeypatch):
+    """Two 3x3 conv + BN + SiLU at some locations (borders and corners included, repeated ones,
+    two frames) equal the dense tower's output there."""
+    from viddet.models.yolox import _tower
+    from viddet.speedups import yolox as fast_yolox
+    from viddet.speedups.onednn import FusedConv
+    monkeypatch.setattr(fast_yolox, 'DENSE_FRACTION', dense_fraction)
+    torch.manual_seed(1)
+    tower = _tower(16).eval()
+    _randomise_bn(tower, 2)
+    x = torch.randn(2, 16, 9, 11) * 3
+    b = torch.tensor([0, 0, 0, 1, 1, 1, 1, 0])
+    y = torch.tensor([0, 8, 4, 0, 8, 3, 3, 5])
+    xs = torch.tensor([0, 10, 5, 10, 0, 1, 1, 7])
+    with torch.no_grad():
+        expected = tower(x)[b, :, y, xs]
+        got = fast_yolox.tower_at(x, [FusedConv(m.conv, m.bn) for m in tower], b, y, xs)
+    assert got.shape == (8, 16)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def _same_detections(a, b):
+    """Every row (x1, y1, x2, y2, obj, cls, label) of ``a`` has one of ``b`` with the same label,
+    IoU >= 0.999 and the same score within 1e-5 (order may differ between near-equal scores)."""
+    from torchvision.ops import box_iou
+    assert a.shape == b.shape
+    if len(a) == 0:
+        return
+    iou = box_iou(a[:, :4], b[:, :4])
+    close = (a[:, None, 6] == b[None, :, 6]) & (iou >= 0.999) & \
+        ((a[:, None, 4] * a[:, None, 5] - b[None, :, 4] * b[None, :, 5]).abs() <= 1e-5)
+    assert bool(close.any(1).all())
+
+
+@pytest.mark.parametrize('method', ['yolov', 'yolovpp'])
+def test_fast_yolov_heads_compute_what_the_plain_ones_compute(method):
+    """A random YOLOX-S YOLOV / YOLOV++ model on 3 frames: the same still predictions, candidates
+    and detections with ``speedups.convert`` (fused convolutions, ``cls_convs2`` at the candidates
+    only) as with the plain modules; convert / revert keep the state dict's tensors."""
+    from viddet.methods import build_method
+    from viddet.speedups.yolox import FastBaseConv, FastYOLOVHead, FastYOLOVPPHead
+    torch.manual_seed(0)
+    model = build_method(method, 'yolox_s').eval()
+    _randomise_bn(model, 3)
+    # YOLOV++ takes nearly every anchor of these random weights: a smaller input keeps its attention small
+    imgs = torch.rand(3, 3, *((160, 192) if method == 'yolov' else (96, 128))) * 255
+    state = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        plain = model(imgs)
+    speedups.convert(model, cpu_kernels())
+    assert type(model.head) is (FastYOLOVHead if method == 'yolov' else FastYOLOVPPHead)
+    assert type(model.backbone.backbone.stem.conv) is FastBaseConv and type(model.head.cls_convs2[0][1]) is FastBaseConv
+    assert all(model.state_dict(keep_vars=True)[k] is v for k, v in state.items())
+    with torch.no_grad():
+        fast = model(imgs)
+    torch.testing.assert_close(fast.decoded, plain.decoded, atol=1e-3, rtol=1e-4)
+    assert [s.tolist() for s in fast.selected] == [s.tolist() for s in plain.selected]
+    assert sum(len(s) for s in fast.selected) >= 30 and sum(len(d) for d in plain.detections) >= 30
+    for a, b in zip(fast.detections + fast.still, plain.detections + plain.still):
+        _same_detections(a, b)
+    speedups.revert(model)
+    assert not speedups.is_converted(model) and all(model.state_dict(keep_vars=True)[k] is v for k, v in state.items())
+
+
+@pytest.mark.parametrize('name', ['yolov_s', 'yolovpp_s'])
+def test_fast_and_plain_yolov_reproduce_the_official_detections(name, parity_checkpoint):
+    """The converted model (what every command runs) and the plain one each reproduce >= 99% of the
+    official code's video detections of the 12-frame clip (../shared/parity/yolov, seed 0) by the
+    fixtures' rule (IoU >= 0.99, |score difference| <= 1e-3, same class), and one another's."""
+    import importlib.util
+    import json
+    import cv2
+    import numpy as np
+    from pathlib import Path
+    from viddet.checkpoints.loading import load_model
+    from viddet.models.yolox import letterbox
+    from viddet.speedups.yolox import FastYOLOVHead, FastYOLOVPPHead
+    parity = Path(__file__).resolve().parents[2] / 'shared' / 'parity' / 'yolov'
+    clip = parity.parent / 'clips' / 'vid7010_first12'
+    if not (parity / 'oracle' / 'compare.py').exists() or not clip.exists():
+        pytest.skip(f'{parity} or {clip} is absent: this test needs the shared parity fixtures')
+    spec = importlib.util.spec_from_file_location('yolov_compare', parity / 'oracle' / 'compare.py')
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    ref = json.loads((parity / f'ref_{name}_vid7010_first12_seed0.json').read_text())
+    expected = [(np.array([d['bbox'] for d in f['detections']], dtype=np.float64).reshape(-1, 4),
+                 np.array([d['score'] for d in f['detections']]), np.array([d['label'] for d in f['detections']]))
+                for f in ref['frames']]
+    imgs = torch.stack([letterbox(cv2.imread(str(clip / f['file_name'])))[0] for f in ref['frames']])
+    ratio = np.float32(ref['frames'][0]['ratio'])
+    model = load_model(str(parity_checkpoint(f'{name}.txt', 0, parity))).model
+    assert type(model.head) in (FastYOLOVHead, FastYOLOVPPHead)     # converted by default
+
+    def detections():
+        with torch.no_grad():
+            rows = model(imgs).detections
+        return [((r[:, :4] / ratio).double().numpy(), (r[:, 4] * r[:, 5]).double().numpy(), r[:, 6].long().numpy())
+                for r in rows]
+
+    fast = detections()
+    plain = detections() if speedups.revert(model) is model else None
+    for got in (fast, plain):
+        matched, total, _ = compare.match(expected, got)
+        assert total >= 1000 and matched >= 0.99 * total, f'{name}: {matched}/{total}'
+    matched, total, _ = compare.match(plain, fast)
+    assert matched >= 0.99 * total

@@ -17,6 +17,7 @@ from viddet.data.output_paths import check_output_options, write_failures_report
 from viddet.errors import VidDetError
 from viddet.methods import METHOD_NAMES, METHODS
 from viddet.methods.base import MethodSettings
+from viddet.methods.yolov import VARIANTS as YOLOX_VARIANTS
 from viddet.models.backbones import BACKBONE_NAMES
 from viddet.version import __version__
 
@@ -67,7 +68,7 @@ def add_demo_parser(sub):
                     'record per frame ({"frame", "file", "boxes" [x1,y1,x2,y2] in pixels, "scores", "labels", '
                     '"names"}, plus "track_ids" with --link). Every output is checked before the model loads; '
                     'a stopped run keeps what it finished under .partial names. Default checkpoints per method '
-                    '(MMTracking model zoo, downloaded once into $VIDDET_HOME, default ~/.cache/viddet): '
+                    '(model zoo, downloaded once into $VIDDET_HOME, default ~/.cache/viddet): '
                     + ', '.join(f'{m.name}: {m.default_checkpoint}' for m in METHODS if m.default_checkpoint) + '.')
     p.add_argument('input', help='video file, folder of frames (sorted by numeric name), camera (0, /dev/video0) '
                                  'or rtsp/http stream URL')
@@ -302,7 +303,8 @@ def add_benchmark_parser(sub):
                                    'fps, the per-stage breakdown and peak memory (CUDA: max allocated; '
                                    'CPU: peak RSS increase). Parity with MMTracking holds only at fp32.')
     p.add_argument('--method', required=True, choices=METHOD_NAMES)
-    p.add_argument('--backbone', default='r50', choices=BACKBONE_NAMES)
+    p.add_argument('--backbone', default='r50', choices=BACKBONE_NAMES + tuple(YOLOX_VARIANTS),
+                   help='r50 (default), ...; yolox_s, yolox_l or yolox_x for yolov / yolovpp')
     p.add_argument('--size', default='1000x600', help='frame WIDTHxHEIGHT in pixels (default 1000x600)')
     p.add_argument('--frames', type=int, default=20, help='timed frames (default 20)')
     p.add_argument('--warmup', type=int, default=2,

@@ -79,6 +79,8 @@ class TrainSample:
         gt_labels: (g,) int64 0-based class labels.
         is_video_data: False for still images (ImageNet DET): DFF then ignores the warp.
         seed: seeds this sample's RoI/anchor sampling generator (None: torch's global RNG).
+        ref_gt_bboxes, ref_gt_labels: the ground truth of each reference frame, R tensors like
+            ``gt_bboxes`` / ``gt_labels`` (None when the data did not provide it; YOLOV needs it).
     """
     img: torch.Tensor
     ref_imgs: torch.Tensor
@@ -87,11 +89,16 @@ class TrainSample:
     gt_labels: torch.Tensor
     is_video_data: bool = True
     seed: Optional[int] = None
+    ref_gt_bboxes: Optional[List[torch.Tensor]] = None
+    ref_gt_labels: Optional[List[torch.Tensor]] = None
 
     def to(self, device) -> 'TrainSample':
         """Moves the tensors to ``device``."""
+        def moved(ts):
+            return None if ts is None else [t.to(device) for t in ts]
         return TrainSample(self.img.to(device), self.ref_imgs.to(device), self.metas,
-                           self.gt_bboxes.to(device), self.gt_labels.to(device), self.is_video_data, self.seed)
+                           self.gt_bboxes.to(device), self.gt_labels.to(device), self.is_video_data, self.seed,
+                           moved(self.ref_gt_bboxes), moved(self.ref_gt_labels))
 
     @property
     def img_shape(self):

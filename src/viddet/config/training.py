@@ -156,6 +156,14 @@ class ScheduleConfig:
             finite is skipped (no update); training stops when this many steps in a row are (10).
             Under ``--amp fp16`` a step the GradScaler skips for inf/NaN gradients is normal and
             does not count.
+        policy: ``step`` (the above: linear warm-up, step decay; MMTracking) or ``yolox_cos``
+            (YOLOX's ``yoloxwarmcos``: quadratic warm-up from 0 over ``warmup_iters``, cosine down to
+            ``min_lr_ratio`` x lr, the last ``final_epochs`` epochs at that minimum; ``steps``,
+            ``gamma`` and ``warmup_ratio`` unused).
+        min_lr_ratio, final_epochs: ``yolox_cos`` only (0.05, 0; a fraction of an epoch is fine).
+        nesterov: Nesterov momentum (False; YOLOX / YOLOV: True).
+        decay_norm_and_bias: weight decay on normalisation weights and biases too (True); False:
+            only on conv / linear weights (tensors of 2+ dimensions; YOLOX / YOLOV).
     """
     epochs: int = 7
     lr: float = 0.01
@@ -170,6 +178,11 @@ class ScheduleConfig:
     seed: int = 0
     log_interval: int = 10
     max_nonfinite_steps: int = 10
+    policy: str = 'step'
+    min_lr_ratio: float = 0.05
+    final_epochs: float = 0.0
+    nesterov: bool = False
+    decay_norm_and_bias: bool = True
 
 
 RANDOM_INIT = 'random'

@@ -4,7 +4,6 @@ from __future__ import annotations
 from viddet.config.typed import method_settings
 from viddet.errors import VidDetError
 from viddet.methods import METHOD_NAMES, METHODS, method_class
-from viddet.models.backbones import BACKBONE_NAMES
 
 REF_METHODS = ('uniform', 'bilateral_uniform')
 
@@ -21,9 +20,9 @@ def validate(cfg) -> None:
         raise err(f'model.method must be one of {", ".join(METHOD_NAMES)}, got {m.method!r}')
     if not method_class(m.method).trainable:
         raise err(f'model.method: {method_class(m.method).title} cannot be trained in viddet yet (inference only)')
-    if m.backbone not in BACKBONE_NAMES:
-        raise err(f'model.backbone must be one of {", ".join(BACKBONE_NAMES)}, got {m.backbone!r}')
     method = method_class(m.method)
+    if m.backbone not in method.train_backbones:
+        raise err(f'model.backbone must be one of {", ".join(method.train_backbones)}, got {m.backbone!r}')
     method_settings(method, m.test, src, 'model.test')
     if not m.classes:
         raise err('model.classes is empty')
@@ -75,6 +74,13 @@ def validate(cfg) -> None:
         raise err(f'schedule.steps must be increasing epochs >= 1, got {s.steps}')
     if s.max_nonfinite_steps < 1:
         raise err(f'schedule.max_nonfinite_steps must be >= 1, got {s.max_nonfinite_steps}')
+    if s.policy not in ('step', 'yolox_cos'):
+        raise err(f'schedule.policy must be step or yolox_cos, got {s.policy!r}')
+    if not 0 < s.min_lr_ratio <= 1 or not 0 <= s.final_epochs < s.epochs:
+        raise err(f'schedule.min_lr_ratio must be in (0, 1] and schedule.final_epochs in 0..epochs-1, got '
+                  f'{s.min_lr_ratio} and {s.final_epochs}')
+    if s.nesterov and s.momentum <= 0:
+        raise err('schedule.nesterov needs schedule.momentum > 0')
     if s.grad_clip is not None and s.grad_clip <= 0:
         raise err(f'schedule.grad_clip must be > 0 or null, got {s.grad_clip}')
     if cfg.eval.interval < 0:

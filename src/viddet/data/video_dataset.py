@@ -14,7 +14,7 @@ shared train transforms.
 * reference sampling (``CocoVideoDataset.ref_img_sampling``, training methods ``uniform`` and
   ``bilateral_uniform``): :func:`sample_ref_frames`. The test-time protocols live with the methods
   (:func:`viddet.methods.selsa.adaptive_stride_refs`, :meth:`viddet.methods.fgfa.FGFA.window`).
-* training transforms (``SeqResize(keep_ratio) -> SeqRandomFlip(share_params) -> SeqNormalize ->
+* training transforms (:mod:`viddet.data.sequence`: ``SeqResize(keep_ratio) -> SeqRandomFlip(share_params) -> SeqNormalize ->
   SeqPad(16)`` of ``mmtrack/datasets/pipelines/transforms.py``): key and references are resized to
   the same ``img_scale`` and flipped together; boxes are scaled by ``scale_factor``, clipped to the
   resized image and mirrored (``x -> W - x``).
@@ -24,17 +24,16 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-import cv2
 import numpy as np
 import torch
 
 from viddet.classes import VID_CLASSES
 from viddet.errors import VidDetError
-from viddet.data.transforms import DEFAULT_SCALE, normalize_pad, resize_keep_ratio
+from viddet.data.sequence import load_image, placed_boxes, prepare_sequence, transform_sequence
+from viddet.data.transforms import DEFAULT_SCALE
 from viddet.fileio import read_json
-from viddet.structures import ImageMeta
 
 SAMPLER_METHODS = ('uniform', 'bilateral_uniform')
 """The training methods of MMTracking's ``ref_img_sampling`` (the configs set them per method)."""
@@ -227,64 +226,6 @@ def parse_ann_info(img_info: dict, anns: Sequence[dict], cat2label: Dict[int, in
 
 
 # ===================================================================================== transforms
-def resize_boxes(boxes: np.ndarray, scale_factor: np.ndarray, img_shape: Tuple[int, int]) -> np.ndarray:
-    """mmdet ``Resize._resize_bboxes``: (n, 4) x1y1x2y2 times [ws, hs, ws, hs], clipped to
-    [0, W] x [0, H] of the resized image ``img_shape`` = (H, W). Returns float32."""
-    b = boxes.astype(np.float32) * scale_factor.astype(np.float32)
-    b[:, 0::2] = np.clip(b[:, 0::2], 0, img_shape[1])
-    b[:, 1::2] = np.clip(b[:, 1::2], 0, img_shape[0])
-    return b
-
-
-def flip_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
-    """mmdet-2.x horizontal ``bbox_flip``: x1' = W - x2, x2' = W - x1 (no -1)."""
-    f = boxes.copy()
-    f[:, 0] = width - boxes[:, 2]
-    f[:, 2] = width - boxes[:, 0]
-    return f
-
-
-def load_image(path) -> np.ndarray:
-    """cv2 BGR uint8 (H, W, 3) image. Raises VidDetError naming the file if it cannot be read."""
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if img is None:
-        raise VidDetError(f'{path}: frame missing or not a readable image')
-    return img
-
-
-def prepare_sequence(images: Sequence[np.ndarray], img_scale=DEFAULT_SCALE, flip: bool = False):
-    """Shared-parameter train/test transform of a key image and its references.
-
-    Every image is resized keeping its ratio to ``img_scale`` (uint8 cv2 bilinear, as
-    :func:`viddet.data.transforms.resize_keep_ratio`), flipped horizontally if ``flip`` (one decision
-    for all, MMTracking ``SeqRandomFlip(share_params=True)``), normalised and zero-padded to a
-    multiple of 16. Images of different sizes are padded to the largest padded size so that they
-    stack.
-
-    Returns:
-        (tensor (N, 3, Hp, Wp) float32, list of N :class:`ImageMeta`).
-    """
-    tensors, metas = [], []
-    for img in images:
-        h, w = img.shape[:2]
-        resized, sf = resize_keep_ratio(img, img_scale)
-        if flip:
-            resized = np.ascontiguousarray(resized[:, ::-1])
-        t = normalize_pad(resized)
-        tensors.append(t)
-        metas.append(ImageMeta(ori_shape=(h, w), img_shape=tuple(resized.shape[:2]), pad_shape=tuple(t.shape[1:]),
-                               scale_factor=sf, flip=flip))
-    hp = max(t.shape[1] for t in tensors)
-    wp = max(t.shape[2] for t in tensors)
-    if any(t.shape[1:] != (hp, wp) for t in tensors):
-        out = torch.zeros((len(tensors), 3, hp, wp))
-        for i, t in enumerate(tensors):
-            out[i, :, :t.shape[1], :t.shape[2]] = t
-            metas[i].pad_shape = (hp, wp)
-        return out, metas
-    return torch.stack(tensors), metas
-
-
 # ===================================================================================== dataset
 class VideoDataset(torch.utils.data.Dataset):
     """ImageNet VID / DET (or any COCO-VID) training frames with reference frames, as MMTracking
@@ -304,12 +245,15 @@ class VideoDataset(torch.utils.data.Dataset):
         img_scale: keep-ratio resize limits (long, short) in pixels.
         flip_ratio: probability of the shared horizontal flip.
         rng: ``random.Random`` for reference sampling and flips (default: the ``random`` module).
+        transform: the method's own preprocessing of a frame (:func:`transform_sequence`, given
+            ``img_scale``), or None for MMTracking's (:func:`prepare_sequence`).
 
     Items: ``{'img': (3, Hp, Wp) float32, 'ref_imgs': (R, 3, Hp, Wp) float32,
     'img_metas': [ImageMeta] * (1 + R) (key first), 'gt_bboxes': (n, 4) float32 x1y1x2y2 in
     resized-image pixels (clipped, flipped with the image), 'gt_labels': (n,) int64 0-based,
     'gt_instance_ids': (n,) int64, 'gt_bboxes_ignore': (m, 4) float32, 'is_video_data': bool,
-    'image_id', 'video_id', 'frame_id', 'ref_frame_ids': list[int]}``.
+    'image_id', 'video_id', 'frame_id', 'ref_frame_ids': list[int], 'ref_gt_bboxes',
+    'ref_gt_labels': the references' boxes and labels, R tensors like the key's}``.
 
     Raises:
         VidDetError: unreadable annotation file, or an unreadable frame (when the item is loaded),
@@ -318,7 +262,8 @@ class VideoDataset(torch.utils.data.Dataset):
 
     def __init__(self, ann_file, img_prefix, *, load_as_video: bool = True, ref_sampler: Optional[dict] = None,
                  classes: Sequence[str] = VID_CLASSES, filter_empty_gt: bool = True, min_size: int = 32,
-                 img_scale=DEFAULT_SCALE, flip_ratio: float = 0.5, rng: Optional[random.Random] = None):
+                 img_scale=DEFAULT_SCALE, flip_ratio: float = 0.5, rng: Optional[random.Random] = None,
+                 transform: Optional[Callable] = None):
         self.index = CocoVideoIndex(ann_file)
         self.img_prefix = Path(img_prefix)
         self.load_as_video = load_as_video
@@ -327,6 +272,7 @@ class VideoDataset(torch.utils.data.Dataset):
         self.img_scale = img_scale
         self.flip_ratio = flip_ratio
         self.rng = rng if rng is not None else random
+        self.transform = transform
         self.cat_ids = self.index.cat_ids(self.classes)
         self.cat2label = {c: i for i, c in enumerate(self.cat_ids)}
         if load_as_video:
@@ -355,7 +301,10 @@ class VideoDataset(torch.utils.data.Dataset):
 
     def get_ann_info(self, idx: int) -> dict:
         """Parsed annotations of item ``idx`` (:func:`parse_ann_info`), original-image pixels."""
-        info = self.data_infos[idx]
+        return self.ann_of(self.data_infos[idx])
+
+    def ann_of(self, info: dict) -> dict:
+        """Parsed annotations of the image ``info`` (:func:`parse_ann_info`), original-image pixels."""
         anns = [a for a in self.index.img_to_anns.get(info['id'], []) if a['category_id'] in self.cat2label]
         return parse_ann_info(info, anns, self.cat2label, with_instance_ids=self.load_as_video)
 
@@ -384,15 +333,18 @@ class VideoDataset(torch.utils.data.Dataset):
             if i['id'] not in cache:
                 cache[i['id']] = load_image(self.image_path(i))
             images.append(cache[i['id']])
-        tensors, metas = prepare_sequence(images, self.img_scale, flip)
+        if self.transform is None:
+            tensors, metas = prepare_sequence(images, self.img_scale, flip)
+        else:
+            tensors, metas = transform_sequence(images, self.transform, self.img_scale, flip)
         ann = self.get_ann_info(idx)
-        m = metas[0]
-        boxes = resize_boxes(ann['bboxes'], m.scale_factor, m.img_shape)
-        ignore = resize_boxes(ann['bboxes_ignore'], m.scale_factor, m.img_shape)
-        if flip:
-            boxes, ignore = flip_boxes(boxes, m.img_shape[1]), flip_boxes(ignore, m.img_shape[1])
+        boxes, ignore = (placed_boxes(ann[k], metas[0], flip) for k in ('bboxes', 'bboxes_ignore'))
+        ref_anns = [self.ann_of(r) for r in refs]
         return dict(img=tensors[0], ref_imgs=tensors[1:], img_metas=metas, is_video_data=bool(self.load_as_video),
                     image_id=info['id'], video_id=info.get('video_id', -1), frame_id=info.get('frame_id', -1),
                     ref_frame_ids=[r.get('frame_id', -1) for r in refs],
                     gt_bboxes=torch.from_numpy(boxes), gt_labels=torch.from_numpy(ann['labels']),
-                    gt_instance_ids=torch.from_numpy(ann['instance_ids']), gt_bboxes_ignore=torch.from_numpy(ignore))
+                    gt_instance_ids=torch.from_numpy(ann['instance_ids']), gt_bboxes_ignore=torch.from_numpy(ignore),
+                    ref_gt_bboxes=[torch.from_numpy(placed_boxes(a['bboxes'], m, flip)) for a, m in zip(ref_anns, metas[1:])],
+                    ref_gt_labels=[torch.from_numpy(a['labels']) for a in ref_anns])
+

@@ -22,7 +22,7 @@ from viddet.checkpoints.reading import check_finite, class_names, describe, desc
 from viddet.config.training import Config, RANDOM_INIT
 from viddet.errors import VidDetError
 from viddet.methods import method_class
-from viddet.models.backbones import BACKBONES, backbone_info
+from viddet.models.backbones import BACKBONE_NAMES, BACKBONES, backbone_info
 from viddet.models.mobilenet import MobileNetV2Lite
 
 # ===================================================================================== model + init
@@ -65,11 +65,12 @@ def init_plan(cfg: Config) -> InitPlan:
     i, m = cfg.init, cfg.model
     backbone = i.backbone_weights
     if backbone is None and not i.checkpoint:
-        backbone = backbone_info(m.backbone).imagenet_weights
+        backbone = backbone_info(m.backbone).imagenet_weights if m.backbone in BACKBONE_NAMES else None
         if backbone is None:
             raise VidDetError(f'{cfg.source}: init.backbone_weights is not set and backbone {m.backbone} has no '
                               f'published ImageNet weights: set init.backbone_weights (or --backbone-weights) to '
-                              f'a weights file, or to {RANDOM_INIT} to train it from random weights')
+                              f'a weights file, or to {RANDOM_INIT} to train it from random weights (or start from '
+                              f'init.checkpoint)')
     _check_backbone_fits(backbone, m.backbone, cfg.source)
     flownet = i.flownet_weights
     if not method_class(m.method).has_flownet:
@@ -236,12 +237,13 @@ def load_finetune_checkpoint(model: nn.Module, path: str, cfg: Config, backbone_
             are not given otherwise (naming the init key to set).
     """
     state, meta = read_checkpoint(path)
-    state = with_detector_prefix(state)
+    own = model.state_dict()
+    if not any(k in own for k in state):   # a plain mmdet Faster R-CNN file (a YOLOX base loads as it is)
+        state = with_detector_prefix(state)
     check_finite(state, path)
     kind = describe_state_dict(state)
     if kind[1] is not None and kind[1] != cfg.model.backbone:
         raise VidDetError(f'init.checkpoint {path} is {describe(*kind)}, but model.backbone is {cfg.model.backbone}')
-    own = model.state_dict()
     new_classes = list(cfg.model.classes)
     old_classes = list(class_names(meta)) if meta else None
     reinit = [k for k in own if k.startswith(model.class_specific_prefixes) and k in state

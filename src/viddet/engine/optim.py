@@ -2,7 +2,8 @@
 precision, gradient clipping) and the rule for steps whose loss is not finite.
 
 Learning rate: ``schedule.lr * total_batch / schedule.lr_batch``, linear warm-up by optimizer step,
-step decay by epoch (mmcv ``StepLrUpdaterHook`` semantics; :class:`LrSchedule`).
+step decay by epoch (mmcv ``StepLrUpdaterHook`` semantics; :class:`LrSchedule`), or YOLOX's
+warm-up + cosine (``schedule.policy: yolox_cos``).
 
 Non-finite values: a step whose loss (or, without a loss scaler, gradient norm) is not finite is
 skipped — no update — and training stops only after ``schedule.max_nonfinite_steps`` such steps in
@@ -39,19 +40,38 @@ class LrSchedule:
     gamma: float
     warmup_iters: int
     warmup_ratio: float
+    policy: str = 'step'
+    min_lr_ratio: float = 0.05
+    total_iters: int = 0
+    final_iters: int = 0
 
     @classmethod
-    def from_config(cls, s: ScheduleConfig, total_batch: int) -> 'LrSchedule':
+    def from_config(cls, s: ScheduleConfig, total_batch: int, steps_per_epoch: int = 1) -> 'LrSchedule':
         """``schedule.lr`` scaled linearly to ``total_batch`` (from ``schedule.lr_batch``; unscaled when 0)."""
         base_lr = s.lr * (total_batch / s.lr_batch if s.lr_batch else 1.0)
-        return cls(base_lr, s.steps, s.gamma, s.warmup_iters, s.warmup_ratio)
+        return cls(base_lr, s.steps, s.gamma, s.warmup_iters, s.warmup_ratio, s.policy, s.min_lr_ratio,
+                   s.epochs * steps_per_epoch, round(s.final_epochs * steps_per_epoch))
 
     def lr(self, epoch: int, it: int) -> float:
+        if self.policy == 'yolox_cos':
+            return self.yolox_cos(it)
         lr = self.base_lr * self.gamma ** sum(1 for s in self.steps if epoch >= s)
         if it < self.warmup_iters:
             k = (1 - it / self.warmup_iters) * (1 - self.warmup_ratio)
             lr = lr * (1 - k)
         return lr
+
+    def yolox_cos(self, it: int) -> float:
+        """YOLOX's ``yolox_warm_cos_lr`` at step ``it``: base · (it / warmup)² during the warm-up,
+        then a cosine from base to ``min_lr_ratio`` · base ending ``final_iters`` steps before
+        ``total_iters``, then that minimum."""
+        low = self.base_lr * self.min_lr_ratio
+        if self.warmup_iters and it <= self.warmup_iters:
+            return self.base_lr * (it / self.warmup_iters) ** 2
+        if it >= self.total_iters - self.final_iters:
+            return low
+        span = max(self.total_iters - self.warmup_iters - self.final_iters, 1)
+        return low + 0.5 * (self.base_lr - low) * (1.0 + math.cos(math.pi * (it - self.warmup_iters) / span))
 
     def apply(self, optimizer: torch.optim.Optimizer, epoch: int, it: int) -> float:
         """Sets every parameter group's lr for step ``it`` of ``epoch``; returns it."""
@@ -61,6 +81,9 @@ class LrSchedule:
         return lr
 
     def state_dict(self) -> dict:
+        if self.policy == 'yolox_cos':
+            return dict(type='yolox_warm_cos', base_lr=self.base_lr, warmup_iters=self.warmup_iters,
+                        min_lr_ratio=self.min_lr_ratio, total_iters=self.total_iters, final_iters=self.final_iters)
         return dict(type='step_linear_warmup', base_lr=self.base_lr, steps=list(self.steps), gamma=self.gamma,
                     warmup_iters=self.warmup_iters, warmup_ratio=self.warmup_ratio)
 
@@ -83,7 +106,12 @@ class Updater:
     def __init__(self, model: nn.Module, s: ScheduleConfig, base_lr: float, amp: Optional[str],
                  device: torch.device, dist=None):
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.SGD(self.params, lr=base_lr, momentum=s.momentum, weight_decay=s.weight_decay)
+        groups = [{'params': self.params}]
+        if not s.decay_norm_and_bias:   # YOLOX: decay on conv / linear weights only
+            groups = [{'params': [p for p in self.params if p.dim() > 1]},
+                      {'params': [p for p in self.params if p.dim() <= 1], 'weight_decay': 0.0}]
+        self.optimizer = torch.optim.SGD(groups, lr=base_lr, momentum=s.momentum, weight_decay=s.weight_decay,
+                                         nesterov=s.nesterov)
         self.scaler = grad_scaler(device) if amp == 'fp16' else None
         self.amp, self.device, self.clip, self.dist = amp, device, s.grad_clip, dist
         self.loss_scale = 1.0

@@ -162,7 +162,7 @@ class Trainer:
         if o.evaluate and cfg.data.val is not None:
             check_frame_files(val_frame_files(cfg), f'{cfg.source}: data.val.img_prefix {cfg.data.val.img_prefix}')
         self.loader = TrainLoader(train_set, cfg, self.rank, self.world, o.accumulate, self.device)
-        self.schedule = LrSchedule.from_config(cfg.schedule, self.loader.total_batch)
+        self.schedule = LrSchedule.from_config(cfg.schedule, self.loader.total_batch, self.loader.steps_per_epoch)
         self.spe = self.loader.steps_per_epoch
         self.total_steps = self.spe * cfg.schedule.epochs
         self.end_it = self.total_steps if o.max_iters is None else min(self.total_steps, o.max_iters)

@@ -101,7 +101,9 @@ class SeededTrainSet(torch.utils.data.Dataset):
             return LoadFailure(str(e))
         return TrainSample(img=item['img'], ref_imgs=item['ref_imgs'], metas=list(item['img_metas']),
                            gt_bboxes=item['gt_bboxes'].float(), gt_labels=item['gt_labels'].long(),
-                           is_video_data=bool(item['is_video_data']), seed=s ^ 0x5DEECE66D)
+                           is_video_data=bool(item['is_video_data']), seed=s ^ 0x5DEECE66D,
+                           ref_gt_bboxes=[b.float() for b in item['ref_gt_bboxes']],
+                           ref_gt_labels=[lb.long() for lb in item['ref_gt_labels']])
 
 
 def build_train_set(cfg: Config, say: Callable[[str], None] = print) -> SeededTrainSet:
@@ -114,6 +116,7 @@ def build_train_set(cfg: Config, say: Callable[[str], None] = print) -> SeededTr
             ``model.classes``, or missing / unreadable frame files (naming the first and the count).
     """
     from viddet.data.video_dataset import VideoDataset
+    from viddet.methods import method_class
     sets = []
     for i, t in enumerate(cfg.data.train):
         ref = None
@@ -123,7 +126,7 @@ def build_train_set(cfg: Config, say: Callable[[str], None] = print) -> SeededTr
                        filter_key_img=r.filter_key_img, method=r.method)
         ds = VideoDataset(t.ann_file, t.img_prefix, load_as_video=t.load_as_video, ref_sampler=ref,
                           classes=cfg.model.classes, min_size=cfg.data.min_size, img_scale=tuple(cfg.data.scale),
-                          flip_ratio=cfg.data.flip_ratio)
+                          flip_ratio=cfg.data.flip_ratio, transform=method_class(cfg.model.method).train_transform)
         where = f'{cfg.source}: data.train.{i} ({t.ann_file})'
         check_categories(ds, cfg.model.classes, where)
         dropped = dropped_classes(ds, cfg.data.min_size)

@@ -4,7 +4,8 @@ A video method is not one graph: each stage with weights (backbone + neck, RPN h
 SELSA's attention head, FlowNet, FGFA's aggregator, Temporal RoI Align's embedding) is one ONNX graph
 (:mod:`viddet.export.stages`), and the method's own code (key frames, FGFA's window, SELSA's
 reference memory) and the weight-free selection steps (anchors, NMS, RoIAlign, top-k, warping) stay
-the plain PyTorch code that runs in both paths. :func:`export_model` writes a folder of graphs and
+the PyTorch code that runs in both paths, with the same fast modules (``speedups.convert``) unless
+``test.fast`` is off. :func:`export_model` writes a folder of graphs and
 a ``model.json`` manifest (:mod:`viddet.export.folder`); :func:`load_export` builds the method from
 the manifest with ONNX Runtime modules standing in for those stages; ``load_model(FOLDER)``,
 ``VideoDetector.from_checkpoint(FOLDER)`` and ``--checkpoint FOLDER`` call it.

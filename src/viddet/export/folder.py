@@ -31,7 +31,8 @@ from viddet.fileio import atomic_write_json, sha256_file
 from viddet.methods import METHOD_NAMES, VIDMethod, method_class
 from viddet.methods.base import MethodSettings
 from viddet.models.backbones import backbone_of_state_dict
-from viddet.export.stages import STAGE_KINDS, Graph, Examples, OrtStage, stages_of, uncovered_parameters
+from viddet.runtime import cpu_kernels
+from viddet.export.stages import FAST_STAND_INS, STAGE_KINDS, Graph, Examples, OrtStage, stages_of, uncovered_parameters
 
 FORMAT, VERSION = 'viddet-onnx', 1
 DEFAULT_OPSET = 17
@@ -94,7 +95,7 @@ def export_model(model: VIDMethod, out: Path, class_names, scale: Tuple[int, int
     manifest = {
         'format': FORMAT, 'version': VERSION, 'method': type(model).name,
         'backbone': backbone_of_state_dict(model.state_dict()) or 'unknown',
-        'classes': list(class_names), 'settings': {**settings.values(), 'fast': False},
+        'classes': list(class_names), 'settings': settings.build_kwargs(),
         'preprocessing': {'scale': list(scale), 'mean_rgb': list(IMG_MEAN_RGB), 'std_rgb': list(IMG_STD_RGB),
                           'size_divisor': SIZE_DIVISOR},
         'source': {'checkpoint': None if source is None else str(source),
@@ -145,7 +146,8 @@ def read_manifest(folder: Path) -> dict:
     """The checked manifest of an export folder.
 
     Raises:
-        VidDetError: no / unreadable ``model.json``, not a viddet export, or a field missing.
+        VidDetError: no / unreadable ``model.json``, not a viddet export, a field missing or of the
+            wrong type (no class names, a resize scale that is not two positive integers).
     """
     file = folder / MANIFEST
     if not file.is_file():
@@ -165,6 +167,11 @@ def read_manifest(folder: Path) -> dict:
             raise VidDetError(f'{file}: field {key!r} is missing or not a {kind.__name__}')
     if manifest['method'] not in METHOD_NAMES:
         raise VidDetError(f'{file}: unknown method {manifest["method"]!r} (known: {", ".join(METHOD_NAMES)})')
+    if not manifest['classes'] or not all(isinstance(c, str) for c in manifest['classes']):
+        raise VidDetError(f'{file}: field \'classes\' must be a non-empty list of class names')
+    scale = manifest['preprocessing'].get('scale')
+    if not (isinstance(scale, list) and len(scale) == 2 and all(type(v) is int and v > 0 for v in scale)):
+        raise VidDetError(f'{file}: preprocessing.scale must be [long side, short side] in pixels, got {scale!r}')
     return manifest
 
 
@@ -173,18 +180,22 @@ def load_export(folder, method: Optional[str] = None, backbone: Optional[str] = 
     """The method of an export folder with its stages on ONNX Runtime (CPU; CUDA / TensorRT
     providers first where installed): the method's skeleton is built from the manifest and each
     stage's plain module is swapped for its stand-in (:mod:`viddet.export.stages`), so that the
-    method's ``predict`` and the streaming engine run unchanged.
+    method's ``predict`` and the streaming engine run unchanged. With ``fast`` (the default, as
+    for a checkpoint) the weight-free steps run the PyTorch path's fast modules
+    (``speedups.convert`` with :data:`viddet.export.stages.FAST_STAND_INS`).
 
     Args:
         folder: the export folder.
         method, backbone: if given, what the folder must hold.
-        test, settings: inference settings, as for ``load_model`` (default: the manifest's).
+        test, settings: inference settings, as for ``load_model`` (default: the manifest's;
+            ``fast`` is not in it: True unless given).
 
     Raises:
         VidDetError: one line naming the folder or file: no / bad manifest, a method or backbone
             the folder does not hold, a missing graph, a graph whose SHA-256 differs from the
-            manifest (changed or truncated), a graph ONNX Runtime cannot load or whose inputs differ
-            from the manifest, a stage the method does not have, or onnxruntime missing.
+            manifest (changed or truncated), a graph ONNX Runtime cannot load or whose inputs or outputs
+            (names, fixed sizes) differ from the manifest, a stage the method does not have, class
+            names that do not fit the heads' scores, or onnxruntime missing.
     """
     folder = Path(str(folder))
     manifest = read_manifest(folder)
@@ -204,9 +215,11 @@ def load_export(folder, method: Optional[str] = None, backbone: Optional[str] = 
     if left:
         raise VidDetError(f'{folder / MANIFEST}: no stage of the export holds {left[0]} '
                           f'({len(left)} weights uncovered): a stage is missing from the manifest')
-    scale = manifest['preprocessing'].get('scale', DEFAULT_SCALE)
-    return ExportedModel(model, tuple(manifest['classes']), {'export': manifest}, folder,
-                         (int(scale[0]), int(scale[1])), cfg)
+    if cfg.fast:
+        model = speedups.convert(model, cpu_kernels(), FAST_STAND_INS)
+    _check_classes(manifest, folder)
+    scale = manifest['preprocessing']['scale']
+    return ExportedModel(model, tuple(manifest['classes']), {'export': manifest}, folder, (scale[0], scale[1]), cfg)
 
 
 def _swap_stage(model: nn.Module, folder: Path, entry: dict, ort) -> None:
@@ -226,10 +239,20 @@ def _swap_stage(model: nn.Module, folder: Path, entry: dict, ort) -> None:
         model.set_submodule(target, module)
 
 
+def _check_classes(manifest: dict, folder: Path) -> None:
+    """The heads' class scores (``cls_score``: classes + background) fit the manifest's classes."""
+    for s in manifest['stages']:
+        for g in s['graphs']:
+            for out in g['outputs']:
+                if out['name'] == 'cls_score' and out['shape'][-1] != len(manifest['classes']) + 1:
+                    raise VidDetError(f'{folder / g["file"]}: scores {out["shape"][-1]} classes (with background), '
+                                      f'but {MANIFEST} lists {len(manifest["classes"])} classes')
+
+
 def _session(folder: Path, graph: dict, ort):
     try:
         file, digest = folder / graph['file'], graph['sha256']
-        inputs = [i['name'] for i in graph['inputs']]
+        inputs, outputs = _signature(graph['inputs']), _signature(graph['outputs'])
     except (KeyError, TypeError) as e:
         raise VidDetError(f'{folder / MANIFEST}: graph entry without {e}') from None
     if not file.is_file():
@@ -246,10 +269,19 @@ def _session(folder: Path, graph: dict, ort):
         session = ort.InferenceSession(str(file), options, providers=providers)
     except Exception as e:  # onnxruntime raises its own exception types for unreadable graphs
         raise VidDetError(f'{file}: ONNX Runtime cannot load the graph ({str(e).splitlines()[0][:200]})') from None
-    got = [i.name for i in session.get_inputs()]
-    if got != inputs:
-        raise VidDetError(f'{file}: graph inputs {got} differ from the manifest\'s {inputs}')
+    for kind, want, values in (('inputs', inputs, session.get_inputs()), ('outputs', outputs, session.get_outputs())):
+        got = _signature([{'name': v.name, 'shape': v.shape} for v in values])
+        if [n for n, _ in got] != [n for n, _ in want]:
+            raise VidDetError(f'{file}: graph {kind} {[n for n, _ in got]} differ from the manifest\'s {[n for n, _ in want]}')
+        if got != want:
+            raise VidDetError(f'{file}: graph {kind} of sizes {[d for _, d in got]} differ from the manifest\'s '
+                              f'{[d for _, d in want]}')
     return session
+
+
+def _signature(values) -> List[Tuple[str, Tuple]]:
+    """[(name, fixed sizes)] of a graph's inputs or outputs (dynamic axes as None)."""
+    return [(v['name'], tuple(d if isinstance(d, int) and d > 0 else None for d in v['shape'])) for v in values]
 
 
 def describe_stages(manifest: dict) -> List[str]:

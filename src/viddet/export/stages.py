@@ -31,8 +31,9 @@ kind              plain module                    graph(s) (inputs -> outputs)  
 ================  ==============================  ===========================================================
 
 Everything else (RoIAlign, anchors, proposal decoding, NMS, top-k, feature warping, FlowNet's
-input preparation, Temporal RoI Align's most-similar search) has no weights and stays the plain
-PyTorch code of the method: ``docs/deployment.md`` says why.
+input preparation, Temporal RoI Align's most-similar search) has no weights and stays the PyTorch
+code of the method: ``docs/deployment.md`` says why. As on the PyTorch path, ``test.fast`` (default)
+runs its fast modules (``speedups.convert`` with :data:`FAST_STAND_INS`).
 """
 from __future__ import annotations
 
@@ -44,9 +45,10 @@ from torch import nn
 
 from viddet.models.aggregators import EmbedAggregator, SelsaBBoxHead, SelsaRefProjections
 from viddet.models.detector import BBoxHead, FasterRCNN, RPNHead
-from viddet.models.fast import share_state
+from viddet.models.fast import FastModule, share_state
 from viddet.models.flownet import FlowNetSimple
 from viddet.models.temporal_roi_align import TemporalRoIAlign
+from viddet.speedups.detector import EarlyStopNMS
 
 
 class OrtStage(nn.Module):
@@ -99,6 +101,20 @@ class OrtRPNHead(OrtModule, RPNHead):
 
     def forward(self, x):
         return self.graph(x)
+
+
+class FastOrtRPNHead(EarlyStopNMS, FastModule, OrtRPNHead):
+    """:class:`OrtRPNHead` with the fast path's NMS (:class:`viddet.speedups.detector.EarlyStopNMS`:
+    the same proposals), as ``FastRPNHead`` has it; :data:`FAST_STAND_INS`."""
+
+
+FAST_STAND_INS: Dict[type, type] = {OrtRPNHead: FastOrtRPNHead}
+"""The fast modules of the stand-ins, for ``speedups.convert(model, kernels, FAST_STAND_INS)`` on a
+loaded export: the weight-free steps then run the PyTorch path's fast modules. The plain modules an
+export keeps are converted by ``speedups.convert`` itself (``RoIHead``: NMS; ``SingleRoIExtractor``:
+RoIAlign by gathers; ``TemporalRoIAlign``, whose ``embed_network`` is a graph: the re-associated
+most-similar search, :meth:`viddet.speedups.troi.FastTemporalRoIAlign.reassociated`). The other
+stand-ins' fast modules would re-associate their learned layers, which are in the graphs."""
 
 
 class OrtBBoxHead(OrtModule, BBoxHead):

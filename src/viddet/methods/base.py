@@ -25,6 +25,9 @@ call these methods; none of them compares method names or probes a model's attri
 ``has_flownet``             whether it has a FlowNet (``motion``) to initialise / freeze
 ``train_num_refs``          reference frames each training sample needs (0: none)
 ``trainable``               whether ``viddet train`` can train it (False: inference only)
+``train_backbones``         the ``model.backbone`` names a training config may give
+``train_transform``         its own preprocessing of training frames (None: MMTracking's
+                            resize + normalisation; YOLOV: the square letterbox)
 ==========================  ================================================================
 
 It computes:
@@ -49,7 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import numpy as np
 import torch
@@ -57,6 +60,7 @@ from torch import nn
 
 from viddet.data.transforms import preprocess
 from viddet.errors import VidDetError
+from viddet.models.backbones import BACKBONE_NAMES
 from viddet.structures import Detections, ImageMeta, TrainSample
 
 
@@ -117,6 +121,12 @@ class VIDMethod(nn.Module):
     """State-dict prefixes of the tensors whose shape depends on the number of classes."""
     trainable: ClassVar[bool] = True
     """Whether ``viddet train`` can train it (False: inference only; the config check refuses it)."""
+    train_backbones: ClassVar[Tuple[str, ...]] = BACKBONE_NAMES
+    """The ``model.backbone`` names a training config may give (default the Faster R-CNN backbones)."""
+    train_transform: ClassVar[Optional[Callable[[np.ndarray, Tuple[int, int]], Tuple[torch.Tensor, ImageMeta]]]] = None
+    """The preprocessing of a training frame, ((H, W, 3) uint8 BGR, ``data.scale``) -> (tensor,
+    ImageMeta), when it is not MMTracking's resize + normalisation + padding (a plain function:
+    datasets in DataLoader workers call it)."""
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -17,13 +17,25 @@ with ``clip`` (default) they are then clipped to the image and empty ones droppe
 converter (``val_to_imdb.to_repp_heavy``) does before evaluation. Every detection is kept (no
 per-frame cap).
 
-Online mode and training are not implemented yet (``viddet`` refuses them with a clear message).
+Online (causal, for streams and cameras): each frame attends to the candidates of a bounded memory
+of the ``memory`` (31 = gframe - 1) frames before it, plus its own: the memory keeps, per past frame,
+only what the aggregation reads (candidate rows, their ``cls_convs2`` / ``reg_convs`` features), so
+its size does not grow with the video and no frame is read ahead. The detections of frame t are
+exactly what the offline head computes for frame t in a batch of frames [t - memory, t] (the head's
+own rules: a one-frame batch, frame 0 or ``memory`` 0, gives the head's single-frame results; longer
+ones the aggregated detections, no still-image rule for small batches), without recomputing the past
+frames' backbones: the aggregation itself (every candidate of the window attends to all, the
+references' features included) is recomputed per frame, as an offline batch of that window would.
+The official code's own online demo (``tools/yolov_demo_online.py``, YOLOV only) differs: see
+``docs/yolov.md``.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
+from collections import deque
 from dataclasses import dataclass, field
-from typing import ClassVar, Dict, List, Mapping, Tuple
+from typing import ClassVar, Deque, Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -31,7 +43,10 @@ from torch import nn
 
 from viddet.errors import VidDetError
 from viddet.methods.base import MethodSettings, VIDMethod, at_least
-from viddet.models.yolov_head import HeadOutput, YOLOVHead, YOLOVPPHead
+from viddet.models.yolov_head import (HeadOutput, YOLOVHead, YOLOVPPHead, corner_rows, refined_detections,
+                                       still_detections)
+from viddet.models.yolov_backbones import TRANSFORMERS, transformer_of_state, transformer_pafpn
+from viddet.models.yolov_loss import freeze_still_parts, init_score_biases, sample_losses, train_letterbox
 from viddet.models.yolox import PAFPN, letterbox, letterbox_ratio
 from viddet.structures import Detections
 
@@ -51,19 +66,24 @@ class YOLOVSettings(MethodSettings):
         'help': 'YOLOV: frames per batch; a shorter video is one batch in which every frame attends to all'})
     shuffle_seed: int = field(default=0, metadata={
         'help': 'YOLOV: seed of the frame permutation that splits a longer video into batches'})
+    memory: int = field(default=31, metadata={
+        'help': 'YOLOV online: past frames whose candidates each frame attends to (gframe - 1)'})
 
     def __post_init__(self):
         at_least(self, 1, 'gframe')
-        at_least(self, 0, 'shuffle_seed')
+        at_least(self, 0, 'shuffle_seed', 'memory')
 
 
 def variant_of_state(state: Mapping[str, torch.Tensor]) -> str:
     """The YOLOX variant of a state dict: width from the stem conv's output channels (64 · width),
-    checked against the depth (the bottlenecks of ``dark2``'s CSP layer, max(round(3 · depth), 1)).
+    checked against the depth (the bottlenecks of ``dark2``'s CSP layer, max(round(3 · depth), 1));
+    or YOLOV++'s transformer backbone (:func:`viddet.models.yolov_backbones.transformer_of_state`).
 
     Raises:
         VidDetError: no CSPDarknet stem, or a width / depth pair of no known variant.
     """
+    if 'backbone.backbone.patch_embed.proj.weight' in state:
+        return transformer_of_state(state)
     stem = state.get('backbone.backbone.stem.conv.conv.weight')
     if stem is None:
         raise VidDetError('not a YOLOX checkpoint: no backbone.backbone.stem.conv.conv.weight')
@@ -84,6 +104,52 @@ def video_batches(length: int, gframe: int, seed: int) -> List[List[int]]:
     return [perm[i:i + gframe] for i in range(0, length, gframe)]
 
 
+@dataclass
+class FrameCandidates:
+    """One frame's candidates, what the aggregation reads of it (and all the online memory keeps).
+
+    Attributes:
+        rows: (n, 7 + K) candidate rows (:func:`viddet.models.yolov_head.corner_rows` at the
+            selected anchors): x1, y1, x2, y2 in input pixels, obj, max cls, label, K class scores.
+        cls_feat: (n, C) ``cls_convs2`` features at the candidates' anchors.
+        reg_feat: (n, C) ``reg_convs`` features at the candidates' anchors.
+    """
+    rows: torch.Tensor
+    cls_feat: torch.Tensor
+    reg_feat: torch.Tensor
+
+
+def frame_candidates(head: nn.Module, feats: Sequence[torch.Tensor]) -> FrameCandidates:
+    """The candidates of one frame (PAFPN outputs of a batch of 1) as the video head selects them
+    (``head.select``: YOLOV top-750 / NMS / 30, YOLOV++ obj · cls >= 0.001); they do not depend on
+    the other frames of a batch. The ``cls_convs2`` features come from ``head.cls2_at``, as in the
+    head's batch forward (a fast head computes them at the candidates only)."""
+    decoded, stems, reg_feat = head.still_parts(feats)
+    rows = corner_rows(decoded[0])
+    idx = head.select(rows)
+    return FrameCandidates(rows[idx], head.cls2_at(stems, [idx])[0], reg_feat[0, idx])
+
+
+def last_frame_detections(head: nn.Module, window: Sequence[FrameCandidates]) -> torch.Tensor:
+    """The detections the video head computes for the last frame of a batch whose frames have these
+    candidates (oldest first), as ``head(batch).detections[-1]`` would: (m, 7) rows x1, y1, x2, y2
+    (input pixels), obj, cls, label in descending score.
+
+    A one-frame window, or one without any candidate, gives the head's single-frame results
+    (``head.single_frame``); otherwise every candidate of the window attends to all
+    (``head.refine``) and the last frame's refined rows go through the final selection and NMS.
+    """
+    current = window[-1]
+    n = len(current.rows)
+    if len(window) == 1 or sum(len(c.rows) for c in window) == 0:
+        return head.single_frame([current.rows], [still_detections(current.rows)])[0]
+    if n == 0:
+        return current.rows.new_zeros((0, 7))
+    logits, obj = head.refine(torch.cat([c.cls_feat for c in window]), torch.cat([c.reg_feat for c in window]),
+                              torch.cat([c.rows[:, 5] for c in window]))
+    return refined_detections(current.rows, logits[-n:], None if obj is None else obj[-n:])
+
+
 def clip_detections(det: Detections, height: int, width: int) -> Detections:
     """Boxes clipped to [0, width] x [0, height] and empty ones dropped (``to_repp_heavy``)."""
     b = det.boxes.clone()
@@ -99,17 +165,19 @@ class _YOLOVFamily(VIDMethod):
 
     paper: ClassVar[str] = ''
     Settings = YOLOVSettings
-    trainable = False
+    trainable = True
+    train_transform = train_letterbox
+    train_backbones = tuple(VARIANTS)
+    class_specific_prefixes = ('head.cls_preds.', 'head.linear_pred.', 'head.cls_pred.')
 
     def __init__(self, backbone: nn.Module, head: nn.Module, variant: str, gframe: int = 32,
-                 shuffle_seed: int = 0, clip: bool = True):
+                 shuffle_seed: int = 0, clip: bool = True, memory: int = 31):
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.variant = variant
-        self.gframe, self.shuffle_seed, self.clip = gframe, shuffle_seed, clip
-        self._batch_of: Dict[int, List[int]] = {}
-        self._results: Dict[int, Detections] = {}
+        self.gframe, self.shuffle_seed, self.clip, self.memory = gframe, shuffle_seed, clip, memory
+        self.reset()
 
     # ------------------------------------------------------------------ construction
     head_class: ClassVar[type]
@@ -144,7 +212,7 @@ class _YOLOVFamily(VIDMethod):
             VidDetError: the file's variant differs from an explicitly named YOLOX backbone.
         """
         variant = variant_of_state(state)
-        if backbone in VARIANTS and backbone != variant:
+        if (backbone in VARIANTS or backbone in TRANSFORMERS) and backbone != variant:
             raise VidDetError(f'the checkpoint holds a {cls.title} {variant} model, not {backbone}')
         return cls.build(variant, num_classes, **settings)
 
@@ -157,12 +225,36 @@ class _YOLOVFamily(VIDMethod):
         """The CSPDarknet + PAFPN (state-dict prefix ``backbone.``)."""
         return self._modules['backbone']
 
+    # ------------------------------------------------------------------ training (docs/yolov_training.md)
+    def freeze_for_training(self, official: bool = True) -> None:
+        """The official video fine-tune's frozen parts (:data:`viddet.models.yolov_loss.FROZEN`);
+        ``official=False``: every part trained (from scratch)."""
+        freeze_still_parts(self, official)
+
+    def init_weights(self) -> '_YOLOVFamily':
+        """PyTorch's default initialisation, the score biases at a 0.01 prior (the official
+        ``get_model``; the weights of a YOLOX base then overwrite what they hold)."""
+        init_score_biases(self.head)
+        return self
+
     def configure_training(self, model_cfg) -> None:
-        """Raises VidDetError: training is not implemented yet."""
-        raise VidDetError(f'training {self.title} is not implemented in viddet yet (inference only)')
+        """Applies the ``model`` section and freezes what the official recipe freezes; with
+        ``model.backbone_frozen_stages: 0`` nothing is frozen (training from scratch).
+
+        Raises:
+            VidDetError: another ``backbone_frozen_stages``, or a Faster R-CNN option.
+        """
+        stages = model_cfg.backbone_frozen_stages
+        if stages not in (None, 0):
+            raise VidDetError(f'model.backbone_frozen_stages of {self.title} is 0 (train every part) or unset '
+                              f'(the official freezing), not {stages}')
+        super().configure_training(dataclasses.replace(model_cfg, backbone_frozen_stages=None))
+        self.freeze_for_training(official=stages is None)
 
     def losses(self, sample, cfg):
-        raise NotImplementedError(f'training {self.title} is not implemented in viddet yet (inference only)')
+        """The official training losses of the frames of ``sample`` (key + references, one batch in
+        which every frame attends to all; :func:`viddet.models.yolov_loss.sample_losses`)."""
+        return sample_losses(self, sample)
 
     # ------------------------------------------------------------------ inference
     def prepare(self, image: np.ndarray, scale=None):
@@ -175,7 +267,15 @@ class _YOLOVFamily(VIDMethod):
         return self.head(self.backbone(imgs))
 
     def reset(self) -> None:
-        self._batch_of, self._results = {}, {}
+        """Forgets the offline batches and the online memory."""
+        self._batch_of: Dict[int, List[int]] = {}
+        self._results: Dict[int, Detections] = {}
+        self._memory: Deque[FrameCandidates] = deque(maxlen=self.memory)
+
+    def read_ahead(self, mode: str) -> int:
+        """Offline, a frame's batch holds up to ``gframe`` - 1 other frames, read before it returns;
+        online nothing is read ahead."""
+        return self.gframe - 1 if mode == 'offline' else 0
 
     def _plan(self, ctx) -> None:
         if ctx.length is None:    # a stream of unknown length: read up to gframe frames ahead
@@ -200,18 +300,32 @@ class _YOLOVFamily(VIDMethod):
             out = self.head(feats)
         rows = out.still if len(batch) <= STILL_BATCH else out.detections
         for f, r in zip(frames, rows):
-            h, w = f.meta.ori_shape
-            det = Detections(r[:, :4] / letterbox_ratio((h, w), INPUT_SIZE), r[:, 4] * r[:, 5], r[:, 6].long())
-            self._results[f.index] = clip_detections(det, h, w) if self.clip else det
+            self._results[f.index] = self._detections(r, f)
+
+    def _detections(self, rows: torch.Tensor, frame) -> Detections:
+        """(m, 7) head rows of ``frame`` -> its detections in original-image pixels (clipped with ``clip``)."""
+        h, w = frame.meta.ori_shape
+        det = Detections(rows[:, :4] / letterbox_ratio((h, w), INPUT_SIZE), rows[:, 4] * rows[:, 5], rows[:, 6].long())
+        return clip_detections(det, h, w) if self.clip else det
+
+    def _predict_online(self, frame, ctx) -> Detections:
+        with ctx.timer('backbone'):
+            feats = self.backbone(frame.img)
+        with ctx.timer('head'):
+            current = frame_candidates(self.head, feats)
+            rows = last_frame_detections(self.head, [*self._memory, current])
+        self._memory.append(current)   # the oldest frame leaves a full memory (maxlen)
+        return self._detections(rows, frame)
 
     def predict(self, frame, ctx) -> Detections:
-        """The detections of ``frame`` (original-image pixels, all of them, descending score).
+        """The detections of ``frame`` (original-image pixels, all of them, descending score):
+        offline from its batch, online from its own candidates and those of the memory.
 
         Raises:
-            VidDetError: online mode (not implemented yet), or a stream of unknown length.
+            VidDetError: offline on a stream of unknown length.
         """
-        if ctx.mode != 'offline':
-            raise VidDetError(f'{self.title} runs offline only for now (the official evaluation): use --mode offline')
+        if ctx.mode == 'online':
+            return self._predict_online(frame, ctx)
         if not self._batch_of:
             self._plan(ctx)
         if frame.index not in self._results:
@@ -226,6 +340,7 @@ class YOLOV(_YOLOVFamily):
     name = 'yolov'
     title = 'YOLOV'
     paper = 'Shi et al., YOLOV: Making Still Image Object Detectors Great at Video Object Detection, AAAI 2023'
+    default_checkpoint = 'yolov_s'
     signature = ('backbone.backbone.stem.', 'head.trans.')
     head_class = YOLOVHead
 
@@ -237,8 +352,24 @@ class YOLOVPP(_YOLOVFamily):
     name = 'yolovpp'
     title = 'YOLOV++'
     paper = 'Shi et al., Practical Video Object Detection via Feature Selection and Aggregation (YOLOV++), IJCV 2025'
-    signature = ('backbone.backbone.stem.', 'head.agg.')
+    default_checkpoint = 'yolovpp_s'
+    signature = ('backbone.backbone.', 'head.agg.')
     head_class = YOLOVPPHead
+
+    @classmethod
+    def build(cls, backbone: str = 'yolox_s', num_classes: int = 30, **settings) -> 'YOLOVPP':
+        """A new model on a YOLOX variant or on a transformer backbone of
+        :data:`viddet.models.yolov_backbones.TRANSFORMERS` (``swin_tiny``, ``swin_base``,
+        ``focal_large``: the official Swin / FocalNet exp files; needs timm).
+
+        Raises:
+            VidDetError: another backbone name, or timm is not installed.
+        """
+        if backbone not in TRANSFORMERS:
+            return super().build(backbone, num_classes, **settings)
+        spec = TRANSFORMERS[backbone]
+        head = cls.head_class(num_classes, spec.width, minimal_limit=spec.minimal_limit, in_channels=spec.neck_out)
+        return cls(transformer_pafpn(backbone), head, backbone, **settings)
 
     @classmethod
     def head_options(cls, variant):

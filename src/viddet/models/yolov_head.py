@@ -190,10 +190,10 @@ class MSA(nn.Module):
         return out_cls, out_obj
 
 
-def _gather(rows_per_frame: Sequence[torch.Tensor], idx: Sequence[torch.Tensor], cls_feat: torch.Tensor,
+def _gather(rows_per_frame: Sequence[torch.Tensor], idx: Sequence[torch.Tensor], cls_feat: Sequence[torch.Tensor],
             reg_feat: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
     cands = [rows[i] for rows, i in zip(rows_per_frame, idx)]
-    f_cls = torch.cat([cls_feat[b, i] for b, i in enumerate(idx)])
+    f_cls = torch.cat(list(cls_feat))
     f_reg = torch.cat([reg_feat[b, i] for b, i in enumerate(idx)])
     score = torch.cat([c[:, 5] for c in cands])
     return cands, f_cls, f_reg, score
@@ -210,11 +210,11 @@ class _VideoHead(YOLOXHead):
 
     def forward(self, feats: Sequence[torch.Tensor]) -> HeadOutput:
         """The detections of a batch of frames (the PAFPN outputs of B frames)."""
-        decoded, cls_feat, reg_feat = self.still(feats)
+        decoded, stems, reg_feat = self.still_parts(feats)
         snapshot = decoded.clone()
         rows = [corner_rows(d) for d in decoded]
         idx = [self.select(r) for r in rows]
-        cands, f_cls, f_reg, score = _gather(rows, idx, cls_feat, reg_feat)
+        cands, f_cls, f_reg, score = _gather(rows, idx, self.cls2_at(stems, idx), reg_feat)
         still = [still_detections(c) for c in cands]
         empty = [c.new_zeros((0, 7)) for c in cands]
         if len(feats[0]) == 1 or f_cls.shape[0] == 0:   # the official head returns still-image results
@@ -258,8 +258,8 @@ class YOLOVPPHead(_VideoHead):
     ``agg_iou``; ``cls_pred`` (4C -> K) and ``obj_pred`` (4C -> 1) replace both scores."""
 
     def __init__(self, num_classes: int, width: float, heads: int = 4, minimal_limit: int = 0,
-                 sim_thresh: float = 0.75):
-        super().__init__(num_classes, width)
+                 sim_thresh: float = 0.75, in_channels: Sequence[int] = (256, 512, 1024)):
+        super().__init__(num_classes, width, in_channels)
         self.minimal_limit, self.sim_thresh = minimal_limit, sim_thresh
         self.agg = MSA(self.width, heads, reconf=True)
         self.agg_iou = MSA(self.width, heads, reconf=True)

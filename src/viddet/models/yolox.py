@@ -229,14 +229,17 @@ class YOLOXHead(nn.Module):
     Args:
         num_classes: K (30 for ImageNet VID).
         width: the width multiplier; C = 256 · width channels.
+        in_channels: the three input levels' channels before ``width`` (the official head's
+            ``in_channels``: 256, 512, 1024 after a CSPDarknet; the neck's for YOLOV++'s
+            transformer backbones, :mod:`viddet.models.yolov_backbones`).
     """
 
-    def __init__(self, num_classes: int, width: float):
+    def __init__(self, num_classes: int, width: float, in_channels: Sequence[int] = (256, 512, 1024)):
         super().__init__()
         c = int(256 * width)
         self.num_classes = num_classes
         self.width = c
-        self.stems = nn.ModuleList(BaseConv(int(cin * width), c, 1) for cin in (256, 512, 1024))
+        self.stems = nn.ModuleList(BaseConv(int(cin * width), c, 1) for cin in in_channels)
         self.cls_convs = nn.ModuleList(_tower(c) for _ in STRIDES)
         self.reg_convs = nn.ModuleList(_tower(c) for _ in STRIDES)
         self.cls_convs2 = nn.ModuleList(_tower(c) for _ in STRIDES)
@@ -255,17 +258,33 @@ class YOLOXHead(nn.Module):
             scores; cls features (B, A, C) of ``cls_convs2``; reg features (B, A, C) of
             ``reg_convs``), A = sum of H_l · W_l over the levels.
         """
+        decoded, stems, regs = self.still_parts(feats)
+        return decoded, self._cls2(stems).permute(0, 2, 1), regs
+
+    def still_parts(self, feats: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, List[torch.Tensor], torch.Tensor]:
+        """:meth:`still` without the ``cls_convs2`` features: (decoded (B, A, 5 + K), the ``stems``
+        outputs (B, C, H_l, W_l) of the three levels, reg features (B, A, C))."""
         outs: List[torch.Tensor] = []
-        cls2: List[torch.Tensor] = []
+        stems: List[torch.Tensor] = []
         regs: List[torch.Tensor] = []
         for k, x in enumerate(feats):
             x = self.stems[k](x)
             reg_feat = self.reg_convs[k](x)
             cls_feat = self.cls_convs[k](x)
-            cls2.append(self.cls_convs2[k](x))
+            stems.append(x)
             regs.append(reg_feat)
             outs.append(torch.cat([self.reg_preds[k](reg_feat), self.obj_preds[k](reg_feat).sigmoid(),
                                    self.cls_preds[k](cls_feat).sigmoid()], 1))
         sizes = [tuple(o.shape[-2:]) for o in outs]
-        flat = [torch.cat([t.flatten(2) for t in ts], 2).permute(0, 2, 1) for ts in (outs, cls2, regs)]
-        return decode_grid(flat[0], sizes), flat[1], flat[2]
+        flat = [torch.cat([t.flatten(2) for t in ts], 2).permute(0, 2, 1) for ts in (outs, regs)]
+        return decode_grid(flat[0], sizes), stems, flat[1]
+
+    def cls2_at(self, stems: Sequence[torch.Tensor], idx: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """The ``cls_convs2`` features of the anchors ``idx[b]`` (indices into the A anchors, level
+        order) of each frame b, from the ``stems`` outputs of :meth:`still_parts`: B tensors (n_b, C)."""
+        cls2 = self._cls2(stems)
+        return [cls2[b, :, i].t() for b, i in enumerate(idx)]
+
+    def _cls2(self, stems: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``cls_convs2`` over every anchor: (B, C, A)."""
+        return torch.cat([self.cls_convs2[k](x).flatten(2) for k, x in enumerate(stems)], 2)

@@ -27,7 +27,9 @@ ordinary attributes. The protocol is :class:`viddet.models.fast.FastModule`'s:
 plus those the model's method declares: a VID method with a module of its own declares its fast
 version in its own file, ``fast_modules = {PlainModule: FastModule}``
 (:attr:`viddet.methods.base.VIDMethod.fast_modules`, written against :mod:`viddet.models.fast`
-without importing this package). :func:`revert` swaps every fast module back.
+without importing this package), and those the caller passes (``convert(model, kernels,
+fast_modules)``: an ONNX export's stand-ins, :mod:`viddet.export.stages`). :func:`revert` swaps
+every fast module back.
 
 ==========================================  ==================================================
 fast module                                 speeds up
@@ -58,13 +60,18 @@ fast module                                 speeds up
                                             projections
 :class:`detector.FastRPNHead`,              ``nms``: greedy NMS that stops at the last box used
 :class:`detector.FastRoIHead`               (300 proposals, 100 detections; :mod:`nms`)
+:class:`yolox.FastBaseConv`                 YOLOX's conv + BN + SiLU (CSPDarknet, PAFPN, head):
+                                            one oneDNN primitive, BN folded, SiLU as the swish
+                                            post-op, channels-last
+:class:`yolox.FastYOLOVHead`,               ``cls2_at``: the ``cls_convs2`` features of the
+:class:`yolox.FastYOLOVPPHead`              candidates only (gathered 3x3 patches x folded weights)
 ==========================================  ==================================================
 
 ``tests/test_speedups.py`` proves fast == plain for each of them.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Mapping, Optional
 
 from torch import nn
 
@@ -76,6 +83,8 @@ from viddet.models.fast import FastModule
 from viddet.models.flownet import FlowNetSimple
 from viddet.models.layers import ConvAct
 from viddet.models.temporal_roi_align import TemporalRoIAlign
+from viddet.models.yolov_head import YOLOVHead, YOLOVPPHead
+from viddet.models.yolox import BaseConv
 from viddet.runtime import CpuKernels, cpu_kernels
 from viddet.speedups.detector import (FastConvAct, FastLinear, FastResNetDC5, FastRoIHead, FastRPNHead,
                                       FastSingleRoIExtractor)
@@ -83,6 +92,7 @@ from viddet.speedups.fgfa import FastEmbedAggregator
 from viddet.speedups.flownet import FastFlowNetSimple
 from viddet.speedups.selsa import FastSelsaAggregator
 from viddet.speedups.troi import FastTemporalRoIAlign
+from viddet.speedups.yolox import FastBaseConv, FastYOLOVHead, FastYOLOVPPHead
 
 FAST_MODULES: Dict[type, type] = {
     ResNetDC5: FastResNetDC5,
@@ -93,6 +103,9 @@ FAST_MODULES: Dict[type, type] = {
     TemporalRoIAlign: FastTemporalRoIAlign,
     SelsaAggregator: FastSelsaAggregator,
     EmbedAggregator: FastEmbedAggregator,
+    BaseConv: FastBaseConv,
+    YOLOVHead: FastYOLOVHead,
+    YOLOVPPHead: FastYOLOVPPHead,
 }
 """Plain module type -> its fast module, wherever it is in a model (exact types: a subclass of a
 plain module needs an entry of its own)."""
@@ -104,7 +117,8 @@ FAST_MODULES_INSIDE: Dict[type, Dict[type, type]] = {
 """Container type -> {plain type: fast module} for modules inside a container of that type."""
 
 
-def convert(model: nn.Module, kernels: Optional[CpuKernels] = None) -> nn.Module:
+def convert(model: nn.Module, kernels: Optional[CpuKernels] = None,
+            fast_modules: Optional[Mapping[type, type]] = None) -> nn.Module:
     """Swaps every fast module that fits into ``model`` (module docstring) and returns the model.
 
     The swap is in place (the parent's child is replaced) except for ``model`` itself when it is a
@@ -116,12 +130,15 @@ def convert(model: nn.Module, kernels: Optional[CpuKernels] = None) -> nn.Module
         model: a VID method (its ``fast_modules`` are swapped in too) or any module.
         kernels: the CPU kernels to run; None: :func:`viddet.runtime.cpu_kernels` (the CPU, and the
             ``VIDDET_CPU_GEMM`` / ``VIDDET_WINOGRAD`` settings).
+        fast_modules: ``{plain module class: fast module class}`` for module types of a layer above
+            this package, as a method's ``fast_modules`` (the ONNX Runtime stand-ins of an export,
+            :data:`viddet.export.stages.FAST_STAND_INS`).
 
     Raises:
         VidDetError: ``kernels`` None and an invalid ``VIDDET_*`` setting.
     """
     kernels = cpu_kernels() if kernels is None else kernels
-    table = {**FAST_MODULES, **(model.fast_modules if isinstance(model, VIDMethod) else {})}
+    table = {**FAST_MODULES, **(model.fast_modules if isinstance(model, VIDMethod) else {}), **(fast_modules or {})}
     return _convert(model, table, kernels)
 
 

@@ -28,7 +28,7 @@ from viddet.speedups.nms import head_nms
 from viddet.speedups.onednn import FusedCache, FusedConv, conv_act_spec, fused_applies, fused_or_winograd, matmul_nt
 from viddet.speedups.roi_align import roi_align_gathered
 
-__all__ = ['FastResNetDC5', 'FastConvAct', 'FastRPNHead', 'FastLinear', 'FastRoIHead', 'FastSingleRoIExtractor']
+__all__ = ['EarlyStopNMS', 'FastResNetDC5', 'FastConvAct', 'FastRPNHead', 'FastLinear', 'FastRoIHead', 'FastSingleRoIExtractor']
 
 
 class FastResNetDC5(FastModule, ResNetDC5):
@@ -86,7 +86,19 @@ class FastConvAct(FastModule, ConvAct):
         return conv(x, act, scalars)
 
 
-class FastRPNHead(FastModule, RPNHead):
+class EarlyStopNMS:
+    """The ``nms`` of a fast head (a base class before :class:`viddet.models.fast.FastModule`):
+    ``RPNHead.nms`` / ``RoIHead.nms`` by :func:`viddet.speedups.nms.head_nms`, which stops at the
+    ``max_keep``-th kept box (the same indices in the same order); the head's own ``nms`` where that
+    does not apply. Also the RPN head of an ONNX export (``viddet.export.stages``), whose convs are a
+    graph but whose NMS is this one."""
+
+    def nms(self, boxes, scores, idxs, iou_threshold: float, max_keep: int) -> torch.Tensor:
+        keep = head_nms(boxes, scores, idxs, iou_threshold, max_keep)
+        return super().nms(boxes, scores, idxs, iou_threshold, max_keep) if keep is None else keep
+
+
+class FastRPNHead(EarlyStopNMS, FastModule, RPNHead):
     """:class:`RPNHead` with its 3x3 conv + ReLU fused (Winograd for the 512-channel head where
     ``kernels.winograd``), the two 1x1 convs as oneDNN primitives, and an NMS that stops at the
     ``max_keep``-th kept box (:func:`viddet.speedups.nms.head_nms`: the same boxes)."""
@@ -105,18 +117,10 @@ class FastRPNHead(FastModule, RPNHead):
         x = f['conv'](x, 'relu')
         return f['cls'](x), f['reg'](x)
 
-    def nms(self, boxes, scores, idxs, iou_threshold: float, max_keep: int) -> torch.Tensor:
-        keep = head_nms(boxes, scores, idxs, iou_threshold, max_keep)
-        return super().nms(boxes, scores, idxs, iou_threshold, max_keep) if keep is None else keep
 
-
-class FastRoIHead(FastModule, RoIHead):
+class FastRoIHead(EarlyStopNMS, FastModule, RoIHead):
     """:class:`RoIHead` with an NMS that stops at the ``max_keep``-th kept (box, class) pair
     (:func:`viddet.speedups.nms.head_nms`: the same detections)."""
-
-    def nms(self, boxes, scores, idxs, iou_threshold: float, max_keep: int) -> torch.Tensor:
-        keep = head_nms(boxes, scores, idxs, iou_threshold, max_keep)
-        return super().nms(boxes, scores, idxs, iou_threshold, max_keep) if keep is None else keep
 
 
 class FastLinear(FastModule, nn.Linear):

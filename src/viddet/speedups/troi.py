@@ -40,6 +40,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from viddet.models.layers import ConvAct
 from viddet.models.temporal_roi_align import TemporalRoIAlign
 from viddet.runtime import CpuKernels
 from viddet.speedups.detector import FastSingleRoIExtractor
@@ -98,19 +99,22 @@ class TRoIReference:
         rows: (H'*W', C) float32 features, one row per location (y * W' + x).
         unit: (H'*W', C) the rows L2-normalised (no epsilon).
         proj: (H'*W'*9, C) row j*9 + o = ``embed_network`` weight at kernel tap o (dy*3 + dx)
-            times row j (no bias).
+            times row j (no bias); None where the embedding is not re-associated
+            (:meth:`FastTemporalRoIAlign.reassociated`).
     """
     rows: torch.Tensor
     unit: torch.Tensor
-    proj: torch.Tensor
+    proj: Optional[torch.Tensor]
 
 
 def prepare_reference(troi, ref: torch.Tensor, gemm: str = 'mkl') -> TRoIReference:
     """The :class:`TRoIReference` of one (1, C, H', W') map for the TemporalRoIAlign module ``troi``
-    (its tap projections by one GEMM on ``gemm``)."""
+    (its tap projections by one GEMM on ``gemm``, where ``troi.embed_network`` is a conv)."""
     c = ref.shape[1]
     rows = ref.float().permute(0, 2, 3, 1).reshape(-1, c)
     unit = rows / rows.norm(p=2, dim=1, keepdim=True)
+    if not isinstance(troi.embed_network, ConvAct):
+        return TRoIReference(rows.contiguous(), unit, None)
     conv = troi.embed_network.conv
     w_taps = conv.weight.permute(2, 3, 0, 1).reshape(9 * conv.out_channels, conv.in_channels)
     return TRoIReference(rows.contiguous(), unit, conv1x1_rows(ref, w_taps, gemm).view(-1, conv.out_channels))
@@ -120,7 +124,8 @@ class FastTemporalRoIAlign(FastSingleRoIExtractor, TemporalRoIAlign):
     """:class:`viddet.models.temporal_roi_align.TemporalRoIAlign` re-associated (module docstring)
     at inference with reference maps, attention blocks and a fixed sampling ratio; its RoIAlign by
     gathers (:class:`viddet.speedups.detector.FastSingleRoIExtractor`); the plain forward otherwise
-    (autograd on, no reference maps).
+    (autograd on, no reference maps). With an ``embed_network`` that is not the plain conv (an ONNX
+    export's graph) only the most-similar search is re-associated (:meth:`reassociated`).
 
     Attributes:
         prepared: the :class:`TRoIReference` of each reference map, computed once per map tensor
@@ -174,6 +179,8 @@ class FastTemporalRoIAlign(FastSingleRoIExtractor, TemporalRoIAlign):
         roi_pts = roi_feats.permute(0, 2, 3, 1).reshape(n * s * s, c)             # (P, C)
         values, indices = self._most_similar(feats, taps, refs, roi_chunk_size * s * s, cache_sized)
         sel_w = (values / roi_pts.norm(p=2, dim=1, keepdim=True)).softmax(dim=2)  # (T, P, k), no epsilon
+        if not self.reassociated():
+            return self._aggregated_maps(roi_feats, refs, indices, sel_w, max(1, roi_chunk_size // len(refs)))
         weights = self._attention(feats, taps, refs, indices, sel_w, n, s)       # (1+T, P, G, 1)
         # 3. attention-weighted sum of the key RoI and the most-similar RoIs (raw features)
         g = self.num_temporal_attention_blocks
@@ -182,6 +189,28 @@ class FastTemporalRoIAlign(FastSingleRoIExtractor, TemporalRoIAlign):
             similar = F.embedding_bag(indices[f], ref.rows, per_sample_weights=sel_w[f], mode='sum')
             out.addcmul_(similar.view(-1, g, c // g), weights[1 + f])
         return out.view(n, s, s, c).permute(0, 3, 1, 2).contiguous()
+
+    def reassociated(self) -> bool:
+        """Whether step 2 is re-associated (module docstring): ``embed_network`` is the plain conv.
+        Otherwise (an ONNX export's embedding graph, ``viddet.export.stages``, whose weights are not
+        at hand) only step 1 is, and step 2 runs ``embed_network`` on the most-similar RoI maps."""
+        return isinstance(self.embed_network, ConvAct)
+
+    def _aggregated_maps(self, roi_feats: torch.Tensor, refs: Sequence[TRoIReference], indices: torch.Tensor,
+                         sel_w: torch.Tensor, chunk: int) -> torch.Tensor:
+        """Step 2 as :meth:`TemporalRoIAlign.temporal_attentional_feature_aggregation`, on the
+        most-similar RoI maps (the softmax-weighted sums of the selected reference rows), ``chunk``
+        RoIs at a time: roi_feats (n, C, S, S), indices and sel_w (T, P, k) -> (n, C, S, S)."""
+        n, c, s, _ = roi_feats.shape
+        outs = []
+        for lo in range(0, n, chunk):
+            hi = min(n, lo + chunk)
+            pts = slice(lo * s * s, hi * s * s)
+            similar = torch.stack([F.embedding_bag(indices[f, pts], ref.rows, per_sample_weights=sel_w[f, pts],
+                                                   mode='sum') for f, ref in enumerate(refs)])   # (T, p, C)
+            similar = similar.view(len(refs), hi - lo, s, s, c).permute(0, 1, 4, 2, 3)
+            outs.append(self.temporal_attentional_feature_aggregation(roi_feats[lo:hi].unsqueeze(0), similar))
+        return torch.cat(outs)
 
     def _most_similar(self, feats: torch.Tensor, taps, refs: Sequence[TRoIReference], chunk: int,
                       cache_sized: bool):
