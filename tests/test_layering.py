@@ -22,7 +22,8 @@ LAYERS = [
     ('engine', 'engine.video'),
     ('api', 'engine.evaluate', 'engine.link_results'),
     ('engine.train', 'engine.train_options', 'engine.train_set', 'engine.optim', 'engine.checkpointer',
-     'engine.train_log', 'engine.train_eval', 'engine.initial_weights', 'engine.work_dir', 'benchmark', 'demo'),
+     'engine.train_log', 'engine.train_eval', 'engine.initial_weights', 'engine.work_dir', 'engine.ema', 'benchmark',
+     'demo'),
     ('cli', '__main__', '__init__'),
 ]
 

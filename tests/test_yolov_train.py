@@ -374,3 +374,88 @@ def test_multiscale_resizes_frames_and_boxes_together():
         cx, cy = int(350 * f), int(150 * f)
         assert out[0, 0, cy, cx] == 1.0 and out[0, 0, int(50 * f), int(50 * f)] == 0.0   # the box moved with the image
     assert sizes <= set(range(416, 737, 32)) and len(sizes) > 5
+
+
+# ------------------------------------------------------------------------------------ the MobileNetV2 body
+def test_mobilenetv2_body_feeds_raw_bgr_to_torchvision_blocks_at_strides_8_16_32():
+    """The body's maps are torchvision's MobileNetV2 blocks 6 / 13 / 17 applied to the ImageNet-
+    normalised RGB image, from the family's raw 0..255 BGR input; the neck gives YOLOV-S's channels."""
+    from torchvision.models import mobilenet_v2
+    from viddet.models.yolov_mobilenet import MobileNetV2Body, mobilenet_pafpn
+    torch.manual_seed(0)
+    body = MobileNetV2Body().eval()
+    reference = mobilenet_v2(weights=None).features.eval()
+    reference.load_state_dict({k[len('features.'):]: v for k, v in body.state_dict().items()}, strict=False)
+    bgr = torch.rand(1, 3, 64, 96) * 255
+    rgb = bgr[:, [2, 1, 0]]
+    mean, std = torch.tensor([123.675, 116.28, 103.53]), torch.tensor([58.395, 57.12, 57.375])
+    x = (rgb - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    with torch.no_grad():
+        outs = body(bgr)
+        expected = []
+        for i in range(18):
+            x = reference[i](x)
+            expected.append(x)
+        neck = mobilenet_pafpn().eval()(bgr)
+    for out, i, shape in zip(outs, (6, 13, 17), [(1, 32, 8, 12), (1, 96, 4, 6), (1, 320, 2, 3)]):
+        assert out.shape == shape
+        torch.testing.assert_close(out, expected[i], rtol=1e-5, atol=1e-5)
+    assert [tuple(f.shape) for f in neck] == [(1, 128, 8, 12), (1, 256, 4, 6), (1, 512, 2, 3)]
+
+
+def test_imagenet_body_state_refuses_weights_of_another_network():
+    from viddet.errors import VidDetError
+    from viddet.models.yolov_mobilenet import imagenet_body_state
+    with pytest.raises(VidDetError, match='r50.pth holds no torchvision MobileNetV2 feature weights'):
+        imagenet_body_state({'conv1.weight': torch.zeros(64, 3, 7, 7)}, 'r50.pth')
+    with pytest.raises(VidDetError, match='part.pth lacks 305 of the 306 MobileNetV2 body tensors'):
+        imagenet_body_state({'features.0.0.weight': torch.zeros(32, 3, 3, 3)}, 'part.pth')
+    with pytest.raises(VidDetError, match=r'features.0.0.weight has shape \(32, 3, 5, 5\)'):
+        imagenet_body_state({'features.0.0.weight': torch.zeros(32, 3, 5, 5)}, 'big.pth')
+
+
+def test_mobilenetv2_yolov_trains_from_imagenet_weights_and_round_trips(tmp_path):
+    """``backbone: mobilenetv2``: the ImageNet body loads through ``init.checkpoint``, one engine step
+    trains the neck, the head and the unfrozen body blocks while the frozen blocks and every body
+    BatchNorm statistic keep the ImageNet values, and the checkpoint loads back as that model (method
+    and backbone read off its keys)."""
+    from conftest import SHARED
+    weights = SHARED / 'weights' / 'mobilenet_v2_imagenet_features.pth'
+    if not weights.exists():
+        pytest.skip(f'{weights} is absent: this test needs the shared weights folder')
+    from train_utils import CLASSES, make_tiny_vid
+    from viddet.checkpoints.loading import load_model
+    from viddet.config.training import config_from_dict
+    from viddet.engine.initial_weights import build_train_model
+    from viddet.engine.train import train
+    from viddet.methods import method_of_keys
+    from viddet.methods.yolov import variant_of_state
+    from viddet.models.yolov_mobilenet import imagenet_body_state
+    imagenet = torch.load(weights, map_location='cpu')
+    torch.save(imagenet_body_state(imagenet, str(weights)), tmp_path / 'init.pth')
+    data = make_tiny_vid(tmp_path / 'data', num_videos=1, num_frames=2)
+    refs = {'num_ref_imgs': 1, 'frame_range': 10, 'filter_key_img': True, 'method': 'uniform'}
+    cfg = config_from_dict({
+        'model': {'method': 'yolov', 'backbone': 'mobilenetv2', 'classes': CLASSES, 'backbone_frozen_stages': 14},
+        'data': {'train': [dict(data, load_as_video=True, ref_sampler=refs)], 'scale': [64, 64], 'workers': 0,
+                 'samples_per_gpu': 1},
+        'schedule': dict(epochs=1, lr=0.01, lr_batch=1, warmup_iters=1, steps=[1], log_interval=1, seed=5),
+        'eval': {'interval': 0, 'at_end': False}, 'init': {'checkpoint': str(tmp_path / 'init.pth')}},
+        '<tiny yolov mobilenetv2>')
+    train(cfg, tmp_path / 'w', max_iters=1, device='cpu', progress=False, evaluate=False, verbose=False, threads=1)
+    state = checkpoint_state(tmp_path / 'w' / 'iter_1.pth')
+    torch.manual_seed(cfg.schedule.seed)
+    start = build_train_model(cfg).state_dict()
+    body = {k: v for k, v in imagenet.items() if k.startswith('features.') and int(k.split('.')[1]) < 18}
+    assert len(body) == 306   # the file's 312 tensors less features.18 (conv + BatchNorm: 6)
+    for k, v in body.items():
+        if int(k.split('.')[1]) < 14 or not k.endswith(('.weight', '.bias')):
+            assert torch.equal(state['backbone.backbone.' + k], v), k   # frozen block, or BatchNorm statistics
+    assert not torch.equal(state['backbone.backbone.features.17.conv.0.0.weight'],
+                           imagenet['features.17.conv.0.0.weight'])
+    for k in ('backbone.lateral_conv0.conv.weight', 'head.cls_preds.0.weight', 'head.trans.msa.qkv_cls.weight'):
+        assert not torch.equal(state[k], start[k]), k
+    assert method_of_keys(state) is YOLOV and variant_of_state(state) == 'mobilenetv2'
+    loaded = load_model(str(tmp_path / 'w' / 'iter_1.pth'), progress=False)
+    assert type(loaded.model) is YOLOV and loaded.model.variant == 'mobilenetv2'
+    assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in state.items())

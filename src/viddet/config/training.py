@@ -164,6 +164,11 @@ class ScheduleConfig:
         nesterov: Nesterov momentum (False; YOLOX / YOLOV: True).
         decay_norm_and_bias: weight decay on normalisation weights and biases too (True); False:
             only on conv / linear weights (tensors of 2+ dimensions; YOLOX / YOLOV).
+        ema_decay, ema_ramp: an exponential moving average of the weights (every floating-point
+            tensor of the state dict, BatchNorm statistics included), updated after each optimizer
+            step with decay ``ema_decay * (1 - exp(-updates / ema_ramp))`` (``ema_ramp`` 0: constant
+            ``ema_decay``); evaluation and the checkpoints' ``state_dict`` use it (YOLOX's
+            ``ModelEMA``: 0.9998, 2000; :mod:`viddet.engine.ema`). None (the default): no EMA.
     """
     epochs: int = 7
     lr: float = 0.01
@@ -183,6 +188,8 @@ class ScheduleConfig:
     final_epochs: float = 0.0
     nesterov: bool = False
     decay_norm_and_bias: bool = True
+    ema_decay: Optional[float] = None
+    ema_ramp: float = 2000.0
 
 
 RANDOM_INIT = 'random'

@@ -61,7 +61,13 @@ def validate(cfg) -> None:
         raise err(f'data.workers must be >= 0, got {d.workers}')
     if d.val is not None and d.val.mode not in ('offline', 'online'):
         raise err(f'data.val.mode must be offline or online, got {d.val.mode!r}')
-    s = cfg.schedule
+    _validate_schedule(cfg.schedule, err)
+    if cfg.eval.interval < 0:
+        raise err(f'eval.interval must be >= 0, got {cfg.eval.interval}')
+
+
+def _validate_schedule(s, err) -> None:
+    """The checks of ``schedule.*`` (``err(message)`` makes the :class:`VidDetError`)."""
     if s.epochs < 1:
         raise err(f'schedule.epochs must be >= 1, got {s.epochs}')
     if s.lr <= 0:
@@ -81,8 +87,9 @@ def validate(cfg) -> None:
                   f'{s.min_lr_ratio} and {s.final_epochs}')
     if s.nesterov and s.momentum <= 0:
         raise err('schedule.nesterov needs schedule.momentum > 0')
+    if s.ema_decay is not None and not 0 < s.ema_decay < 1:
+        raise err(f'schedule.ema_decay must be in (0, 1) or null (no EMA), got {s.ema_decay}')
+    if s.ema_ramp < 0:
+        raise err(f'schedule.ema_ramp must be >= 0 (updates; 0: no ramp), got {s.ema_ramp}')
     if s.grad_clip is not None and s.grad_clip <= 0:
         raise err(f'schedule.grad_clip must be > 0 or null, got {s.grad_clip}')
-    if cfg.eval.interval < 0:
-        raise err(f'eval.interval must be >= 0, got {cfg.eval.interval}')
-

@@ -2,11 +2,11 @@
 when to save, the newest ``--keep-checkpoints`` ``iter_*.pth`` kept, and ``--resume``: the newest
 intact checkpoint of the work dir, checked to be of the same model and batch, restored bit-exactly.
 
-``--resume`` restores model, optimizer, grad scaler, RNG states and the position, and the trainer
-skips the steps already done in the epoch: the continued run is bit-identical to an uninterrupted
-one (on CPU; cuDNN kernels may add GPU non-determinism), also after a kill (SIGKILL, a preempted
-machine) at any point: checkpoints are written atomically, and ``--save-interval`` bounds what is
-lost. The file format is :func:`viddet.engine.work_dir.save_checkpoint`'s.
+``--resume`` restores model, optimizer, grad scaler, weight EMA, RNG states and the position, and
+the trainer skips the steps already done in the epoch: the continued run is bit-identical to an
+uninterrupted one (on CPU; cuDNN kernels may add GPU non-determinism), also after a kill (SIGKILL,
+a preempted machine) at any point: checkpoints are written atomically, and ``--save-interval``
+bounds what is lost. The file format is :func:`viddet.engine.work_dir.save_checkpoint`'s.
 """
 from __future__ import annotations
 
@@ -61,14 +61,15 @@ class Checkpointer:
         return bool(self.interval) and it % self.interval == 0 and it < min(self.end_it, (epoch + 1) * self.spe)
 
     def save(self, name: str, model: nn.Module, optimizer, schedule, scaler, epoch: int, it: int,
-             epoch_done: bool) -> Optional[Path]:
+             epoch_done: bool, ema=None) -> Optional[Path]:
         """Rank 0 writes ``name`` (atomically; ``epoch`` = epochs completed when ``epoch_done``,
-        else the 0-based epoch in progress) and keeps the newest ``keep`` ``iter_*.pth``; under
-        DDP the epoch-end save is a barrier for all ranks."""
+        else the 0-based epoch in progress; ``ema``: the run's :class:`~viddet.engine.ema.WeightEMA`,
+        whose weights become the checkpoint's ``state_dict``) and keeps the newest ``keep``
+        ``iter_*.pth``; under DDP the epoch-end save is a barrier for all ranks."""
         path = None
         if self.rank == 0:
             path = save_checkpoint(self.work_dir / name, model, optimizer, schedule, scaler, epoch, it, self.cfg,
-                                   epoch_done=epoch_done, total_batch=self.total_batch)
+                                   epoch_done=epoch_done, total_batch=self.total_batch, ema=ema)
             self.last = path
             self._prune()
         if self.dist is not None and epoch_done:

@@ -96,15 +96,16 @@ def grad_scaler(device: torch.device):
 class Updater:
     """How the gradients of a step become an update: SGD with momentum and weight decay
     (``schedule.momentum``, ``schedule.weight_decay``) over the trainable parameters, autocast and
-    the fp16 loss scaler (``amp``), gradient clipping (``schedule.grad_clip``), and no update for
-    a non-finite step.
+    the fp16 loss scaler (``amp``), gradient clipping (``schedule.grad_clip``), no update for a
+    non-finite step, and after each update the weight EMA's (``ema``, a
+    :class:`viddet.engine.ema.WeightEMA` of ``model``, or None).
 
     Attributes: ``optimizer``; ``scaler`` (None without fp16; a test may replace it before
     :meth:`start`); ``loss_scale``, the scaler's scale after the last step (1.0 without scaler).
     """
 
     def __init__(self, model: nn.Module, s: ScheduleConfig, base_lr: float, amp: Optional[str],
-                 device: torch.device, dist=None):
+                 device: torch.device, dist=None, ema=None):
         self.params = [p for p in model.parameters() if p.requires_grad]
         groups = [{'params': self.params}]
         if not s.decay_norm_and_bias:   # YOLOX: decay on conv / linear weights only
@@ -114,6 +115,7 @@ class Updater:
                                          nesterov=s.nesterov)
         self.scaler = grad_scaler(device) if amp == 'fp16' else None
         self.amp, self.device, self.clip, self.dist = amp, device, s.grad_clip, dist
+        self.model, self.ema = model, ema
         self.loss_scale = 1.0
 
     def start(self) -> None:
@@ -157,7 +159,8 @@ class Updater:
 
     def _update(self, bad: bool) -> bool:
         """Updates the weights unless ``bad``; under fp16 the scaler may skip the step too (inf/NaN
-        gradients; it then lowers its scale). Returns whether the weights were updated."""
+        gradients; it then lowers its scale); then the EMA of an updated step. Returns whether the
+        weights were updated."""
         if self.scaler is None:
             if not bad:
                 self.optimizer.step()
@@ -170,6 +173,8 @@ class Updater:
             updated = not bad and scale >= self.loss_scale   # the scale drops exactly when a step was skipped
             self.loss_scale = scale
         self.optimizer.zero_grad(set_to_none=True)
+        if updated and self.ema is not None:   # a skipped step changes nothing, the EMA neither
+            self.ema.update(self.model)
         return updated
 
 

@@ -12,7 +12,7 @@ trainer has hooks:
 * the data: :class:`viddet.engine.train_set.TrainLoader` (each sample a pure function of
   ``(seed, epoch, index)``, whatever the processes, workers or interruptions);
 * the update and the LR schedule: :mod:`viddet.engine.optim` (SGD, warm-up + step decay, mixed
-  precision, gradient clipping, the skip of non-finite steps);
+  precision, gradient clipping, the skip of non-finite steps, the weight EMA: :mod:`viddet.engine.ema`);
 * checkpoints and ``--resume``: :class:`viddet.engine.checkpointer.Checkpointer` (bit-exact
   resume, also after a kill);
 * the log: :class:`viddet.engine.train_log.TrainLog` (``train_log.jsonl``, TensorBoard, progress bar);
@@ -30,9 +30,9 @@ Outputs in the work dir (all written atomically, with the umask's permissions):
 the newest), ``config.yaml``, ``train_log.jsonl`` (one JSON line per logged step), ``tf_logs/``
 (TensorBoard), ``eval_epoch_<e>/`` (detections, metrics, plots). A checkpoint holds ``state_dict``
 in the same key layout as MMTracking's (``detector.*``, ``motion.*``, ``aggregator.*``), so
-``viddet test`` / ``viddet demo --checkpoint`` load it directly, plus ``optimizer``, ``scheduler``,
-``scaler``, ``rng``, ``epoch``, ``iter`` and ``meta`` {CLASSES, method, backbone, config, epoch,
-iter}.
+``viddet test`` / ``viddet demo --checkpoint`` load it directly (with an EMA: its weights, the
+trained ones in ``train_state_dict``), plus ``ema``, ``optimizer``, ``scheduler``, ``scaler``,
+``rng``, ``epoch``, ``iter`` and ``meta`` {CLASSES, method, backbone, config, epoch, iter}.
 """
 from __future__ import annotations
 
@@ -49,6 +49,7 @@ from torch import nn
 
 from viddet.config.training import Config
 from viddet.engine.checkpointer import Checkpointer, Position
+from viddet.engine.ema import build_ema, eval_weights
 from viddet.engine.initial_weights import build_train_model, init_plan, initialise, resolve_plan
 from viddet.engine.optim import LrSchedule, NonFiniteSteps, Updater
 from viddet.engine.train_eval import Evaluation
@@ -92,9 +93,9 @@ class Trainer:
         work_dir: checkpoints, logs and evaluations go here.
         options: :class:`TrainOptions` (default: all defaults).
 
-    After :meth:`setup` the attributes ``model``, ``updater`` (its ``scaler`` is None without fp16; a
-    test may replace it), ``it`` (optimizer steps done), ``spe`` (steps per epoch) and ``end_it``
-    describe the run.
+    After :meth:`setup` the attributes ``model``, ``ema`` (None without), ``updater`` (its ``scaler``
+    is None without fp16; a test may replace it), ``it`` (optimizer steps done), ``spe`` (steps per
+    epoch) and ``end_it`` describe the run.
     """
 
     def __init__(self, cfg: Config, work_dir, options: Optional[TrainOptions] = None):
@@ -175,17 +176,18 @@ class Trainer:
         self.nonfinite = NonFiniteSteps(cfg.schedule.max_nonfinite_steps)
 
     def _build_model(self, plan, ckpt: Optional[dict]) -> None:
-        """Model with its initial weights (or the checkpoint's), the updater (optimizer, scaler),
+        """Model with its initial weights (or the checkpoint's), weight EMA, updater (optimizer, scaler),
         DDP wrapper, and for a resumed run its optimizer / scaler / RNG state and position."""
         torch.manual_seed(self.cfg.schedule.seed)
         self.model = build_train_model(self.cfg)
         if ckpt is None:
             initialise(self.model, self.cfg, plan, self.say)
         else:
-            self.model.load_state_dict(ckpt['state_dict'])
+            self.model.load_state_dict(ckpt.get('train_state_dict', ckpt['state_dict']))   # not the EMA
         self.model.to(self.device).train()
+        self.ema = build_ema(self.model, self.cfg.schedule, ckpt)   # None without schedule.ema_decay
         self.updater = Updater(self.model, self.cfg.schedule, self.schedule.base_lr, self.options.amp, self.device,
-                               self.dist)
+                               self.dist, self.ema)
         self.wrapper: nn.Module = _TrainForward(self.model)
         if self.dist is not None:
             from torch.nn.parallel import DistributedDataParallel
@@ -367,12 +369,12 @@ class Trainer:
         :meth:`viddet.engine.checkpointer.Checkpointer.save`)."""
         u = self.updater
         return self.checkpoints.save(name, self.model, u.optimizer, self.schedule, u.scaler, epoch, self.it,
-                                     epoch_done)
+                                     epoch_done, self.ema)
 
     def evaluate(self, tag: str, only_if_missing: bool = False) -> Optional[dict]:
-        """Every rank: the evaluation of the current weights into ``work_dir/tag``
+        """Every rank: the evaluation of the current weights (rank 0's EMA with one) into ``work_dir/tag``
         (:meth:`viddet.engine.train_eval.Evaluation.run`)."""
-        return self.evaluation.run(self.model, tag, self.it, only_if_missing)
+        return self.evaluation.run(eval_weights(self.model, self.ema, self.dist), tag, self.it, only_if_missing)
 
 
 def train(cfg: Config, work_dir, options: Optional[TrainOptions] = None, **kwargs) -> TrainResult:

@@ -6,23 +6,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional
 
 import torch
-from torch import nn
 
 from viddet.config.training import Config
 from viddet.engine.initial_weights import build_train_model
 from viddet.engine.train_log import TrainLog
 
 
-def evaluate_model(model: nn.Module, cfg: Config, out_dir: Path, device: torch.device,
+def evaluate_model(weights: Dict[str, torch.Tensor], cfg: Config, out_dir: Path, device: torch.device,
                    progress: bool = True) -> Optional[dict]:
-    """Scores the trained weights on ``cfg.data.val`` exactly as ``viddet test`` would score their
-    checkpoint: a fresh model built with the test settings ``cfg.model.test`` gets the trained state
-    dict (fast paths on), and :func:`viddet.engine.evaluate.run_test` runs it over the val videos,
-    sharded over the processes under DDP (every rank must call this), then rank 0 reports COCO AP50
-    and the VID mAP (:func:`viddet.evaluation.report.evaluate_and_report`).
+    """Scores the trained weights (a ``state_dict``: the model's, or their EMA) on ``cfg.data.val``
+    exactly as ``viddet test`` would score their checkpoint: a fresh model built with the test
+    settings ``cfg.model.test`` gets them (fast paths on), and
+    :func:`viddet.engine.evaluate.run_test` runs it over the val videos, sharded over the processes
+    under DDP (every rank must call this), then rank 0 reports COCO AP50 and the VID mAP
+    (:func:`viddet.evaluation.report.evaluate_and_report`).
 
     Returns:
         the metrics dict on rank 0, None on the other ranks or when ``cfg.data.val`` is not set.
@@ -35,7 +35,7 @@ def evaluate_model(model: nn.Module, cfg: Config, out_dir: Path, device: torch.d
     if v is None:
         return None
     test_model = build_train_model(cfg)
-    test_model.load_state_dict(model.state_dict())
+    test_model.load_state_dict(weights)
     test_model.eval()
     settings = cfg.model.settings(cfg.source)
     if settings.fast:
@@ -81,10 +81,11 @@ class Evaluation:
         """The evaluation when training ends (``eval.at_end``)."""
         return self.enabled and self.cfg.eval.at_end
 
-    def run(self, model: nn.Module, tag: str, it: int, only_if_missing: bool = False) -> Optional[dict]:
-        """Every rank: the sharded evaluation of ``model``'s current weights into ``work_dir/tag``
-        (:func:`evaluate_model`, the code of ``viddet test``), then ``model`` back in training mode;
-        rank 0 logs the metrics at step ``it``. With ``only_if_missing`` an evaluation whose
+    def run(self, weights: Dict[str, torch.Tensor], tag: str, it: int, only_if_missing: bool = False) \
+            -> Optional[dict]:
+        """Every rank: the sharded evaluation of ``weights`` (a ``state_dict``, the same on every
+        rank) into ``work_dir/tag`` (:func:`evaluate_model`, the code of ``viddet test``); rank 0
+        logs the metrics at step ``it``. With ``only_if_missing`` an evaluation whose
         ``metrics.json`` exists is read, not run again."""
         out = self.work_dir / tag
         if only_if_missing and (out / 'metrics.json').is_file():
@@ -92,8 +93,7 @@ class Evaluation:
                 self.metrics = json.loads((out / 'metrics.json').read_text())
                 self.say(f'{tag}: already evaluated ({out / "metrics.json"})')
             return self.metrics
-        metrics = evaluate_model(model, self.cfg, out, self.device, self.progress)
-        model.train()
+        metrics = evaluate_model(weights, self.cfg, out, self.device, self.progress)
         if metrics is not None:
             self.metrics = metrics
             self.log.val_metrics(metrics, it)

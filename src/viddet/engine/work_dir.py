@@ -59,15 +59,22 @@ def set_rng_state(st: dict) -> None:
 
 
 def save_checkpoint(path: Path, model: nn.Module, optimizer, schedule, scaler, epoch: int,
-                    it: int, cfg: Config, epoch_done: bool, total_batch: int = 1) -> Path:
+                    it: int, cfg: Config, epoch_done: bool, total_batch: int = 1, ema=None) -> Path:
     """Writes a training checkpoint atomically (temp file + ``os.replace``) and updates the
     ``last_checkpoint`` pointer beside it.
 
     ``epoch`` = epochs completed (epoch_done) or the 0-based epoch in progress; ``it`` = optimizer
-    steps done in total; ``schedule`` has a ``state_dict()`` (the trainer's ``LrSchedule``).
+    steps done in total; ``schedule`` has a ``state_dict()`` (the trainer's ``LrSchedule``). With
+    ``ema`` (a :class:`viddet.engine.ema.WeightEMA`) ``state_dict`` holds the EMA weights (what
+    ``viddet test`` loads), ``train_state_dict`` the trained ones and ``ema`` its counter.
     """
     m = cfg.model
-    obj = dict(state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    extra = {}
+    if ema is not None:
+        extra = dict(train_state_dict=weights, ema=ema.counter())
+        weights = {k: v.detach().cpu().clone() for k, v in ema.state_dict().items()}
+    obj = dict(state_dict=weights, **extra,
                optimizer=optimizer.state_dict(), scheduler=schedule.state_dict(),
                scaler=scaler.state_dict() if scaler is not None else None,
                rng=rng_state(), epoch=epoch, iter=it, epoch_done=epoch_done, total_batch=total_batch,

@@ -46,6 +46,7 @@ from viddet.methods.base import MethodSettings, VIDMethod, at_least
 from viddet.models.yolov_head import (HeadOutput, YOLOVHead, YOLOVPPHead, corner_rows, refined_detections,
                                        still_detections)
 from viddet.models.yolov_backbones import TRANSFORMERS, transformer_of_state, transformer_pafpn
+from viddet.models.yolov_mobilenet import NAME as MOBILENET, is_mobilenet_state, mobilenet_pafpn
 from viddet.models.yolov_loss import freeze_still_parts, init_score_biases, sample_losses, train_letterbox
 from viddet.models.yolox import PAFPN, letterbox, letterbox_ratio
 from viddet.structures import Detections
@@ -77,13 +78,16 @@ class YOLOVSettings(MethodSettings):
 def variant_of_state(state: Mapping[str, torch.Tensor]) -> str:
     """The YOLOX variant of a state dict: width from the stem conv's output channels (64 · width),
     checked against the depth (the bottlenecks of ``dark2``'s CSP layer, max(round(3 · depth), 1));
-    or YOLOV++'s transformer backbone (:func:`viddet.models.yolov_backbones.transformer_of_state`).
+    or YOLOV++'s transformer backbone (:func:`viddet.models.yolov_backbones.transformer_of_state`);
+    or ``mobilenetv2`` (:mod:`viddet.models.yolov_mobilenet`: ``backbone.backbone.features.*``).
 
     Raises:
         VidDetError: no CSPDarknet stem, or a width / depth pair of no known variant.
     """
     if 'backbone.backbone.patch_embed.proj.weight' in state:
         return transformer_of_state(state)
+    if is_mobilenet_state(state):
+        return MOBILENET
     stem = state.get('backbone.backbone.stem.conv.conv.weight')
     if stem is None:
         raise VidDetError('not a YOLOX checkpoint: no backbone.backbone.stem.conv.conv.weight')
@@ -167,7 +171,7 @@ class _YOLOVFamily(VIDMethod):
     Settings = YOLOVSettings
     trainable = True
     train_transform = train_letterbox
-    train_backbones = tuple(VARIANTS)
+    train_backbones = (*VARIANTS, MOBILENET)
     class_specific_prefixes = ('head.cls_preds.', 'head.linear_pred.', 'head.cls_pred.')
 
     def __init__(self, backbone: nn.Module, head: nn.Module, variant: str, gframe: int = 32,
@@ -193,13 +197,18 @@ class _YOLOVFamily(VIDMethod):
 
     @classmethod
     def build(cls, backbone: str = 'yolox_s', num_classes: int = 30, **settings) -> '_YOLOVFamily':
-        """A new model; ``backbone`` is a YOLOX variant (``yolox_s``, ``yolox_l``, ``yolox_x``).
+        """A new model; ``backbone`` is a YOLOX variant (``yolox_s``, ``yolox_l``, ``yolox_x``), or
+        ``mobilenetv2`` (:func:`viddet.models.yolov_mobilenet.mobilenet_pafpn`: an ImageNet MobileNetV2
+        body under YOLOV-S's neck and head; not an official model).
 
         Raises:
             VidDetError: another backbone name.
         """
+        if backbone == MOBILENET:
+            return cls(mobilenet_pafpn(), cls.make_head('yolox_s', num_classes), backbone, **settings)
         if backbone not in VARIANTS:
-            raise VidDetError(f'{cls.title} runs on a YOLOX backbone ({", ".join(VARIANTS)}), not {backbone!r}')
+            raise VidDetError(f'{cls.title} runs on a YOLOX backbone ({", ".join(VARIANTS)}) or {MOBILENET}, '
+                              f'not {backbone!r}')
         depth, width = VARIANTS[backbone]
         return cls(PAFPN(depth, width), cls.make_head(backbone, num_classes), backbone, **settings)
 
@@ -212,7 +221,7 @@ class _YOLOVFamily(VIDMethod):
             VidDetError: the file's variant differs from an explicitly named YOLOX backbone.
         """
         variant = variant_of_state(state)
-        if (backbone in VARIANTS or backbone in TRANSFORMERS) and backbone != variant:
+        if (backbone in VARIANTS or backbone in TRANSFORMERS or backbone == MOBILENET) and backbone != variant:
             raise VidDetError(f'the checkpoint holds a {cls.title} {variant} model, not {backbone}')
         return cls.build(variant, num_classes, **settings)
 
@@ -239,17 +248,21 @@ class _YOLOVFamily(VIDMethod):
 
     def configure_training(self, model_cfg) -> None:
         """Applies the ``model`` section and freezes what the official recipe freezes; with
-        ``model.backbone_frozen_stages: 0`` nothing is frozen (training from scratch).
+        ``model.backbone_frozen_stages: 0`` nothing is frozen (training from scratch); on the
+        ``mobilenetv2`` body, N in 1..18 freezes its first N ``features`` blocks and trains the rest.
 
         Raises:
             VidDetError: another ``backbone_frozen_stages``, or a Faster R-CNN option.
         """
         stages = model_cfg.backbone_frozen_stages
-        if stages not in (None, 0):
+        if stages not in (None, 0) and self.variant != MOBILENET:
             raise VidDetError(f'model.backbone_frozen_stages of {self.title} is 0 (train every part) or unset '
                               f'(the official freezing), not {stages}')
         super().configure_training(dataclasses.replace(model_cfg, backbone_frozen_stages=None))
         self.freeze_for_training(official=stages is None)
+        if stages and self.variant == MOBILENET:
+            self.backbone.backbone.frozen_stages = stages
+            self.backbone.backbone.freeze()
 
     def losses(self, sample, cfg):
         """The official training losses of the frames of ``sample`` (key + references, one batch in
@@ -341,7 +354,7 @@ class YOLOV(_YOLOVFamily):
     title = 'YOLOV'
     paper = 'Shi et al., YOLOV: Making Still Image Object Detectors Great at Video Object Detection, AAAI 2023'
     default_checkpoint = 'yolov_s'
-    signature = ('backbone.backbone.stem.', 'head.trans.')
+    signature = ('backbone.backbone.', 'head.trans.')
     head_class = YOLOVHead
 
 
