@@ -4,7 +4,6 @@ and the model zoo. The parity with the official code's own outputs, on every ref
 """
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import socket
 import sys
@@ -27,31 +26,14 @@ from viddet.methods.yolov import (YOLOV, YOLOVPP, YOLOVSettings, clip_detections
                                    video_batches)
 from viddet.models.yolox import PAFPN, letterbox, letterbox_ratio
 from viddet.structures import Detections
+from yolov_refs import as_compare, compare, frame_files, ref_frames, yolov_dir  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
-YOLOV_DIR = Path(__file__).resolve().parents[2] / 'shared' / 'parity' / 'yolov'
-CLIP = YOLOV_DIR.parent / 'clips' / 'vid7010_first12'
 MODELS = {'yolov_s': YOLOV, 'yolovpp_s': YOLOVPP, 'yolov_l': YOLOV, 'yolovpp_l': YOLOVPP}
 FAST = ['yolov_s', 'yolovpp_s']
 SLOW = [pytest.param('yolov_l', marks=pytest.mark.slow), pytest.param('yolovpp_l', marks=pytest.mark.slow)]
 PER_FRAME = 3
-
-
-@pytest.fixture(scope='module')
-def yolov_dir():
-    if not (YOLOV_DIR / 'make_checkpoint.py').exists() or not CLIP.exists():
-        pytest.skip(f'{YOLOV_DIR} or {CLIP} is absent: these tests need the shared parity fixtures')
-    return YOLOV_DIR
-
-
-@pytest.fixture(scope='module')
-def compare(yolov_dir):
-    """The fixtures' own acceptance rule (``oracle/compare.py``: match, clip_to)."""
-    spec = importlib.util.spec_from_file_location('yolov_compare', yolov_dir / 'oracle' / 'compare.py')
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope='module')
@@ -63,20 +45,6 @@ def case(yolov_dir, parity_checkpoint):
         assert type(loaded.model) is MODELS[name]
         return ref, loaded.model
     return get
-
-
-def frame_files():
-    return sorted(p for p in CLIP.iterdir() if p.suffix.lower() in ('.jpeg', '.jpg', '.png'))
-
-
-def as_compare(dets):
-    return [(d.boxes.double().numpy(), d.scores.double().numpy(), d.labels.numpy()) for d in dets]
-
-
-def ref_frames(ref, key='detections'):
-    return [(np.array([x['bbox'] for x in f[key]], dtype=np.float64).reshape(-1, 4),
-             np.array([x['score'] for x in f[key]], dtype=np.float64),
-             np.array([x['label'] for x in f[key]], dtype=np.int64)) for f in ref['frames']]
 
 
 # ------------------------------------------------------------------------------------ units

@@ -15,12 +15,8 @@ attending to all) through the engine, by the fixtures' own matching rule (``orac
 with and without ``--clip``). The per-frame quantities do not depend on the other frames of a batch,
 so they are checked on the first 3 frames. S models run in the ordinary suite, L and X ones are slow.
 """
-import gzip
 import hashlib
-import importlib.util
-import json
 import re
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -34,20 +30,14 @@ from viddet.engine.video import run_video
 from viddet.methods.yolov import YOLOV, YOLOVPP, clip_detections
 from viddet.models.yolox import letterbox
 from viddet.structures import Detections
+from yolov_refs import YOLOV_DIR, as_compare, check_raw_frame0, compare, read_reference, ref_frames, yolov_dir  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
-YOLOV_DIR = SHARED / 'parity' / 'yolov'
 OWN_DIR = REPO / 'tests' / 'fixtures' / 'yolov'
 METHODS = {'yolov': YOLOV, 'yolovpp': YOLOVPP}
 PER_FRAME = 3
 IMAGE_SUFFIXES = ('.jpeg', '.jpg', '.png')
-
-
-def read_reference(path: Path) -> dict:
-    """A reference file, plain or gzipped JSON."""
-    with (gzip.open(path, 'rt') if path.suffix == '.gz' else open(path)) as f:
-        return json.load(f)
 
 
 def reference_files():
@@ -76,18 +66,6 @@ def clip_frames(clip: str):
 
 
 @pytest.fixture(scope='module')
-def compare():
-    """The fixtures' own acceptance rule (``oracle/compare.py``: match, clip_to)."""
-    path = YOLOV_DIR / 'oracle' / 'compare.py'
-    if not path.exists():
-        pytest.skip(f'{path} is absent: these tests need the shared parity fixtures')
-    spec = importlib.util.spec_from_file_location('yolov_compare', path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.fixture(scope='module')
 def case(parity_checkpoint):
     """``get(path)``: (reference, its frame files, the model loaded from the regenerated checkpoint)."""
     def get(path):
@@ -99,16 +77,6 @@ def case(parity_checkpoint):
         assert [p.name for p in files] == [f['file_name'] for f in ref['frames']]
         return ref, files, loaded.model
     return get
-
-
-def as_compare(dets):
-    return [(d.boxes.double().numpy(), d.scores.double().numpy(), d.labels.numpy()) for d in dets]
-
-
-def ref_frames(ref, key='detections'):
-    return [(np.array([x['bbox'] for x in f[key]], dtype=np.float64).reshape(-1, 4),
-             np.array([x['score'] for x in f[key]], dtype=np.float64),
-             np.array([x['label'] for x in f[key]], dtype=np.int64)) for f in ref['frames']]
 
 
 @pytest.mark.parametrize('path', reference_files())
@@ -132,12 +100,7 @@ def test_per_frame_parity_with_the_official_code(path, case, compare):
     imgs = torch.stack([letterbox(cv2.imread(str(p)))[0] for p in files[:PER_FRAME]])
     with torch.no_grad():
         out = model(imgs)
-    raw = ref['batches'][0]['raw_frame0']
-    d0 = out.decoded[0].double()
-    assert list(d0.shape) == raw['shape']
-    assert abs(float(d0.sum()) - raw['sum']) <= 1e-6 * abs(raw['sum'])
-    np.testing.assert_allclose(d0.sum(0).numpy(), raw['column_sums'], rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(d0[:3].numpy(), raw['first_rows'], rtol=1e-5, atol=1e-5)
+    check_raw_frame0(ref, out)
     frames = ref['frames'][:PER_FRAME]
     for sel, f in zip(out.selected, frames):
         assert sel.tolist() == f['selected_anchor_idx'], f['file_name']
