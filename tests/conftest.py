@@ -1,6 +1,7 @@
 """Shared fixtures: paths to ../shared (real frames, parity fixtures), skipping when absent; torch's
 global state restored around every test; a local HTTP server and a $VIDDET_HOME for download tests."""
 import http.server
+import os
 import shutil
 import subprocess
 import sys
@@ -35,6 +36,21 @@ def pytest_sessionstart(session):
     free, line = _disk_line(session.config)
     if free < DISK_NEEDED_GB:
         session.config.issue_config_time_warning(pytest.PytestWarning('viddet: only ' + line), stacklevel=2)
+
+
+EXTENDED = os.environ.get('VIDDET_EXTENDED') == '1'
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``extended`` (more parity cases of the same code: the big transformer backbones,
+    the independent L-size references) run only with ``VIDDET_EXTENDED=1``, to keep the default run
+    inside CI's time; they are skipped, with that reason, otherwise."""
+    if EXTENDED:
+        return
+    skip = pytest.mark.skip(reason='an extended parity case: run with VIDDET_EXTENDED=1')
+    for item in items:
+        if 'extended' in item.keywords:
+            item.add_marker(skip)
 
 
 # torch's thread count when the session starts (conftest is imported before any test module)

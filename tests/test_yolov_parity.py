@@ -13,7 +13,8 @@ still-image predictions of frame 0 before any selection, the candidates each fra
 still-image detections, and the final video detections of the whole clip (one batch, every frame
 attending to all) through the engine, by the fixtures' own matching rule (``oracle/compare.py``,
 with and without ``--clip``). The per-frame quantities do not depend on the other frames of a batch,
-so they are checked on the first 3 frames. S models run in the ordinary suite, L and X ones are slow.
+so they are checked on the first 3 frames. S models run in the ordinary suite, L and X ones are slow,
+and the L references in ``tests/fixtures/yolov/`` are ``extended`` (``VIDDET_EXTENDED=1``).
 """
 import hashlib
 import re
@@ -40,13 +41,16 @@ PER_FRAME = 3
 IMAGE_SUFFIXES = ('.jpeg', '.jpg', '.png')
 
 
-def reference_files():
-    """Every reference file, as pytest params (L and X models marked slow)."""
+def reference_files(model_runs: bool = True):
+    """Every reference file, as pytest params; where the test runs the model (``model_runs``), L and
+    X models are marked slow, and those of ``tests/fixtures/yolov/`` also extended."""
     files = [f for d in (YOLOV_DIR, OWN_DIR) for pattern in ('ref_*.json', 'ref_*.json.gz') for f in sorted(d.glob(pattern))]
     params = []
     for f in files:
         model = read_reference(f)['model']
-        marks = [pytest.mark.slow] if not model.endswith('_s') else []
+        marks = [pytest.mark.slow] if model_runs and not model.endswith('_s') else []
+        if marks and f.parent == OWN_DIR:   # the shared L references stay in the default run
+            marks.append(pytest.mark.extended)
         params.append(pytest.param(f, id=('own-' if f.parent == OWN_DIR else 'shared-') + f.stem, marks=marks))
     return params or [pytest.param(None, marks=pytest.mark.skip(reason=f'no ref_*.json in {YOLOV_DIR} or {OWN_DIR}'))]
 
@@ -79,7 +83,7 @@ def case(parity_checkpoint):
     return get
 
 
-@pytest.mark.parametrize('path', reference_files())
+@pytest.mark.parametrize('path', reference_files(model_runs=False))
 def test_preprocessing_is_bit_exact_on_every_frame(path):
     ref = read_reference(path)
     for file, expected in zip(clip_frames(ref['clip']), ref['frames']):
