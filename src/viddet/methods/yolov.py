@@ -231,7 +231,7 @@ class _YOLOVFamily(VIDMethod):
 
     @property
     def backbone(self) -> nn.Module:
-        """The CSPDarknet + PAFPN (state-dict prefix ``backbone.``)."""
+        """The body (CSPDarknet, a transformer or MobileNetV2) + PAFPN (state-dict prefix ``backbone.``)."""
         return self._modules['backbone']
 
     # ------------------------------------------------------------------ training (docs/yolov_training.md)
