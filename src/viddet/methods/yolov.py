@@ -214,14 +214,14 @@ class _YOLOVFamily(VIDMethod):
 
     @classmethod
     def build_for_checkpoint(cls, backbone, num_classes, state, **settings) -> '_YOLOVFamily':
-        """The model of the variant the file holds (:func:`variant_of_state`); a YOLOX backbone
-        name given explicitly must be that one.
+        """The model of the variant the file holds (:func:`variant_of_state`); a backbone of the
+        family (YOLOX variant, transformer, ``mobilenetv2``) given explicitly must be that one.
 
         Raises:
-            VidDetError: the file's variant differs from an explicitly named YOLOX backbone.
+            VidDetError: the file's variant differs from an explicitly named backbone of the family.
         """
         variant = variant_of_state(state)
-        if (backbone in VARIANTS or backbone in TRANSFORMERS or backbone == MOBILENET) and backbone != variant:
+        if backbone in (*VARIANTS, *TRANSFORMERS, MOBILENET) and backbone != variant:
             raise VidDetError(f'the checkpoint holds a {cls.title} {variant} model, not {backbone}')
         return cls.build(variant, num_classes, **settings)
 
