@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
-import torch
 from torch import nn
 
 from viddet.checkpoints.download import resolve_checkpoint, resolve_init_weights
