@@ -63,8 +63,13 @@ fast module                                 speeds up
 :class:`yolox.FastBaseConv`                 YOLOX's conv + BN + SiLU (CSPDarknet, PAFPN, head):
                                             one oneDNN primitive, BN folded, SiLU as the swish
                                             post-op, channels-last
+:class:`yolox.FastCSPDarknet`               stem and dark2..dark4 on the frames' part of the
+                                            letterbox only, the grey rest of each map from a
+                                            blank canvas's maps (made once per input size)
 :class:`yolox.FastYOLOVHead`,               ``cls2_at``: the ``cls_convs2`` features of the
-:class:`yolox.FastYOLOVPPHead`              candidates only (gathered 3x3 patches x folded weights)
+:class:`yolox.FastYOLOVPPHead`              candidates only (gathered 3x3 patches x folded
+                                            weights); YOLOV's ``still_parts``: the class tower
+                                            at each frame's top-``pre`` anchors by objectness
 ==========================================  ==================================================
 
 ``tests/test_speedups.py`` proves fast == plain for each of them.
@@ -84,7 +89,7 @@ from viddet.models.flownet import FlowNetSimple
 from viddet.models.layers import ConvAct
 from viddet.models.temporal_roi_align import TemporalRoIAlign
 from viddet.models.yolov_head import YOLOVHead, YOLOVPPHead
-from viddet.models.yolox import BaseConv
+from viddet.models.yolox import BaseConv, CSPDarknet
 from viddet.runtime import CpuKernels, cpu_kernels
 from viddet.speedups.detector import (FastConvAct, FastLinear, FastResNetDC5, FastRoIHead, FastRPNHead,
                                       FastSingleRoIExtractor)
@@ -92,7 +97,7 @@ from viddet.speedups.fgfa import FastEmbedAggregator
 from viddet.speedups.flownet import FastFlowNetSimple
 from viddet.speedups.selsa import FastSelsaAggregator
 from viddet.speedups.troi import FastTemporalRoIAlign
-from viddet.speedups.yolox import FastBaseConv, FastYOLOVHead, FastYOLOVPPHead
+from viddet.speedups.yolox import FastBaseConv, FastCSPDarknet, FastYOLOVHead, FastYOLOVPPHead
 
 FAST_MODULES: Dict[type, type] = {
     ResNetDC5: FastResNetDC5,
@@ -104,6 +109,7 @@ FAST_MODULES: Dict[type, type] = {
     SelsaAggregator: FastSelsaAggregator,
     EmbedAggregator: FastEmbedAggregator,
     BaseConv: FastBaseConv,
+    CSPDarknet: FastCSPDarknet,
     YOLOVHead: FastYOLOVHead,
     YOLOVPPHead: FastYOLOVPPHead,
 }
