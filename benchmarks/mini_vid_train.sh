@@ -13,10 +13,6 @@ if [ ! -f work_dirs/mini_vid_ann/imagenet_vid_val.json ]; then
 fi
 methods=("$@")
 [ ${#methods[@]} -eq 0 ] && methods=(single selsa dff fgfa)
-if [[ " ${methods[*]} " == *" yolov "* ]] && [ ! -f work_dirs/yolov_mobilenetv2_imagenet.pth ]; then
-  # the ImageNet MobileNetV2 under the YOLOV model's key names, for its init.checkpoint
-  python -c "import torch; from viddet.models.yolov_mobilenet import imagenet_body_state as s; torch.save(s(torch.load('../shared/weights/mobilenet_v2_imagenet_features.pth')), 'work_dirs/yolov_mobilenetv2_imagenet.pth')"
-fi
 for m in "${methods[@]}"; do
   start=$(date -u +%FT%TZ); t0=$(date +%s)
   viddet train "configs/mini_vid/${m}_mobilenetv2.yaml" --work-dir "work_dirs/mini_vid_${m}" --device cpu --threads 1 --no-progress

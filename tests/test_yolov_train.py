@@ -197,7 +197,7 @@ def yolov_tiny_config(paths, method='yolov', frozen=None, **schedule):
     refs = {'num_ref_imgs': 2, 'frame_range': 10, 'filter_key_img': True, 'method': 'uniform'}
     raw = {'model': model,
            'data': {'train': [dict(paths, load_as_video=True, ref_sampler=refs)],
-                    'scale': [64, 64], 'workers': 0, 'samples_per_gpu': 1},
+                    'scale': [64, 64], 'workers': 0, 'samples_per_gpu': 1, 'hsv_prob': 1.0},
            'schedule': sched, 'eval': {'interval': 0, 'at_end': False}, 'init': {'backbone_weights': 'random'}}
     return config_from_dict(raw, '<tiny yolov>')
 
@@ -459,3 +459,51 @@ def test_mobilenetv2_yolov_trains_from_imagenet_weights_and_round_trips(tmp_path
     loaded = load_model(str(tmp_path / 'w' / 'iter_1.pth'), progress=False)
     assert type(loaded.model) is YOLOV and loaded.model.variant == 'mobilenetv2'
     assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in state.items())
+
+
+def test_mobilenetv2_body_loads_from_the_torchvision_file_through_backbone_weights(tmp_path):
+    """``init.backbone_weights`` = torchvision's ImageNet MobileNetV2 file initialises the body alone:
+    the same model as the converted file through ``init.checkpoint``, the PAFPN at its initialisation;
+    a file of another network is refused naming it."""
+    from conftest import SHARED
+    weights = SHARED / 'weights' / 'mobilenet_v2_imagenet_features.pth'
+    if not weights.exists():
+        pytest.skip(f'{weights} is absent: this test needs the shared weights folder')
+    from train_utils import CLASSES
+    from viddet.config.training import config_from_dict, load_config
+    from viddet.engine.initial_weights import build_train_model, init_plan, initialise, resolve_plan
+    from viddet.errors import VidDetError
+    from viddet.models.yolov_mobilenet import imagenet_body_state
+    imagenet = torch.load(weights, map_location='cpu')
+    torch.save(imagenet_body_state(imagenet, str(weights)), tmp_path / 'converted.pth')
+
+    def initial_state(init, lines=None):
+        cfg = config_from_dict({'model': {'method': 'yolov', 'backbone': 'mobilenetv2', 'classes': CLASSES,
+                                          'backbone_frozen_stages': 18}, 'init': init}, '<t>')
+        torch.manual_seed(0)
+        model = build_train_model(cfg)
+        fresh = {k: v.clone() for k, v in model.state_dict().items()}
+        say = (lines if lines is not None else []).append
+        initialise(model, cfg, resolve_plan(init_plan(cfg), progress=False), say=say)
+        return model.state_dict(), fresh
+
+    lines = []
+    direct, fresh = initial_state({'backbone_weights': str(weights)}, lines)
+    via_checkpoint, _ = initial_state({'checkpoint': str(tmp_path / 'converted.pth'), 'backbone_weights': None})
+    assert direct.keys() == via_checkpoint.keys() and all(torch.equal(direct[k], via_checkpoint[k]) for k in direct)
+    body = [k for k in direct if k.startswith('backbone.backbone.')]
+    assert len(body) == 306 and all(torch.equal(direct[k], imagenet[k[len('backbone.backbone.'):]]) for k in body)
+    rest = [k for k in direct if not k.startswith('backbone.backbone.')]
+    assert all(torch.equal(direct[k], fresh[k]) for k in rest)
+    assert 'loaded 306 tensors into the MobileNetV2Body (144 tensors of the neck keep their initialisation)' in lines[0]
+    torch.save({'conv1.weight': torch.zeros(64, 3, 7, 7)}, tmp_path / 'resnet.pth')
+    with pytest.raises(VidDetError, match='resnet.pth contains no weight of this MobileNetV2Body'):
+        initial_state({'backbone_weights': str(tmp_path / 'resnet.pth')})
+    partial = {k: v for k, v in imagenet.items() if not k.startswith('features.17.')}
+    torch.save(partial, tmp_path / 'partial.pth')
+    with pytest.raises(VidDetError, match=r'partial.pth lack \d+ of the 306 tensors of the MobileNetV2Body '
+                                          r'\(features.17.conv.0.0.weight'):
+        initial_state({'backbone_weights': str(tmp_path / 'partial.pth')})
+    shipped = load_config(Path(__file__).parent.parent / 'configs' / 'mini_vid' / 'yolov_mobilenetv2.yaml')
+    assert shipped.init.backbone_weights == '../shared/weights/mobilenet_v2_imagenet_features.pth'
+    assert shipped.init.checkpoint is None

@@ -120,7 +120,10 @@ class DataConfig:
         train: training sets, concatenated (MMTracking: VID train + DET).
         val: validation set, or None (no evaluation).
         scale: keep-ratio resize limits (long, short), pixels (1000, 600).
-        flip_ratio: probability of the shared horizontal flip.
+        flip_ratio: probability of the horizontal flip: one decision for all frames of a sample
+            (the Faster R-CNN methods, MMTracking), or each frame's own (the YOLOV family, YOLOX).
+        hsv_prob: probability of a frame's HSV jitter (YOLOX's; the YOLOV family only, whose configs
+            set 1.0 as officially; 0: none).
         min_size: drop training images whose shorter side is below this (pixels; mmdet 32).
         samples_per_gpu: key frames per process per iteration (MMTracking 1).
         workers: DataLoader worker processes per training process.
@@ -129,6 +132,7 @@ class DataConfig:
     val: Optional[ValConfig] = None
     scale: Tuple[int, int] = (1000, 600)
     flip_ratio: float = 0.5
+    hsv_prob: float = 0.0
     min_size: int = 32
     samples_per_gpu: int = 1
     workers: int = 2

@@ -55,6 +55,11 @@ def validate(cfg) -> None:
         raise err(f'data.scale must be [long, short] pixels >= 16, got {list(d.scale)}')
     if not 0.0 <= d.flip_ratio <= 1.0:
         raise err(f'data.flip_ratio must be in [0, 1], got {d.flip_ratio}')
+    if not 0.0 <= d.hsv_prob <= 1.0:
+        raise err(f'data.hsv_prob must be in [0, 1], got {d.hsv_prob}')
+    if d.hsv_prob > 0 and not method.per_frame_augment:
+        with_hsv = ', '.join(x.name for x in METHODS if x.per_frame_augment)
+        raise err(f'data.hsv_prob={d.hsv_prob} but method {m.method} has no HSV jitter (only {with_hsv}); set it to 0')
     if d.samples_per_gpu < 1:
         raise err(f'data.samples_per_gpu must be >= 1, got {d.samples_per_gpu}')
     if d.workers < 0:

@@ -17,7 +17,8 @@ shared train transforms.
 * training transforms (:mod:`viddet.data.sequence`: ``SeqResize(keep_ratio) -> SeqRandomFlip(share_params) -> SeqNormalize ->
   SeqPad(16)`` of ``mmtrack/datasets/pipelines/transforms.py``): key and references are resized to
   the same ``img_scale`` and flipped together; boxes are scaled by ``scale_factor``, clipped to the
-  resized image and mirrored (``x -> W - x``).
+  resized image and mirrored (``x -> W - x``). A method with ``per_frame_augment`` (the YOLOV family)
+  instead flips each frame on its own and jitters it in HSV (:mod:`viddet.data.frame_augment`).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import torch
 
 from viddet.classes import VID_CLASSES
 from viddet.errors import VidDetError
+from viddet.data.frame_augment import augment_frames
 from viddet.data.sequence import load_image, placed_boxes, prepare_sequence, transform_sequence
 from viddet.data.transforms import DEFAULT_SCALE
 from viddet.fileio import read_json
@@ -243,10 +245,16 @@ class VideoDataset(torch.utils.data.Dataset):
         classes: class names; labels are positions among the file's categories with these names.
         filter_empty_gt, min_size: training filter (mmdet ``_filter_imgs``), pixels.
         img_scale: keep-ratio resize limits (long, short) in pixels.
-        flip_ratio: probability of the shared horizontal flip.
-        rng: ``random.Random`` for reference sampling and flips (default: the ``random`` module).
+        flip_ratio: probability of the horizontal flip: one decision for all frames of an item, or,
+            with ``per_frame_augment``, each frame's own.
+        rng: ``random.Random`` for reference sampling, flips and HSV jitter (default: the ``random``
+            module).
         transform: the method's own preprocessing of a frame (:func:`transform_sequence`, given
             ``img_scale``), or None for MMTracking's (:func:`prepare_sequence`).
+        per_frame_augment: each frame flipped on its own and HSV-jittered with probability
+            ``hsv_prob`` (:func:`viddet.data.frame_augment.augment_frames`; YOLOX's ``TrainTransform``,
+            the YOLOV family); needs a ``transform`` giving raw 0..255 BGR pixels (the letterbox).
+        hsv_prob: probability of a frame's HSV jitter (only with ``per_frame_augment``).
 
     Items: ``{'img': (3, Hp, Wp) float32, 'ref_imgs': (R, 3, Hp, Wp) float32,
     'img_metas': [ImageMeta] * (1 + R) (key first), 'gt_bboxes': (n, 4) float32 x1y1x2y2 in
@@ -258,12 +266,18 @@ class VideoDataset(torch.utils.data.Dataset):
     Raises:
         VidDetError: unreadable annotation file, or an unreadable frame (when the item is loaded),
             naming the file.
+        ValueError: ``per_frame_augment`` without ``transform``, or ``hsv_prob`` > 0 without
+            ``per_frame_augment``.
     """
 
     def __init__(self, ann_file, img_prefix, *, load_as_video: bool = True, ref_sampler: Optional[dict] = None,
                  classes: Sequence[str] = VID_CLASSES, filter_empty_gt: bool = True, min_size: int = 32,
                  img_scale=DEFAULT_SCALE, flip_ratio: float = 0.5, rng: Optional[random.Random] = None,
-                 transform: Optional[Callable] = None):
+                 transform: Optional[Callable] = None, per_frame_augment: bool = False, hsv_prob: float = 0.0):
+        if per_frame_augment and transform is None:
+            raise ValueError('per_frame_augment needs a transform giving raw 0..255 BGR pixels (the letterbox)')
+        if hsv_prob > 0 and not per_frame_augment:
+            raise ValueError(f'hsv_prob={hsv_prob} needs per_frame_augment')
         self.index = CocoVideoIndex(ann_file)
         self.img_prefix = Path(img_prefix)
         self.load_as_video = load_as_video
@@ -273,6 +287,8 @@ class VideoDataset(torch.utils.data.Dataset):
         self.flip_ratio = flip_ratio
         self.rng = rng if rng is not None else random
         self.transform = transform
+        self.per_frame_augment = per_frame_augment
+        self.hsv_prob = hsv_prob
         self.cat_ids = self.index.cat_ids(self.classes)
         self.cat2label = {c: i for i, c in enumerate(self.cat_ids)}
         if load_as_video:
@@ -326,25 +342,28 @@ class VideoDataset(torch.utils.data.Dataset):
     def __getitem__(self, idx: int) -> dict:
         info = self.data_infos[idx]
         refs, _ = self.ref_infos(idx)
-        flip = self.flip_ratio > 0 and self.rng.random() < self.flip_ratio
+        flip = not self.per_frame_augment and self.flip_ratio > 0 and self.rng.random() < self.flip_ratio
         cache: Dict[int, np.ndarray] = {}
         images = []
         for i in [info] + refs:
             if i['id'] not in cache:
                 cache[i['id']] = load_image(self.image_path(i))
             images.append(cache[i['id']])
+        ann = self.get_ann_info(idx)
+        ref_anns = [self.ann_of(r) for r in refs]
         if self.transform is None:
             tensors, metas = prepare_sequence(images, self.img_scale, flip)
         else:
             tensors, metas = transform_sequence(images, self.transform, self.img_scale, flip)
-        ann = self.get_ann_info(idx)
-        boxes, ignore = (placed_boxes(ann[k], metas[0], flip) for k in ('bboxes', 'bboxes_ignore'))
-        ref_anns = [self.ann_of(r) for r in refs]
+        if self.per_frame_augment:
+            unflipped = [placed_boxes(a['bboxes'], m, False) for a, m in zip([ann] + ref_anns, metas)]
+            augment_frames(tensors, metas, unflipped, self.rng, self.flip_ratio, self.hsv_prob)
+        boxes, ignore = (placed_boxes(ann[k], metas[0], metas[0].flip) for k in ('bboxes', 'bboxes_ignore'))
         return dict(img=tensors[0], ref_imgs=tensors[1:], img_metas=metas, is_video_data=bool(self.load_as_video),
                     image_id=info['id'], video_id=info.get('video_id', -1), frame_id=info.get('frame_id', -1),
                     ref_frame_ids=[r.get('frame_id', -1) for r in refs],
                     gt_bboxes=torch.from_numpy(boxes), gt_labels=torch.from_numpy(ann['labels']),
                     gt_instance_ids=torch.from_numpy(ann['instance_ids']), gt_bboxes_ignore=torch.from_numpy(ignore),
-                    ref_gt_bboxes=[torch.from_numpy(placed_boxes(a['bboxes'], m, flip)) for a, m in zip(ref_anns, metas[1:])],
+                    ref_gt_bboxes=[torch.from_numpy(placed_boxes(a['bboxes'], m, m.flip))
+                                   for a, m in zip(ref_anns, metas[1:])],
                     ref_gt_labels=[torch.from_numpy(a['labels']) for a in ref_anns])
-

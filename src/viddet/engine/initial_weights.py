@@ -23,6 +23,7 @@ from viddet.errors import VidDetError
 from viddet.methods import method_class
 from viddet.models.backbones import BACKBONE_NAMES, BACKBONES, backbone_info
 from viddet.models.mobilenet import MobileNetV2Lite
+from viddet.models.yolov_mobilenet import MobileNetV2Body
 
 # ===================================================================================== model + init
 def build_train_model(cfg: Config) -> nn.Module:
@@ -148,14 +149,15 @@ def _quiet(_msg: str) -> None:
 
 def load_backbone_weights(model: nn.Module, path: str, say: Callable[[str], None] = _quiet
                           ) -> Tuple[List[str], List[str]]:
-    """Initialises ``model.backbone`` from ImageNet weights.
+    """Initialises ``model.imagenet_body`` (the backbone, or the YOLOV family's ``mobilenetv2`` body
+    under its neck, which keeps its initialisation) from ImageNet weights.
 
     Accepted files: torchvision ResNet-50/101 or ResNeXt-101 64x4d state dicts (keys ``conv1.*``,
     ``layerK.*``; ``fc.*`` is ignored) — their keys are mmdet's ``ResNet``/``ResNeXt`` keys, so they
     map onto :class:`viddet.models.backbones.ResNetDC5` unchanged, as mmcv's non-strict
     ``load_checkpoint`` loads them —, the same with a ``backbone.`` / ``detector.backbone.`` /
     ``module.`` prefix (mmdet/MMTracking files), or torchvision MobileNetV2 weights
-    (``features.*``) for the ``mobilenetv2`` backbone. Every backbone parameter must be in the file
+    (``features.*``) for the ``mobilenetv2`` backbones. Every body parameter must be in the file
     (``num_batches_tracked`` counters aside), so that no part of it stays random unnoticed.
 
     Returns:
@@ -166,9 +168,9 @@ def load_backbone_weights(model: nn.Module, path: str, say: Callable[[str], None
         VidDetError: unreadable file, a shape mismatch (naming the file, the key and both shapes —
             e.g. ResNet-101 weights for a ResNet-50 backbone), or backbone tensors missing in it.
     """
-    backbone = model.backbone
+    backbone = model.imagenet_body
     state = _state_from_file(path, 'backbone weights')
-    if isinstance(backbone, MobileNetV2Lite):
+    if isinstance(backbone, (MobileNetV2Lite, MobileNetV2Body)):
         def rename(k):   # torchvision's features.N (N < 18); features.18 and the classifier go unused
             return k if k.startswith('features.') else 'features.' + k
     else:
@@ -182,7 +184,10 @@ def load_backbone_weights(model: nn.Module, path: str, say: Callable[[str], None
         raise VidDetError(f'backbone weights {path} lack {len(lacking)} of the {len(backbone.state_dict())} '
                           f'tensors of the {type(backbone).__name__} ({_listed(lacking)}): weights of another '
                           f'network? (unused keys of the file: {_listed(unused, 4)})')
+    rest = len(model.backbone.state_dict()) - len(backbone.state_dict())
     say(f'backbone weights: {path}: loaded {len(backbone.state_dict()) - len(missing)} tensors'
+        + (f' into the {type(backbone).__name__} ({rest} tensors of the neck keep their initialisation)'
+           if rest else '')
         + (f'; unused ({len(unused)}): {_listed(unused)}' if unused else ''))
     return missing, unused
 

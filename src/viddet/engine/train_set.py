@@ -4,7 +4,7 @@ epoch's sample order, and each process's micro-batches.
 Determinism and batching
     Every sample is a pure function of ``(schedule.seed, epoch, dataset index)``: the epoch's
     order is a seeded permutation, and each item is loaded with its own ``random.Random`` (reference
-    frames, flip) and its own ``torch.Generator`` (the method's sampling during training), derived
+    frames, flips, HSV jitter) and its own ``torch.Generator`` (the method's sampling during training), derived
     from that triple. So the data does not depend on the number of processes, DataLoader workers,
     or on whether training was interrupted:
 
@@ -71,7 +71,7 @@ class SeededTrainSet(torch.utils.data.Dataset):
 
     Wraps :class:`viddet.data.video_dataset.VideoDataset` objects (concatenated) and returns
     :class:`viddet.structures.TrainSample` (or a :class:`LoadFailure`). The sub-dataset's ``rng``
-    (reference sampling and flip) is set to ``random.Random(sample_seed(seed, epoch, index))`` just
+    (reference sampling, flips, HSV jitter) is set to ``random.Random(sample_seed(seed, epoch, index))`` just
     before the item is loaded, and the sample's ``seed`` (the method's sampling) is derived from the
     same triple.
     """
@@ -124,9 +124,11 @@ def build_train_set(cfg: Config, say: Callable[[str], None] = print) -> SeededTr
             r = t.ref_sampler
             ref = dict(num_ref_imgs=r.num_ref_imgs, frame_range=r.frame_range,
                        filter_key_img=r.filter_key_img, method=r.method)
+        method = method_class(cfg.model.method)
         ds = VideoDataset(t.ann_file, t.img_prefix, load_as_video=t.load_as_video, ref_sampler=ref,
                           classes=cfg.model.classes, min_size=cfg.data.min_size, img_scale=tuple(cfg.data.scale),
-                          flip_ratio=cfg.data.flip_ratio, transform=method_class(cfg.model.method).train_transform)
+                          flip_ratio=cfg.data.flip_ratio, transform=method.train_transform,
+                          per_frame_augment=method.per_frame_augment, hsv_prob=cfg.data.hsv_prob)
         where = f'{cfg.source}: data.train.{i} ({t.ann_file})'
         check_categories(ds, cfg.model.classes, where)
         dropped = dropped_classes(ds, cfg.data.min_size)

@@ -28,6 +28,8 @@ call these methods; none of them compares method names or probes a model's attri
 ``train_backbones``         the ``model.backbone`` names a training config may give
 ``train_transform``         its own preprocessing of training frames (None: MMTracking's
                             resize + normalisation; YOLOV: the square letterbox)
+``per_frame_augment``       True: each training frame flipped and HSV-jittered on its own
+                            (YOLOX; the YOLOV family); False: one flip for all frames
 ==========================  ================================================================
 
 It computes:
@@ -127,6 +129,11 @@ class VIDMethod(nn.Module):
     """The preprocessing of a training frame, ((H, W, 3) uint8 BGR, ``data.scale``) -> (tensor,
     ImageMeta), when it is not MMTracking's resize + normalisation + padding (a plain function:
     datasets in DataLoader workers call it)."""
+    per_frame_augment: ClassVar[bool] = False
+    """True: every training frame gets its own horizontal flip (probability ``data.flip_ratio``) and
+    HSV jitter (``data.hsv_prob``), as YOLOX's ``TrainTransform`` (:mod:`viddet.data.frame_augment`;
+    needs a ``train_transform`` giving raw 0..255 pixels); False: one flip decision for all frames
+    of a sample (MMTracking's ``SeqRandomFlip(share_params=True)``) and no HSV jitter."""
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -183,8 +190,14 @@ class VIDMethod(nn.Module):
     # ------------------------------------------------------------------ training
     @property
     def backbone(self) -> nn.Module:
-        """The module ImageNet weights load into and whose stages can be frozen."""
+        """The module whose stages can be frozen; ImageNet weights load into :attr:`imagenet_body`."""
         raise NotImplementedError
+
+    @property
+    def imagenet_body(self) -> nn.Module:
+        """The part of :attr:`backbone` that ``init.backbone_weights`` initialise, every tensor of it
+        from the file (default the whole backbone; YOLOV's ``mobilenetv2``: the body under the neck)."""
+        return self.backbone
 
     @property
     def train_cfg(self):

@@ -171,6 +171,7 @@ class _YOLOVFamily(VIDMethod):
     Settings = YOLOVSettings
     trainable = True
     train_transform = train_letterbox
+    per_frame_augment = True
     train_backbones = (*VARIANTS, MOBILENET)
     class_specific_prefixes = ('head.cls_preds.', 'head.linear_pred.', 'head.cls_pred.')
 
@@ -233,6 +234,12 @@ class _YOLOVFamily(VIDMethod):
     def backbone(self) -> nn.Module:
         """The body (CSPDarknet, a transformer or MobileNetV2) + PAFPN (state-dict prefix ``backbone.``)."""
         return self._modules['backbone']
+
+    @property
+    def imagenet_body(self) -> nn.Module:
+        """What ``init.backbone_weights`` initialise: the ``mobilenetv2`` body alone (torchvision's ImageNet
+        MobileNetV2; the PAFPN keeps its initialisation), else the whole backbone."""
+        return self.backbone.backbone if self.variant == MOBILENET else self.backbone
 
     # ------------------------------------------------------------------ training (docs/yolov_training.md)
     def freeze_for_training(self, official: bool = True) -> None:
