@@ -507,3 +507,31 @@ def test_mobilenetv2_body_loads_from_the_torchvision_file_through_backbone_weigh
     shipped = load_config(Path(__file__).parent.parent / 'configs' / 'mini_vid' / 'yolov_mobilenetv2.yaml')
     assert shipped.init.backbone_weights == '../shared/weights/mobilenet_v2_imagenet_features.pth'
     assert shipped.init.checkpoint is None
+
+
+def test_yolov_x_keeps_120_boxes_per_frame_the_others_50(monkeypatch):
+    """The official TrainTransform keeps the first 50 boxes of a frame (yolov_s / yolov_l, YOLOV++);
+    YOLOV-X's MosaicDetection_VID wrapper makes its targets with max_labels=120. Boxes whose shorter
+    side is <= 1 pixel are dropped before the cap."""
+    import viddet.models.yolov_loss as yl
+    from viddet.structures import TrainSample
+    boxes = torch.tensor([[i, 0.0, i + 10.0, 10.0] for i in range(130)] + [[0.0, 0.0, 0.5, 10.0]])
+    labels = torch.arange(131) % 30
+    assert len(yl.frame_targets(boxes, labels)) == 50
+    rows = yl.frame_targets(boxes, labels, 120)
+    assert len(rows) == 120 and rows[:, 1].tolist() == [i + 5.0 for i in range(120)]
+    seen = []
+    monkeypatch.setattr(yl, 'LOSSES', {yl.YOLOVHead: lambda head, feats, targets: seen.append(len(targets[0]))})
+
+    class Model:
+        def __init__(self, variant):
+            self.variant, self.head, self.title = variant, object.__new__(yl.YOLOVHead), 'YOLOV'
+
+        def backbone(self, imgs):
+            return imgs
+
+    sample = TrainSample(img=torch.zeros(3, 64, 64), ref_imgs=torch.zeros(0, 3, 64, 64), metas=[],
+                         gt_bboxes=boxes, gt_labels=labels, ref_gt_bboxes=[], ref_gt_labels=[])
+    for variant in ('yolox_s', 'yolox_l', 'yolox_x'):
+        yl.sample_losses(Model(variant), sample)
+    assert seen == [50, 50, 120]

@@ -47,6 +47,10 @@ MULTISCALE_RANGE = 5
 """Multi-scale training: sizes within this many multiples of 32 of the input size (``multiscale_range``)."""
 MAX_LABELS = 50
 """Ground-truth boxes kept per frame (the official ``TrainTransform(max_labels=50)``)."""
+MAX_LABELS_X = 120
+"""YOLOV-X's: its official data go through ``MosaicDetection_VID``, whose own
+``TrainTransform(max_labels=120)`` makes the targets (built with ``mosaic=False`` and with the
+``mosaic_getitem`` switch of its ``__getitem__`` commented out, it never mosaics, warps or mixes)."""
 FROZEN = ('backbone.', 'head.stems.', 'head.cls_convs.', 'head.reg_convs.', 'head.reg_preds.')
 """Parameters the official video fine-tune freezes (``requires_grad = False`` in the exp files'
 ``get_model``): the whole backbone + PAFPN, the head's stems, first class tower, box tower and box
@@ -298,14 +302,14 @@ def train_letterbox(image, scale: Sequence[int]):
     return letterbox(image, int(min(scale)))
 
 
-def frame_targets(boxes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def frame_targets(boxes: torch.Tensor, labels: torch.Tensor, max_labels: int = MAX_LABELS) -> torch.Tensor:
     """(n, 4) x1, y1, x2, y2 input-pixel boxes and (n,) labels -> (g, 5) rows class, cx, cy, w, h
     (float32 of the float64 conversion, as the official ``xyxy2cxcywh`` in numpy), only the boxes
-    whose shorter side exceeds 1 pixel, at most :data:`MAX_LABELS` (``TrainTransform``)."""
+    whose shorter side exceeds 1 pixel, the first ``max_labels`` of them (``TrainTransform``)."""
     b = boxes.detach().double()
     w, h = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
     rows = torch.stack([labels.double(), b[:, 0] + w * 0.5, b[:, 1] + h * 0.5, w, h], 1)
-    return rows[torch.minimum(w, h) > 1][:MAX_LABELS].float().to(boxes.device)
+    return rows[torch.minimum(w, h) > 1][:max_labels].float().to(boxes.device)
 
 
 def multiscale(imgs: torch.Tensor, targets: List[torch.Tensor], generator: torch.Generator):
@@ -327,7 +331,8 @@ def sample_losses(model, sample) -> Dict[str, torch.Tensor]:
     """The official training losses of one :class:`viddet.structures.TrainSample`: its key frame and
     reference frames (each with its own ground truth) form one batch in which every frame attends to
     all (the official ``gframe`` frames of a video), at a random scale (:func:`multiscale`, with the
-    sample's seed; none for a sample without seed).
+    sample's seed; none for a sample without seed); at most :data:`MAX_LABELS` boxes per frame
+    (YOLOV-X: :data:`MAX_LABELS_X`).
 
     Raises:
         ValueError: the sample's reference frames come without their ground truth.
@@ -338,8 +343,9 @@ def sample_losses(model, sample) -> Dict[str, torch.Tensor]:
         raise ValueError(f'{model.title} training needs the ground truth of every reference frame: '
                          f'{refs} reference images, {len(ref_boxes)} ground-truth sets')
     imgs = torch.cat([sample.img[None], sample.ref_imgs]) if refs else sample.img[None]
-    targets = [frame_targets(b, l) for b, l in zip([sample.gt_bboxes] + list(ref_boxes),
-                                                    [sample.gt_labels] + list(sample.ref_gt_labels or []))]
+    cap = MAX_LABELS_X if model.variant == 'yolox_x' else MAX_LABELS
+    targets = [frame_targets(b, l, cap) for b, l in zip([sample.gt_bboxes] + list(ref_boxes),
+                                                         [sample.gt_labels] + list(sample.ref_gt_labels or []))]
     if sample.seed is not None:
         imgs, targets = multiscale(imgs, targets, sample.generator())
     return LOSSES[type(model.head)](model.head, model.backbone(imgs), targets)
