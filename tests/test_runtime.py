@@ -67,7 +67,7 @@ def test_decoding_overlaps_the_model_only_on_a_spare_core(monkeypatch):
 @pytest.fixture
 def cpu(monkeypatch):
     """Sets the CPU's vendor and PyTorch's kernel level that :func:`runtime.cpu_kernels` sees."""
-    for variable in ('VIDDET_CPU_GEMM', 'VIDDET_WINOGRAD'):
+    for variable in ('VIDDET_CPU_GEMM', 'VIDDET_WINOGRAD', 'VIDDET_WINOGRAD4'):
         monkeypatch.delenv(variable, raising=False)
 
     def set_cpu(vendor, capability):
@@ -82,14 +82,16 @@ def cpu(monkeypatch):
     ('GenuineIntel', 'AVX2', 'mkl', True), ('GenuineIntel', 'DEFAULT', 'mkl', True)])
 def test_cpu_kernels_are_decided_by_the_cpu(cpu, vendor, capability, gemm, winograd):
     """oneDNN's GEMM exactly on AMD CPUs with AVX-512 (where MKL takes its AVX2 kernels); Winograd
-    exactly without AVX-512 kernels."""
+    exactly without AVX-512 kernels; YOLOX's F(4x4, 3x3) exactly with oneDNN's GEMM (and the fused
+    kernels)."""
     if gemm == 'onednn' and not runtime._onednn_gemm_available():
         pytest.skip('this PyTorch has no oneDNN inner product')
     cpu(vendor, capability)
     kernels = runtime.cpu_kernels()
     assert (kernels.cpu_capability, kernels.gemm, kernels.winograd) == (capability, gemm, winograd)
+    assert kernels.winograd4 is (kernels.fused and gemm == 'onednn')
     assert kernels.as_dict() == {'cpu_capability': capability, 'gemm': gemm, 'winograd': winograd,
-                                 'fused': kernels.fused}
+                                 'fused': kernels.fused, 'winograd4': kernels.winograd4}
     assert str(kernels).startswith(f"{capability}, GEMM on {gemm}, Winograd {'on' if winograd else 'off'}")
 
 
@@ -105,12 +107,20 @@ def test_cpu_kernels_settings_win_over_the_cpu(cpu, monkeypatch):
     monkeypatch.setenv('VIDDET_WINOGRAD', '')                    # empty is unset: the CPU decides
     assert runtime.cpu_kernels().winograd is True
     assert runtime.cpu_kernels(fused=False).fused is False
+    monkeypatch.setenv('VIDDET_WINOGRAD4', '1')                  # YOLOX's F(4x4, 3x3) without oneDNN's GEMM
+    assert runtime.cpu_kernels().winograd4 is True
+    assert runtime.cpu_kernels(winograd4=False).winograd4 is False
+    assert runtime.cpu_kernels(fused=False).winograd4 is False   # nothing fused: plain convolutions
+    monkeypatch.setenv('VIDDET_WINOGRAD4', 'on')
+    with pytest.raises(VidDetError, match="VIDDET_WINOGRAD4='on' is not valid: use 1 or 0"):
+        runtime.cpu_kernels()
 
 
 @pytest.mark.parametrize('call,message', [
     (lambda: runtime.cpu_kernels(gemm='blas'), "cpu_kernels(gemm='blas') is not valid: use mkl or onednn"),
     (lambda: runtime.cpu_kernels(winograd='yes'), "cpu_kernels(winograd='yes'): use True, False or None"),
-    (lambda: runtime.cpu_kernels(fused=1.5), "cpu_kernels(fused=1.5): use True, False or None")])
+    (lambda: runtime.cpu_kernels(fused=1.5), "cpu_kernels(fused=1.5): use True, False or None"),
+    (lambda: runtime.cpu_kernels(winograd4='yes'), "cpu_kernels(winograd4='yes'): use True, False or None")])
 def test_invalid_kernel_arguments_are_refused(call, message):
     with pytest.raises(VidDetError) as e:
         call()

@@ -16,6 +16,7 @@ with and without ``--clip``). The per-frame quantities do not depend on the othe
 so they are checked on the first 3 frames. S models run in the ordinary suite, L and X ones are slow,
 and the L references in ``tests/fixtures/yolov/`` are ``extended`` (``VIDDET_EXTENDED=1``).
 """
+import copy
 import hashlib
 import re
 
@@ -25,14 +26,14 @@ import pytest
 import torch
 
 from conftest import REPO, SHARED
+from viddet import speedups
 from viddet.checkpoints.loading import load_model
 from viddet.data.image_sources import ImageListSource
 from viddet.engine.video import run_video
 from viddet.methods.yolov import YOLOV, YOLOVPP, clip_detections
 from viddet.models.yolox import letterbox
 from viddet.structures import Detections
-from yolov_refs import (YOLOV_DIR, as_compare, check_raw_frame0, compare, every_still_prediction,  # noqa: F401 (fixtures)
-                        read_reference, ref_frames, yolov_dir)
+from yolov_refs import YOLOV_DIR, as_compare, check_raw_frame0, compare, read_reference, ref_frames, yolov_dir  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -100,18 +101,26 @@ def test_preprocessing_is_bit_exact_on_every_frame(path):
 
 @pytest.mark.parametrize('path', reference_files())
 def test_per_frame_parity_with_the_official_code(path, case, compare):
-    """Raw frame-0 predictions, selected candidates and still detections of the first frames."""
-    ref, files, model = case(path)
+    """Raw frame-0 predictions, selected candidates and still detections of the first frames, from
+    the plain modules (the reference implementation: every value to float rounding); the fast ones
+    that every command runs (their Winograd convolutions round differently, and YOLOV's fast head
+    computes class scores at the top-750 anchors only) give >= 99% of the still detections."""
+    ref, files, fast = case(path)
+    plain = speedups.revert(copy.deepcopy(fast))
     imgs = torch.stack([letterbox(cv2.imread(str(p)))[0] for p in files[:PER_FRAME]])
-    with torch.no_grad():
-        out = model(imgs)
-    check_raw_frame0(ref, every_still_prediction(model, imgs, out))
     frames = ref['frames'][:PER_FRAME]
-    for sel, f in zip(out.selected, frames):
-        assert sel.tolist() == f['selected_anchor_idx'], f['file_name']
-    still = [Detections(r[:, :4] / f['ratio'], r[:, 4] * r[:, 5], r[:, 6].long()) for r, f in zip(out.still, frames)]
-    matched, total, _ = compare.match(ref_frames(ref, 'still_detections')[:PER_FRAME], as_compare(still))
-    assert total >= 10 * len(frames) and matched == total, f'still: {matched}/{total}'
+    expected = ref_frames(ref, 'still_detections')[:PER_FRAME]
+    for model in (plain, fast):
+        with torch.no_grad():
+            out = model(imgs)
+        still = [Detections(r[:, :4] / f['ratio'], r[:, 4] * r[:, 5], r[:, 6].long()) for r, f in zip(out.still, frames)]
+        matched, total, _ = compare.match(expected, as_compare(still))
+        assert total >= 10 * len(frames) and matched >= 0.99 * total, f'still: {matched}/{total}'
+        if model is plain:
+            check_raw_frame0(ref, out.decoded[0])
+            for sel, f in zip(out.selected, frames):
+                assert sel.tolist() == f['selected_anchor_idx'], f['file_name']
+            assert matched == total, f'still (plain modules): {matched}/{total}'
 
 
 @pytest.mark.parametrize('path', reference_files())

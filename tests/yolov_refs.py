@@ -9,9 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-
-from viddet.models.yolox import YOLOXHead
 
 from conftest import SHARED
 
@@ -60,27 +57,9 @@ def ref_frames(ref, key='detections'):
              np.array([x['label'] for x in f[key]], dtype=np.int64)) for f in ref['frames']]
 
 
-def every_still_prediction(model, imgs, out):
-    """Frame 0's still-image predictions at every anchor, (A, 5 + K). YOLOV's fast head computes
-    class scores only at each frame's top-``pre`` anchors by objectness (NaN elsewhere in
-    ``out.decoded``): then the plain head's ``still_parts`` runs on frame 0, and ``out.decoded[0]``
-    must equal it wherever it is not NaN, with NaN only in class columns of the other anchors."""
-    d0 = out.decoded[0]
-    if not bool(d0.isnan().any()):
-        return d0
-    with torch.no_grad():
-        full = YOLOXHead.still_parts(model.head, model.backbone(imgs[:1]))[0][0]
-    missing = d0.isnan()
-    top = torch.topk(d0[:, 4].contiguous(), model.head.pre).indices
-    assert not bool(missing[:, :5].any()) and not bool(missing[top].any())
-    assert bool(missing[:, 5:].all(1).sum() == len(d0) - len(top))
-    torch.testing.assert_close(d0[~missing], full[~missing], rtol=1e-5, atol=1e-5)
-    return full
-
-
 def check_raw_frame0(ref, d0, atol_sums=1e-4, atol_rows=1e-5):
     """The still-image predictions of frame 0 before any selection (``d0`` (A, 35): ``out.decoded[0]``
-    or :func:`every_still_prediction`) against the reference's ``raw_frame0``: shape, total sum (1e-6
+    of the plain modules) against the reference's ``raw_frame0``: shape, total sum (1e-6
     relative), column sums, the first rows and the 5 highest objectness values."""
     raw = ref['batches'][0]['raw_frame0']
     d0 = d0.double()

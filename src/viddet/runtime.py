@@ -159,22 +159,27 @@ class CpuKernels:
         fused: whether the fused oneDNN convolutions (BN folded in, activation and residual add as
             post-ops, packed weights: :mod:`viddet.speedups.onednn`) run; False where this PyTorch
             lacks them or they fail a probe (then the plain convolutions run, and no Winograd).
+        winograd4: whether YOLOX's 3x3 stride-1 convolutions of >= 256 channels run as Winograd
+            F(4x4, 3x3) with the ``gemm`` library's products (:mod:`viddet.speedups.winograd4`;
+            ``winograd``'s F(2x2, 3x3) takes precedence where both are on).
     """
     cpu_capability: str
     gemm: str
     winograd: bool
     fused: bool = True
+    winograd4: bool = False
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def __str__(self) -> str:
         return (f"{self.cpu_capability}, GEMM on {self.gemm}, Winograd {'on' if self.winograd else 'off'}, "
-                f"fused oneDNN kernels {'on' if self.fused else 'off'}")
+                f"fused oneDNN kernels {'on' if self.fused else 'off'}, "
+                f"YOLOX Winograd F(4x4, 3x3) {'on' if self.winograd4 else 'off'}")
 
 
 def cpu_kernels(gemm: Optional[str] = None, winograd: Optional[bool] = None,
-                fused: Optional[bool] = None) -> CpuKernels:
+                fused: Optional[bool] = None, winograd4: Optional[bool] = None) -> CpuKernels:
     """Decides the CPU kernels of the fast paths (:class:`CpuKernels`). Each choice is, in order:
     the argument when given; else its environment variable; else what is fastest on this CPU:
 
@@ -187,7 +192,10 @@ def cpu_kernels(gemm: Optional[str] = None, winograd: Optional[bool] = None,
       AVX-512 ones (with AVX-512 oneDNN's direct convolutions are twice as fast, and Winograd was
       not measured faster there);
     * ``fused`` (no variable): whether PyTorch's fused oneDNN kernels are present and run (a tiny
-      probe, once per process).
+      probe, once per process);
+    * ``winograd4``, ``VIDDET_WINOGRAD4=1|0``: on exactly where the fused kernels run and the GEMM
+      is oneDNN's (AMD CPUs with AVX-512), where its 36 products run at oneDNN's speed (YOLOV-L
+      ~1.2x faster; ``benchmarks/RESULTS.md``); a choice without the fused kernels is off.
 
     Raises:
         VidDetError: a value that is not one of the valid ones (naming the variable or argument and
@@ -214,7 +222,12 @@ def cpu_kernels(gemm: Optional[str] = None, winograd: Optional[bool] = None,
     choice = _choice('VIDDET_WINOGRAD', 'winograd', None if winograd is None else str(int(winograd)),
                      ('1', '0'), 'on without AVX-512')
     winograd = not capability.upper().startswith('AVX512') if choice is None else choice == '1'
-    return CpuKernels(capability, gemm, winograd, fused)
+    if winograd4 not in (None, True, False):
+        raise VidDetError(f'cpu_kernels(winograd4={winograd4!r}): use True, False or None (the CPU decides)')
+    choice4 = _choice('VIDDET_WINOGRAD4', 'winograd4', None if winograd4 is None else str(int(winograd4)),
+                      ('1', '0'), 'on with the fused kernels and the oneDNN GEMM')
+    winograd4 = fused and (gemm == 'onednn' if choice4 is None else choice4 == '1')
+    return CpuKernels(capability, gemm, winograd, fused, winograd4)
 
 
 def _choice(variable: str, argument: str, given: Optional[str], valid: Tuple[str, ...],

@@ -38,7 +38,7 @@ from viddet.models.fast import FastModule
 from viddet.models.yolov_head import YOLOVHead, YOLOVPPHead
 from viddet.models.yolox import PAD_VALUE, BaseConv, CSPDarknet, decode_grid
 from viddet.runtime import CpuKernels
-from viddet.speedups import winograd
+from viddet.speedups import winograd, winograd4
 from viddet.speedups.memo import weights_version
 from viddet.speedups.onednn import FusedCache, FusedConv, fused_applies, fused_or_winograd, matmul_nt
 
@@ -66,9 +66,17 @@ class FastBaseConv(FastModule, BaseConv):
 
     def folded(self):
         """The conv with the BN folded in (cached until a parameter, buffer or the kernels change):
-        a :class:`FusedConv`, or where ``kernels.winograd`` and it applies (3x3, stride 1, >= 128
-        channels) a :class:`viddet.speedups.winograd.OrDirect`."""
-        return self.fused.get(self, lambda m: {'conv': fused_or_winograd(m.conv, m.bn, m.kernels.winograd)})['conv']
+        a :class:`FusedConv`; where ``kernels.winograd`` and it applies (3x3, stride 1, >= 128
+        channels) a :class:`viddet.speedups.winograd.OrDirect`; else where ``kernels.winograd4``
+        and it applies a :class:`viddet.speedups.winograd4.Winograd4Conv`."""
+        return self.fused.get(self, self._fold)['conv']
+
+    @staticmethod
+    def _fold(m) -> dict:
+        conv = fused_or_winograd(m.conv, m.bn, m.kernels.winograd)
+        if isinstance(conv, FusedConv) and m.kernels.winograd4 and winograd4.applies(m.conv):
+            conv = winograd4.Winograd4Conv(conv.weight, conv.bias, m.kernels.gemm)
+        return {'conv': conv}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not fused_applies(self, x):
