@@ -8,7 +8,7 @@ anchors, their ground truth, IoU targets, dynamic k), the candidates the head se
 targets of every BCE / IoU loss term. Run it from the root of an official YOLOV checkout, on the CPU:
 
     python <this folder>/yolov_train_step.py MODEL CKPT OUT_JSON FRAME [FRAME ...] [--size S]
-    MODEL: yolov_s | yolov_l | yolovpp_s | yolovpp_l
+    MODEL: yolov_s | yolov_l | yolovpp_s | yolovpp_l | yolovpp_swintiny | yolovpp_swinbase | yolovpp_focallarge
     FRAME: an ImageNet VID frame (.../Data/VID/<split>/<video>/<n>.JPEG, its XML beside under
            Annotations/); the batch is the frames in the order given (gframe = their number)
 
@@ -22,6 +22,13 @@ the official input size; any multiple of 32 is a size its multi-scale training u
 The step: ``model.train()``, ``outputs = model(imgs, targets, lframe=0, gframe=B)``,
 ``outputs['total_loss'].backward()``. Parameters keep the ``requires_grad`` that ``get_model``
 gives them (backbone, head stems, cls_convs, reg_convs and reg_preds frozen).
+
+Transformer models (Swin / FocalNet): each ``relative_position_index`` of the checkpoint is replaced by
+the one the official model computes when built (a ``make_checkpoint.py`` file holds random numbers
+there; a trained one holds this index). ``--no-drop-path`` puts every ``DropPath`` module in eval
+mode after ``model.train()``: the frozen backbone's stochastic depth (official rates 0.2 Swin, 0.3
+FocalNet, active in the official training) draws random numbers no other code can reproduce; with it
+off, the step is deterministic and everything else is the official train-mode step.
 
 Runtime shims, none of which changes a number: ``torch.Tensor.to('cuda')`` -> CPU (two constant
 matrices of ``post_trans.Attention_msa``); recording wrappers around the head's ``get_assignments``,
@@ -45,6 +52,9 @@ EXPS = {
     'yolov_l': 'exps/yolov/yolov_l.py',
     'yolovpp_s': 'exps/yolov++/v++_base_decoupleReg.py',
     'yolovpp_l': 'exps/yolov++/v++_large_decoupleReg.py',
+    'yolovpp_swintiny': 'exps/yolov++/v++_SwinTiny_decoupleReg.py',
+    'yolovpp_swinbase': 'exps/yolov++/v++_SwinBaseX_decoupleReg.py',
+    'yolovpp_focallarge': 'exps/yolov++/v++_FocalLarge_decoupleReg.py',
 }
 FULL_GRADS = ('head.obj_preds.0.bias', 'head.obj_preds.1.bias', 'head.obj_preds.2.bias',
               'head.cls_preds.0.bias', 'head.linear_pred.bias', 'head.cls_pred.bias', 'head.obj_pred.bias',
@@ -168,14 +178,21 @@ def main():
                    help='added to head.cls_preds.*.bias of the checkpoint before loading')
     p.add_argument('--obj-bias-shift', type=float, default=0.0,
                    help='added to head.obj_preds.*.bias of the checkpoint before loading')
+    p.add_argument('--no-drop-path', action='store_true',
+                   help="DropPath modules in eval mode (the backbone's stochastic depth off)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
 
     exp = get_exp(EXPS[a.model], None)
     model = exp.get_model()
     state = shifted(torch.load(a.ckpt, map_location='cpu')['model'], a.cls_bias_shift, a.obj_bias_shift)
+    own = model.state_dict()
+    state.update({k: own[k] for k in state if k.endswith('relative_position_index')})
     model.load_state_dict(state, strict=True)
     model.train()
+    dropped = [m for m in model.modules() if type(m).__name__ == 'DropPath'] if a.no_drop_path else []
+    for m in dropped:
+        m.eval()
     rec = Recorder(model.head, a.model)
 
     imgs, targets, inputs = [], [], []
@@ -201,7 +218,7 @@ def main():
         grads[name] = None if g is None else dict(norm=float(g.double().norm()), sum=float(g.double().sum()),
                                                  full=floats(g) if name in FULL_GRADS else None)
     out = dict(model=a.model, exp_file=EXPS[a.model], checkpoint=os.path.basename(a.ckpt), size=a.size,
-               cls_bias_shift=a.cls_bias_shift, obj_bias_shift=a.obj_bias_shift,
+               cls_bias_shift=a.cls_bias_shift, obj_bias_shift=a.obj_bias_shift, drop_path_off=len(dropped),
                frames=[os.path.abspath(f).split('/Data/VID/')[-1] for f in a.frames],
                torch=torch.__version__, inputs=inputs, losses=losses,
                assignments=rec.assign, dynamic_ks=rec.dynamic_ks, selection=rec.selection,

@@ -375,6 +375,7 @@ class YOLOVPP(_YOLOVFamily):
     default_checkpoint = 'yolovpp_s'
     signature = ('backbone.backbone.', 'head.agg.')
     head_class = YOLOVPPHead
+    train_backbones = (*VARIANTS, MOBILENET, *TRANSFORMERS)
 
     @classmethod
     def build(cls, backbone: str = 'yolox_s', num_classes: int = 30, **settings) -> 'YOLOVPP':

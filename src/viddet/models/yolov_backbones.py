@@ -109,11 +109,28 @@ def shifted_window_mask(hp: int, wp: int, window: int, shift: int, device=None) 
     return diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)
 
 
+def pad_first_attention(y: torch.Tensor, attn: nn.Module, window: int, shift: int) -> torch.Tensor:
+    """The official shifted-window attention of a normalised map ``y`` (B, H, W, C), any H, W: zero
+    padding to a multiple of ``window``, cyclic shift of the padded map by ``shift`` (0: none), ``attn``
+    (timm ``WindowAttention``) on the windows with :func:`shifted_window_mask`, the reverse, crop."""
+    _, h, w, c = y.shape
+    ws, s = window, shift
+    y = F.pad(y, (0, 0, 0, (-w) % ws, 0, (-h) % ws))
+    hp, wp = y.shape[1:3]
+    mask = shifted_window_mask(hp, wp, ws, s, y.device) if s else None
+    y = torch.roll(y, (-s, -s), (1, 2)) if s else y
+    win = y.view(-1, hp // ws, ws, wp // ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, c)
+    y = attn(win, mask=mask).view(-1, hp // ws, wp // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5)
+    y = y.reshape(-1, hp, wp, c)
+    if s:
+        y = torch.roll(y, (s, s), (1, 2))
+    return y[:, :h, :w, :]
+
+
 class PadFirstSwinBlock(nn.Module):
-    """A Swin block in the official order (Swin for detection): LayerNorm, zero padding to a
-    multiple of the window, cyclic shift of the padded map, window attention with
-    :func:`shifted_window_mask`, the reverse, crop, residual; then LayerNorm, MLP, residual.
-    Layers (keys ``norm1``, ``attn``, ``norm2``, ``mlp``) are timm's ``WindowAttention`` / ``Mlp``.
+    """A Swin block in the official order (Swin for detection): LayerNorm, :func:`pad_first_attention`
+    (padding, then shift), residual; LayerNorm, MLP, residual (stochastic depth ``drop_path`` on both
+    in train mode). Layers (keys ``norm1``, ``attn``, ``norm2``, ``mlp``): timm ``WindowAttention`` / ``Mlp``.
 
     Shapes: (B, H, W, C) -> (B, H, W, C), any H, W.
     """
@@ -129,20 +146,7 @@ class PadFirstSwinBlock(nn.Module):
         self.mlp = timm.layers.Mlp(dim, 4 * dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _, h, w, c = x.shape
-        ws, s = self.window, self.shift
-        y = F.pad(self.norm1(x), (0, 0, 0, (-w) % ws, 0, (-h) % ws))
-        hp, wp = y.shape[1:3]
-        mask = None
-        if s:
-            y = torch.roll(y, (-s, -s), (1, 2))
-            mask = shifted_window_mask(hp, wp, ws, s, y.device)
-        win = y.view(-1, hp // ws, ws, wp // ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, c)
-        y = self.attn(win, mask=mask).view(-1, hp // ws, wp // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5)
-        y = y.reshape(-1, hp, wp, c)
-        if s:
-            y = torch.roll(y, (s, s), (1, 2))
-        x = x + self.drop_path(y[:, :h, :w, :])
+        x = x + self.drop_path(pad_first_attention(self.norm1(x), self.attn, self.window, self.shift))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -209,11 +213,15 @@ class TimmBody(nn.Module):
         x = self.patch_embed(x)
         outs = []
         for i, stage in enumerate(self.layers):
-            x = stage(x)
+            x = self.run_stage(stage, x)
             if i:
                 y = x if self.channels_last else x.permute(0, 2, 3, 1)
                 outs.append(getattr(self, f'norm{i}')(y).permute(0, 3, 1, 2).contiguous())
         return tuple(outs)
+
+    def run_stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """One stage of :meth:`forward` (here: the stage itself)."""
+        return stage(x)
 
     # ------------------------------------------------------------------ the official layout
     @staticmethod
@@ -264,15 +272,16 @@ class TimmBody(nn.Module):
 
 
 class SwinBody(TimmBody):
-    """Swin (official ``swin_transfomer.SwinTransformer``, ``ape=False``, ``patch_norm=True``) for a
-    576 x 576 input: timm's ``SwinTransformer`` patch embedding and stages where they match the
-    official ones (window 12: Swin-B), :class:`PadFirstSwinStage` where they do not (window 7: Swin-T)."""
+    """Swin (official ``swin_transfomer.SwinTransformer``, ``ape=False``, ``patch_norm=True``): timm's
+    ``SwinTransformer`` patch embedding and stages where they match the official ones at 576 x 576
+    (window 12: Swin-B), :class:`PadFirstSwinStage` where they do not (window 7: Swin-T); any side
+    divisible by 32 (multi-scale training: :meth:`run_stage`)."""
 
     def __init__(self, spec: TransformerSpec):
         timm = _timm('Swin')
         net = timm.models.swin_transformer.SwinTransformer(
             img_size=INPUT_SIZE, embed_dim=spec.embed_dim, depths=spec.depths, num_heads=spec.num_heads,
-            window_size=spec.window, num_classes=0, drop_path_rate=spec.drop_path)
+            window_size=spec.window, num_classes=0, drop_path_rate=spec.drop_path, strict_img_size=False)
         layers = net.layers
         if not all(timm_swin_matches(INPUT_SIZE // 4 // 2 ** i, spec.window) for i in range(len(spec.depths))):
             dims = [spec.embed_dim * 2 ** i for i in range(len(spec.depths))]
@@ -280,6 +289,21 @@ class SwinBody(TimmBody):
                                                        spec.window, rates)
                                      for i, (d, rates) in enumerate(zip(spec.depths, _drop_rates(spec)))])
         super().__init__(net.patch_embed, layers, spec)
+        self.window = spec.window
+
+    def run_stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """A timm stage whose blocks compute the official ones on the merged map (:func:`timm_swin_matches`:
+        Swin-B at 576) runs as it is; otherwise its blocks' layers run in the official order
+        (:func:`pad_first_attention`, shift window // 2 on odd blocks), e.g. in multi-scale training."""
+        if isinstance(stage, PadFirstSwinStage):
+            return stage(x)
+        x = stage.downsample(x)
+        if all(timm_swin_matches(n, self.window) for n in x.shape[1:3]):
+            return stage.blocks(x)
+        for i, blk in enumerate(stage.blocks):
+            x = x + blk.drop_path1(pad_first_attention(blk.norm1(x), blk.attn, self.window, self.window // 2 * (i % 2)))
+            x = x + blk.drop_path2(blk.mlp(blk.norm2(x)))
+        return x
 
 
 class FocalBody(TimmBody):
