@@ -160,8 +160,8 @@ class CpuKernels:
             post-ops, packed weights: :mod:`viddet.speedups.onednn`) run; False where this PyTorch
             lacks them or they fail a probe (then the plain convolutions run, and no Winograd).
         winograd4: whether YOLOX's 3x3 stride-1 convolutions of >= 256 channels run as Winograd
-            F(4x4, 3x3) with the ``gemm`` library's products (:mod:`viddet.speedups.winograd4`;
-            ``winograd``'s F(2x2, 3x3) takes precedence where both are on).
+            F(4x4, 3x3) (:mod:`viddet.speedups.winograd4`; ``winograd``'s F(2x2, 3x3) takes
+            precedence where both are on).
     """
     cpu_capability: str
     gemm: str
@@ -194,8 +194,8 @@ def cpu_kernels(gemm: Optional[str] = None, winograd: Optional[bool] = None,
     * ``fused`` (no variable): whether PyTorch's fused oneDNN kernels are present and run (a tiny
       probe, once per process);
     * ``winograd4``, ``VIDDET_WINOGRAD4=1|0``: on exactly where the fused kernels run and the GEMM
-      is oneDNN's (AMD CPUs with AVX-512), where its 36 products run at oneDNN's speed (YOLOV-L
-      ~1.2x faster; ``benchmarks/RESULTS.md``); a choice without the fused kernels is off.
+      choice is oneDNN's, i.e. on AMD CPUs with AVX-512, the only ones it was measured on (YOLOV-L
+      ~1.2x faster there; ``benchmarks/RESULTS.md``); a choice without the fused kernels is off.
 
     Raises:
         VidDetError: a value that is not one of the valid ones (naming the variable or argument and

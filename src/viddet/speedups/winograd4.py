@@ -12,11 +12,13 @@ output transforms are each one small matrix product here: the 36 values of a til
 ``kron(B^T, B^T)`` (36 x 36), the 36 products times ``kron(A^T, A^T)`` (16 x 36); the filter
 transform is done once per weight version.
 
-Where it pays: the 36 products run on oneDNN's GEMM (``kernels.gemm == 'onednn'``: AMD CPUs with
-AVX-512, whose MKL takes its AVX2 kernels). On the 2-core AMD EPYC measured, one 576 x 576 frame's
-3x3 convolution + bias + SiLU against oneDNN's direct kernel (one thread): 256 channels at 72 x 72
-1.8x faster, at 36 x 36 1.65x, 512 at 18 x 18 1.4x, 128 at 72 x 72 1.3x, and 64 at 144 x 144 0.86x
-(slower: the transforms' memory traffic outweighs the saving), hence :data:`MIN_CHANNELS`. In
+Where it pays: the 36 products are one batched product (``torch.bmm``; at these shapes, K = C =
+256-512, PyTorch's BLAS and oneDNN both run at ~75 GFLOP/s on one core of the AMD EPYC measured,
+where oneDNN's direct convolution runs at ~110). There, a 576 x 576 frame's 3x3 convolution + bias
++ SiLU against oneDNN's direct kernel (one thread, 12 frames): 256 channels at 72 x 72 1.6x faster,
+at 36 x 36 1.75x, 512 at 18 x 18 1.75x, 256 at 18 x 18 1.4x; 128 at 72 x 72 1.2x alone but slower in
+YOLOV-L's forward, and 64 at 144 x 144 0.86x (the transforms' memory traffic outweighs the
+saving), hence :data:`MIN_CHANNELS`. In
 YOLOV-L's forward (12 frames, one thread, a busy machine) its 27 convolutions of 256 and 512
 channels took 0.27 instead of 0.43 s per frame, the forward 0.95 instead of 1.15 s.
 YOLOX's fast convolutions use it (:class:`viddet.speedups.yolox.FastBaseConv`, where
@@ -33,8 +35,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from viddet.speedups.onednn import matmul_nt
 
 __all__ = ['Winograd4Conv', 'applies', 'MIN_CHANNELS']
 
@@ -76,7 +76,6 @@ class Winograd4Conv:
 
     Args:
         weight: (O, C, 3, 3) float32 (BatchNorm already folded in); bias: (O,) or None.
-        gemm: the library of the 36 products (:func:`viddet.speedups.onednn.matmul_nt`).
 
     Call ``conv(x, act)``: x (N, C, H, W) float32, any memory format; act ``'none'`` or ``'swish'``
     (SiLU) -> (N, O, H, W) channels-last, ``act(F.conv2d(x, weight, bias, padding=1))`` up to float
@@ -86,13 +85,12 @@ class Winograd4Conv:
         ValueError: a weight that is not 3x3, an input of another channel count, another activation.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], gemm: str = 'onednn'):
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor]):
         if weight.dim() != 4 or weight.shape[2:] != (3, 3):
             raise ValueError(f'Winograd4Conv needs a 3x3 weight, got {tuple(weight.shape)}')
         u = torch.einsum('ik,ockl,jl->ijoc', _G, weight.detach().double(), _G)
-        self.u = u.reshape(36, weight.shape[0], weight.shape[1]).float().contiguous()   # (36, O, C)
+        self.u = u.reshape(36, weight.shape[0], weight.shape[1]).transpose(1, 2).float().contiguous()  # (36, C, O)
         self.bias = None if bias is None else bias.detach().float().contiguous()
-        self.gemm = gemm
         self.in_channels, self.out_channels = weight.shape[1], weight.shape[0]
 
     def __call__(self, x: torch.Tensor, act: str = 'none') -> torch.Tensor:
@@ -125,9 +123,7 @@ class Winograd4Conv:
         tiles = n * th * tw
         v = torch.mm(_IN, d).view(36, tiles, c)                        # B^T d B
         o = self.out_channels
-        m = x.new_empty(36, tiles, o)
-        for p in range(36):
-            m[p] = matmul_nt(v[p], self.u[p], None, self.gemm)
+        m = torch.bmm(v, self.u)                                       # the 36 products
         y = torch.mm(_OUT, m.view(36, -1)).view(4, 4, n, th, tw, o)    # A^T m A
         whole = y.permute(2, 3, 0, 4, 1, 5).reshape(n, 4 * th, 4 * tw, o)
         out.copy_(whole[:, :h, :w])

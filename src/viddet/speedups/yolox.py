@@ -75,7 +75,7 @@ class FastBaseConv(FastModule, BaseConv):
     def _fold(m) -> dict:
         conv = fused_or_winograd(m.conv, m.bn, m.kernels.winograd)
         if isinstance(conv, FusedConv) and m.kernels.winograd4 and winograd4.applies(m.conv):
-            conv = winograd4.Winograd4Conv(conv.weight, conv.bias, m.kernels.gemm)
+            conv = winograd4.Winograd4Conv(conv.weight, conv.bias)
         return {'conv': conv}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
