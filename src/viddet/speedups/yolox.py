@@ -14,6 +14,8 @@ not apply (protocol: :mod:`viddet.models.fast`).
   than per frame). On the AVX-512 AMD CPU measured it is off by default, as everywhere with
   AVX-512: there it is 1.2-1.5x faster than oneDNN's direct kernel per frame at 256-512 channels but
   2x slower at 128 (YOLOV-L 8% faster with it on ``>= 256`` only; ``benchmarks/RESULTS.md``).
+  Where ``kernels.winograd4`` (AMD CPUs with AVX-512) the 3x3 stride-1 convs of >= 256 channels
+  run by Winograd F(4x4, 3x3) instead (:mod:`viddet.speedups.winograd4`: YOLOV-L ~17% faster).
 * :class:`FastCSPDarknet`: the letterbox pastes the frame top-left on a grey canvas (a 16:9 video
   fills 324 of 576 rows); the stem and dark2..dark4 run on the frame's part plus the rows their
   convolutions reach (:func:`run_cropped`), the rest of each map is a blank canvas's, computed once
