@@ -122,20 +122,19 @@ def _with_blank(frame: torch.Tensor, blank: torch.Tensor, size: Tuple[int, int])
     return out
 
 
-def run_cropped(stage: torch.nn.Module, frame: torch.Tensor, blank_in: torch.Tensor,
-                blank_out: torch.Tensor, stride: int = 2) -> torch.Tensor:
+def run_cropped(stage: torch.nn.Module, frame: torch.Tensor, blank_in: torch.Tensor, stride: int = 2) -> torch.Tensor:
     """A stage (one stride-``stride`` step of CSPDarknet) on the part of its input that holds the frame.
 
     Outside the top-left (r, c) of its input the frames equal the blank canvas's map (``blank_in``);
     outside the top-left (r', c'), r' = ceil(r / stride) + reach (:func:`stage_reach`), its output
-    equals the blank's (``blank_out``). The stage runs on the input's top-left (R, C),
+    equals the blank canvas's output. The stage runs on the input's top-left (R, C),
     R = stride · (ceil(r / stride) + 2 · reach) (the whole height where that is more), frame rows
     then blank rows: the output rows [0, r') it gives are exact, the last ``reach`` rows of its
     output (next to the artificial border) are not and are dropped.
 
     Args:
         frame: (N, C, r, c) the frames' part of the stage input.
-        blank_in: (1, C, H, W), blank_out (1, C', H / stride, W / stride): the blank canvas's maps.
+        blank_in: (1, C, H, W) the blank canvas's map at the stage input.
 
     Returns:
         (N, C', r', c') the frames' part of the stage output.
@@ -189,7 +188,7 @@ class FastCSPDarknet(FastModule, CSPDarknet):
         frame = x[..., :rows, :cols]
         parts = []
         for k, stage in enumerate((self.stem, self.dark2, self.dark3, self.dark4)):
-            frame = run_cropped(stage, frame, blanks[k], blanks[k + 1])
+            frame = run_cropped(stage, frame, blanks[k])
             parts.append(frame)
         c3, c4 = (_with_blank(p, b, tuple(b.shape[-2:])) for p, b in zip(parts[2:], blanks[3:]))
         return c3, c4, self.dark5(c4)
