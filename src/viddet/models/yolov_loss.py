@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from viddet.models.simota import Assignment, anchor_grid, simota_assign
 from viddet.models.yolov_head import YOLOVHead, YOLOVPPHead, corner_rows
-from viddet.models.yolox import STRIDES, decode_grid, letterbox
+from viddet.models.yolox import STRIDES, decode_grid, flat_anchors, letterbox
 
 REG_WEIGHT = 3.0
 REF_WEIGHT = 2.0
@@ -84,19 +84,15 @@ def train_outputs(head, feats: Sequence[torch.Tensor]) -> TrainOutputs:
     """The head's outputs on the PAFPN features of B frames, logits kept (official training branch)."""
     preds, cls2, regs = [], [], []
     for level, x in enumerate(feats):
-        x = head.stems[level](x)
-        reg = head.reg_convs[level](x)
-        regs.append(reg.flatten(2))
-        cls2.append(head.cls_convs2[level](x).flatten(2))
-        cls = head.cls_convs[level](x)
-        logits = (head.reg_preds[level](reg), head.obj_preds[level](reg), head.cls_preds[level](cls))
-        preds.append(torch.cat(logits, 1))
+        x, reg, box = head.box_level(level, x)
+        regs.append(reg)
+        cls2.append(head.cls_convs2[level](x))
+        preds.append(torch.cat([box, head.cls_preds[level](head.cls_convs[level](x))], 1))
     sizes = [tuple(p.shape[-2:]) for p in preds]
-    raw = decode_grid(torch.cat([p.flatten(2) for p in preds], 2).permute(0, 2, 1), sizes)
+    raw = decode_grid(flat_anchors(preds), sizes)
     scored = torch.cat([raw[..., :4], raw[..., 4:].sigmoid()], -1)
     grid = anchor_grid(sizes, STRIDES, raw.dtype, raw.device)
-    return TrainOutputs(raw, [corner_rows(s) for s in scored], torch.cat(cls2, 2).permute(0, 2, 1),
-                        torch.cat(regs, 2).permute(0, 2, 1), grid)
+    return TrainOutputs(raw, [corner_rows(s) for s in scored], flat_anchors(cls2), flat_anchors(regs), grid)
 
 
 def assign_batch(out: TrainOutputs, targets: Sequence[torch.Tensor]) -> List[Assignment]:

@@ -222,6 +222,11 @@ def decode_grid(raw: torch.Tensor, sizes: Sequence[Tuple[int, int]], strides: Se
     return raw
 
 
+def flat_anchors(maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-level maps (B, C, H_l, W_l) -> (B, A, C), anchors in level order, row-major within a level."""
+    return torch.cat([m.flatten(2) for m in maps], 2).permute(0, 2, 1)
+
+
 class YOLOXHead(nn.Module):
     """The decoupled head's still-image part plus the video heads' second class tower
     (``cls_convs2``, whose features YOLOV / YOLOV++ aggregate), three levels (strides 8/16/32).
@@ -268,16 +273,21 @@ class YOLOXHead(nn.Module):
         stems: List[torch.Tensor] = []
         regs: List[torch.Tensor] = []
         for k, x in enumerate(feats):
-            x = self.stems[k](x)
-            reg_feat = self.reg_convs[k](x)
-            cls_feat = self.cls_convs[k](x)
+            x, reg_feat, box = self.box_level(k, x)
             stems.append(x)
             regs.append(reg_feat)
-            outs.append(torch.cat([self.reg_preds[k](reg_feat), self.obj_preds[k](reg_feat).sigmoid(),
-                                   self.cls_preds[k](cls_feat).sigmoid()], 1))
+            cls = self.cls_preds[k](self.cls_convs[k](x))
+            outs.append(torch.cat([box[:, :4], box[:, 4:].sigmoid(), cls.sigmoid()], 1))
         sizes = [tuple(o.shape[-2:]) for o in outs]
-        flat = [torch.cat([t.flatten(2) for t in ts], 2).permute(0, 2, 1) for ts in (outs, regs)]
-        return decode_grid(flat[0], sizes), stems, flat[1]
+        return decode_grid(flat_anchors(outs), sizes), stems, flat_anchors(regs)
+
+    def box_level(self, k: int, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The box branch of level ``k`` on its PAFPN map x (B, C_in, H, W): (the ``stems`` output
+        (B, C, H, W), the ``reg_convs`` features (B, C, H, W), box and objectness logits (B, 5, H, W):
+        dx, dy, dw, dh, obj)."""
+        x = self.stems[k](x)
+        reg_feat = self.reg_convs[k](x)
+        return x, reg_feat, torch.cat([self.reg_preds[k](reg_feat), self.obj_preds[k](reg_feat)], 1)
 
     def cls2_at(self, stems: Sequence[torch.Tensor], idx: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         """The ``cls_convs2`` features of the anchors ``idx[b]`` (indices into the A anchors, level

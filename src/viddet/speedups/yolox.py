@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from viddet.models.fast import FastModule
 from viddet.models.yolov_head import YOLOVHead, YOLOVPPHead
-from viddet.models.yolox import PAD_VALUE, BaseConv, CSPDarknet, decode_grid
+from viddet.models.yolox import PAD_VALUE, BaseConv, CSPDarknet, decode_grid, flat_anchors
 from viddet.runtime import CpuKernels
 from viddet.speedups import winograd, winograd4
 from viddet.speedups.memo import weights_version
@@ -317,13 +317,12 @@ class FastYOLOVHead(SparseCls2, FastModule, YOLOVHead):
         folded = self.folded.get(self, self._fold)
         stems, regs, boxes = [], [], []
         for k, x in enumerate(feats):
-            x = self.stems[k](x)
-            reg_feat = self.reg_convs[k](x)
+            x, reg_feat, box = self.box_level(k, x)
             stems.append(x)
             regs.append(reg_feat)
-            boxes.append(torch.cat([self.reg_preds[k](reg_feat), self.obj_preds[k](reg_feat).sigmoid()], 1))
+            boxes.append(torch.cat([box[:, :4], box[:, 4:].sigmoid()], 1))
         sizes = [tuple(b.shape[-2:]) for b in boxes]
-        box_flat = torch.cat([t.flatten(2) for t in boxes], 2).permute(0, 2, 1)       # (B, A, 5)
+        box_flat = flat_anchors(boxes)                                                 # (B, A, 5)
         n, a = box_flat.shape[:2]
         decoded = box_flat.new_full((n, a, 5 + self.num_classes), float('nan'))
         decoded[..., :5] = box_flat
@@ -336,7 +335,7 @@ class FastYOLOVHead(SparseCls2, FastModule, YOLOVHead):
             feat = tower_at(stems[k], folded['cls'][k], fb, y, xs, self.kernels.gemm)
             weight, bias = folded['pred'][k]
             decoded[fb, anchor[here], 5:] = matmul_nt(feat, weight, bias, self.kernels.gemm).sigmoid()
-        return decoded, stems, torch.cat([t.flatten(2) for t in regs], 2).permute(0, 2, 1)
+        return decoded, stems, flat_anchors(regs)
 
     def select(self, rows: torch.Tensor) -> torch.Tensor:
         top = torch.topk(rows[:, 4], k=min(self.pre, rows.shape[0])).indices
