@@ -1,4 +1,4 @@
-"""The fast CSPDarknet (:class:`viddet.speedups.yolox.FastCSPDarknet`): the letterbox's grey
+"""The fast CSPDarknet (:class:`viddet.speedups.cspdarknet.FastCSPDarknet`): the letterbox's grey
 padding left out of the stem and dark2..dark4, the rest of each map taken from a blank canvas's maps.
 Checked against the plain backbone on letterboxed frames of every shape of padding."""
 import pytest
@@ -7,7 +7,7 @@ import torch
 from viddet import speedups
 from viddet.models.yolox import PAD_VALUE, CSPDarknet
 from viddet.runtime import cpu_kernels
-from viddet.speedups.yolox import FastCSPDarknet, frame_extent, stage_reach
+from viddet.speedups.cspdarknet import FastCSPDarknet, frame_extent, stage_reach
 
 
 def _randomised(depth=0.33, width=0.25, seed=0):
@@ -89,3 +89,73 @@ def test_unpadded_frames_and_autograd_take_the_plain_path():
     assert fast.blank[1] == []
     fast(_letterboxed(1, 128, 64, 128))                            # autograd on: the plain forward
     assert fast.blank[1] == []
+
+
+def test_focus_weight_reads_the_pixel_of_each_phase_by_hand():
+    """Tap (ky, kx) of phase (dy, dx) = image pixel (2 ky + dy, 2 kx + dx) of the 6x6 window."""
+    from viddet.speedups.cspdarknet import focus_weight
+    w = torch.zeros(1, 4, 3, 3)                   # one input channel, phases tl, bl, tr, br
+    w[0, 0, 0, 0], w[0, 1, 2, 1], w[0, 2, 1, 2], w[0, 3, 2, 2] = 1, 2, 3, 4
+    big = focus_weight(w)
+    expected = torch.zeros(1, 1, 6, 6)
+    expected[0, 0, 0, 0], expected[0, 0, 5, 2], expected[0, 0, 2, 5], expected[0, 0, 5, 5] = 1, 2, 3, 4
+    assert torch.equal(big, expected)
+
+
+@pytest.mark.parametrize('size', [(64, 96), (30, 2), (2, 2)])
+def test_fast_focus_equals_space_to_depth_then_conv(size):
+    from viddet.models.yolox import Focus
+    from viddet.speedups.cspdarknet import FastFocus
+    torch.manual_seed(0)
+    plain = _randomised().stem
+    x = torch.rand(2, 3, *size) * 255
+    with torch.no_grad():
+        expected = plain(x)
+        fast = speedups.convert(plain, cpu_kernels())
+        assert type(fast) is FastFocus and type(plain) is Focus
+        got = fast(x)
+        assert fast.fused._key is not None, 'the fused path ran'
+        with pytest.raises(RuntimeError):                           # odd size: the plain path, which
+            fast(torch.rand(1, 3, 7, 8))                            # refuses it
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize('sizes', [(5, 9, 13), (3,), (3, 7), (1, 5)])
+def test_cascade_pools_equal_max_pools_exactly(sizes):
+    from viddet.speedups.cspdarknet import cascade_pools
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 11, 17).contiguous(memory_format=torch.channels_last)
+    x[0, 0, 3, 4] = 50.0                             # a peak near the border spreads exactly k // 2
+    for got, k in zip(cascade_pools(x, sizes), sizes):
+        assert torch.equal(got, torch.nn.functional.max_pool2d(x, k, 1, k // 2))
+
+
+def test_fast_spp_equals_the_plain_one():
+    from viddet.speedups.cspdarknet import FastSPPBottleneck
+    plain = _randomised().dark5[1]
+    x = torch.randn(2, plain.conv1.conv.in_channels, 9, 7)
+    with torch.no_grad():
+        expected = plain(x)
+        fast = speedups.convert(plain, cpu_kernels())
+        assert type(fast) is FastSPPBottleneck
+        torch.testing.assert_close(fast(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_fast_pafpn_runs_a_few_frames_at_a_time_with_the_same_maps(monkeypatch):
+    from viddet.models.yolox import PAFPN
+    from viddet.speedups import cspdarknet
+    monkeypatch.setattr(cspdarknet, 'FRAME_CHUNK', 2)
+    torch.manual_seed(0)
+    plain = PAFPN(0.33, 0.25).eval()
+    x = _letterboxed(5, 128, 72, 128)
+    runs = []
+    with torch.no_grad():
+        expected = plain(x)
+        fast = speedups.convert(plain, cpu_kernels())
+        assert type(fast) is cspdarknet.FastPAFPN
+        fast.backbone.register_forward_hook(lambda m, inp, out: runs.append(len(inp[0])))
+        got = fast(x)
+    assert runs == [2, 2, 1]
+    for a, b in zip(got, expected):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -223,7 +223,11 @@ def decode_grid(raw: torch.Tensor, sizes: Sequence[Tuple[int, int]], strides: Se
 
 
 def flat_anchors(maps: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Per-level maps (B, C, H_l, W_l) -> (B, A, C), anchors in level order, row-major within a level."""
+    """Per-level maps (B, C, H_l, W_l) -> (B, A, C), anchors in level order, row-major within a level.
+    Channels-last maps are concatenated location-major (one contiguous copy: a view of each map);
+    others channel-major, the result a transposed view."""
+    if all(m.permute(0, 2, 3, 1).is_contiguous() for m in maps):
+        return torch.cat([m.permute(0, 2, 3, 1).flatten(1, 2) for m in maps], 1)
     return torch.cat([m.flatten(2) for m in maps], 2).permute(0, 2, 1)
 
 

@@ -65,9 +65,13 @@ fast module                                 speeds up
                                             post-op, channels-last; the >= 256-channel 3x3 ones
                                             by Winograd F(4x4, 3x3) where ``kernels.winograd4``
                                             (:mod:`winograd4`)
-:class:`yolox.FastCSPDarknet`               stem and dark2..dark4 on the frames' part of the
+:class:`cspdarknet.FastCSPDarknet`          stem and dark2..dark4 on the frames' part of the
                                             letterbox only, the grey rest of each map from a
                                             blank canvas's maps (made once per input size)
+:class:`cspdarknet.FastFocus`               the stem: one 6x6 stride-2 conv of the image
+:class:`cspdarknet.FastSPPBottleneck`       SPP's 5/9/13 max pools as a cascade of row and
+                                            column pools
+:class:`cspdarknet.FastPAFPN`               backbone + neck a few frames at a time
 :class:`yolox.FastYOLOVHead`,               ``cls2_at``: the ``cls_convs2`` features of the
 :class:`yolox.FastYOLOVPPHead`              candidates only (gathered 3x3 patches x folded
                                             weights); YOLOV's ``still_parts``: the class tower
@@ -91,7 +95,7 @@ from viddet.models.flownet import FlowNetSimple
 from viddet.models.layers import ConvAct
 from viddet.models.temporal_roi_align import TemporalRoIAlign
 from viddet.models.yolov_head import YOLOVHead, YOLOVPPHead
-from viddet.models.yolox import BaseConv, CSPDarknet
+from viddet.models.yolox import PAFPN, BaseConv, CSPDarknet, Focus, SPPBottleneck
 from viddet.runtime import CpuKernels, cpu_kernels
 from viddet.speedups.detector import (FastConvAct, FastLinear, FastResNetDC5, FastRoIHead, FastRPNHead,
                                       FastSingleRoIExtractor)
@@ -99,7 +103,8 @@ from viddet.speedups.fgfa import FastEmbedAggregator
 from viddet.speedups.flownet import FastFlowNetSimple
 from viddet.speedups.selsa import FastSelsaAggregator
 from viddet.speedups.troi import FastTemporalRoIAlign
-from viddet.speedups.yolox import FastBaseConv, FastCSPDarknet, FastYOLOVHead, FastYOLOVPPHead
+from viddet.speedups.cspdarknet import FastCSPDarknet, FastFocus, FastPAFPN, FastSPPBottleneck
+from viddet.speedups.yolox import FastBaseConv, FastYOLOVHead, FastYOLOVPPHead
 
 FAST_MODULES: Dict[type, type] = {
     ResNetDC5: FastResNetDC5,
@@ -112,6 +117,9 @@ FAST_MODULES: Dict[type, type] = {
     EmbedAggregator: FastEmbedAggregator,
     BaseConv: FastBaseConv,
     CSPDarknet: FastCSPDarknet,
+    Focus: FastFocus,
+    SPPBottleneck: FastSPPBottleneck,
+    PAFPN: FastPAFPN,
     YOLOVHead: FastYOLOVHead,
     YOLOVPPHead: FastYOLOVPPHead,
 }

@@ -68,6 +68,18 @@ class FusedConv:
         self.groups = conv.groups
         self.output_padding = list(getattr(conv, 'output_padding', (0, 0)))
 
+    @classmethod
+    def of(cls, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int = 1, padding: int = 0) -> 'FusedConv':
+        """A convolution given by its (folded) weight (O, C, kh, kw) and bias (O,) (no dilation or
+        groups)."""
+        conv = cls.__new__(cls)
+        conv.transposed = False
+        conv.weight = weight.contiguous(memory_format=torch.channels_last)
+        conv.bias = bias
+        conv.padding, conv.stride, conv.dilation = [padding] * 2, [stride] * 2, [1, 1]
+        conv.groups, conv.output_padding = 1, [0, 0]
+        return conv
+
     def __call__(self, x: torch.Tensor, act: str = 'none', scalars: Sequence[float] = (),
                  add: Optional[torch.Tensor] = None) -> torch.Tensor:
         """conv(x) [+ add] then ``act`` ('none', 'relu', 'leaky_relu' with scalars [slope])."""

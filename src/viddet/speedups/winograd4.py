@@ -8,9 +8,9 @@ For an output tile Y (4x4) of one output channel and the input tile d (6x6) of e
 
 so the convolution becomes 36 independent matrix products (tiles x C) @ (C x O), one per position
 of the 6x6 transform grid, 4x fewer multiplications than the direct convolution. The input and
-output transforms are each one small matrix product here: the 36 values of a tile times
-``kron(B^T, B^T)`` (36 x 36), the 36 products times ``kron(A^T, A^T)`` (16 x 36); the filter
-transform is done once per weight version.
+output transforms are each two small matrix products here, B^T (A^T) along the tiles' rows then
+along their columns (5-10% faster per convolution than one product by ``kron(B^T, B^T)``, 36 x 36,
+which does 3x the multiplications); the filter transform is done once per weight version.
 
 Where it pays: the 36 products are one batched product (``torch.bmm``; at these shapes, K = C =
 256-512, PyTorch's BLAS and oneDNN both run at ~75 GFLOP/s on one core of the AMD EPYC measured,
@@ -57,8 +57,7 @@ _G = torch.tensor([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 /
                    [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], dtype=torch.float64)
 _AT = torch.tensor([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
                    dtype=torch.float64)
-_IN = torch.kron(_BT, _BT).float()      # (36, 36): tile value (k, l) -> transform position (i, j)
-_OUT = torch.kron(_AT, _AT).float()     # (16, 36): transform position (i, j) -> output (r, s)
+_BT32, _AT32 = _BT.float(), _AT.float()
 
 
 def applies(conv: nn.Module) -> bool:
@@ -119,11 +118,11 @@ class Winograd4Conv:
         padded[:, 1:1 + h, 1:1 + w] = x
         sn, sh, sw, sc = padded.stride()
         # d[k, l, f, ti, tj, c] = padded[f, 4 ti + k, 4 tj + l, c]: the 6x6 input tiles, overlapping by 2
-        d = padded.as_strided((6, 6, n, th, tw, c), (sh, sw, sn, 4 * sh, 4 * sw, sc)).reshape(36, -1)
+        d = padded.as_strided((6, 6, n, th, tw, c), (sh, sw, sn, 4 * sh, 4 * sw, sc)).reshape(6, -1)
         tiles = n * th * tw
-        v = torch.mm(_IN, d).view(36, tiles, c)                        # B^T d B
+        v = torch.matmul(_BT32, torch.mm(_BT32, d).view(6, 6, -1)).view(36, tiles, c)     # B^T d B
         o = self.out_channels
         m = torch.bmm(v, self.u)                                       # the 36 products
-        y = torch.mm(_OUT, m.view(36, -1)).view(4, 4, n, th, tw, o)    # A^T m A
+        y = torch.matmul(_AT32, torch.mm(_AT32, m.view(6, -1)).view(4, 6, -1)).view(4, 4, n, th, tw, o)  # A^T m A
         whole = y.permute(2, 3, 0, 4, 1, 5).reshape(n, 4 * th, 4 * tw, o)
         out.copy_(whole[:, :h, :w])

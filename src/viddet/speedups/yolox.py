@@ -16,11 +16,7 @@ not apply (protocol: :mod:`viddet.models.fast`).
   2x slower at 128 (YOLOV-L 8% faster with it on ``>= 256`` only; ``benchmarks/RESULTS.md``).
   Where ``kernels.winograd4`` (AMD CPUs with AVX-512) the 3x3 stride-1 convs of >= 256 channels
   run by Winograd F(4x4, 3x3) instead (:mod:`viddet.speedups.winograd4`: YOLOV-L ~17% faster).
-* :class:`FastCSPDarknet`: the letterbox pastes the frame top-left on a grey canvas (a 16:9 video
-  fills 324 of 576 rows); the stem and dark2..dark4 run on the frame's part plus the rows their
-  convolutions reach (:func:`run_cropped`), the rest of each map is a blank canvas's, computed once
-  per input size. dark5's pools spread the frame over the whole map: from there on every map is
-  computed in full.
+* The backbone and neck: :mod:`viddet.speedups.cspdarknet`.
 * :class:`FastYOLOVHead`, :class:`FastYOLOVPPHead`: the second class tower (``cls_convs2``), whose
   features only the selected candidates use, computed at the candidates' anchors only (and the
   3x3 neighbourhoods its second conv reads) as gathered 3x3 patches times the folded weights,
@@ -31,20 +27,19 @@ not apply (protocol: :mod:`viddet.models.fast`).
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from viddet.models.fast import FastModule
 from viddet.models.yolov_head import YOLOVHead, YOLOVPPHead
-from viddet.models.yolox import PAD_VALUE, BaseConv, CSPDarknet, decode_grid, flat_anchors
+from viddet.models.yolox import BaseConv, decode_grid, flat_anchors
 from viddet.runtime import CpuKernels
 from viddet.speedups import winograd, winograd4
-from viddet.speedups.memo import weights_version
 from viddet.speedups.onednn import FusedCache, FusedConv, fused_applies, fused_or_winograd, matmul_nt
 
-__all__ = ['FastBaseConv', 'FastCSPDarknet', 'frame_extent', 'run_cropped', 'stage_reach', 'SparseCls2', 'FastYOLOVHead', 'FastYOLOVPPHead', 'conv3x3_at', 'tower_at']
+__all__ = ['FastBaseConv', 'SparseCls2', 'FastYOLOVHead', 'FastYOLOVPPHead', 'conv3x3_at', 'tower_at']
 
 DENSE_FRACTION = 0.5
 """A level whose first ``cls_convs2`` conv is needed at more than this fraction of its anchors
@@ -90,130 +85,38 @@ class FastBaseConv(FastModule, BaseConv):
         return conv(x, 'swish')
 
 
-def frame_extent(x: torch.Tensor, pad_value: float = PAD_VALUE) -> Tuple[int, int]:
-    """(rows, columns) of the top-left rectangle outside which every value of the batch ``x`` (N, C,
-    H, W) equals ``pad_value``: the letterbox's frame (:func:`viddet.models.yolox.letterbox`), or a
-    smaller rectangle where the frame's last rows or columns happen to be grey 114 themselves."""
-    content = (x != pad_value).flatten(0, 1).any(0)                          # (H, W)
-    rows, cols = content.any(1).nonzero(), content.any(0).nonzero()
-    return (int(rows[-1]) + 1 if len(rows) else 0), (int(cols[-1]) + 1 if len(cols) else 0)
-
-
-def stage_reach(stage: torch.nn.Module) -> int:
-    """How many rows (and columns) beyond its input's own the output of a stage differs from a blank
-    input's, counted at the stage's output resolution: one per 3x3 convolution or max pool radius,
-    strided ones included (an upper bound, whatever their order)."""
-    reach = 0
-    for m in stage.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            reach += (m.kernel_size[0] // 2) * m.dilation[0]
-        elif isinstance(m, torch.nn.MaxPool2d):
-            reach += m.kernel_size // 2 if isinstance(m.kernel_size, int) else m.kernel_size[0] // 2
-    return reach
-
-
-def _with_blank(frame: torch.Tensor, blank: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    """The top-left ``size`` of ``blank`` (1, C, H, W) for each frame, ``frame`` (N, C, r, c) pasted in
-    its top-left corner; channels-last."""
-    out = torch.empty((len(frame), blank.shape[1], *size), dtype=frame.dtype,
-                      memory_format=torch.channels_last)
-    out.copy_(blank[..., :size[0], :size[1]].expand(len(frame), -1, -1, -1))
-    out[..., :frame.shape[-2], :frame.shape[-1]] = frame
-    return out
-
-
-def run_cropped(stage: torch.nn.Module, frame: torch.Tensor, blank_in: torch.Tensor, stride: int = 2) -> torch.Tensor:
-    """A stage (one stride-``stride`` step of CSPDarknet) on the part of its input that holds the frame.
-
-    Outside the top-left (r, c) of its input the frames equal the blank canvas's map (``blank_in``);
-    outside the top-left (r', c'), r' = ceil(r / stride) + reach (:func:`stage_reach`), its output
-    equals the blank canvas's output. The stage runs on the input's top-left (R, C),
-    R = stride · (ceil(r / stride) + 2 · reach) (the whole height where that is more), frame rows
-    then blank rows: the output rows [0, r') it gives are exact, the last ``reach`` rows of its
-    output (next to the artificial border) are not and are dropped.
-
-    Args:
-        frame: (N, C, r, c) the frames' part of the stage input.
-        blank_in: (1, C, H, W) the blank canvas's map at the stage input.
-
-    Returns:
-        (N, C', r', c') the frames' part of the stage output.
-    """
-    reach = stage_reach(stage)
-    h, w = blank_in.shape[-2:]
-    r, c = frame.shape[-2:]
-    out_size = [min(-(-r // stride) + reach, h // stride), min(-(-c // stride) + reach, w // stride)]
-    crop = (min(stride * (-(-r // stride) + 2 * reach), h), min(stride * (-(-c // stride) + 2 * reach), w))
-    out = stage(_with_blank(frame, blank_in, crop))
-    return out[..., :out_size[0], :out_size[1]]
-
-
-class FastCSPDarknet(FastModule, CSPDarknet):
-    """:class:`CSPDarknet` that leaves out the letterbox's grey padding where it can: the stem and
-    dark2..dark4 run on the frames' part of their input (:func:`run_cropped`), and the rest of each
-    map is copied from the maps of a blank (all-114) canvas of the same size, computed once per
-    input size and weights (``blank``). dark5, whose pooling spreads the frame over the whole map,
-    and everything after it run in full. The same values as the plain backbone (up to float
-    rounding): outside the frame's reach, a convolution of the frame's map and of the blank map sum
-    the same numbers. A 1280 x 720 frame at 576 x 576 is 576 x 324 of frame over 252 rows of grey.
-
-    Attributes:
-        blank: ((input size, weights version), [the blank canvas (1, 3, H, W) and the stem's,
-            dark2's, dark3's and dark4's outputs for it]).
-    """
-
-    fast_attributes = ('blank',)
-
-    def __init__(self, plain: CSPDarknet, kernels: CpuKernels):
-        super().__init__(plain, kernels)
-        self.blank = (None, [])
-
-    def blank_maps(self, x: torch.Tensor) -> List[torch.Tensor]:
-        """The blank canvas of ``x``'s size and its maps after the stem, dark2, dark3, dark4."""
-        key = (tuple(x.shape[1:]), x.dtype, weights_version(self), self.kernels)
-        if self.blank[0] != key:
-            maps = [x.new_full((1, *x.shape[1:]), float(PAD_VALUE))]
-            for stage in (self.stem, self.dark2, self.dark3, self.dark4):
-                maps.append(stage(maps[-1]))
-            self.blank = (key, maps)
-        return self.blank[1]
-
-    def forward(self, x: torch.Tensor):
-        if not fused_applies(self, x) or x.shape[-1] % 32 or x.shape[-2] % 32:
-            return super().forward(x)
-        rows, cols = frame_extent(x)
-        if (rows, cols) == tuple(x.shape[-2:]):
-            return super().forward(x)
-        blanks = self.blank_maps(x)
-        frame = x[..., :rows, :cols]
-        parts = []
-        for k, stage in enumerate((self.stem, self.dark2, self.dark3, self.dark4)):
-            frame = run_cropped(stage, frame, blanks[k])
-            parts.append(frame)
-        c3, c4 = (_with_blank(p, b, tuple(b.shape[-2:])) for p, b in zip(parts[2:], blanks[3:]))
-        return c3, c4, self.dark5(c4)
-
-
 def conv3x3_at(x: torch.Tensor, conv: FusedConv, b: torch.Tensor, y: torch.Tensor, xs: torch.Tensor,
-               gemm: str = 'mkl') -> torch.Tensor:
+               gemm: str = 'mkl', rows: Optional[torch.Tensor] = None) -> torch.Tensor:
     """SiLU of a 3x3, stride-1, padding-1 convolution (+ bias) at some locations only.
 
     Args:
-        x: (B, H + 2, W + 2, C) the zero-padded input, location-major (NHWC).
+        x: (B, H, W, C) the input, location-major (NHWC; a channels-last map's permuted view), or
+            with ``rows`` (R, C) the input's values at some locations only.
         conv: the convolution (weight (O, C, 3, 3), bias (O,)), BN folded in.
-        b, y, xs: (P,) frame, row and column of each output location (unpadded coordinates).
+        b, y, xs: (P,) frame, row and column of each output location.
         gemm: the GEMM library (:func:`viddet.speedups.onednn.matmul_nt`).
+        rows: optional (B, H, W) long, the row of ``x`` that holds each location's input (the
+            locations the patches read must have one).
 
     Returns:
-        (P, O): ``silu(conv(x))[b, :, y, xs]``, the 3x3 patches times the weight as one GEMM
-        (the same sums as the direct convolution, in another order).
+        (P, O): ``silu(conv(x))[b, :, y, xs]``, the 3x3 patches (zero outside the map, as the
+        padding) times the weight as one GEMM (the same sums as the direct convolution, in
+        another order).
     """
-    ky, kx = torch.meshgrid(torch.arange(3), torch.arange(3), indexing='ij')
-    hp, wp, c = x.shape[1:]
-    flat = ((b[:, None] * hp + y[:, None] + ky.reshape(1, 9)) * wp + xs[:, None] + kx.reshape(1, 9)).reshape(-1)
-    patches = x.reshape(-1, c).index_select(0, flat).reshape(len(b), -1)    # (P, 9C): (ky, kx, c)
-    weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.weight.shape[0], -1)
-    return F.silu(matmul_nt(patches, weight, conv.bias, gemm))
+    n, h, w = x.shape[:3] if rows is None else rows.shape
+    ky, kx = torch.meshgrid(torch.arange(-1, 2), torch.arange(-1, 2), indexing='ij')
+    yy, xx = y[:, None] + ky.reshape(1, 9), xs[:, None] + kx.reshape(1, 9)            # (P, 9)
+    inside = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
+    yy, xx = yy.clamp(0, h - 1), xx.clamp(0, w - 1)
+    if rows is None:
+        flat, source = ((b[:, None] * h + yy) * w + xx).reshape(-1), x.reshape(-1, x.shape[-1])
+    else:
+        flat, source = rows[b[:, None], yy, xx].reshape(-1), x
+    patches = source.index_select(0, flat).view(len(b), 9, -1)                       # (P, 9, C)
+    if not bool(inside.all()):
+        patches[~inside] = 0
+    weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.weight.shape[0], -1)       # (ky, kx, c)
+    return F.silu(matmul_nt(patches.view(len(b), -1), weight, conv.bias, gemm))
 
 
 def tower_at(x: torch.Tensor, convs: Sequence[FusedConv], b: torch.Tensor, y: torch.Tensor,
@@ -221,9 +124,10 @@ def tower_at(x: torch.Tensor, convs: Sequence[FusedConv], b: torch.Tensor, y: to
     """Two stacked 3x3 conv + BN + SiLU (a ``cls_convs2`` tower, BN folded) at some locations.
 
     The first conv runs at the in-map 3x3 neighbourhoods of the locations (all the second one
-    reads; the rest of its map stays zero, as is its padding), the second at the locations, both
-    by :func:`conv3x3_at`; where the neighbourhoods cover more than :data:`DENSE_FRACTION` of the
-    map, the two convolutions run densely (oneDNN) and are gathered.
+    reads), the second at the locations, both by :func:`conv3x3_at` (the second reads the
+    first's outputs through a table of their rows: no map is materialised); where the
+    neighbourhoods cover more than :data:`DENSE_FRACTION` of the map, the two convolutions run
+    densely (oneDNN) and are gathered.
 
     Args:
         x: (B, C, H, W) the tower's input (the head's stem output of one level).
@@ -238,14 +142,14 @@ def tower_at(x: torch.Tensor, convs: Sequence[FusedConv], b: torch.Tensor, y: to
     need[b, 0, y, xs] = 1
     need = F.max_pool2d(need, 3, 1, 1)[:, 0] > 0                              # 3x3 neighbourhoods
     nb, ny, nx = torch.nonzero(need, as_tuple=True)
+    x = x.contiguous(memory_format=torch.channels_last)
     if len(nb) > DENSE_FRACTION * need.numel():
-        x = x.contiguous(memory_format=torch.channels_last)
         out = convs[1](convs[0](x, 'swish'), 'swish')
         return out.permute(0, 2, 3, 1)[b, y, xs]
-    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))               # (B, H + 2, W + 2, C)
-    first = padded.new_zeros(n, h + 2, w + 2, convs[0].weight.shape[0])
-    first[nb, ny + 1, nx + 1] = conv3x3_at(padded, convs[0], nb, ny, nx, gemm)
-    return conv3x3_at(first, convs[1], b, y, xs, gemm)
+    first = conv3x3_at(x.permute(0, 2, 3, 1), convs[0], nb, ny, nx, gemm)     # (P', C)
+    rows = torch.zeros(n, h, w, dtype=torch.long, device=x.device)
+    rows[nb, ny, nx] = torch.arange(len(nb), device=x.device)
+    return conv3x3_at(first, convs[1], b, y, xs, gemm, rows)
 
 
 class SparseCls2:
