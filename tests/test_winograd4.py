@@ -52,7 +52,8 @@ def test_bad_weights_inputs_and_activations_are_refused():
 
 def test_applies_to_wide_3x3_stride_1_convolutions_only():
     assert winograd4.applies(torch.nn.Conv2d(256, 256, 3, 1, 1))
-    assert not winograd4.applies(torch.nn.Conv2d(128, 256, 3, 1, 1))                  # too narrow
+    assert winograd4.applies(torch.nn.Conv2d(128, 128, 3, 1, 1))
+    assert not winograd4.applies(torch.nn.Conv2d(64, 256, 3, 1, 1))                   # too narrow
     assert not winograd4.applies(torch.nn.Conv2d(256, 256, 3, 2, 1))                  # strided
     assert not winograd4.applies(torch.nn.Conv2d(256, 256, 1))
     assert not winograd4.applies(torch.nn.Conv2d(256, 256, 3, 1, 2, dilation=2))

@@ -159,7 +159,7 @@ class CpuKernels:
         fused: whether the fused oneDNN convolutions (BN folded in, activation and residual add as
             post-ops, packed weights: :mod:`viddet.speedups.onednn`) run; False where this PyTorch
             lacks them or they fail a probe (then the plain convolutions run, and no Winograd).
-        winograd4: whether YOLOX's 3x3 stride-1 convolutions of >= 256 channels run as Winograd
+        winograd4: whether YOLOX's 3x3 stride-1 convolutions of >= 128 channels run as Winograd
             F(4x4, 3x3) (:mod:`viddet.speedups.winograd4`; ``winograd``'s F(2x2, 3x3) takes
             precedence where both are on).
     """

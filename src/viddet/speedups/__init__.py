@@ -62,7 +62,7 @@ fast module                                 speeds up
 :class:`detector.FastRoIHead`               (300 proposals, 100 detections; :mod:`nms`)
 :class:`yolox.FastBaseConv`                 YOLOX's conv + BN + SiLU (CSPDarknet, PAFPN, head):
                                             one oneDNN primitive, BN folded, SiLU as the swish
-                                            post-op, channels-last; the >= 256-channel 3x3 ones
+                                            post-op, channels-last; the >= 128-channel 3x3 ones
                                             by Winograd F(4x4, 3x3) where ``kernels.winograd4``
                                             (:mod:`winograd4`)
 :class:`cspdarknet.FastCSPDarknet`          stem and dark2..dark4 on the frames' part of the

@@ -16,11 +16,12 @@ Where it pays: the 36 products are one batched product (``torch.bmm``; at these 
 256-512, PyTorch's BLAS and oneDNN both run at ~75 GFLOP/s on one core of the AMD EPYC measured,
 where oneDNN's direct convolution runs at ~110). There, a 576 x 576 frame's 3x3 convolution + bias
 + SiLU against oneDNN's direct kernel (one thread, 12 frames): 256 channels at 72 x 72 1.6x faster,
-at 36 x 36 1.75x, 512 at 18 x 18 1.75x, 256 at 18 x 18 1.4x; 128 at 72 x 72 1.2x alone but slower in
-YOLOV-L's forward, and 64 at 144 x 144 0.86x (the transforms' memory traffic outweighs the
-saving), hence :data:`MIN_CHANNELS`. In
-YOLOV-L's forward (12 frames, one thread, a busy machine) its 27 convolutions of 256 and 512
-channels took 0.27 instead of 0.43 s per frame, the forward 0.95 instead of 1.15 s.
+at 36 x 36 1.75x, 512 at 18 x 18 1.75x, 256 at 18 x 18 1.4x; 128 at 72 x 72 1.2-1.3x, and 64 at
+144 x 144 0.86x (the transforms' memory traffic outweighs the saving). In YOLOV-L's forward (12
+frames, one thread, a busy machine) its 27 convolutions of 256 and 512 channels took 0.27 instead
+of 0.43 s per frame, the forward 0.95 instead of 1.15 s; with the 128-channel ones as well (once
+the backbone ran 4 frames at a time and the transforms were separable) the forward was another
+4-5% faster (YOLOV-S 5-7%), with the 64-channel ones no faster again: :data:`MIN_CHANNELS`.
 YOLOX's fast convolutions use it (:class:`viddet.speedups.yolox.FastBaseConv`, where
 ``kernels.winograd4``: :func:`viddet.runtime.cpu_kernels`).
 
@@ -38,11 +39,11 @@ from torch import nn
 
 __all__ = ['Winograd4Conv', 'applies', 'MIN_CHANNELS']
 
-MIN_CHANNELS = 256
-"""Narrowest convolution (input and output channels) :func:`applies` takes: 64 channels at 144 x 144
-ran 0.86x the direct kernel's speed; 128 at 72 x 72 1.2-1.3x on an idle machine but 0.86-0.97x in
-YOLOV-L's forward with other jobs on the machine (the transforms' memory traffic); 256 and 512
-1.45-1.75x in both."""
+MIN_CHANNELS = 128
+"""Narrowest convolution (input and output channels) :func:`applies` takes. In the forward of
+YOLOV-S and -L (12 frames, one and two threads, alternated in one process on the 2-core AMD EPYC):
+128 instead of 256 was 4-7% faster, 64 instead of 128 no faster (S 1% slower, L the same); alone,
+64 channels at 144 x 144 ran 0.86x the direct kernel's speed."""
 
 CHUNK_BYTES = 20 << 20
 """Frames are transformed together while their transformed inputs and products (36 x tiles x

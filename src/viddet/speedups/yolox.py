@@ -14,7 +14,7 @@ not apply (protocol: :mod:`viddet.models.fast`).
   than per frame). On the AVX-512 AMD CPU measured it is off by default, as everywhere with
   AVX-512: there it is 1.2-1.5x faster than oneDNN's direct kernel per frame at 256-512 channels but
   2x slower at 128 (YOLOV-L 8% faster with it on ``>= 256`` only; ``benchmarks/RESULTS.md``).
-  Where ``kernels.winograd4`` (AMD CPUs with AVX-512) the 3x3 stride-1 convs of >= 256 channels
+  Where ``kernels.winograd4`` (AMD CPUs with AVX-512) the 3x3 stride-1 convs of >= 128 channels
   run by Winograd F(4x4, 3x3) instead (:mod:`viddet.speedups.winograd4`: YOLOV-L ~17% faster).
 * The backbone and neck: :mod:`viddet.speedups.cspdarknet`.
 * :class:`FastYOLOVHead`, :class:`FastYOLOVPPHead`: the second class tower (``cls_convs2``), whose
