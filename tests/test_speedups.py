@@ -915,14 +915,16 @@ def test_fast_base_conv_by_winograd_one_frame_at_a_time(monkeypatch):
     assert ran == [1, 1, 1]
 
 
-@pytest.mark.parametrize('dense_fraction', [0.0, 1.0])    # the dense fallback / the sparse path
-def test_tower_at_equals_the_dense_tower_at_the_locations(dense_fraction, monkeypatch):
+@pytest.mark.parametrize('dense_fraction, patch_bytes', [(0.0, 8 << 20), (1.0, 8 << 20), (1.0, 1), (1.0, 3 * 9 * 16 * 4)],
+                         ids=['dense', 'sparse', 'sparse-one-location-at-a-time', 'sparse-three-at-a-time'])
+def test_tower_at_equals_the_dense_tower_at_the_locations(dense_fraction, patch_bytes, monkeypatch):
     """Two 3x3 conv + BN + SiLU at some locations (borders and corners included, repeated ones,
-    two frames) equal the dense tower's output there."""
+    two frames) equal the dense tower's output there, whatever the patches' chunk size."""
     from viddet.models.yolox import _tower
     from viddet.speedups import yolox as fast_yolox
     from viddet.speedups.onednn import FusedConv
     monkeypatch.setattr(fast_yolox, 'DENSE_FRACTION', dense_fraction)
+    monkeypatch.setattr(fast_yolox, 'PATCH_BYTES', patch_bytes)
     torch.manual_seed(1)
     tower = _tower(16).eval()
     _randomise_bn(tower, 2)

@@ -46,6 +46,12 @@ DENSE_FRACTION = 0.5
 (the candidates' 3x3 neighbourhoods) runs the dense tower (:func:`tower_at`)."""
 
 
+PATCH_BYTES = 8 << 20
+""":func:`conv3x3_at` gathers and multiplies the patches of this many bytes of locations at a time
+(the whole level's patches are up to 180 MB, which the allocator maps fresh from the system on
+every call, each first touch of a page a fault)."""
+
+
 class FastBaseConv(FastModule, BaseConv):
     """:class:`BaseConv` (conv -> BN, eps 1e-3 -> SiLU) as one fused oneDNN convolution with the BN
     folded in and SiLU as the ``swish`` post-op, in channels-last memory format (its output is
@@ -112,11 +118,18 @@ def conv3x3_at(x: torch.Tensor, conv: FusedConv, b: torch.Tensor, y: torch.Tenso
         flat, source = ((b[:, None] * h + yy) * w + xx).reshape(-1), x.reshape(-1, x.shape[-1])
     else:
         flat, source = rows[b[:, None], yy, xx].reshape(-1), x
-    patches = source.index_select(0, flat).view(len(b), 9, -1)                       # (P, 9, C)
-    if not bool(inside.all()):
-        patches[~inside] = 0
+    outside = ~inside.reshape(-1)
     weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.weight.shape[0], -1)       # (ky, kx, c)
-    return F.silu(matmul_nt(patches.view(len(b), -1), weight, conv.bias, gemm))
+    out = source.new_empty(len(b), weight.shape[0])
+    step = max(1, PATCH_BYTES // (weight.shape[1] * source.element_size()))
+    for start in range(0, len(b), step):
+        taps = slice(9 * start, 9 * (start + step))
+        patches = source.index_select(0, flat[taps])                                # (p * 9, C)
+        zero = outside[taps].nonzero().squeeze(1)
+        if len(zero):
+            patches.index_fill_(0, zero, 0)                                          # those rows only
+        out[start:start + step] = matmul_nt(patches.view(-1, weight.shape[1]), weight, conv.bias, gemm)
+    return F.silu(out, inplace=True)
 
 
 def tower_at(x: torch.Tensor, convs: Sequence[FusedConv], b: torch.Tensor, y: torch.Tensor,
@@ -153,10 +166,12 @@ def tower_at(x: torch.Tensor, convs: Sequence[FusedConv], b: torch.Tensor, y: to
 
 
 class SparseCls2:
-    """``cls2_at`` of a fast video head (a base class before :class:`viddet.models.fast.FastModule`):
-    the ``cls_convs2`` features of the candidates only (:func:`tower_at` per level), where the
-    plain head computes them over every anchor and gathers; the plain ``cls2_at`` where the fused
-    kernels do not apply."""
+    """``cls2_at`` and ``box_level`` of a fast video head (a base class before
+    :class:`viddet.models.fast.FastModule`): the ``cls_convs2`` features of the candidates only
+    (:func:`tower_at` per level), where the plain head computes them over every anchor and
+    gathers; the box and objectness predictions (two 1x1 convs of 4 and 1 outputs, which PyTorch
+    runs by im2col) as one product of the box branch's location-major features. The plain methods
+    where the fused kernels do not apply."""
 
     fast_attributes = ('folded',)
 
@@ -165,7 +180,20 @@ class SparseCls2:
         self.folded = FusedCache()
 
     def _fold(self, _) -> dict:
-        return {'towers': [[FusedConv(m.conv, m.bn) for m in tower] for tower in self.cls_convs2]}
+        box = [(torch.cat([r.weight, o.weight]).detach().flatten(1), torch.cat([r.bias, o.bias]).detach())
+               for r, o in zip(self.reg_preds, self.obj_preds)]
+        return {'towers': [[FusedConv(m.conv, m.bn) for m in tower] for tower in self.cls_convs2], 'box': box}
+
+    def box_level(self, k: int, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not fused_applies(self, x):
+            return super().box_level(k, x)
+        weight, bias = self.folded.get(self, self._fold)['box'][k]
+        stem = self.stems[k](x)
+        reg = self.reg_convs[k](stem)
+        n, c, h, w = reg.shape
+        rows = reg.permute(0, 2, 3, 1).reshape(-1, c)                    # a view of a channels-last map
+        box = matmul_nt(rows, weight, bias, self.kernels.gemm).view(n, h, w, -1).permute(0, 3, 1, 2)
+        return stem, reg, box
 
     def cls2_at(self, stems: Sequence[torch.Tensor], idx: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         if not fused_applies(self, stems[0]):
