@@ -935,8 +935,14 @@ def test_tower_at_equals_the_dense_tower_at_the_locations(dense_fraction, patch_
     with torch.no_grad():
         expected = tower(x)[b, :, y, xs]
         got = fast_yolox.tower_at(x, [FusedConv(m.conv, m.bn) for m in tower], b, y, xs)
+        calls = []
+        module = speedups.convert(copy.deepcopy(tower), cpu_kernels())   # the tower's own fast modules
+        module.register_forward_hook(lambda m, inp, out: calls.append(out.shape))
+        by_module = fast_yolox.tower_at(x, [FusedConv(m.conv, m.bn) for m in tower], b, y, xs, dense=module)
     assert got.shape == (8, 16)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(by_module, expected, atol=1e-5, rtol=1e-5)
+    assert calls == ([(2, 16, 9, 11)] if dense_fraction == 0.0 else [])     # the module runs the dense case only
 
 
 def _same_detections(a, b):

@@ -128,10 +128,10 @@ def frame_candidates(head: nn.Module, feats: Sequence[torch.Tensor]) -> FrameCan
     (``head.select``: YOLOV top-750 / NMS / 30, YOLOV++ obj · cls >= 0.001); they do not depend on
     the other frames of a batch. The ``cls_convs2`` features come from ``head.cls2_at``, as in the
     head's batch forward (a fast head computes them at the candidates only)."""
-    decoded, stems, reg_feat = head.still_parts(feats)
+    decoded, stems, regs = head.still_parts(feats)
     rows = corner_rows(decoded[0])
     idx = head.select(rows)
-    return FrameCandidates(rows[idx], head.cls2_at(stems, [idx])[0], reg_feat[0, idx])
+    return FrameCandidates(rows[idx], head.cls2_at(stems, [idx])[0], head.reg_at(regs, [idx])[0])
 
 
 def last_frame_detections(head: nn.Module, window: Sequence[FrameCandidates]) -> torch.Tensor:

@@ -191,10 +191,10 @@ class MSA(nn.Module):
 
 
 def _gather(rows_per_frame: Sequence[torch.Tensor], idx: Sequence[torch.Tensor], cls_feat: Sequence[torch.Tensor],
-            reg_feat: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+            reg_feat: Sequence[torch.Tensor]) -> Tuple[List[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
     cands = [rows[i] for rows, i in zip(rows_per_frame, idx)]
     f_cls = torch.cat(list(cls_feat))
-    f_reg = torch.cat([reg_feat[b, i] for b, i in enumerate(idx)])
+    f_reg = torch.cat(list(reg_feat))
     score = torch.cat([c[:, 5] for c in cands])
     return cands, f_cls, f_reg, score
 
@@ -210,11 +210,11 @@ class _VideoHead(YOLOXHead):
 
     def forward(self, feats: Sequence[torch.Tensor]) -> HeadOutput:
         """The detections of a batch of frames (the PAFPN outputs of B frames)."""
-        decoded, stems, reg_feat = self.still_parts(feats)
+        decoded, stems, regs = self.still_parts(feats)
         snapshot = decoded.clone()
         rows = [corner_rows(d) for d in decoded]
         idx = [self.select(r) for r in rows]
-        cands, f_cls, f_reg, score = _gather(rows, idx, self.cls2_at(stems, idx), reg_feat)
+        cands, f_cls, f_reg, score = _gather(rows, idx, self.cls2_at(stems, idx), self.reg_at(regs, idx))
         still = [still_detections(c) for c in cands]
         empty = [c.new_zeros((0, 7)) for c in cands]
         if len(feats[0]) == 1 or f_cls.shape[0] == 0:   # the official head returns still-image results

@@ -268,11 +268,12 @@ class YOLOXHead(nn.Module):
             ``reg_convs``), A = sum of H_l · W_l over the levels.
         """
         decoded, stems, regs = self.still_parts(feats)
-        return decoded, self._cls2(stems).permute(0, 2, 1), regs
+        return decoded, self._cls2(stems).permute(0, 2, 1), flat_anchors(regs)
 
-    def still_parts(self, feats: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, List[torch.Tensor], torch.Tensor]:
+    def still_parts(self, feats: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
         """:meth:`still` without the ``cls_convs2`` features: (decoded (B, A, 5 + K), the ``stems``
-        outputs (B, C, H_l, W_l) of the three levels, reg features (B, A, C))."""
+        outputs (B, C, H_l, W_l) and the ``reg_convs`` features (B, C, H_l, W_l) of the three
+        levels: :meth:`cls2_at` and :meth:`reg_at` take what they need of them)."""
         outs: List[torch.Tensor] = []
         stems: List[torch.Tensor] = []
         regs: List[torch.Tensor] = []
@@ -283,7 +284,7 @@ class YOLOXHead(nn.Module):
             cls = self.cls_preds[k](self.cls_convs[k](x))
             outs.append(torch.cat([box[:, :4], box[:, 4:].sigmoid(), cls.sigmoid()], 1))
         sizes = [tuple(o.shape[-2:]) for o in outs]
-        return decode_grid(flat_anchors(outs), sizes), stems, flat_anchors(regs)
+        return decode_grid(flat_anchors(outs), sizes), stems, regs
 
     def box_level(self, k: int, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The box branch of level ``k`` on its PAFPN map x (B, C_in, H, W): (the ``stems`` output
@@ -292,6 +293,12 @@ class YOLOXHead(nn.Module):
         x = self.stems[k](x)
         reg_feat = self.reg_convs[k](x)
         return x, reg_feat, torch.cat([self.reg_preds[k](reg_feat), self.obj_preds[k](reg_feat)], 1)
+
+    def reg_at(self, regs: Sequence[torch.Tensor], idx: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """The ``reg_convs`` features of the anchors ``idx[b]`` (indices into the A anchors, level
+        order) of each frame b, from the maps of :meth:`still_parts`: B tensors (n_b, C)."""
+        flat = flat_anchors(regs)
+        return [flat[b, i] for b, i in enumerate(idx)]
 
     def cls2_at(self, stems: Sequence[torch.Tensor], idx: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         """The ``cls_convs2`` features of the anchors ``idx[b]`` (indices into the A anchors, level

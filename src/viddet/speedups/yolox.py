@@ -133,19 +133,21 @@ def conv3x3_at(x: torch.Tensor, conv: FusedConv, b: torch.Tensor, y: torch.Tenso
 
 
 def tower_at(x: torch.Tensor, convs: Sequence[FusedConv], b: torch.Tensor, y: torch.Tensor,
-             xs: torch.Tensor, gemm: str = 'mkl') -> torch.Tensor:
+             xs: torch.Tensor, gemm: str = 'mkl', dense: Optional[torch.nn.Module] = None) -> torch.Tensor:
     """Two stacked 3x3 conv + BN + SiLU (a ``cls_convs2`` tower, BN folded) at some locations.
 
     The first conv runs at the in-map 3x3 neighbourhoods of the locations (all the second one
     reads), the second at the locations, both by :func:`conv3x3_at` (the second reads the
     first's outputs through a table of their rows: no map is materialised); where the
     neighbourhoods cover more than :data:`DENSE_FRACTION` of the map, the two convolutions run
-    densely (oneDNN) and are gathered.
+    densely (``dense``, the tower's own fast modules, where given: Winograd where it applies; else
+    oneDNN) and are gathered.
 
     Args:
         x: (B, C, H, W) the tower's input (the head's stem output of one level).
         convs: the two folded convolutions.
         b, y, xs: (P,) frame, row and column of each location.
+        dense: optional, the tower as a module (x -> its output map), for the dense case.
 
     Returns:
         (P, C) the tower's output at the locations.
@@ -157,7 +159,7 @@ def tower_at(x: torch.Tensor, convs: Sequence[FusedConv], b: torch.Tensor, y: to
     nb, ny, nx = torch.nonzero(need, as_tuple=True)
     x = x.contiguous(memory_format=torch.channels_last)
     if len(nb) > DENSE_FRACTION * need.numel():
-        out = convs[1](convs[0](x, 'swish'), 'swish')
+        out = dense(x) if dense is not None else convs[1](convs[0](x, 'swish'), 'swish')
         return out.permute(0, 2, 3, 1)[b, y, xs]
     first = conv3x3_at(x.permute(0, 2, 3, 1), convs[0], nb, ny, nx, gemm)     # (P', C)
     rows = torch.zeros(n, h, w, dtype=torch.long, device=x.device)
@@ -166,10 +168,11 @@ def tower_at(x: torch.Tensor, convs: Sequence[FusedConv], b: torch.Tensor, y: to
 
 
 class SparseCls2:
-    """``cls2_at`` and ``box_level`` of a fast video head (a base class before
+    """``cls2_at``, ``reg_at`` and ``box_level`` of a fast video head (a base class before
     :class:`viddet.models.fast.FastModule`): the ``cls_convs2`` features of the candidates only
     (:func:`tower_at` per level), where the plain head computes them over every anchor and
-    gathers; the box and objectness predictions (two 1x1 convs of 4 and 1 outputs, which PyTorch
+    gathers; the candidates' ``reg_convs`` features from the three maps (the plain head flattens
+    every anchor's first: 84 MB for YOLOV-L's 12 frames); the box and objectness predictions (two 1x1 convs of 4 and 1 outputs, which PyTorch
     runs by im2col) as one product of the box branch's location-major features. The plain methods
     where the fused kernels do not apply."""
 
@@ -195,6 +198,16 @@ class SparseCls2:
         box = matmul_nt(rows, weight, bias, self.kernels.gemm).view(n, h, w, -1).permute(0, 3, 1, 2)
         return stem, reg, box
 
+    def reg_at(self, regs: Sequence[torch.Tensor], idx: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        if not fused_applies(self, regs[0]):
+            return super().reg_at(regs, idx)
+        frame = torch.cat([torch.full((len(i),), k, dtype=torch.long) for k, i in enumerate(idx)])
+        anchor = torch.cat(list(idx)).long()
+        out = regs[0].new_empty(len(anchor), regs[0].shape[1])
+        for k, here, fb, y, xs in _level_locations(anchor, frame, [tuple(r.shape[-2:]) for r in regs]):
+            out[here] = regs[k].permute(0, 2, 3, 1)[fb, y, xs]       # the maps themselves, not flattened
+        return list(out.split([len(i) for i in idx]))
+
     def cls2_at(self, stems: Sequence[torch.Tensor], idx: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         if not fused_applies(self, stems[0]):
             return super().cls2_at(stems, idx)
@@ -203,12 +216,13 @@ class SparseCls2:
         anchor = torch.cat(list(idx)).long()
         out = stems[0].new_empty(len(anchor), stems[0].shape[1])
         start = 0
-        for x, convs in zip(stems, towers):
+        for k, (x, convs) in enumerate(zip(stems, towers)):
             h, w = x.shape[-2:]
             here = (anchor >= start) & (anchor < start + h * w)
             if bool(here.any()):
                 local = anchor[here] - start
-                out[here] = tower_at(x, convs, frame[here], local // w, local % w, self.kernels.gemm)
+                out[here] = tower_at(x, convs, frame[here], local // w, local % w, self.kernels.gemm,
+                                     self.cls_convs2[k])
             start += h * w
         return list(out.split([len(i) for i in idx]))
 
@@ -264,10 +278,10 @@ class FastYOLOVHead(SparseCls2, FastModule, YOLOVHead):
         frame = torch.cat([torch.full((len(t),), b, dtype=torch.long) for b, t in enumerate(top)])
         anchor = torch.cat(top)
         for k, here, fb, y, xs in _level_locations(anchor, frame, sizes):
-            feat = tower_at(stems[k], folded['cls'][k], fb, y, xs, self.kernels.gemm)
+            feat = tower_at(stems[k], folded['cls'][k], fb, y, xs, self.kernels.gemm, self.cls_convs[k])
             weight, bias = folded['pred'][k]
             decoded[fb, anchor[here], 5:] = matmul_nt(feat, weight, bias, self.kernels.gemm).sigmoid()
-        return decoded, stems, flat_anchors(regs)
+        return decoded, stems, regs
 
     def select(self, rows: torch.Tensor) -> torch.Tensor:
         top = torch.topk(rows[:, 4], k=min(self.pre, rows.shape[0])).indices
