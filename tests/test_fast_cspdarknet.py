@@ -159,3 +159,21 @@ def test_fast_pafpn_runs_a_few_frames_at_a_time_with_the_same_maps(monkeypatch):
     for a, b in zip(got, expected):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_stages_run_layer_by_layer_on_the_rows_each_layer_needs():
+    """Rows each of dark3's bottlenecks computes, by hand for a 192 x 192 canvas with 108 rows of
+    frame: stem 54 + 1 = 55 rows; dark2: stride-2 conv 28 + 1 = 29, its bottleneck 30; dark3:
+    stride-2 conv 15 + 1 = 16, then each bottleneck reads its input's rows plus the two blank rows
+    its 3x3 conv reaches: 18, 19, 20 (cropping dark3 as a whole: (2 · (15 + 2 · 4)) / 2 = 23 each, of
+    its 24)."""
+    fast = speedups.convert(_randomised(), cpu_kernels())
+    heights = []
+    for bottleneck in fast.dark3[1].m:
+        bottleneck.register_forward_hook(lambda m, inp, out: heights.append(inp[0].shape[-2]))
+    with torch.no_grad():
+        fast(_letterboxed(2, 192, 108, 192))                      # the blank canvas's maps: 24 rows
+        assert heights == [24, 24, 24, 18, 19, 20]
+        heights.clear()
+        fast(_letterboxed(1, 192, 108, 192, seed=1))
+    assert heights == [18, 19, 20]

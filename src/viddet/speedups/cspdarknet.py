@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from viddet.models.fast import FastModule
-from viddet.models.yolox import PAD_VALUE, PAFPN, CSPDarknet, Focus, SPPBottleneck
+from viddet.models.yolox import PAD_VALUE, PAFPN, BaseConv, CSPDarknet, CSPLayer, Focus, SPPBottleneck
 from viddet.runtime import CpuKernels
 from viddet.speedups.memo import weights_version
 from viddet.speedups.onednn import FusedCache, FusedConv, fused_applies
 
 __all__ = ['FastCSPDarknet', 'FastFocus', 'FastSPPBottleneck', 'FastPAFPN', 'FRAME_CHUNK', 'cascade_pools',
-           'focus_weight', 'frame_extent', 'run_cropped', 'stage_reach']
+           'focus_weight', 'frame_extent', 'run_cropped', 'stage_reach', 'walk_stage']
 
 FRAME_CHUNK = 4
 """Frames the :class:`FastPAFPN` runs at a time. A batch of 12 frames at 576 x 576 makes maps of
@@ -96,22 +96,75 @@ def run_cropped(stage: torch.nn.Module, frame: torch.Tensor, blank_in: torch.Ten
     r, c = frame.shape[-2:]
     out_size = [min(-(-r // stride) + reach, h // stride), min(-(-c // stride) + reach, w // stride)]
     crop = (min(stride * (-(-r // stride) + 2 * reach), h), min(stride * (-(-c // stride) + 2 * reach), w))
-    out = stage(_with_blank(frame, blank_in, crop))
+    out = stage(frame if crop == (r, c) else _with_blank(frame, blank_in, crop))
     return out[..., :out_size[0], :out_size[1]]
+
+
+class _BlankRecorder:
+    """:func:`walk_stage` on a blank canvas's map: runs each layer, keeps each layer's input."""
+
+    def __init__(self):
+        self.maps: List[torch.Tensor] = []
+
+    def layer(self, module: torch.nn.Module, x: torch.Tensor, stride: int = 1) -> torch.Tensor:
+        self.maps.append(x)
+        return module(x)
+
+    def cat(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        self.maps.append(b)
+        return torch.cat([a, b], 1)
+
+
+class _CroppedRunner:
+    """:func:`walk_stage` on the frames' part of a map: each layer by :func:`run_cropped` with the
+    blank canvas's input of that layer (recorded by :class:`_BlankRecorder`, same order)."""
+
+    def __init__(self, maps: Sequence[torch.Tensor]):
+        self.maps = iter(maps)
+
+    def layer(self, module: torch.nn.Module, x: torch.Tensor, stride: int = 1) -> torch.Tensor:
+        return run_cropped(module, x, next(self.maps), stride)
+
+    def cat(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        blank_b = next(self.maps)           # b's part is never larger than a's: a had more layers
+        if b.shape[-2:] != a.shape[-2:]:
+            b = _with_blank(b, blank_b, tuple(a.shape[-2:]))
+        return torch.cat([a, b], 1)
+
+
+def walk_stage(stage: torch.nn.Module, x: torch.Tensor, run) -> torch.Tensor:
+    """One CSPDarknet stage (stride-2 :class:`BaseConv`, then a :class:`CSPLayer`: two 1x1 branches,
+    bottlenecks on the first, concatenated, a 1x1 conv) layer by layer through ``run`` (its
+    ``layer(module, x, stride)`` and ``cat(a, b)``): run on the frames' part, each layer computes
+    only the rows and columns its own input's frame part and its own reach give (one per 3x3
+    conv so far), where cropping the stage as a whole computes every layer at the stage's reach
+    plus the rows that absorb the crop's artificial border."""
+    x = run.layer(stage[0], x, 2)
+    csp = stage[1]
+    a, b = run.layer(csp.conv1, x), run.layer(csp.conv2, x)
+    for bottleneck in csp.m:
+        a = run.layer(bottleneck, a)
+    return run.layer(csp.conv3, run.cat(a, b))
+
+
+def _walkable(stage: torch.nn.Module) -> bool:
+    return (isinstance(stage, torch.nn.Sequential) and len(stage) == 2 and isinstance(stage[0], BaseConv)
+            and isinstance(stage[1], CSPLayer))
 
 
 class FastCSPDarknet(FastModule, CSPDarknet):
     """:class:`CSPDarknet` that leaves out the letterbox's grey padding where it can: the stem and
-    dark2..dark4 run on the frames' part of their input (:func:`run_cropped`), and the rest of each
-    map is copied from the maps of a blank (all-114) canvas of the same size, computed once per
-    input size and weights (``blank``). dark5, whose pooling spreads the frame over the whole map,
-    and everything after it run in full. The same values as the plain backbone (up to float
-    rounding): outside the frame's reach, a convolution of the frame's map and of the blank map sum
-    the same numbers. A 1280 x 720 frame at 576 x 576 is 576 x 324 of frame over 252 rows of grey.
+    dark2..dark4 run on the frames' part of their input (:func:`run_cropped`; dark2..dark4 layer by
+    layer, :func:`walk_stage`), and the rest of each map is copied from the maps of a blank
+    (all-114) canvas of the same size, computed once per input size and weights (``blank``).
+    dark5, whose pooling spreads the frame over the whole map, and everything after it run in
+    full. The same values as the plain backbone (up to float rounding): outside the frame's reach,
+    a convolution of the frame's map and of the blank map sum the same numbers. A 1280 x 720 frame
+    at 576 x 576 is 576 x 324 of frame over 252 rows of grey.
 
     Attributes:
-        blank: ((input size, weights version), [the blank canvas (1, 3, H, W) and the stem's,
-            dark2's, dark3's and dark4's outputs for it]).
+        blank: ((input size, weights version), [the blank canvas (1, 3, H, W), its dark3 and dark4
+            outputs, and for dark2, dark3 and dark4 the list of each layer's input for it]).
     """
 
     fast_attributes = ('blank',)
@@ -120,14 +173,19 @@ class FastCSPDarknet(FastModule, CSPDarknet):
         super().__init__(plain, kernels)
         self.blank = (None, [])
 
-    def blank_maps(self, x: torch.Tensor) -> List[torch.Tensor]:
-        """The blank canvas of ``x``'s size and its maps after the stem, dark2, dark3, dark4."""
+    def blank_maps(self, x: torch.Tensor) -> list:
+        """The blank canvas of ``x``'s size, its dark3 and dark4 outputs, and each stage's layers'
+        inputs for it (see ``blank``)."""
         key = (tuple(x.shape[1:]), x.dtype, weights_version(self), self.kernels)
         if self.blank[0] != key:
-            maps = [x.new_full((1, *x.shape[1:]), float(PAD_VALUE))]
-            for stage in (self.stem, self.dark2, self.dark3, self.dark4):
-                maps.append(stage(maps[-1]))
-            self.blank = (key, maps)
+            canvas = x.new_full((1, *x.shape[1:]), float(PAD_VALUE))
+            y, outs, layers = self.stem(canvas), [], []
+            for stage in (self.dark2, self.dark3, self.dark4):
+                recorder = _BlankRecorder()
+                y = walk_stage(stage, y, recorder) if _walkable(stage) else recorder.layer(stage, y, 2)
+                outs.append(y)
+                layers.append(recorder.maps)
+            self.blank = (key, [canvas, outs[1], outs[2], *layers])
         return self.blank[1]
 
     def forward(self, x: torch.Tensor):
@@ -136,13 +194,14 @@ class FastCSPDarknet(FastModule, CSPDarknet):
         rows, cols = frame_extent(x)
         if (rows, cols) == tuple(x.shape[-2:]):
             return super().forward(x)
-        blanks = self.blank_maps(x)
-        frame = x[..., :rows, :cols]
+        canvas, blank3, blank4, *layers = self.blank_maps(x)
+        frame = run_cropped(self.stem, x[..., :rows, :cols], canvas)
         parts = []
-        for k, stage in enumerate((self.stem, self.dark2, self.dark3, self.dark4)):
-            frame = run_cropped(stage, frame, blanks[k])
+        for stage, maps in zip((self.dark2, self.dark3, self.dark4), layers):
+            run = _CroppedRunner(maps)
+            frame = walk_stage(stage, frame, run) if _walkable(stage) else run.layer(stage, frame, 2)
             parts.append(frame)
-        c3, c4 = (_with_blank(p, b, tuple(b.shape[-2:])) for p, b in zip(parts[2:], blanks[3:]))
+        c3, c4 = (_with_blank(p, b, tuple(b.shape[-2:])) for p, b in zip(parts[1:], (blank3, blank4)))
         return c3, c4, self.dark5(c4)
 
 
