@@ -172,8 +172,8 @@ class SparseCls2:
     :class:`viddet.models.fast.FastModule`): the ``cls_convs2`` features of the candidates only
     (:func:`tower_at` per level), where the plain head computes them over every anchor and
     gathers; the candidates' ``reg_convs`` features from the three maps (the plain head flattens
-    every anchor's first: 84 MB for YOLOV-L's 12 frames); the box and objectness predictions (two 1x1 convs of 4 and 1 outputs, which PyTorch
-    runs by im2col) as one product of the box branch's location-major features. The plain methods
+    every anchor's first: 84 MB for YOLOV-L's 12 frames); the box and objectness predictions (two
+    1x1 convs of 4 and 1 outputs, which PyTorch runs by im2col) as one product of the box branch's location-major features. The plain methods
     where the fused kernels do not apply."""
 
     fast_attributes = ('folded',)
@@ -201,30 +201,26 @@ class SparseCls2:
     def reg_at(self, regs: Sequence[torch.Tensor], idx: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         if not fused_applies(self, regs[0]):
             return super().reg_at(regs, idx)
-        frame = torch.cat([torch.full((len(i),), k, dtype=torch.long) for k, i in enumerate(idx)])
-        anchor = torch.cat(list(idx)).long()
-        out = regs[0].new_empty(len(anchor), regs[0].shape[1])
-        for k, here, fb, y, xs in _level_locations(anchor, frame, [tuple(r.shape[-2:]) for r in regs]):
-            out[here] = regs[k].permute(0, 2, 3, 1)[fb, y, xs]       # the maps themselves, not flattened
-        return list(out.split([len(i) for i in idx]))
+        # the maps themselves, not flattened
+        return _at_anchors(regs, idx, lambda k, fb, y, xs: regs[k].permute(0, 2, 3, 1)[fb, y, xs])
 
     def cls2_at(self, stems: Sequence[torch.Tensor], idx: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         if not fused_applies(self, stems[0]):
             return super().cls2_at(stems, idx)
         towers = self.folded.get(self, self._fold)['towers']
-        frame = torch.cat([torch.full((len(i),), k, dtype=torch.long) for k, i in enumerate(idx)])
-        anchor = torch.cat(list(idx)).long()
-        out = stems[0].new_empty(len(anchor), stems[0].shape[1])
-        start = 0
-        for k, (x, convs) in enumerate(zip(stems, towers)):
-            h, w = x.shape[-2:]
-            here = (anchor >= start) & (anchor < start + h * w)
-            if bool(here.any()):
-                local = anchor[here] - start
-                out[here] = tower_at(x, convs, frame[here], local // w, local % w, self.kernels.gemm,
-                                     self.cls_convs2[k])
-            start += h * w
-        return list(out.split([len(i) for i in idx]))
+        return _at_anchors(stems, idx, lambda k, fb, y, xs: tower_at(
+            stems[k], towers[k], fb, y, xs, self.kernels.gemm, self.cls_convs2[k]))
+
+
+def _at_anchors(maps: Sequence[torch.Tensor], idx: Sequence[torch.Tensor], values) -> List[torch.Tensor]:
+    """Per frame b, the (n_b, C) rows ``values(level, frame, row, column)`` gives for the anchors
+    ``idx[b]`` (flat indices, level order) of the per-level maps ``maps`` (B, C, H_l, W_l)."""
+    frame = torch.cat([torch.full((len(i),), k, dtype=torch.long) for k, i in enumerate(idx)])
+    anchor = torch.cat(list(idx)).long()
+    out = maps[0].new_empty(len(anchor), maps[0].shape[1])
+    for k, here, fb, y, xs in _level_locations(anchor, frame, [tuple(m.shape[-2:]) for m in maps]):
+        out[here] = values(k, fb, y, xs)
+    return list(out.split([len(i) for i in idx]))
 
 
 def _level_locations(anchor: torch.Tensor, frame: torch.Tensor, sizes: Sequence[Tuple[int, int]]):
